@@ -16,6 +16,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod ring;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -1,0 +1,218 @@
+//! Per-layer plans computed once at build time: where each tensor sits in a
+//! device slot, which tensors are cast to the compute dtype and where the
+//! casts land, and the views handed to the layer function.
+
+use crate::model::{Layer, ModelIndex};
+use crate::{DType, Error, Result};
+
+/// Alignment of tensors in a slot's conversion area.
+const CAST_ALIGN: u64 = 256;
+
+/// One tensor of a layer, as the layer function sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct TensorView<'a> {
+    /// The key inside the layer, e.g. `mlp.up_proj.weight`.
+    pub key: &'a str,
+    /// The full tensor name, e.g. `model.layers.3.mlp.up_proj.weight`.
+    pub name: &'a str,
+    /// Device address of the first element (a host address on the host backend).
+    pub ptr: u64,
+    /// Element type on the device (the compute dtype for cast tensors).
+    pub dtype: DType,
+    /// Shape, outermost first.
+    pub shape: &'a [usize],
+    /// Bytes at `ptr`.
+    pub bytes: u64,
+}
+
+impl TensorView<'_> {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A cast of one tensor inside a slot.
+#[derive(Debug, Clone)]
+pub(crate) struct CastOp {
+    pub(crate) from: DType,
+    pub(crate) to: DType,
+    /// Offset of the raw tensor in the slot.
+    pub(crate) src: u64,
+    /// Offset of the converted tensor in the slot.
+    pub(crate) dst: u64,
+    pub(crate) n: usize,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ViewPlan {
+    pub(crate) key: String,
+    pub(crate) name: String,
+    pub(crate) offset: u64,
+    pub(crate) dtype: DType,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) bytes: u64,
+}
+
+/// Where a layer lives between passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Home {
+    /// Read from disk every pass.
+    Stream,
+    /// Kept in pinned cache buffer `.0` once read.
+    Pinned(usize),
+    /// Kept in device cache buffer `.0` once transferred.
+    Gpu(usize),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct LayerPlan {
+    /// Bytes copied host → device: the layer's slot bytes.
+    pub(crate) copy_bytes: u64,
+    /// Bytes a device slot needs for this layer: raw bytes plus conversions.
+    pub(crate) device_bytes: u64,
+    pub(crate) casts: Vec<CastOp>,
+    pub(crate) views: Vec<ViewPlan>,
+    pub(crate) home: Home,
+}
+
+impl LayerPlan {
+    pub(crate) fn new(model: &ModelIndex, layer: &Layer, dtype: Option<DType>) -> Result<LayerPlan> {
+        let raw_end = layer.slot_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
+        let mut conv = raw_end;
+        let mut casts = Vec::new();
+        let mut views = Vec::with_capacity(layer.tensors.len());
+        for t in &layer.tensors {
+            let info = &t.info;
+            let target = match dtype {
+                Some(d) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
+                Some(d) if d != info.dtype && is_float(info.dtype) => {
+                    return Err(Error::config(format!(
+                        "tensor {} of {} is {}, which cannot be cast to the compute dtype {d}",
+                        info.name,
+                        model.files()[info.file].path.display(),
+                        info.dtype
+                    )))
+                }
+                _ => None,
+            };
+            match target {
+                Some(to) => {
+                    let n = info.shape.iter().product::<usize>();
+                    let out_bytes = (n * to.size()) as u64;
+                    casts.push(CastOp {
+                        from: info.dtype,
+                        to,
+                        src: t.slot_offset,
+                        dst: conv,
+                        n,
+                    });
+                    views.push(ViewPlan {
+                        key: t.key.clone(),
+                        name: info.name.clone(),
+                        offset: conv,
+                        dtype: to,
+                        shape: info.shape.clone(),
+                        bytes: out_bytes,
+                    });
+                    conv += out_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
+                }
+                None => views.push(ViewPlan {
+                    key: t.key.clone(),
+                    name: info.name.clone(),
+                    offset: t.slot_offset,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    bytes: info.len,
+                }),
+            }
+        }
+        Ok(LayerPlan {
+            copy_bytes: layer.slot_bytes,
+            device_bytes: if casts.is_empty() { layer.slot_bytes } else { conv },
+            casts,
+            views,
+            home: Home::Stream,
+        })
+    }
+}
+
+fn is_float(d: DType) -> bool {
+    matches!(
+        d,
+        DType::BF16 | DType::F16 | DType::F32 | DType::F64 | DType::F8E4M3 | DType::F8E5M2
+    )
+}
+
+/// The weights of one layer, on the device, as the layer function sees them.
+pub struct LayerWeights<'a> {
+    pub(crate) layer: usize,
+    pub(crate) base: u64,
+    pub(crate) plan: &'a LayerPlan,
+    /// Length of the host memory at `base` on the host backend.
+    pub(crate) host_len: Option<usize>,
+}
+
+impl<'a> LayerWeights<'a> {
+    /// The layer's index.
+    pub fn layer(&self) -> usize {
+        self.layer
+    }
+
+    /// The tensor with this key (e.g. `self_attn.q_proj.weight`).
+    pub fn get(&self, key: &str) -> Option<TensorView<'a>> {
+        self.plan
+            .views
+            .iter()
+            .find(|v| v.key == key)
+            .map(|v| self.view(v))
+    }
+
+    /// Like [`get`](Self::get), with an error naming the missing key.
+    pub fn tensor(&self, key: &str) -> crate::Result<TensorView<'a>> {
+        self.get(key).ok_or_else(|| {
+            Error::UnknownTensor(format!("layer {} has no tensor with key {key:?}", self.layer))
+        })
+    }
+
+    /// Every tensor of the layer, in file order.
+    pub fn tensors(&self) -> impl Iterator<Item = TensorView<'a>> + '_ {
+        self.plan.views.iter().map(|v| self.view(v))
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.plan.views.len()
+    }
+
+    /// Whether the layer has no tensors.
+    pub fn is_empty(&self) -> bool {
+        self.plan.views.is_empty()
+    }
+
+    /// On the host backend, the bytes of a tensor; `None` on CUDA, where the
+    /// bytes live on the device.
+    pub fn host_bytes(&self, view: &TensorView<'_>) -> Option<&'a [u8]> {
+        let len = self.host_len?;
+        let off = view.ptr.checked_sub(self.base)? as usize;
+        if off + view.bytes as usize > len {
+            return None;
+        }
+        // SAFETY: on the host backend `base` is the start of a live host
+        // allocation of `len` bytes (the slot), the range is inside it, and
+        // the pipeline does not write the slot while this `LayerWeights`
+        // (and so the layer function that holds it) is alive.
+        Some(unsafe { std::slice::from_raw_parts((view.ptr) as *const u8, view.bytes as usize) })
+    }
+
+    fn view(&self, v: &'a ViewPlan) -> TensorView<'a> {
+        TensorView {
+            key: &v.key,
+            name: &v.name,
+            ptr: self.base + v.offset,
+            dtype: v.dtype,
+            shape: &v.shape,
+            bytes: v.bytes,
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! Static tensors (embedding, final norm, lm_head): read once and kept on the device.
+
+use crate::io::AlignedBuf;
+use crate::pipeline::resources::Resources;
+use crate::pipeline::{DevMem, StreamH};
+use crate::{DType, Error, Result};
+
+/// A tensor that stays on the device for the streamer's lifetime (or as long
+/// as the caller keeps it).
+pub struct DeviceTensor {
+    pub(crate) mem: DevMem,
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: u64,
+}
+
+impl DeviceTensor {
+    /// Device address of the first element (a host address on the host backend).
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr()
+    }
+
+    /// The tensor's name in the model.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Element type on the device.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Bytes on the device.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Copies the tensor back to the host.
+    pub fn to_host(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.bytes as usize];
+        self.mem.read(0, &mut out)?;
+        Ok(out)
+    }
+}
+
+pub(crate) fn load_static(
+    res: &Resources,
+    stream: &StreamH,
+    dtype: Option<DType>,
+    name: &str,
+) -> Result<DeviceTensor> {
+    let info = res
+        .model
+        .tensor(name)
+        .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+    let file = &res.files[info.file];
+    let len = info.len as usize;
+    let mut scratch = AlignedBuf::new(len + 2 * file.block_size())?;
+    let bytes = file.read_range(info.file_offset, len, &mut scratch)?;
+    let n: usize = info.shape.iter().product();
+    let cast_to = match dtype {
+        Some(d) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
+        _ => None,
+    };
+    let (mem, out_dtype, out_bytes) = match cast_to {
+        None => {
+            let mut mem = res.backend.alloc(len, name.to_string())?;
+            mem.write(0, bytes)?;
+            (mem, info.dtype, info.len)
+        }
+        Some(to) => {
+            let mut raw = res.backend.alloc(len, format!("{name} (file dtype)"))?;
+            raw.write(0, bytes)?;
+            let out_bytes = (n * to.size()) as u64;
+            let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
+            // SAFETY: `raw` holds `n` elements of the file dtype and `mem`
+            // `n` elements of `to`; both live until the synchronize below.
+            unsafe {
+                stream.cast(res.backend.kernels(), info.dtype, to, raw.ptr(), mem.ptr(), n)?;
+            }
+            stream.synchronize()?;
+            (mem, to, out_bytes)
+        }
+    };
+    Ok(DeviceTensor {
+        mem,
+        name: name.to_string(),
+        dtype: out_dtype,
+        shape: info.shape.clone(),
+        bytes: out_bytes,
+    })
+}
