@@ -171,11 +171,14 @@ impl DirectFile {
                     done += n;
                     // A direct read ends short, and unaligned, only at end of
                     // file; a further pread at that offset would fail with EINVAL.
-                    if self.mode == ReadMode::Direct
-                        && done < dst.len()
-                        && n % self.block_size != 0
+                    if self.mode == ReadMode::Direct && done < dst.len() && n % self.block_size != 0
                     {
-                        return self.check_eof(offset, dst.len(), offset + done as u64, required_end);
+                        return self.check_eof(
+                            offset,
+                            dst.len(),
+                            offset + done as u64,
+                            required_end,
+                        );
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -285,7 +288,10 @@ fn sysfs_logical_block_size(dev: u64) -> Option<usize> {
 fn say_once(path: &Path, why: &str) {
     static SAID: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let mut said = SAID.lock().unwrap_or_else(|p| p.into_inner());
-    if said.get_or_insert_with(HashSet::new).insert(why.to_string()) {
+    if said
+        .get_or_insert_with(HashSet::new)
+        .insert(why.to_string())
+    {
         eprintln!(
             "layer-streamer: {why} ({}); reading with buffered I/O instead",
             path.display()

@@ -56,8 +56,8 @@ pub fn read_header(path: &Path) -> Result<ShardHeader> {
     // header pages are read. A file truncated by another process while mapped
     // would fault, as it would for any reader of a memory-mapped checkpoint;
     // model files are not modified while being opened.
-    let map = unsafe { Mmap::map(&file) }
-        .map_err(|e| Error::io("memory-mapping", path, None, e))?;
+    let map =
+        unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-mapping", path, None, e))?;
     parse_header_bytes(path, &map)
 }
 
@@ -104,7 +104,9 @@ pub fn parse_header_bytes(path: &Path, bytes: &[u8]) -> Result<ShardHeader> {
     };
     let mut tensors = Vec::with_capacity(meta.tensors().len());
     for name in meta.offset_keys() {
-        let Some(info) = meta.info(&name) else { continue };
+        let Some(info) = meta.info(&name) else {
+            continue;
+        };
         let st = format!("{:?}", info.dtype);
         let dtype = DType::parse(&st).ok_or_else(|| {
             Error::model(path, format!("tensor {name}: dtype {st} is not supported"))
@@ -233,7 +235,9 @@ fn check_entry(name: &str, entry: &Value) -> std::result::Result<(u64, u64), Str
         return Err(bad("\"data_offsets\" are not non-negative integers"));
     };
     if e < b {
-        return Err(bad(&format!("data_offsets [{b}, {e}] end before they begin")));
+        return Err(bad(&format!(
+            "data_offsets [{b}, {e}] end before they begin"
+        )));
     }
     let bits = numel
         .checked_mul(elem_bits)

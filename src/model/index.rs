@@ -28,11 +28,13 @@ pub fn parse_index_json(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, St
     let mut out = BTreeMap::new();
     for (tensor, shard) in map {
         let shard = shard.as_str().ok_or_else(|| {
-            Error::model(path, format!("tensor {tensor}: shard name {shard} is not a string"))
+            Error::model(
+                path,
+                format!("tensor {tensor}: shard name {shard} is not a string"),
+            )
         })?;
         let p = Path::new(shard);
-        let inside = !shard.is_empty()
-            && p.components().all(|c| matches!(c, Component::Normal(_)));
+        let inside = !shard.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)));
         if !inside {
             return Err(Error::model(
                 path,
@@ -49,7 +51,12 @@ pub(super) fn open(dir: &Path) -> Result<ModelIndex> {
     match std::fs::metadata(dir) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => return Err(Error::model(dir, "not a directory")),
-        Err(e) => return Err(Error::model(dir, format!("cannot open model directory: {e}"))),
+        Err(e) => {
+            return Err(Error::model(
+                dir,
+                format!("cannot open model directory: {e}"),
+            ))
+        }
     }
     let config = read_config(dir)?;
     let index_path = dir.join(INDEX_FILE);
@@ -67,7 +74,9 @@ pub(super) fn open(dir: &Path) -> Result<ModelIndex> {
         if found.is_empty() {
             return Err(Error::model(
                 dir,
-                format!("no {INDEX_FILE}, {SINGLE_FILE} or other *.safetensors file in the directory"),
+                format!(
+                    "no {INDEX_FILE}, {SINGLE_FILE} or other *.safetensors file in the directory"
+                ),
             ));
         }
         open_unindexed(&found)?
@@ -96,8 +105,11 @@ fn open_indexed(dir: &Path, index_path: &Path) -> Result<(Vec<ShardFile>, Vec<Te
         return Err(Error::model(index_path, "the weight map names no tensors"));
     }
     let shard_names: BTreeSet<&str> = weight_map.values().map(String::as_str).collect();
-    let shard_of: HashMap<&str, usize> =
-        shard_names.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+    let shard_of: HashMap<&str, usize> = shard_names
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (*s, i))
+        .collect();
     let mut files = Vec::new();
     let mut headers = Vec::new();
     for name in &shard_names {
@@ -113,12 +125,22 @@ fn open_indexed(dir: &Path, index_path: &Path) -> Result<(Vec<ShardFile>, Vec<Te
             ));
         }
         let h = read_header(&path)?;
-        files.push(ShardFile { path, len: h.file_len, data_offset: h.data_offset });
+        files.push(ShardFile {
+            path,
+            len: h.file_len,
+            data_offset: h.data_offset,
+        });
         headers.push(h);
     }
     let mut by_shard: Vec<HashMap<&str, usize>> = headers
         .iter()
-        .map(|h| h.tensors.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect())
+        .map(|h| {
+            h.tensors
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.name.as_str(), i))
+                .collect()
+        })
         .collect();
     let mut tensors = Vec::with_capacity(weight_map.len());
     for (name, shard) in &weight_map {
@@ -170,7 +192,11 @@ fn open_unindexed(paths: &[PathBuf]) -> Result<(Vec<ShardFile>, Vec<TensorInfo>)
                 len: t.end - t.begin,
             });
         }
-        files.push(ShardFile { path: path.clone(), len: h.file_len, data_offset: h.data_offset });
+        files.push(ShardFile {
+            path: path.clone(),
+            len: h.file_len,
+            data_offset: h.data_offset,
+        });
     }
     Ok((files, tensors))
 }

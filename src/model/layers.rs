@@ -24,14 +24,18 @@ impl LayerStructure {
         let rest = name.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
         let (idx, key) = rest.split_once('.')?;
         let i = parse_index(idx)?;
-        let known = self.keys.as_ref().map_or(true, |ks| ks.iter().any(|k| k == key));
+        let known = self
+            .keys
+            .as_ref()
+            .map_or(true, |ks| ks.iter().any(|k| k == key));
         (i < self.num_layers && !key.is_empty() && known).then_some((i, key))
     }
 }
 
 /// A decimal layer index without sign or leading zeros.
 fn parse_index(s: &str) -> Option<usize> {
-    let plain = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    let plain =
+        !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
     if plain {
         s.parse().ok()
     } else {
@@ -77,8 +81,18 @@ pub fn discover_layers<'a>(
         .into_iter()
         .filter(|(_, c)| c.indices.len() >= 2)
         .max_by(|(pa, a), (pb, b)| {
-            (a.bytes, a.tensors, std::cmp::Reverse(pa.len()), std::cmp::Reverse(*pa))
-                .cmp(&(b.bytes, b.tensors, std::cmp::Reverse(pb.len()), std::cmp::Reverse(*pb)))
+            (
+                a.bytes,
+                a.tensors,
+                std::cmp::Reverse(pa.len()),
+                std::cmp::Reverse(*pa),
+            )
+                .cmp(&(
+                    b.bytes,
+                    b.tensors,
+                    std::cmp::Reverse(pb.len()),
+                    std::cmp::Reverse(*pb),
+                ))
         });
     let Some((prefix, c)) = best else {
         return Err(format!(
@@ -95,7 +109,11 @@ pub fn discover_layers<'a>(
             c.indices.len()
         ));
     }
-    Ok(LayerStructure { prefix: prefix.to_string(), num_layers: last + 1, keys: None })
+    Ok(LayerStructure {
+        prefix: prefix.to_string(),
+        num_layers: last + 1,
+        keys: None,
+    })
 }
 
 /// Plans the reads of one layer from its tensors' extents `(file, absolute
@@ -122,7 +140,13 @@ pub fn plan_reads(extents: &[(usize, u64, u64)]) -> (Vec<ReadOp>, Vec<u64>) {
             }
             _ => {
                 let slot_offset = reads.last().map_or(0, |r| r.slot_offset + r.len);
-                reads.push(ReadOp { file, file_offset: a_start, len: a_end - a_start, slot_offset, required_end: end });
+                reads.push(ReadOp {
+                    file,
+                    file_offset: a_start,
+                    len: a_end - a_start,
+                    slot_offset,
+                    required_end: end,
+                });
             }
         }
         which[i] = reads.len() - 1;
@@ -154,16 +178,29 @@ pub(super) fn build_layers(
     let mut layers = Vec::with_capacity(per_layer.len());
     for (index, mut ts) in per_layer.into_iter().enumerate() {
         if ts.is_empty() {
-            let dir = files.first().and_then(|f| f.path.parent()).unwrap_or(std::path::Path::new("."));
-            return Err(Error::model(dir, format!("layer {}.{index} has no tensors", structure.prefix)));
+            let dir = files
+                .first()
+                .and_then(|f| f.path.parent())
+                .unwrap_or(std::path::Path::new("."));
+            return Err(Error::model(
+                dir,
+                format!("layer {}.{index} has no tensors", structure.prefix),
+            ));
         }
         ts.sort_by_key(|(_, t)| (t.file, t.file_offset));
-        let extents: Vec<(usize, u64, u64)> = ts.iter().map(|(_, t)| (t.file, t.file_offset, t.len)).collect();
+        let extents: Vec<(usize, u64, u64)> = ts
+            .iter()
+            .map(|(_, t)| (t.file, t.file_offset, t.len))
+            .collect();
         let (reads, slots) = plan_reads(&extents);
         let tensors: Vec<LayerTensor> = ts
             .into_iter()
             .zip(slots)
-            .map(|((key, info), slot_offset)| LayerTensor { key, info, slot_offset })
+            .map(|((key, info), slot_offset)| LayerTensor {
+                key,
+                info,
+                slot_offset,
+            })
             .collect();
         layers.push(Layer {
             index,
@@ -192,8 +229,18 @@ mod tests {
             ("vision.blocks.1.w", 5),
         ];
         let s = discover_layers(names.iter().map(|(n, b)| (*n, *b as u64))).unwrap();
-        assert_eq!(s, LayerStructure { prefix: "model.layers".into(), num_layers: 2, keys: None });
-        assert_eq!(s.split("model.layers.1.mlp.experts.0.w1"), Some((1, "mlp.experts.0.w1")));
+        assert_eq!(
+            s,
+            LayerStructure {
+                prefix: "model.layers".into(),
+                num_layers: 2,
+                keys: None
+            }
+        );
+        assert_eq!(
+            s.split("model.layers.1.mlp.experts.0.w1"),
+            Some((1, "mlp.experts.0.w1"))
+        );
         assert_eq!(s.split("model.layers.01.x"), None);
         assert_eq!(s.split("model.layers.2.x"), None);
     }
@@ -209,7 +256,16 @@ mod tests {
     fn contiguous_tensors_are_one_read() {
         let (reads, slots) = plan_reads(&[(0, 5000, 100), (0, 5100, 9000), (0, 14100, 3)]);
         assert_eq!(reads.len(), 1);
-        assert_eq!(reads[0], ReadOp { file: 0, file_offset: 4096, len: 12288, slot_offset: 0, required_end: 14103 });
+        assert_eq!(
+            reads[0],
+            ReadOp {
+                file: 0,
+                file_offset: 4096,
+                len: 12288,
+                slot_offset: 0,
+                required_end: 14103
+            }
+        );
         assert_eq!(slots, vec![904, 1004, 10004]);
     }
 }

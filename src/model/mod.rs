@@ -246,7 +246,11 @@ impl ModelIndex {
         let mut v: Vec<DType> = self
             .statics
             .iter()
-            .chain(self.layers.iter().flat_map(|l| l.tensors.iter().map(|t| &t.info)))
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| l.tensors.iter().map(|t| &t.info)),
+            )
             .map(|t| t.dtype)
             .collect();
         v.sort();

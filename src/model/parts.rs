@@ -62,11 +62,23 @@ pub(super) fn build(parts: ModelParts) -> Result<ModelIndex> {
             .map_err(|e| Error::io("reading the metadata of", path, None, e))?
             .len();
         if data_offset > len {
-            return Err(bad(path, format!("data offset {data_offset} is past the end of the file ({len} bytes)")));
+            return Err(bad(
+                path,
+                format!("data offset {data_offset} is past the end of the file ({len} bytes)"),
+            ));
         }
-        files.push(ShardFile { path: path.clone(), len, data_offset });
+        files.push(ShardFile {
+            path: path.clone(),
+            len,
+            data_offset,
+        });
     }
-    let dir = parts.files.first().and_then(|p| p.parent()).map(PathBuf::from).unwrap_or_default();
+    let dir = parts
+        .files
+        .first()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let mut tensors = Vec::with_capacity(parts.tensors.len());
     for (name, t) in &parts.tensors {
         let Some(f) = files.get(t.file) else {
@@ -76,20 +88,36 @@ pub(super) fn build(parts: ModelParts) -> Result<ModelIndex> {
                 files.len()
             )));
         };
-        let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let numel = t
+            .shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
         let len = numel.and_then(|n| n.checked_mul(t.dtype.size() as u64));
         let start = f.data_offset.checked_add(t.offset);
         let end = len.zip(start).and_then(|(l, s)| s.checked_add(l));
         let (Some(len), Some(start), Some(end)) = (len, start, end) else {
-            return Err(bad(&f.path, format!("tensor {name}: size or offset overflows")));
+            return Err(bad(
+                &f.path,
+                format!("tensor {name}: size or offset overflows"),
+            ));
         };
         if end > f.len {
             return Err(bad(
                 &f.path,
-                format!("tensor {name}: bytes [{start}, {end}) run past the end of the file ({} bytes)", f.len),
+                format!(
+                    "tensor {name}: bytes [{start}, {end}) run past the end of the file ({} bytes)",
+                    f.len
+                ),
             ));
         }
-        tensors.push(TensorInfo { name: name.clone(), dtype: t.dtype, shape: t.shape.clone(), file: t.file, file_offset: start, len });
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            file: t.file,
+            file_offset: start,
+            len,
+        });
     }
     check_overlaps(&files, &tensors)?;
     let names: HashSet<&str> = parts.tensors.keys().map(String::as_str).collect();

@@ -82,7 +82,14 @@ impl Shape {
             "7b" => (3584, 18944, 28, 28, 4, 152064),
             _ => return None,
         };
-        Some(Shape { hidden, intermediate, layers, heads, kv_heads, vocab })
+        Some(Shape {
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+        })
     }
 
     /// Width of one attention head.
@@ -171,11 +178,16 @@ pub fn write_model_with_progress(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<SynthReport> {
     if !matches!(spec.dtype, DType::BF16 | DType::F16 | DType::F32) {
-        return Err(Error::Input(format!("synthetic weights are bf16, f16 or f32, not {}", spec.dtype)));
+        return Err(Error::Input(format!(
+            "synthetic weights are bf16, f16 or f32, not {}",
+            spec.dtype
+        )));
     }
     let s = &spec.shape;
     if s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
-        return Err(Error::Input(format!("inconsistent shape {s:?}: heads must divide hidden and kv_heads heads")));
+        return Err(Error::Input(format!(
+            "inconsistent shape {s:?}: heads must divide hidden and kv_heads heads"
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, None, e))?;
     remove_stale(dir)?;
@@ -211,13 +223,25 @@ pub fn write_model_with_progress(
         members.sort_by(|&a, &b| specs[a].0.cmp(&specs[b].0));
         let entries: Vec<(String, Vec<usize>, u64)> = members
             .iter()
-            .map(|&i| (specs[i].0.clone(), specs[i].1.clone(), specs[i].1.iter().product::<usize>() as u64 * esize))
+            .map(|&i| {
+                (
+                    specs[i].0.clone(),
+                    specs[i].1.clone(),
+                    specs[i].1.iter().product::<usize>() as u64 * esize,
+                )
+            })
             .collect();
         let header = header_bytes(spec.dtype, &entries);
         let mut off = header.len() as u64;
         for &i in &members {
             let len = specs[i].1.iter().product::<usize>() as u64 * esize;
-            placed.push(Placed { id: i, name: specs[i].0.clone(), shape: specs[i].1.clone(), shard: sh, offset: off });
+            placed.push(Placed {
+                id: i,
+                name: specs[i].0.clone(),
+                shape: specs[i].1.clone(),
+                shard: sh,
+                offset: off,
+            });
             off += len;
         }
         headers.push((header, off));
@@ -226,13 +250,16 @@ pub fn write_model_with_progress(
     let mut files = Vec::with_capacity(n_shards);
     for (path, (header, total)) in names.iter().zip(&headers) {
         let f = File::create(path).map_err(|e| Error::io("creating", path, None, e))?;
-        f.set_len(*total).map_err(|e| Error::io("sizing", path, None, e))?;
-        f.write_all_at(header, 0).map_err(|e| Error::io("writing the header of", path, Some(0), e))?;
+        f.set_len(*total)
+            .map_err(|e| Error::io("sizing", path, None, e))?;
+        f.write_all_at(header, 0)
+            .map_err(|e| Error::io("writing the header of", path, Some(0), e))?;
         files.push(f);
     }
     fill_weights(spec, &placed, &files, &names, progress)?;
     for (f, path) in files.iter().zip(&names) {
-        f.sync_all().map_err(|e| Error::io("syncing", path, None, e))?;
+        f.sync_all()
+            .map_err(|e| Error::io("syncing", path, None, e))?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let bytes: u64 = headers.iter().map(|h| h.1).sum();
@@ -240,16 +267,35 @@ pub fn write_model_with_progress(
     if n_shards > 1 {
         let weight_map: BTreeMap<&str, String> = placed
             .iter()
-            .map(|p| (p.name.as_str(), names[p.shard].file_name().unwrap_or_default().to_string_lossy().into_owned()))
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    names[p.shard]
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            })
             .collect();
-        let total: u64 = specs.iter().map(|(_, sh)| sh.iter().product::<usize>() as u64 * esize).sum();
+        let total: u64 = specs
+            .iter()
+            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * esize)
+            .sum();
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
         written.push(write_json(&dir.join(INDEX_FILE), &index)?);
     }
     let ids = write_tokenizer(dir, spec.arch, s.vocab)?;
     written.extend(ids.files.iter().cloned());
-    written.push(write_json(&dir.join("config.json"), &config_json(spec, &ids))?);
-    Ok(SynthReport { files: written, bytes, seconds })
+    written.push(write_json(
+        &dir.join("config.json"),
+        &config_json(spec, &ids),
+    )?);
+    Ok(SynthReport {
+        files: written,
+        bytes,
+        seconds,
+    })
 }
 
 /// Removes checkpoint files a previous run may have left, so the directory
@@ -260,7 +306,8 @@ fn remove_stale(dir: &Path) -> Result<()> {
         let name = e.file_name().to_string_lossy().into_owned();
         let shard = name.starts_with("model") && name.ends_with(".safetensors");
         if shard || name == INDEX_FILE {
-            std::fs::remove_file(e.path()).map_err(|err| Error::io("removing", e.path(), None, err))?;
+            std::fs::remove_file(e.path())
+                .map_err(|err| Error::io("removing", e.path(), None, err))?;
         }
     }
     Ok(())
@@ -290,7 +337,10 @@ fn header_bytes(dtype: DType, entries: &[(String, Vec<usize>, u64)]) -> Vec<u8> 
 
 /// Writes raw tensors into one safetensors file (for tests and tools).
 /// Each tuple is (name, dtype, shape, little-endian bytes).
-pub fn write_safetensors(path: &Path, tensors: &[(String, DType, Vec<usize>, Vec<u8>)]) -> Result<()> {
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
     let mut map = serde_json::Map::new();
     let mut off = 0u64;
     for (name, dtype, shape, bytes) in tensors {
@@ -332,7 +382,11 @@ fn fill_weights(
     for (t, p) in placed.iter().enumerate() {
         let n: usize = p.shape.iter().product();
         for (index, start) in (0..n).step_by(CHUNK_ELEMS).enumerate() {
-            chunks.push(Chunk { tensor: t, index: index as u64, elems: CHUNK_ELEMS.min(n - start) });
+            chunks.push(Chunk {
+                tensor: t,
+                index: index as u64,
+                elems: CHUNK_ELEMS.min(n - start),
+            });
         }
     }
     let threads = match spec.threads {
@@ -362,7 +416,12 @@ fn fill_weights(
                     let at = p.offset + chunk.index * (CHUNK_ELEMS * esize) as u64;
                     if let Err(e) = files[p.shard].write_all_at(out, at) {
                         let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
-                        f.get_or_insert(Error::io(format!("writing {} bytes to", out.len()), &names[p.shard], Some(at), e));
+                        f.get_or_insert(Error::io(
+                            format!("writing {} bytes to", out.len()),
+                            &names[p.shard],
+                            Some(at),
+                            e,
+                        ));
                         next.store(chunks.len(), Ordering::Relaxed);
                         break;
                     }
@@ -401,9 +460,15 @@ pub fn fill_normal(out: &mut [u8], dtype: DType, seed: u64, mean: f32, std: f32)
         mean + (s as f32 - 131_070.0) * scale
     };
     match dtype {
-        DType::BF16 => out.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&half::bf16::from_f32(next()).to_le_bytes())),
-        DType::F16 => out.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&half::f16::from_f32(next()).to_le_bytes())),
-        _ => out.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
+        DType::BF16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(next()).to_le_bytes())),
+        DType::F16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&half::f16::from_f32(next()).to_le_bytes())),
+        _ => out
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
     }
 }
 

@@ -114,13 +114,16 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
                     "rstrip": false, "normalized": false, "special": true })
         })
         .collect();
-    let byte_level = |prefix: bool| {
-        json!({ "type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": true })
-    };
+    let byte_level = |prefix: bool| json!({ "type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": true });
     let (bos, eos, stop, post) = match arch {
         Arch::Qwen2 => {
             let eot = id("<|endoftext|>");
-            (eot, id("<|im_end|>"), vec![id("<|im_end|>"), eot], byte_level(false))
+            (
+                eot,
+                id("<|im_end|>"),
+                vec![id("<|im_end|>"), eot],
+                byte_level(false),
+            )
         }
         Arch::Llama => {
             let b = id("<|begin_of_text|>");
@@ -136,7 +139,12 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
             let post = json!({ "type": "Sequence", "processors": [
                 { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true },
                 template ] });
-            (b, id("<|eot_id|>"), vec![id("<|end_of_text|>"), id("<|eot_id|>")], post)
+            (
+                b,
+                id("<|eot_id|>"),
+                vec![id("<|end_of_text|>"), id("<|eot_id|>")],
+                post,
+            )
         }
     };
     let tokenizer = json!({
@@ -194,7 +202,12 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
         write_json(&dir.join("tokenizer_config.json"), &config)?,
         write_json(&dir.join("generation_config.json"), &generation)?,
     ];
-    Ok(SpecialIds { bos, eos, stop, files })
+    Ok(SpecialIds {
+        bos,
+        eos,
+        stop,
+        files,
+    })
 }
 
 #[cfg(test)]
@@ -216,8 +229,10 @@ mod tests {
     #[test]
     fn merges_are_distinct_and_built_from_known_pieces() {
         let ms = merges(20_000);
-        let mut seen: std::collections::HashSet<String> =
-            byte_to_unicode().into_iter().map(|(_, c)| c.to_string()).collect();
+        let mut seen: std::collections::HashSet<String> = byte_to_unicode()
+            .into_iter()
+            .map(|(_, c)| c.to_string())
+            .collect();
         for (a, b) in &ms {
             assert!(seen.contains(a) && seen.contains(b), "{a} {b}");
             assert!(seen.insert(format!("{a}{b}")), "duplicate {a}{b}");
