@@ -1,1 +1,260 @@
-//! TODO
+//! Model discovery: shards, safetensors headers, the repeated block structure
+//! and each block's read plan; and a writer of synthetic models.
+//!
+//! [`ModelIndex::open`] takes a Hugging Face model directory as shipped
+//! (`model.safetensors.index.json` with its shards, one `model.safetensors`,
+//! or several `*.safetensors`), validates every header against the files on
+//! disk, finds the `<prefix>.<i>.<key>` block structure without knowing the
+//! architecture, and plans each block's reads: its tensors' byte ranges
+//! widened to [`READ_ALIGN`] and coalesced, so a block stored contiguously is
+//! one read.
+//!
+//! ```no_run
+//! use layer_streamer::model::ModelIndex;
+//! let index = ModelIndex::open("models/qwen2-7b")?;
+//! println!("{} layers under {:?}", index.num_layers(), index.layer_prefix());
+//! for op in &index.layers()[0].reads {
+//!     println!("file {} [{}, +{}) -> slot {}", op.file, op.file_offset, op.len, op.slot_offset);
+//! }
+//! # Ok::<(), layer_streamer::Error>(())
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::DType;
+
+mod header;
+mod index;
+mod layers;
+mod parts;
+pub mod synth;
+mod tokenizer;
+
+pub use header::{parse_header_bytes, read_header, ShardHeader, MAX_HEADER_BYTES};
+pub use index::parse_index_json;
+pub use layers::{discover_layers, plan_reads, LayerStructure};
+pub use parts::{ModelParts, PartTensor};
+pub use tokenizer::write_tokenizer;
+
+/// Alignment of every [`ReadOp`]'s `file_offset`, `len` and `slot_offset`.
+pub const READ_ALIGN: u64 = 4096;
+
+/// One safetensors file of a model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// Its length in bytes.
+    pub len: u64,
+    /// Where its data section starts: 8 + the header's length.
+    pub data_offset: u64,
+}
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Full name, e.g. `model.layers.7.mlp.up_proj.weight`.
+    pub name: String,
+    /// Element type as stored.
+    pub dtype: DType,
+    /// Shape, row-major.
+    pub shape: Vec<usize>,
+    /// Index into [`ModelIndex::files`].
+    pub file: usize,
+    /// Absolute offset of its first byte in the file.
+    pub file_offset: u64,
+    /// Its length in bytes (elements × dtype size).
+    pub len: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A tensor of one layer and where it lands in the layer's slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerTensor {
+    /// Name relative to `<prefix>.<i>.`, e.g. `mlp.up_proj.weight`.
+    pub key: String,
+    /// Where its bytes are on disk.
+    pub info: TensorInfo,
+    /// Offset of its first byte inside the layer's slot.
+    pub slot_offset: u64,
+}
+
+/// One read of a layer: file bytes `[file_offset, file_offset + len)` into
+/// slot bytes `[slot_offset, slot_offset + len)`. All three are multiples of
+/// [`READ_ALIGN`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadOp {
+    /// Index into [`ModelIndex::files`].
+    pub file: usize,
+    /// Absolute, aligned start in the file.
+    pub file_offset: u64,
+    /// Aligned length; `file_offset + len` may pass the end of the file.
+    pub len: u64,
+    /// Aligned destination offset inside the layer's slot.
+    pub slot_offset: u64,
+    /// Absolute file offset where the tensor data this read must deliver
+    /// ends; end of file at or after it is not an error.
+    pub required_end: u64,
+}
+
+/// One repeated block (transformer layer): its tensors and read plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layer {
+    /// Position in the stack, 0-based.
+    pub index: usize,
+    /// Its tensors, in file order.
+    pub tensors: Vec<LayerTensor>,
+    /// Its reads, in file order, packed into the slot one after another.
+    pub reads: Vec<ReadOp>,
+    /// Sum of the reads' lengths: every read lands in `[0, slot_bytes)`.
+    pub slot_bytes: u64,
+    /// Sum of the tensors' lengths.
+    pub data_bytes: u64,
+}
+
+/// Where a named tensor is kept inside a [`ModelIndex`].
+#[derive(Debug, Clone, Copy)]
+enum TensorRef {
+    Static(usize),
+    Layer(usize, usize),
+}
+
+/// A model's files, tensors and layer read plans, validated against the disk.
+#[derive(Debug, Clone)]
+pub struct ModelIndex {
+    dir: PathBuf,
+    files: Vec<ShardFile>,
+    prefix: String,
+    layers: Vec<Layer>,
+    statics: Vec<TensorInfo>,
+    by_name: HashMap<String, TensorRef>,
+    config: Option<serde_json::Value>,
+}
+
+impl ModelIndex {
+    /// Opens a Hugging Face model directory: `model.safetensors.index.json`
+    /// with its shards, or `model.safetensors`, or every `*.safetensors` in
+    /// it; plus `config.json` where present. Every header is validated
+    /// against its file; errors are [`crate::Error::Model`] naming the file
+    /// and tensor.
+    pub fn open(dir: impl AsRef<Path>) -> crate::Result<ModelIndex> {
+        index::open(dir.as_ref())
+    }
+
+    /// Builds an index from explicit parts (files, data offsets, tensors and
+    /// the layer keys), validated like [`open`](Self::open).
+    pub fn from_parts(parts: ModelParts) -> crate::Result<ModelIndex> {
+        parts::build(parts)
+    }
+
+    /// Assembles an index from validated files and tensors and a structure.
+    pub(crate) fn assemble(
+        dir: PathBuf,
+        files: Vec<ShardFile>,
+        tensors: Vec<TensorInfo>,
+        structure: &LayerStructure,
+        config: Option<serde_json::Value>,
+    ) -> crate::Result<ModelIndex> {
+        let (layers, statics) = layers::build_layers(&files, tensors, structure)?;
+        let mut by_name = HashMap::new();
+        for (i, t) in statics.iter().enumerate() {
+            by_name.insert(t.name.clone(), TensorRef::Static(i));
+        }
+        for (l, layer) in layers.iter().enumerate() {
+            for (i, t) in layer.tensors.iter().enumerate() {
+                by_name.insert(t.info.name.clone(), TensorRef::Layer(l, i));
+            }
+        }
+        Ok(ModelIndex {
+            dir,
+            files,
+            prefix: structure.prefix.clone(),
+            layers,
+            statics,
+            by_name,
+            config,
+        })
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The safetensors files, in the order [`TensorInfo::file`] indexes.
+    pub fn files(&self) -> &[ShardFile] {
+        &self.files
+    }
+
+    /// The layers, in order.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// Number of layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// The name prefix of the layers, e.g. `model.layers`.
+    pub fn layer_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Tensors outside the layers (embedding, final norm, `lm_head`, ...), in file order.
+    pub fn statics(&self) -> &[TensorInfo] {
+        &self.statics
+    }
+
+    /// Any tensor by its full name, static or in a layer.
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        match *self.by_name.get(name)? {
+            TensorRef::Static(i) => self.statics.get(i),
+            TensorRef::Layer(l, i) => Some(&self.layers.get(l)?.tensors.get(i)?.info),
+        }
+    }
+
+    /// `config.json`, where the directory has one.
+    pub fn config(&self) -> Option<&serde_json::Value> {
+        self.config.as_ref()
+    }
+
+    /// The largest layer's [`Layer::slot_bytes`]: the size a slot must have.
+    pub fn max_slot_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.slot_bytes).max().unwrap_or(0)
+    }
+
+    /// Sum of every layer's [`Layer::data_bytes`]: the bytes one pass streams.
+    pub fn total_layer_bytes(&self) -> u64 {
+        self.layers.iter().map(|l| l.data_bytes).sum()
+    }
+
+    /// Sum of the static tensors' lengths.
+    pub fn total_static_bytes(&self) -> u64 {
+        self.statics.iter().map(|t| t.len).sum()
+    }
+
+    /// The distinct element types of all tensors, sorted.
+    pub fn dtypes(&self) -> Vec<DType> {
+        let mut v: Vec<DType> = self
+            .statics
+            .iter()
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| l.tensors.iter().map(|t| &t.info)),
+            )
+            .map(|t| t.dtype)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}

@@ -1,0 +1,532 @@
+//! Synthetic models: random weights in the Hugging Face layout of
+//! `Qwen2ForCausalLM` / `LlamaForCausalLM`, with config, tokenizer and chat
+//! template, written fast enough that a 7B model is bound by the disk.
+//!
+//! Weights are drawn like the reference script does: 1-D tensors
+//! `1 + 0.1·N(0,1)`, matrices `N(0, 1/in_features)`, with a fast approximate
+//! normal (the sum of four 16-bit uniforms). Every chunk of 2^21 elements has
+//! its own seed derived from the model seed, the tensor and the chunk, so the
+//! output is the same for a seed whatever the thread count or shard size.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use rand::rngs::SmallRng;
+use rand::{RngCore, SeedableRng};
+use serde_json::{json, Value};
+
+use super::index::{INDEX_FILE, SINGLE_FILE};
+use super::tokenizer::{write_tokenizer, SpecialIds};
+use crate::{DType, Error, Result};
+
+/// Elements per independently seeded chunk of a tensor.
+const CHUNK_ELEMS: usize = 1 << 21;
+
+/// Model architecture of a synthetic model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `Qwen2ForCausalLM`: q/k/v projections with biases, rope_theta 1e6.
+    Qwen2,
+    /// `LlamaForCausalLM` (Llama 3 style): no biases, rope_theta 500000.
+    Llama,
+}
+
+impl Arch {
+    /// Parses `qwen2` or `llama`.
+    pub fn parse(s: &str) -> Option<Arch> {
+        match s.to_ascii_lowercase().as_str() {
+            "qwen2" => Some(Arch::Qwen2),
+            "llama" => Some(Arch::Llama),
+            _ => None,
+        }
+    }
+
+    /// `model_type` in config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Qwen2 => "qwen2",
+            Arch::Llama => "llama",
+        }
+    }
+}
+
+/// Sizes of a decoder-only transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Model width.
+    pub hidden: usize,
+    /// MLP width.
+    pub intermediate: usize,
+    /// Number of decoder layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl Shape {
+    /// A named preset: `tiny`, `small`, `1.5b` or `7b`.
+    pub fn preset(name: &str) -> Option<Shape> {
+        let (hidden, intermediate, layers, heads, kv_heads, vocab) = match name {
+            "tiny" => (256, 704, 3, 4, 2, 1024),
+            "small" => (1024, 2816, 8, 16, 4, 8192),
+            "1.5b" => (1536, 8960, 28, 12, 2, 151936),
+            "7b" => (3584, 18944, 28, 28, 4, 152064),
+            _ => return None,
+        };
+        Some(Shape {
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            kv_heads,
+            vocab,
+        })
+    }
+
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// What [`write_model`] writes.
+#[derive(Debug, Clone)]
+pub struct SynthSpec {
+    /// Architecture.
+    pub arch: Arch,
+    /// Sizes.
+    pub shape: Shape,
+    /// Element type of every tensor: bf16, f16 or f32.
+    pub dtype: DType,
+    /// Tie `lm_head` to the embedding (no `lm_head.weight` is written).
+    pub tie: bool,
+    /// Largest shard in bytes; one `model.safetensors` if everything fits.
+    pub shard_size: u64,
+    /// Seed of the weights.
+    pub seed: u64,
+    /// Generator threads (0: one per available CPU).
+    pub threads: usize,
+}
+
+/// What [`write_model`] wrote.
+#[derive(Debug, Clone)]
+pub struct SynthReport {
+    /// Every file written, safetensors first.
+    pub files: Vec<PathBuf>,
+    /// Bytes of safetensors written (headers included).
+    pub bytes: u64,
+    /// Seconds spent writing the weights.
+    pub seconds: f64,
+}
+
+/// Tensor names and shapes in the order transformers' `state_dict()` lists them.
+pub fn tensor_specs(arch: Arch, s: &Shape, tie: bool) -> Vec<(String, Vec<usize>)> {
+    let (h, hd) = (s.hidden, s.head_dim());
+    let (q, kv) = (s.heads * hd, s.kv_heads * hd);
+    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![s.vocab, h])];
+    for i in 0..s.layers {
+        let p = |k: &str| format!("model.layers.{i}.{k}");
+        for (name, rows) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+            v.push((p(&format!("self_attn.{name}.weight")), vec![rows, h]));
+            if arch == Arch::Qwen2 {
+                v.push((p(&format!("self_attn.{name}.bias")), vec![rows]));
+            }
+        }
+        v.push((p("self_attn.o_proj.weight"), vec![h, q]));
+        v.push((p("mlp.gate_proj.weight"), vec![s.intermediate, h]));
+        v.push((p("mlp.up_proj.weight"), vec![s.intermediate, h]));
+        v.push((p("mlp.down_proj.weight"), vec![h, s.intermediate]));
+        v.push((p("input_layernorm.weight"), vec![h]));
+        v.push((p("post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !tie {
+        v.push(("lm_head.weight".to_string(), vec![s.vocab, h]));
+    }
+    v
+}
+
+/// A tensor placed in a shard.
+struct Placed {
+    /// Position in [`tensor_specs`] order: part of every chunk's seed.
+    id: usize,
+    name: String,
+    shape: Vec<usize>,
+    shard: usize,
+    /// Absolute file offset of its first byte.
+    offset: u64,
+}
+
+/// Writes a complete model directory: weights, config, tokenizer.
+pub fn write_model(dir: &Path, spec: &SynthSpec) -> Result<SynthReport> {
+    write_model_with_progress(dir, spec, &|_| {})
+}
+
+/// [`write_model`], calling `progress` with the number of weight bytes just written.
+pub fn write_model_with_progress(
+    dir: &Path,
+    spec: &SynthSpec,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<SynthReport> {
+    if !matches!(spec.dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Err(Error::Input(format!(
+            "synthetic weights are bf16, f16 or f32, not {}",
+            spec.dtype
+        )));
+    }
+    let s = &spec.shape;
+    if s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
+        return Err(Error::Input(format!(
+            "inconsistent shape {s:?}: heads must divide hidden and kv_heads heads"
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, None, e))?;
+    remove_stale(dir)?;
+    let esize = spec.dtype.size() as u64;
+    let specs = tensor_specs(spec.arch, s, spec.tie);
+    // Shards in state-dict order: a new shard starts when the next tensor would overflow this one.
+    let mut shard_of = Vec::with_capacity(specs.len());
+    let (mut shard, mut fill) = (0usize, 0u64);
+    for (_, shape) in &specs {
+        let bytes = shape.iter().product::<usize>() as u64 * esize;
+        if fill > 0 && fill + bytes > spec.shard_size {
+            shard += 1;
+            fill = 0;
+        }
+        fill += bytes;
+        shard_of.push(shard);
+    }
+    let n_shards = shard + 1;
+    let names: Vec<PathBuf> = (0..n_shards)
+        .map(|i| {
+            dir.join(if n_shards == 1 {
+                SINGLE_FILE.to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", i + 1, n_shards)
+            })
+        })
+        .collect();
+    // Within a shard, tensors sorted by name, as safetensors serialises them.
+    let mut placed: Vec<Placed> = Vec::with_capacity(specs.len());
+    let mut headers = Vec::with_capacity(n_shards);
+    for sh in 0..n_shards {
+        let mut members: Vec<usize> = (0..specs.len()).filter(|&i| shard_of[i] == sh).collect();
+        members.sort_by(|&a, &b| specs[a].0.cmp(&specs[b].0));
+        let entries: Vec<(String, Vec<usize>, u64)> = members
+            .iter()
+            .map(|&i| {
+                (
+                    specs[i].0.clone(),
+                    specs[i].1.clone(),
+                    specs[i].1.iter().product::<usize>() as u64 * esize,
+                )
+            })
+            .collect();
+        let header = header_bytes(spec.dtype, &entries);
+        let mut off = header.len() as u64;
+        for &i in &members {
+            let len = specs[i].1.iter().product::<usize>() as u64 * esize;
+            placed.push(Placed {
+                id: i,
+                name: specs[i].0.clone(),
+                shape: specs[i].1.clone(),
+                shard: sh,
+                offset: off,
+            });
+            off += len;
+        }
+        headers.push((header, off));
+    }
+    let start = Instant::now();
+    let mut files = Vec::with_capacity(n_shards);
+    for (path, (header, total)) in names.iter().zip(&headers) {
+        let f = File::create(path).map_err(|e| Error::io("creating", path, None, e))?;
+        f.set_len(*total)
+            .map_err(|e| Error::io("sizing", path, None, e))?;
+        f.write_all_at(header, 0)
+            .map_err(|e| Error::io("writing the header of", path, Some(0), e))?;
+        files.push(f);
+    }
+    fill_weights(spec, &placed, &files, &names, progress)?;
+    for (f, path) in files.iter().zip(&names) {
+        f.sync_all()
+            .map_err(|e| Error::io("syncing", path, None, e))?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let bytes: u64 = headers.iter().map(|h| h.1).sum();
+    let mut written = names.clone();
+    if n_shards > 1 {
+        let weight_map: BTreeMap<&str, String> = placed
+            .iter()
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    names[p.shard]
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
+            })
+            .collect();
+        let total: u64 = specs
+            .iter()
+            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * esize)
+            .sum();
+        let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+        written.push(write_json(&dir.join(INDEX_FILE), &index)?);
+    }
+    let ids = write_tokenizer(dir, spec.arch, s.vocab)?;
+    written.extend(ids.files.iter().cloned());
+    written.push(write_json(
+        &dir.join("config.json"),
+        &config_json(spec, &ids),
+    )?);
+    Ok(SynthReport {
+        files: written,
+        bytes,
+        seconds,
+    })
+}
+
+/// Removes checkpoint files a previous run may have left, so the directory
+/// holds exactly one checkpoint.
+fn remove_stale(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("listing", dir, None, e))?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let shard = name.starts_with("model") && name.ends_with(".safetensors");
+        if shard || name == INDEX_FILE {
+            std::fs::remove_file(e.path())
+                .map_err(|err| Error::io("removing", e.path(), None, err))?;
+        }
+    }
+    Ok(())
+}
+
+/// A safetensors header (length prefix included) padded with spaces to a
+/// multiple of 8 bytes, as the safetensors serialiser does.
+fn header_bytes(dtype: DType, entries: &[(String, Vec<usize>, u64)]) -> Vec<u8> {
+    let mut map = serde_json::Map::new();
+    map.insert("__metadata__".into(), json!({ "format": "pt" }));
+    let mut off = 0u64;
+    for (name, shape, len) in entries {
+        map.insert(
+            name.clone(),
+            json!({ "dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + len] }),
+        );
+        off += len;
+    }
+    let mut text = Value::Object(map).to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out
+}
+
+/// Writes raw tensors into one safetensors file (for tests and tools).
+/// Each tuple is (name, dtype, shape, little-endian bytes).
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
+) -> Result<()> {
+    let mut map = serde_json::Map::new();
+    let mut off = 0u64;
+    for (name, dtype, shape, bytes) in tensors {
+        let len = bytes.len() as u64;
+        map.insert(
+            name.clone(),
+            json!({ "dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + len] }),
+        );
+        off += len;
+    }
+    let mut text = Value::Object(map).to_string().into_bytes();
+    while text.len() % 8 != 0 {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    std::fs::write(path, out).map_err(|e| Error::io("writing", path, None, e))
+}
+
+/// One unit of generator work: a run of elements of one tensor.
+struct Chunk {
+    tensor: usize,
+    index: u64,
+    elems: usize,
+}
+
+/// Generates every tensor's bytes in parallel and writes them at their offsets.
+fn fill_weights(
+    spec: &SynthSpec,
+    placed: &[Placed],
+    files: &[File],
+    names: &[PathBuf],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<()> {
+    let mut chunks = Vec::new();
+    for (t, p) in placed.iter().enumerate() {
+        let n: usize = p.shape.iter().product();
+        for (index, start) in (0..n).step_by(CHUNK_ELEMS).enumerate() {
+            chunks.push(Chunk {
+                tensor: t,
+                index: index as u64,
+                elems: CHUNK_ELEMS.min(n - start),
+            });
+        }
+    }
+    let threads = match spec.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let esize = spec.dtype.size();
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(chunks.len()).max(1) {
+            scope.spawn(|| {
+                let mut buf = vec![0u8; CHUNK_ELEMS * esize];
+                loop {
+                    // Relaxed: the counter only hands out distinct chunk numbers.
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(chunk) = chunks.get(c) else { break };
+                    let p = &placed[chunk.tensor];
+                    let (mean, std) = if p.shape.len() == 1 {
+                        (1.0, 0.1)
+                    } else {
+                        (0.0, 1.0 / (*p.shape.last().unwrap_or(&1) as f32).sqrt())
+                    };
+                    let seed = chunk_seed(spec.seed, p.id as u64, chunk.index);
+                    let out = &mut buf[..chunk.elems * esize];
+                    fill_normal(out, spec.dtype, seed, mean, std);
+                    let at = p.offset + chunk.index * (CHUNK_ELEMS * esize) as u64;
+                    if let Err(e) = files[p.shard].write_all_at(out, at) {
+                        let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
+                        f.get_or_insert(Error::io(
+                            format!("writing {} bytes to", out.len()),
+                            &names[p.shard],
+                            Some(at),
+                            e,
+                        ));
+                        next.store(chunks.len(), Ordering::Relaxed);
+                        break;
+                    }
+                    progress(out.len() as u64);
+                }
+            });
+        }
+    });
+    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// SplitMix64 finaliser: decorrelates nearby seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed of one chunk of one tensor.
+pub fn chunk_seed(seed: u64, tensor: u64, chunk: u64) -> u64 {
+    mix(mix(mix(seed) ^ tensor) ^ chunk)
+}
+
+/// Fills `out` with `mean + std·z` in `dtype`, z approximately N(0, 1): the
+/// sum of four 16-bit uniforms, centred and scaled (Irwin–Hall, variance 1/3 each sum).
+pub fn fill_normal(out: &mut [u8], dtype: DType, seed: u64, mean: f32, std: f32) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let scale = std * (3.0f32).sqrt() / 65536.0;
+    let mut next = move || {
+        let u = rng.next_u64();
+        let s = (u & 0xffff) + ((u >> 16) & 0xffff) + ((u >> 32) & 0xffff) + (u >> 48);
+        mean + (s as f32 - 131_070.0) * scale
+    };
+    match dtype {
+        DType::BF16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(next()).to_le_bytes())),
+        DType::F16 => out
+            .chunks_exact_mut(2)
+            .for_each(|c| c.copy_from_slice(&half::f16::from_f32(next()).to_le_bytes())),
+        _ => out
+            .chunks_exact_mut(4)
+            .for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
+    }
+}
+
+/// config.json as transformers writes it for the architecture.
+fn config_json(spec: &SynthSpec, ids: &SpecialIds) -> Value {
+    let s = &spec.shape;
+    let torch_dtype = match spec.dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    let mut c = json!({
+        "architectures": [match spec.arch { Arch::Qwen2 => "Qwen2ForCausalLM", Arch::Llama => "LlamaForCausalLM" }],
+        "model_type": spec.arch.model_type(),
+        "attention_dropout": 0.0,
+        "bos_token_id": ids.bos,
+        "eos_token_id": ids.eos,
+        "hidden_act": "silu",
+        "hidden_size": s.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": s.intermediate,
+        "max_position_embeddings": 4096,
+        "num_attention_heads": s.heads,
+        "num_hidden_layers": s.layers,
+        "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": null,
+        "tie_word_embeddings": spec.tie,
+        "torch_dtype": torch_dtype,
+        "transformers_version": "4.51.3",
+        "use_cache": true,
+        "vocab_size": s.vocab,
+    });
+    let extra = match spec.arch {
+        Arch::Qwen2 => json!({
+            "rope_theta": 1_000_000.0,
+            "max_window_layers": s.layers,
+            "sliding_window": 4096,
+            "use_sliding_window": false,
+        }),
+        Arch::Llama => json!({
+            "rope_theta": 500_000.0,
+            "attention_bias": false,
+            "head_dim": s.head_dim(),
+            "mlp_bias": false,
+            "pretraining_tp": 1,
+        }),
+    };
+    if let (Value::Object(c), Value::Object(extra)) = (&mut c, extra) {
+        c.extend(extra);
+    }
+    c
+}
+
+/// Writes pretty-printed JSON with a trailing newline; returns the path.
+pub(super) fn write_json(path: &Path, value: &Value) -> Result<PathBuf> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_default();
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| Error::io("writing", path, None, e))?;
+    Ok(path.to_path_buf())
+}
