@@ -16,7 +16,12 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod pipeline;
 pub mod ring;
+pub mod streamer;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use model::ModelIndex;
+pub use pipeline::{Budget, Device, LayerWeights, PassStats, StreamerConfig, TensorView};
+pub use streamer::{ComputeStream, DeviceTensor, LayerStreamer, LayerStreamerBuilder};

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::io::{AlignedBuf, OpenMode};
+use crate::io::OpenMode;
 use crate::kernels::Kernels;
 use crate::model::ModelIndex;
 use crate::pipeline::plan::{LayerPlan, LayerWeights};

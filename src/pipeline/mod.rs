@@ -10,7 +10,7 @@ pub(crate) mod resources;
 pub(crate) mod stages;
 pub mod stats;
 
-pub(crate) use backend::{Backend, DevMem, EventH, PinnedBuf, StreamH};
+pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
 pub use config::{parse_size, Budget, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
 pub use stats::{PassStats, Stage, StageStats};

@@ -138,8 +138,6 @@ pub(crate) struct Resources {
     pub(crate) model: ModelIndex,
     pub(crate) files: Vec<DirectFile>,
     pub(crate) plans: Vec<LayerPlan>,
-    /// Largest `copy_bytes` over streamed layers.
-    pub(crate) max_copy: u64,
     pub(crate) cpu_slots: Vec<AlignedBuf>,
     pub(crate) cpu_ptrs: Vec<SlotPtr>,
     pub(crate) pinned_slots: Vec<PinnedBuf>,
@@ -148,7 +146,8 @@ pub(crate) struct Resources {
     pub(crate) pinned_done: Vec<EventH>,
     /// The transfer thread's own pinned buffer when there is no pinned ring.
     pub(crate) staging: Option<(PinnedBuf, SlotPtr, EventH)>,
-    pub(crate) pinned_cache: Vec<PinnedBuf>,
+    /// Owns the memory behind `pinned_cache_ptrs`.
+    pub(crate) _pinned_cache: Vec<PinnedBuf>,
     pub(crate) pinned_cache_ptrs: Vec<SlotPtr>,
     pub(crate) pinned_filled: Vec<AtomicBool>,
     pub(crate) gpu_slots: Vec<DevMem>,
@@ -156,5 +155,4 @@ pub(crate) struct Resources {
     pub(crate) gpu_filled: Vec<AtomicBool>,
     pub(crate) events: Vec<LayerEvents>,
     pub(crate) transfer: StreamH,
-    pub(crate) compute: StreamH,
 }

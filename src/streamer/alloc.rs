@@ -269,7 +269,6 @@ pub(crate) fn allocate(
     let res = Resources {
         model: model.clone(),
         files,
-        max_copy: sizes.host,
         cpu_slots,
         cpu_ptrs,
         pinned_slots,
@@ -277,7 +276,7 @@ pub(crate) fn allocate(
         pinned_done,
         staging,
         pinned_filled: (0..pinned_cache.len()).map(|_| AtomicBool::new(false)).collect(),
-        pinned_cache,
+        _pinned_cache: pinned_cache,
         pinned_cache_ptrs,
         gpu_filled: (0..gpu_cache.len()).map(|_| AtomicBool::new(false)).collect(),
         gpu_slots,

@@ -9,6 +9,8 @@ use rand::SeedableRng;
 /// A context on device 0, or `None` (after saying why on stderr) when this
 /// machine has no usable CUDA driver or device. With `LS_REQUIRE_GPU=1` the
 /// absence of a GPU fails the test instead. Any other error fails the test.
+pub mod models;
+
 pub fn gpu(test: &str) -> Option<Context> {
     let require = std::env::var("LS_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match cuda::device_count() {
