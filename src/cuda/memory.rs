@@ -152,9 +152,9 @@ impl DeviceBuffer {
             return Ok(());
         }
         self.ctx.bind()?;
-        // SAFETY: [ptr, ptr + len) is this live allocation; the caller keeps the
-        // buffer alive until the stream has run the memset (Drop frees with
-        // cuMemFree, which waits for pending work on the allocation).
+        // SAFETY: [ptr, ptr + len) is this live allocation, of the stream's
+        // context (checked above), when the memset is queued; it writes device
+        // memory only, so no host memory can be touched whatever happens later.
         check("cuMemsetD8Async", unsafe {
             sys::cuMemsetD8Async(self.ptr, value, self.len, stream.raw())
         })

@@ -1,5 +1,7 @@
 //! Streams and events.
 
+use std::sync::OnceLock;
+
 use cudarc::driver::sys;
 
 use super::{check, cuda_error, has_symbol, Context};
@@ -176,7 +178,8 @@ impl Event {
         let mut ms = 0f32;
         // The _v2 entry point is the one CUDA 13 headers use; 12.x drivers
         // before 12.8 only export the original.
-        let res = if has_symbol(b"cuEventElapsedTime_v2\0") {
+        static HAS_V2: OnceLock<bool> = OnceLock::new();
+        let res = if *HAS_V2.get_or_init(|| has_symbol(b"cuEventElapsedTime_v2\0")) {
             // SAFETY: both events are live handles of the current context; the
             // pointer is to a live local.
             unsafe { sys::cuEventElapsedTime_v2(&mut ms, start.raw, end.raw) }
