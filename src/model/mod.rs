@@ -30,6 +30,7 @@ mod layers;
 mod parts;
 pub mod synth;
 mod tokenizer;
+mod weights;
 
 pub use header::{parse_header_bytes, read_header, ShardHeader, MAX_HEADER_BYTES};
 pub use index::parse_index_json;

@@ -29,7 +29,7 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Generator threads (0: one per CPU).
+    /// Generator threads (0: two per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
