@@ -79,11 +79,15 @@ fn truncated_shard() {
         .unwrap()
         .set_len(len - 1000)
         .unwrap();
-    // The last tensor in the file is the one cut short.
+    // Stored sorted by name: the last layer's v_proj is the first tensor cut short.
     expect_model_error(
         dir.path(),
         "model.safetensors",
-        &["model.norm.weight", "past the end", "truncated"],
+        &[
+            "model.layers.2.self_attn.v_proj.weight",
+            "past the end",
+            "truncated",
+        ],
     );
     std::fs::OpenOptions::new()
         .write(true)

@@ -116,7 +116,6 @@ proptest! {
         let file_len = bytes.len() as u64;
         let offset = (block * 4096).min((file_len / 4096) * 4096);
         let mut buf = AlignedBuf::new(blocks * 4096).unwrap();
-        buf.as_mut_slice().fill(0xAB);
         let end = offset + (blocks * 4096) as u64;
         let required = offset + ((end - offset) as f64 * need_frac) as u64;
         let result = f.read_aligned(offset, buf.as_mut_slice(), required.max(offset));
@@ -125,8 +124,9 @@ proptest! {
             prop_assert!(result.is_ok(), "{:?}", result);
             let n = (real_end - offset) as usize;
             prop_assert_eq!(&buf.as_slice()[..n], &bytes[offset as usize..real_end as usize]);
-            // Bytes past the end of the file are left as they were.
-            prop_assert!(buf.as_slice()[n..].iter().all(|&b| b == 0xAB));
+            // Bytes of dst past the end of the file are unspecified: a direct
+            // read may overwrite them (some devices zero the whole request).
+
         } else {
             let e = result.unwrap_err();
             let msg = e.to_string();

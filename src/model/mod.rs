@@ -101,7 +101,8 @@ pub struct ReadOp {
     /// Aligned destination offset inside the layer's slot.
     pub slot_offset: u64,
     /// Absolute file offset where the tensor data this read must deliver
-    /// ends; end of file at or after it is not an error.
+    /// ends; end of file at or after it is not an error. Slot bytes that map
+    /// past the end of the file hold unspecified values after the read.
     pub required_end: u64,
 }
 
