@@ -19,3 +19,4 @@ pub mod model;
 
 pub use dtype::DType;
 pub use error::{Error, Result};
+pub use model::ModelIndex;

@@ -163,3 +163,34 @@ fn direct_reads_reject_misaligned_requests() {
         .read_exact_at(&mut one, 0)
         .unwrap();
 }
+
+#[test]
+fn tmpfs_falls_back_to_buffered_in_auto_mode_only() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("no /dev/shm: skipping");
+        return;
+    }
+    let (mut rng, _) = common::rng("tmpfs_falls_back_to_buffered_in_auto_mode_only");
+    let dir = tempfile::Builder::new()
+        .prefix("ls-test-")
+        .tempdir_in(shm)
+        .unwrap();
+    let path = dir.path().join("data.bin");
+    let bytes = common::bytes(&mut rng, 10_000);
+    std::fs::write(&path, &bytes).unwrap();
+    let f = DirectFile::open(&path, OpenMode::Auto).unwrap();
+    if f.mode() == layer_streamer::io::ReadMode::Direct {
+        eprintln!("/dev/shm accepts O_DIRECT here: nothing to fall back from");
+        return;
+    }
+    let mut scratch = AlignedBuf::new(0).unwrap();
+    assert_eq!(
+        f.read_range(123, 9000, &mut scratch).unwrap(),
+        &bytes[123..9123]
+    );
+    let e = DirectFile::open(&path, OpenMode::Direct)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("O_DIRECT") && e.contains("data.bin"), "{e}");
+}

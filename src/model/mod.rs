@@ -32,11 +32,13 @@ pub mod synth;
 mod tokenizer;
 mod weights;
 
-pub use header::{parse_header_bytes, read_header, ShardHeader, MAX_HEADER_BYTES};
-pub use index::parse_index_json;
+pub use header::{parse_header_bytes, read_header, HeaderTensor, ShardHeader, MAX_HEADER_BYTES};
+pub use index::{parse_index_json, INDEX_FILE, SINGLE_FILE};
 pub use layers::{discover_layers, plan_reads, LayerStructure};
 pub use parts::{ModelParts, PartTensor};
-pub use tokenizer::write_tokenizer;
+pub use tokenizer::{
+    byte_to_unicode, write_tokenizer, SpecialIds, LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
+};
 
 /// Alignment of every [`ReadOp`]'s `file_offset`, `len` and `slot_offset`.
 pub const READ_ALIGN: u64 = 4096;

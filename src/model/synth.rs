@@ -16,8 +16,8 @@ use serde_json::{json, Value};
 
 use super::index::{INDEX_FILE, SINGLE_FILE};
 use super::tokenizer::{write_tokenizer, SpecialIds};
-pub use super::weights::fill_normal;
-use super::weights::{tensor_key, write_shards, PlacedTensor, ShardPlan};
+pub use super::weights::{fill_normal, tensor_key};
+use super::weights::{write_shards, PlacedTensor, ShardPlan};
 use crate::{DType, Error, Result};
 
 /// Model architecture of a synthetic model.
