@@ -15,11 +15,16 @@ fuzz_target!(|data: &[u8]| {
         }
         let names = h.tensors.iter().map(|t| (t.name.as_str(), t.end - t.begin));
         let _ = discover_layers(names);
-        let extents: Vec<(usize, u64, u64)> =
-            h.tensors.iter().map(|t| (0, h.data_offset + t.begin, t.end - t.begin)).collect();
+        let extents: Vec<(usize, u64, u64)> = h
+            .tensors
+            .iter()
+            .map(|t| (0, h.data_offset + t.begin, t.end - t.begin))
+            .collect();
         let (reads, slots) = plan_reads(&extents);
         assert_eq!(slots.len(), extents.len());
-        assert!(reads.iter().all(|r| r.file_offset % 4096 == 0 && r.len % 4096 == 0));
+        assert!(reads
+            .iter()
+            .all(|r| r.file_offset % 4096 == 0 && r.len % 4096 == 0));
     }
     let _ = parse_index_json(Path::new("model.safetensors.index.json"), data);
 });
