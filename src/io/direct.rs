@@ -146,7 +146,9 @@ impl DirectFile {
     /// [`block_size`](Self::block_size) and `dst` must start at a
     /// block-aligned address (page-aligned memory always is); otherwise
     /// [`Error::Input`]. End of file is allowed at or after `required_end` (an
-    /// absolute file offset): bytes past it are left as they were. End of
+    /// absolute file offset). `dst` bytes past the end of the file are
+    /// unspecified: a direct read may overwrite them (some devices zero the
+    /// whole request past end of file), a buffered one leaves them. End of
     /// file before it is an [`Error::Io`] naming the file, offset and lengths.
     /// Short reads and `EINTR` are retried.
     pub fn read_aligned(&self, offset: u64, dst: &mut [u8], required_end: u64) -> Result<()> {

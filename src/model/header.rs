@@ -153,15 +153,16 @@ fn diagnose(header: &[u8], data_len: u64) -> Option<String> {
             Ok(span) => span,
             Err(msg) => return Some(msg),
         };
-        if e > data_len {
-            return Some(format!(
-                "tensor {name}: data_offsets [{b}, {e}] run past the end of the data section \
-                 ({data_len} bytes; truncated?)"
-            ));
-        }
         spans.push((b, e, name));
     }
     spans.sort();
+    // The first tensor, in file order, that the data section does not hold.
+    if let Some(&(b, e, name)) = spans.iter().find(|s| s.1 > data_len) {
+        return Some(format!(
+            "tensor {name}: data_offsets [{b}, {e}] run past the end of the data section \
+             ({data_len} bytes; truncated?)"
+        ));
+    }
     let mut prev: Option<(u64, u64, &str)> = None;
     for &(b, e, name) in &spans {
         match prev {

@@ -64,6 +64,9 @@ pub fn discover_layers<'a>(
         // Every dot-separated component that is a number, with something on
         // both sides, is a possible layer index.
         for (pos, _) in name.match_indices('.') {
+            if pos == 0 {
+                continue;
+            }
             let comp_start = pos + 1;
             let comp_end = name[comp_start..].find('.').map(|e| comp_start + e);
             let Some(comp_end) = comp_end else { break };

@@ -30,12 +30,15 @@ mod layers;
 mod parts;
 pub mod synth;
 mod tokenizer;
+mod weights;
 
-pub use header::{parse_header_bytes, read_header, ShardHeader, MAX_HEADER_BYTES};
-pub use index::parse_index_json;
+pub use header::{parse_header_bytes, read_header, HeaderTensor, ShardHeader, MAX_HEADER_BYTES};
+pub use index::{parse_index_json, INDEX_FILE, SINGLE_FILE};
 pub use layers::{discover_layers, plan_reads, LayerStructure};
 pub use parts::{ModelParts, PartTensor};
-pub use tokenizer::write_tokenizer;
+pub use tokenizer::{
+    byte_to_unicode, write_tokenizer, SpecialIds, LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
+};
 
 /// Alignment of every [`ReadOp`]'s `file_offset`, `len` and `slot_offset`.
 pub const READ_ALIGN: u64 = 4096;
@@ -100,7 +103,8 @@ pub struct ReadOp {
     /// Aligned destination offset inside the layer's slot.
     pub slot_offset: u64,
     /// Absolute file offset where the tensor data this read must deliver
-    /// ends; end of file at or after it is not an error.
+    /// ends; end of file at or after it is not an error. Slot bytes that map
+    /// past the end of the file hold unspecified values after the read.
     pub required_end: u64,
 }
 

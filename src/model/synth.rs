@@ -4,28 +4,21 @@
 //!
 //! Weights are drawn like the reference script does: 1-D tensors
 //! `1 + 0.1·N(0,1)`, matrices `N(0, 1/in_features)`, with a fast approximate
-//! normal (the sum of four 16-bit uniforms). Every chunk of 2^21 elements has
-//! its own seed derived from the model seed, the tensor and the chunk, so the
-//! output is the same for a seed whatever the thread count or shard size.
+//! normal (the sum of four 16-bit uniforms). Each element is a function of the
+//! seed, the tensor and its position, so the output is the same for a seed
+//! whatever the thread count or shard size.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 use std::time::Instant;
 
-use rand::rngs::SmallRng;
-use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
 
 use super::index::{INDEX_FILE, SINGLE_FILE};
 use super::tokenizer::{write_tokenizer, SpecialIds};
+pub use super::weights::{fill_normal, tensor_key};
+use super::weights::{write_shards, PlacedTensor, ShardPlan};
 use crate::{DType, Error, Result};
-
-/// Elements per independently seeded chunk of a tensor.
-const CHUNK_ELEMS: usize = 1 << 21;
 
 /// Model architecture of a synthetic model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +106,7 @@ pub struct SynthSpec {
     pub shard_size: u64,
     /// Seed of the weights.
     pub seed: u64,
-    /// Generator threads (0: one per available CPU).
+    /// Generator threads (0: two per available CPU).
     pub threads: usize,
 }
 
@@ -157,7 +150,7 @@ pub fn tensor_specs(arch: Arch, s: &Shape, tie: bool) -> Vec<(String, Vec<usize>
 
 /// A tensor placed in a shard.
 struct Placed {
-    /// Position in [`tensor_specs`] order: part of every chunk's seed.
+    /// Position in [`tensor_specs`] order: part of its random key.
     id: usize,
     name: String,
     shape: Vec<usize>,
@@ -246,21 +239,42 @@ pub fn write_model_with_progress(
         }
         headers.push((header, off));
     }
+    let plans: Vec<ShardPlan> = names
+        .iter()
+        .zip(headers.iter())
+        .enumerate()
+        .map(|(sh, (path, (header, total)))| ShardPlan {
+            path: path.clone(),
+            header: header.clone(),
+            len: *total,
+            tensors: placed
+                .iter()
+                .filter(|p| p.shard == sh)
+                .map(|p| {
+                    let (mean, std) = if p.shape.len() == 1 {
+                        (1.0, 0.1)
+                    } else {
+                        (0.0, 1.0 / (*p.shape.last().unwrap_or(&1) as f32).sqrt())
+                    };
+                    let bytes = p.shape.iter().product::<usize>() as u64 * esize;
+                    PlacedTensor {
+                        key: tensor_key(spec.seed, p.id as u64),
+                        offset: p.offset,
+                        bytes,
+                        mean,
+                        std,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let threads = match spec.threads {
+        // Two per CPU, so that one thread's generation overlaps another's write.
+        0 => 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     let start = Instant::now();
-    let mut files = Vec::with_capacity(n_shards);
-    for (path, (header, total)) in names.iter().zip(&headers) {
-        let f = File::create(path).map_err(|e| Error::io("creating", path, None, e))?;
-        f.set_len(*total)
-            .map_err(|e| Error::io("sizing", path, None, e))?;
-        f.write_all_at(header, 0)
-            .map_err(|e| Error::io("writing the header of", path, Some(0), e))?;
-        files.push(f);
-    }
-    fill_weights(spec, &placed, &files, &names, progress)?;
-    for (f, path) in files.iter().zip(&names) {
-        f.sync_all()
-            .map_err(|e| Error::io("syncing", path, None, e))?;
-    }
+    write_shards(&plans, spec.dtype, threads, progress)?;
     let seconds = start.elapsed().as_secs_f64();
     let bytes: u64 = headers.iter().map(|h| h.1).sum();
     let mut written = names.clone();
@@ -361,115 +375,6 @@ pub fn write_safetensors(
         out.extend_from_slice(bytes);
     }
     std::fs::write(path, out).map_err(|e| Error::io("writing", path, None, e))
-}
-
-/// One unit of generator work: a run of elements of one tensor.
-struct Chunk {
-    tensor: usize,
-    index: u64,
-    elems: usize,
-}
-
-/// Generates every tensor's bytes in parallel and writes them at their offsets.
-fn fill_weights(
-    spec: &SynthSpec,
-    placed: &[Placed],
-    files: &[File],
-    names: &[PathBuf],
-    progress: &(dyn Fn(u64) + Sync),
-) -> Result<()> {
-    let mut chunks = Vec::new();
-    for (t, p) in placed.iter().enumerate() {
-        let n: usize = p.shape.iter().product();
-        for (index, start) in (0..n).step_by(CHUNK_ELEMS).enumerate() {
-            chunks.push(Chunk {
-                tensor: t,
-                index: index as u64,
-                elems: CHUNK_ELEMS.min(n - start),
-            });
-        }
-    }
-    let threads = match spec.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let esize = spec.dtype.size();
-    std::thread::scope(|scope| {
-        for _ in 0..threads.min(chunks.len()).max(1) {
-            scope.spawn(|| {
-                let mut buf = vec![0u8; CHUNK_ELEMS * esize];
-                loop {
-                    // Relaxed: the counter only hands out distinct chunk numbers.
-                    let c = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(chunk) = chunks.get(c) else { break };
-                    let p = &placed[chunk.tensor];
-                    let (mean, std) = if p.shape.len() == 1 {
-                        (1.0, 0.1)
-                    } else {
-                        (0.0, 1.0 / (*p.shape.last().unwrap_or(&1) as f32).sqrt())
-                    };
-                    let seed = chunk_seed(spec.seed, p.id as u64, chunk.index);
-                    let out = &mut buf[..chunk.elems * esize];
-                    fill_normal(out, spec.dtype, seed, mean, std);
-                    let at = p.offset + chunk.index * (CHUNK_ELEMS * esize) as u64;
-                    if let Err(e) = files[p.shard].write_all_at(out, at) {
-                        let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
-                        f.get_or_insert(Error::io(
-                            format!("writing {} bytes to", out.len()),
-                            &names[p.shard],
-                            Some(at),
-                            e,
-                        ));
-                        next.store(chunks.len(), Ordering::Relaxed);
-                        break;
-                    }
-                    progress(out.len() as u64);
-                }
-            });
-        }
-    });
-    match failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
-}
-
-/// SplitMix64 finaliser: decorrelates nearby seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The seed of one chunk of one tensor.
-pub fn chunk_seed(seed: u64, tensor: u64, chunk: u64) -> u64 {
-    mix(mix(mix(seed) ^ tensor) ^ chunk)
-}
-
-/// Fills `out` with `mean + std·z` in `dtype`, z approximately N(0, 1): the
-/// sum of four 16-bit uniforms, centred and scaled (Irwin–Hall, variance 1/3 each sum).
-pub fn fill_normal(out: &mut [u8], dtype: DType, seed: u64, mean: f32, std: f32) {
-    let mut rng = SmallRng::seed_from_u64(seed);
-    let scale = std * (3.0f32).sqrt() / 65536.0;
-    let mut next = move || {
-        let u = rng.next_u64();
-        let s = (u & 0xffff) + ((u >> 16) & 0xffff) + ((u >> 32) & 0xffff) + (u >> 48);
-        mean + (s as f32 - 131_070.0) * scale
-    };
-    match dtype {
-        DType::BF16 => out
-            .chunks_exact_mut(2)
-            .for_each(|c| c.copy_from_slice(&half::bf16::from_f32(next()).to_le_bytes())),
-        DType::F16 => out
-            .chunks_exact_mut(2)
-            .for_each(|c| c.copy_from_slice(&half::f16::from_f32(next()).to_le_bytes())),
-        _ => out
-            .chunks_exact_mut(4)
-            .for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
-    }
 }
 
 /// config.json as transformers writes it for the architecture.

@@ -29,7 +29,7 @@ pub struct Args {
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Generator threads (0: one per CPU).
+    /// Generator threads (0: two per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
 }
@@ -54,7 +54,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
         _ => return None,
     };
     let v = num * mult;
-    (v >= 1.0 && v < 1.8e19).then_some(v as u64)
+    (1.0..1.8e19).contains(&v).then_some(v as u64)
 }
 
 /// Runs `synth`.
