@@ -325,7 +325,10 @@ mod tests {
         assert_eq!(c.pop(), Some(0));
         p.push(3).unwrap();
         assert_eq!(c.available(), 3);
-        assert_eq!((c.pop(), c.pop(), c.pop(), c.pop()), (Some(1), Some(2), Some(3), None));
+        assert_eq!(
+            (c.pop(), c.pop(), c.pop(), c.pop()),
+            (Some(1), Some(2), Some(3), None)
+        );
     }
 
     #[test]

@@ -173,7 +173,10 @@ impl LayerStreamer {
     fn build(model: &ModelIndex, cfg: StreamerConfig) -> Result<LayerStreamer> {
         cfg.validate()?;
         if model.num_layers() == 0 {
-            return Err(Error::model(model.dir(), "the model has no layers to stream"));
+            return Err(Error::model(
+                model.dir(),
+                "the model has no layers to stream",
+            ));
         }
         let mut plans = model
             .layers()
@@ -353,9 +356,7 @@ impl LayerStreamer {
                 Mutex::new(InFlight::new(out, layers, batch)),
             )
         });
-        let progress = cfg
-            .progress
-            .then(|| progress_bar(layers, self.passes + 1));
+        let progress = cfg.progress.then(|| progress_bar(layers, self.passes + 1));
         let affinity = cfg.cpu_affinity.as_deref();
 
         let t0 = Instant::now();
@@ -442,10 +443,7 @@ impl LayerStreamer {
         });
         // Every copy and every layer's work must be done before the slots are
         // touched again, whatever happened.
-        let synced = compute
-            .inner
-            .synchronize()
-            .and(res.transfer.synchronize());
+        let synced = compute.inner.synchronize().and(res.transfer.synchronize());
         let wall = t0.elapsed();
         if let Some(pb) = &progress {
             pb.finish_and_clear();
@@ -484,7 +482,8 @@ impl LayerStreamer {
             if ev.transferred.load(Ordering::Relaxed) {
                 st.h2d.busy += crate::pipeline::EventH::elapsed(&ev.h2d_start, &ev.h2d_end)?;
             }
-            st.compute.busy += crate::pipeline::EventH::elapsed(&ev.compute_start, &ev.compute_end)?;
+            st.compute.busy +=
+                crate::pipeline::EventH::elapsed(&ev.compute_start, &ev.compute_end)?;
         }
         st.compute.items = layers;
         st.compute.bytes = st.layer_bytes;

@@ -23,7 +23,10 @@ fn check_pass(s: &mut LayerStreamer, expected: &[Vec<(String, Vec<u8>)>]) {
             for (key, bytes) in want {
                 let v = w.tensor(key)?;
                 let got = w.host_bytes(&v).expect("host bytes");
-                assert!(got == &bytes[..], "layer {layer} tensor {key}: bytes differ");
+                assert!(
+                    got == &bytes[..],
+                    "layer {layer} tensor {key}: bytes differ"
+                );
             }
             Ok(next + 1)
         })
@@ -31,7 +34,13 @@ fn check_pass(s: &mut LayerStreamer, expected: &[Vec<(String, Vec<u8>)>]) {
     assert_eq!(next, expected.len());
 }
 
-fn config(n_cpu: usize, n_pinned: usize, n_gpu: usize, batch: usize, caches: bool) -> StreamerConfig {
+fn config(
+    n_cpu: usize,
+    n_pinned: usize,
+    n_gpu: usize,
+    batch: usize,
+    caches: bool,
+) -> StreamerConfig {
     StreamerConfig {
         device: Device::Host,
         dtype: None,
@@ -43,8 +52,16 @@ fn config(n_cpu: usize, n_pinned: usize, n_gpu: usize, batch: usize, caches: boo
         batch_cpu: batch,
         reader_threads: 1 + (n_cpu + n_pinned + n_gpu) % 3,
         read_chunk: 8192,
-        pinned_cache: if caches { Budget::Bytes(300_000) } else { Budget::None },
-        gpu_cache: if caches { Budget::Bytes(150_000) } else { Budget::None },
+        pinned_cache: if caches {
+            Budget::Bytes(300_000)
+        } else {
+            Budget::None
+        },
+        gpu_cache: if caches {
+            Budget::Bytes(150_000)
+        } else {
+            Budget::None
+        },
         ..StreamerConfig::default()
     }
 }
@@ -108,13 +125,22 @@ fn caches_that_hold_everything_stop_all_io_after_the_first_pass() {
         .build()
         .unwrap();
     let mem = s.memory().clone();
-    assert!(mem.gpu_cache_layers >= 1 && mem.gpu_cache_layers < 6, "{mem:?}");
+    assert!(
+        mem.gpu_cache_layers >= 1 && mem.gpu_cache_layers < 6,
+        "{mem:?}"
+    );
     assert_eq!(mem.gpu_cache_layers + mem.pinned_cache_layers, 6, "{mem:?}");
     check_pass(&mut s, &expected);
     let first = s.last_pass_stats().clone();
     let slot_bytes: u64 = model.layers().iter().map(|l| l.slot_bytes).sum();
-    assert_eq!(first.read.bytes, slot_bytes, "pass 1 reads every layer once");
-    assert_eq!(first.h2d.bytes, slot_bytes, "pass 1 transfers every layer once");
+    assert_eq!(
+        first.read.bytes, slot_bytes,
+        "pass 1 reads every layer once"
+    );
+    assert_eq!(
+        first.h2d.bytes, slot_bytes,
+        "pass 1 transfers every layer once"
+    );
     check_pass(&mut s, &expected);
     let second = s.last_pass_stats().clone();
     assert_eq!(second.read.bytes, 0, "pass 2 reads nothing");
@@ -126,7 +152,10 @@ fn caches_that_hold_everything_stop_all_io_after_the_first_pass() {
         .skip(mem.gpu_cache_layers)
         .map(|l| l.slot_bytes)
         .sum();
-    assert_eq!(second.h2d.bytes, pinned_bytes, "only pinned-cache layers move");
+    assert_eq!(
+        second.h2d.bytes, pinned_bytes,
+        "only pinned-cache layers move"
+    );
 
     // Everything on the "device": the second pass moves no bytes at all.
     let mut s = LayerStreamer::builder(&model)
@@ -170,7 +199,8 @@ fn f16_and_f32_weights_are_cast_to_bf16() {
                     _ => raw
                         .chunks_exact(4)
                         .flat_map(|c| {
-                            bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
+                            bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                .to_le_bytes()
                         })
                         .collect(),
                 };
@@ -183,7 +213,10 @@ fn f16_and_f32_weights_are_cast_to_bf16() {
         let name = &model.statics()[0].name;
         let t = s.load_static(name).unwrap();
         assert_eq!(t.dtype(), DType::BF16);
-        assert_eq!(t.bytes() as usize, model.statics()[0].shape.iter().product::<usize>() * 2);
+        assert_eq!(
+            t.bytes() as usize,
+            model.statics()[0].shape.iter().product::<usize>() * 2
+        );
     }
 }
 
@@ -192,11 +225,17 @@ fn load_static_returns_the_files_bytes() {
     let mut rng = common::rng("load_static_returns_the_files_bytes");
     let dir = tempdir();
     let model = small_model(dir.path(), &mut rng, 2, DType::BF16);
-    let s = LayerStreamer::builder(&model).device(Device::Host).build().unwrap();
+    let s = LayerStreamer::builder(&model)
+        .device(Device::Host)
+        .build()
+        .unwrap();
     for info in model.statics() {
         let t = s.load_static(&info.name).unwrap();
         assert_eq!(t.shape(), &info.shape[..]);
-        assert_eq!(t.to_host().unwrap(), common::models::read_tensor(&model, info));
+        assert_eq!(
+            t.to_host().unwrap(),
+            common::models::read_tensor(&model, info)
+        );
     }
     match s.load_static("model.no_such.weight") {
         Err(Error::UnknownTensor(n)) => assert!(n.contains("no_such")),
@@ -276,7 +315,8 @@ fn a_shard_truncated_between_passes_is_a_read_error_naming_the_file() {
     let path = model.files()[last.info.file].path.clone();
     let original = std::fs::read(&path).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    f.set_len(last.info.file_offset + last.info.len / 2).unwrap();
+    f.set_len(last.info.file_offset + last.info.len / 2)
+        .unwrap();
     let err = s.run_pass((), |(), _, _, _| Ok(())).unwrap_err();
     let name = path.file_name().unwrap().to_string_lossy().to_string();
     assert!(matches!(err, Error::Io { .. }), "{err}");
@@ -297,11 +337,30 @@ fn configurations_that_cannot_work_are_refused() {
         .err()
         .unwrap();
     assert!(matches!(err, Error::Config(_)) && err.to_string().contains("read_chunk"));
-    let err = LayerStreamer::builder(&model)
-        .device(Device::Host)
-        .pinned_cache(Budget::Bytes(1 << 50))
-        .build()
-        .err()
-        .unwrap();
-    assert!(matches!(err, Error::Limit { .. }), "{err}");
+    for (cfg, field) in [
+        (config(0, 5000, 1, 1, false), "n_cpu_pinned"),
+        (config(0, 1, 1, 2000, false), "batch_gpu"),
+        (
+            StreamerConfig {
+                reader_threads: 0,
+                ..config(0, 1, 1, 1, false)
+            },
+            "reader_threads",
+        ),
+        (
+            StreamerConfig {
+                dtype: Some(DType::I8),
+                ..config(0, 1, 1, 1, false)
+            },
+            "compute dtype",
+        ),
+    ] {
+        let err = LayerStreamer::builder(&model)
+            .config(cfg)
+            .build()
+            .err()
+            .unwrap();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(err.to_string().contains(field), "{err} should name {field}");
+    }
 }

@@ -16,7 +16,10 @@ use crate::{DType, Error, Result};
 
 /// The backend a streamer was built on.
 pub(crate) enum Backend {
-    Cuda { ctx: Context, kernels: Option<Kernels> },
+    Cuda {
+        ctx: Context,
+        kernels: Option<Kernels>,
+    },
     Host,
 }
 
@@ -210,7 +213,9 @@ impl StreamH {
                 unsafe { s.copy(dst.ptr() + dst_off as u64, src, len, guard) };
                 Ok(())
             }
-            _ => Err(Error::Pipeline("stream and buffer of different backends".into())),
+            _ => Err(Error::Pipeline(
+                "stream and buffer of different backends".into(),
+            )),
         }
     }
 
@@ -252,7 +257,9 @@ impl StreamH {
                 s.record(e);
                 Ok(())
             }
-            _ => Err(Error::Pipeline("stream and event of different backends".into())),
+            _ => Err(Error::Pipeline(
+                "stream and event of different backends".into(),
+            )),
         }
     }
 
@@ -263,7 +270,9 @@ impl StreamH {
                 s.wait_event(e);
                 Ok(())
             }
-            _ => Err(Error::Pipeline("stream and event of different backends".into())),
+            _ => Err(Error::Pipeline(
+                "stream and event of different backends".into(),
+            )),
         }
     }
 

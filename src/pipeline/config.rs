@@ -76,9 +76,11 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let num: f64 = num
-        .parse()
-        .map_err(|_| Error::Input(format!("invalid size {s:?}: expected e.g. 4GB, 512MiB or 1048576")))?;
+    let num: f64 = num.parse().map_err(|_| {
+        Error::Input(format!(
+            "invalid size {s:?}: expected e.g. 4GB, 512MiB or 1048576"
+        ))
+    })?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -178,7 +180,9 @@ impl StreamerConfig {
             ("n_cpu", self.n_cpu),
         ] {
             if v > 1024 {
-                return Err(Error::config(format!("{name} must be at most 1024, got {v}")));
+                return Err(Error::config(format!(
+                    "{name} must be at most 1024, got {v}"
+                )));
             }
         }
         for (name, v) in [
@@ -187,7 +191,9 @@ impl StreamerConfig {
             ("batch_cpu", self.batch_cpu),
         ] {
             if v > 1024 {
-                return Err(Error::config(format!("{name} must be at most 1024, got {v}")));
+                return Err(Error::config(format!(
+                    "{name} must be at most 1024, got {v}"
+                )));
             }
         }
         if let Some(d) = self.dtype {
@@ -242,6 +248,10 @@ mod tests {
             reader_threads: 0,
             ..Default::default()
         };
-        assert!(c.validate().unwrap_err().to_string().contains("reader_threads"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("reader_threads"));
     }
 }

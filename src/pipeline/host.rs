@@ -222,7 +222,12 @@ impl HostStream {
 
     /// The first violation this stream detected, as an error.
     pub(crate) fn check(&self) -> Result<()> {
-        match &*self.queue.violation.lock().unwrap_or_else(|e| e.into_inner()) {
+        match &*self
+            .queue
+            .violation
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
             Some(v) => Err(Error::Pipeline(format!("host backend: {v}"))),
             None => Ok(()),
         }
@@ -232,7 +237,13 @@ impl HostStream {
 impl Drop for HostStream {
     fn drop(&mut self) {
         if let Some(w) = self.worker.take() {
-            self.submit(Op::Exit);
+            self.queue.pending.fetch_add(1, Ordering::AcqRel);
+            self.queue
+                .ops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back(Op::Exit);
+            self.queue.ready.notify_one();
             let _ = w.join();
         }
     }
@@ -277,7 +288,9 @@ fn execute(q: &Queue, op: Op) {
                 if flag.load(Ordering::Acquire) {
                     violation(
                         q,
-                        format!("{name} was overwritten while a layer function could still read it"),
+                        format!(
+                            "{name} was overwritten while a layer function could still read it"
+                        ),
                     );
                 }
             }
@@ -318,7 +331,9 @@ fn host_cast(from: DType, to: DType, src: usize, dst: usize, n: usize) -> Result
         unsafe {
             match from {
                 DType::F16 => f16::from_bits((src as *const u16).add(i).read_unaligned()).to_f32(),
-                DType::BF16 => bf16::from_bits((src as *const u16).add(i).read_unaligned()).to_f32(),
+                DType::BF16 => {
+                    bf16::from_bits((src as *const u16).add(i).read_unaligned()).to_f32()
+                }
                 _ => (src as *const f32).add(i).read_unaligned(),
             }
         }
@@ -331,8 +346,12 @@ fn host_cast(from: DType, to: DType, src: usize, dst: usize, n: usize) -> Result
         // SAFETY: `dst` holds `n` elements of `to` (see `HostStream::cast`).
         unsafe {
             match to {
-                DType::BF16 => (dst as *mut u16).add(i).write_unaligned(bf16::from_f32(x).to_bits()),
-                DType::F16 => (dst as *mut u16).add(i).write_unaligned(f16::from_f32(x).to_bits()),
+                DType::BF16 => (dst as *mut u16)
+                    .add(i)
+                    .write_unaligned(bf16::from_f32(x).to_bits()),
+                DType::F16 => (dst as *mut u16)
+                    .add(i)
+                    .write_unaligned(f16::from_f32(x).to_bits()),
                 DType::F32 => (dst as *mut f32).add(i).write_unaligned(x),
                 _ => return Err(format!("cannot cast {from} to {to}")),
             }
@@ -352,7 +371,14 @@ mod tests {
         let mut dst = vec![0u8; 1 << 16];
         let ev = HostEvent::new();
         // SAFETY: both vectors outlive the synchronize below.
-        unsafe { s.copy(dst.as_mut_ptr() as u64, src.as_ptr(), src.len(), CopyGuard::default()) };
+        unsafe {
+            s.copy(
+                dst.as_mut_ptr() as u64,
+                src.as_ptr(),
+                src.len(),
+                CopyGuard::default(),
+            )
+        };
         s.record(&ev);
         ev.synchronize();
         assert!(ev.query());
@@ -386,10 +412,20 @@ mod tests {
         let ev = HostEvent::new();
         // SAFETY: all three buffers outlive the synchronizes below.
         unsafe {
-            a.copy(mid.as_mut_ptr() as u64, big.as_ptr(), big.len(), CopyGuard::default());
+            a.copy(
+                mid.as_mut_ptr() as u64,
+                big.as_ptr(),
+                big.len(),
+                CopyGuard::default(),
+            );
             a.record(&ev);
             b.wait_event(&ev);
-            b.copy(out.as_mut_ptr() as u64, mid.as_ptr(), mid.len(), CopyGuard::default());
+            b.copy(
+                out.as_mut_ptr() as u64,
+                mid.as_ptr(),
+                mid.len(),
+                CopyGuard::default(),
+            );
         }
         b.synchronize().unwrap();
         a.synchronize().unwrap();
@@ -403,7 +439,13 @@ mod tests {
         let mut out = vec![0u16; xs.len()];
         // SAFETY: both buffers hold 1000 elements.
         unsafe {
-            s.cast(DType::F32, DType::BF16, xs.as_ptr() as u64, out.as_mut_ptr() as u64, xs.len())
+            s.cast(
+                DType::F32,
+                DType::BF16,
+                xs.as_ptr() as u64,
+                out.as_mut_ptr() as u64,
+                xs.len(),
+            )
         };
         for (x, o) in xs.iter().zip(&out) {
             assert_eq!(*o, bf16::from_f32(*x).to_bits());

@@ -77,7 +77,11 @@ pub(crate) struct LayerPlan {
 }
 
 impl LayerPlan {
-    pub(crate) fn new(model: &ModelIndex, layer: &Layer, dtype: Option<DType>) -> Result<LayerPlan> {
+    pub(crate) fn new(
+        model: &ModelIndex,
+        layer: &Layer,
+        dtype: Option<DType>,
+    ) -> Result<LayerPlan> {
         let raw_end = layer.slot_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
         let mut conv = raw_end;
         let mut casts = Vec::new();
@@ -129,7 +133,11 @@ impl LayerPlan {
         }
         Ok(LayerPlan {
             copy_bytes: layer.slot_bytes,
-            device_bytes: if casts.is_empty() { layer.slot_bytes } else { conv },
+            device_bytes: if casts.is_empty() {
+                layer.slot_bytes
+            } else {
+                conv
+            },
             casts,
             views,
             home: Home::Stream,
@@ -171,7 +179,10 @@ impl<'a> LayerWeights<'a> {
     /// Like [`get`](Self::get), with an error naming the missing key.
     pub fn tensor(&self, key: &str) -> crate::Result<TensorView<'a>> {
         self.get(key).ok_or_else(|| {
-            Error::UnknownTensor(format!("layer {} has no tensor with key {key:?}", self.layer))
+            Error::UnknownTensor(format!(
+                "layer {} has no tensor with key {key:?}",
+                self.layer
+            ))
         })
     }
 

@@ -166,7 +166,9 @@ impl<'a> InFlight<'a> {
 
     fn drain(&mut self, ctx: &PassCtx<'_>) {
         while self.entries.front().is_some_and(|e| e.remaining == 0) {
-            let Some(e) = self.entries.pop_front() else { break };
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
             if let Src::PinnedCache(c) = e.job.src {
                 ctx.res.pinned_filled[c as usize].store(true, Ordering::Release);
             }
@@ -239,11 +241,25 @@ impl Claim<'_> {
             let layer = i as u32;
             let (src, dest) = match res.plans[i].home {
                 Home::Gpu(g) if res.gpu_filled[g].load(Ordering::Acquire) => {
-                    lock(inflight).push(ctx, Job { layer, src: Src::Resident(g as u32) }, 0);
+                    lock(inflight).push(
+                        ctx,
+                        Job {
+                            layer,
+                            src: Src::Resident(g as u32),
+                        },
+                        0,
+                    );
                     continue;
                 }
                 Home::Pinned(c) if res.pinned_filled[c].load(Ordering::Acquire) => {
-                    lock(inflight).push(ctx, Job { layer, src: Src::PinnedCache(c as u32) }, 0);
+                    lock(inflight).push(
+                        ctx,
+                        Job {
+                            layer,
+                            src: Src::PinnedCache(c as u32),
+                        },
+                        0,
+                    );
                     continue;
                 }
                 Home::Pinned(c) => (Src::PinnedCache(c as u32), res.pinned_cache_ptrs[c]),
@@ -422,7 +438,10 @@ pub(crate) fn pin_stage(
                 }
                 other => other,
             };
-            let _ = out.write(Job { layer: job.layer, src });
+            let _ = out.write(Job {
+                layer: job.layer,
+                src,
+            });
             if out.unpublished() >= batch {
                 out.publish();
             }
@@ -585,8 +604,14 @@ pub(crate) fn h2d_stage(
                 // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
                 // inside `device_bytes`, which the destination holds.
                 unsafe {
-                    res.transfer
-                        .cast(kernels, c.from, c.to, dst.ptr() + c.src, dst.ptr() + c.dst, c.n)?;
+                    res.transfer.cast(
+                        kernels,
+                        c.from,
+                        c.to,
+                        dst.ptr() + c.src,
+                        dst.ptr() + c.dst,
+                        c.n,
+                    )?;
                 }
             }
             res.transfer.record(&ev.h2d_end)?;

@@ -214,7 +214,10 @@ pub(crate) fn allocate(
     let mut cpu_slots = (0..cfg.n_cpu)
         .map(|_| AlignedBuf::new(sizes.host as usize))
         .collect::<Result<Vec<_>>>()?;
-    let cpu_ptrs = cpu_slots.iter_mut().map(|b| SlotPtr(b.as_mut_ptr())).collect();
+    let cpu_ptrs = cpu_slots
+        .iter_mut()
+        .map(|b| SlotPtr(b.as_mut_ptr()))
+        .collect();
     let pinned_slots = (0..n_pinned)
         .map(|_| backend.pinned(sizes.host as usize))
         .collect::<Result<Vec<_>>>()?;
@@ -275,10 +278,14 @@ pub(crate) fn allocate(
         pinned_ptrs,
         pinned_done,
         staging,
-        pinned_filled: (0..pinned_cache.len()).map(|_| AtomicBool::new(false)).collect(),
+        pinned_filled: (0..pinned_cache.len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
         _pinned_cache: pinned_cache,
         pinned_cache_ptrs,
-        gpu_filled: (0..gpu_cache.len()).map(|_| AtomicBool::new(false)).collect(),
+        gpu_filled: (0..gpu_cache.len())
+            .map(|_| AtomicBool::new(false))
+            .collect(),
         gpu_slots,
         gpu_cache,
         events,

@@ -82,7 +82,14 @@ pub(crate) fn load_static(
             // SAFETY: `raw` holds `n` elements of the file dtype and `mem`
             // `n` elements of `to`; both live until the synchronize below.
             unsafe {
-                stream.cast(res.backend.kernels(), info.dtype, to, raw.ptr(), mem.ptr(), n)?;
+                stream.cast(
+                    res.backend.kernels(),
+                    info.dtype,
+                    to,
+                    raw.ptr(),
+                    mem.ptr(),
+                    n,
+                )?;
             }
             stream.synchronize()?;
             (mem, to, out_bytes)

@@ -27,7 +27,11 @@ pub fn small_model(dir: &Path, rng: &mut impl Rng, layers: usize, dtype: DType) 
         vocab: 320,
     };
     let spec = SynthSpec {
-        arch: if rng.gen_bool(0.5) { Arch::Qwen2 } else { Arch::Llama },
+        arch: if rng.gen_bool(0.5) {
+            Arch::Qwen2
+        } else {
+            Arch::Llama
+        },
         shape,
         dtype,
         tie: rng.gen_bool(0.5),
