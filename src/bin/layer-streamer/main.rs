@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod inspect;
+mod opts;
 mod synth;
 
 /// Stream transformer weights from disk to the GPU, layer by layer.
@@ -17,6 +19,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the streamer against the disk and PCIe ceilings of this machine.
+    Bench(Box<bench::Args>),
     /// Describe a model directory: files, dtypes, layers, extents.
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
@@ -26,6 +30,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
     };
