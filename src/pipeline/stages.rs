@@ -280,6 +280,7 @@ impl Claim<'_> {
                 }
             };
             let n = chunks_of(&ctx.layers()[i], ctx.read_chunk);
+            stats.items += 1;
             lock(inflight).push(ctx, Job { layer, src }, n);
             self.cur = Some(Cursor {
                 layer,
@@ -333,12 +334,7 @@ pub(crate) fn reader(
         }
         stats.busy += t.elapsed();
         stats.bytes += chunk.len;
-        let mut f = lock(inflight);
-        let before = f.entries.front().map(|e| e.job.layer);
-        f.complete(ctx, chunk.layer);
-        if before != f.entries.front().map(|e| e.job.layer) {
-            stats.items += 1;
-        }
+        lock(inflight).complete(ctx, chunk.layer);
     }
     stats
 }
