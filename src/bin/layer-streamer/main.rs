@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod inspect;
 mod synth;
+mod tune;
 
 /// Stream transformer weights from disk to the GPU, layer by layer.
 #[derive(Parser)]
@@ -21,13 +22,18 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
+    /// Find the fastest streamer configuration for a workload (one child process per configuration).
+    Tune(tune::Args),
 }
 
 fn main() -> ExitCode {
+    // A `tune` child runs its configuration here and exits.
+    layer_streamer::tuner::worker_main(&layer_streamer::tuner::Workloads::builtin());
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Tune(a) => tune::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
