@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

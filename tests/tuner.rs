@@ -52,12 +52,15 @@ fn workloads() -> Workloads {
     w
 }
 
+/// One check of this test binary, given the model directory.
+type Check = fn(&Path);
+
 fn main() {
     worker_main(&workloads());
 
     let dir = fixture_dir();
     write_tiny_model(dir.path());
-    let checks: [(&str, fn(&Path)); 5] = [
+    let checks: [(&str, Check); 5] = [
         (
             "grid_finds_the_fastest_and_kills_slower_and_crashing_children",
             grid_search,

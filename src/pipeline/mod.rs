@@ -13,4 +13,4 @@ pub mod stats;
 pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
 pub use config::{parse_size, Budget, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
-pub use stats::{PassStats, Stage, StageStats};
+pub use stats::{gbps as gbps_of, PassStats, Stage, StageStats};

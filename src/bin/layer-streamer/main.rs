@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod inspect;
+mod opts;
 mod synth;
 mod tune;
 
@@ -18,12 +20,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Measure the streamer against the disk and PCIe ceilings of this machine.
+    Bench(Box<bench::Args>),
     /// Describe a model directory: files, dtypes, layers, extents.
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
     /// Find the fastest streamer configuration for a workload (one child process per configuration).
-    Tune(tune::Args),
+    Tune(Box<tune::Args>),
 }
 
 fn main() -> ExitCode {
@@ -31,9 +35,10 @@ fn main() -> ExitCode {
     layer_streamer::tuner::worker_main(&layer_streamer::tuner::Workloads::builtin());
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
-        Command::Tune(a) => tune::run(a),
+        Command::Tune(a) => tune::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use layer_streamer::io::OpenMode;
 use layer_streamer::tuner::{Grid, Param, Strategy, TuneOptions, TuneReport, Tuner, Workloads};
 use layer_streamer::{DType, Device, Error, Result, StreamerConfig};
 
@@ -46,6 +47,9 @@ pub struct Args {
     /// Compute dtype: bf16, f16, f32, or file (keep each tensor's dtype).
     #[arg(long, default_value = "bf16")]
     dtype: String,
+    /// How files are opened: auto (O_DIRECT, buffered where refused), direct, buffered.
+    #[arg(long, default_value = "auto")]
+    io: String,
     /// GPU prefetch depths to try, e.g. 1,2,4.
     #[arg(long)]
     n_gpu: Option<String>,
@@ -144,9 +148,20 @@ pub fn run(a: Args) -> Result<()> {
         "file" => None,
         d => Some(DType::parse(d).ok_or_else(|| Error::Input(format!("unknown --dtype {d:?}")))?),
     };
+    let io_mode = match a.io.as_str() {
+        "auto" => OpenMode::Auto,
+        "direct" => OpenMode::Direct,
+        "buffered" => OpenMode::Buffered,
+        s => {
+            return Err(Error::Input(format!(
+                "unknown --io {s:?}: auto, direct or buffered"
+            )))
+        }
+    };
     let base = StreamerConfig {
         device: Device::parse(&a.device)?,
         dtype,
+        io_mode,
         ..StreamerConfig::default()
     };
     let options = TuneOptions {
