@@ -149,3 +149,52 @@ impl MemoryEstimate {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_limit_names_what_does_not_fit() {
+        let est = MemoryEstimate {
+            device: 6_000_000_000,
+            pinned: 2_000_000_000,
+            unpinned: 1_000_000_000,
+        };
+        let roomy = MachineLimits {
+            mem_available: Some(100_000_000_000),
+            memlock: None,
+            free_vram: Some(80_000_000_000),
+        };
+        assert_eq!(est.exceeds(Device::Cuda(0), &roomy), None);
+        let vram = MachineLimits {
+            free_vram: Some(4_000_000_000),
+            ..roomy
+        };
+        let why = est.exceeds(Device::Cuda(0), &vram).unwrap();
+        assert_eq!(why, "needs 6.00 GB of GPU memory, 4.00 GB free");
+        assert_eq!(
+            est.exceeds(Device::Host, &vram),
+            None,
+            "no VRAM on the host"
+        );
+        let memlock = MachineLimits {
+            memlock: Some(1 << 30),
+            ..roomy
+        };
+        assert!(est
+            .exceeds(Device::Cuda(0), &memlock)
+            .unwrap()
+            .contains("RLIMIT_MEMLOCK"));
+        let ram = MachineLimits {
+            mem_available: Some(8_000_000_000),
+            ..roomy
+        };
+        assert_eq!(est.exceeds(Device::Cuda(0), &ram), None);
+        assert_eq!(est.host_ram(Device::Host), 9_000_000_000);
+        assert!(est
+            .exceeds(Device::Host, &ram)
+            .unwrap()
+            .contains("host RAM"));
+    }
+}

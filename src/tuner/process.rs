@@ -109,8 +109,11 @@ pub(crate) fn run_child(
                 }
             }
             Ok(Line::Done { .. }) => {
+                // Every run is in: what the child does while exiting does
+                // not change the measurement.
                 last_line = Instant::now();
                 done = true;
+                break None;
             }
             Ok(Line::Error { error: e }) => {
                 last_line = Instant::now();
@@ -133,11 +136,11 @@ pub(crate) fn run_child(
     let stderr_tail = err_reader.join().ok().flatten().unwrap_or_default();
     report.ending = match (killed, status) {
         (Some(k), _) => k,
+        (None, _) if done => Ending::Finished,
         (None, None) => Ending::TimedOut(timeout),
-        (None, Some(status)) => match (error, done) {
-            (Some(e), _) => Ending::Failed(e),
-            (None, true) if status.success() => Ending::Finished,
-            (None, _) => Ending::Crashed(crash_reason(status, &stderr_tail)),
+        (None, Some(status)) => match error {
+            Some(e) => Ending::Failed(e),
+            None => Ending::Crashed(crash_reason(status, &stderr_tail)),
         },
     };
     Ok(report)
