@@ -20,6 +20,7 @@ pub mod model;
 pub mod pipeline;
 pub mod ring;
 pub mod streamer;
+pub mod tuner;
 
 pub use dtype::DType;
 pub use error::{Error, Result};

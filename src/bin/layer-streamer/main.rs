@@ -8,6 +8,7 @@ mod bench;
 mod inspect;
 mod opts;
 mod synth;
+mod tune;
 
 /// Stream transformer weights from disk to the GPU, layer by layer.
 #[derive(Parser)]
@@ -25,14 +26,19 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
+    /// Find the fastest streamer configuration for a workload (one child process per configuration).
+    Tune(Box<tune::Args>),
 }
 
 fn main() -> ExitCode {
+    // A `tune` child runs its configuration here and exits.
+    layer_streamer::tuner::worker_main(&layer_streamer::tuner::Workloads::builtin());
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Tune(a) => tune::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
