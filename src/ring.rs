@@ -86,7 +86,6 @@ impl<T> Ring<T> {
     pub fn clear(&mut self) {
         let (_, mut c) = self.split();
         while c.pop().is_some() {}
-        drop(c);
     }
 
     /// Splits the ring into its two ends for the duration of a borrow.
