@@ -438,11 +438,12 @@ ls_result ls_model_static_tensor(const ls_model *model, uint32_t index, ls_tenso
 ls_result ls_streamer_new(const ls_model *model, const ls_config *config, ls_streamer **out);
 
 // Frees a streamer after the device has finished with its memory; NULL is
-// a no-op. Static tensors loaded from it stay valid.
+// a no-op. Static tensors loaded from it stay valid. A streamer that is
+// running a pass (a call from its own callback) is not freed: it would
+// free the memory the pass is using.
 //
 // # Safety
-// `streamer` must be NULL or a pointer from `ls_streamer_new` not yet
-// freed, and not running a pass.
+// `streamer` must be NULL or a pointer from `ls_streamer_new` not yet freed.
 void ls_streamer_free(ls_streamer *streamer);
 
 // Runs one pass: calls `callback(user, layer, weights, stream)` for every

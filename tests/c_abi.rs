@@ -5,8 +5,9 @@
 //! (AddressSanitizer otherwise). On a machine with a CUDA driver it runs on
 //! device 0 as well.
 //!
-//! The program, model and expected hashes are left in `target/c-tests/`, so
-//! that the statically linked binary can be run on another machine:
+//! The program, the C example (`stream`), the model and the expected hashes
+//! are left in `target/c-tests/` (about 4 MB), so that the statically linked
+//! programs can be run on another x86-64 Linux machine:
 //! `target/c-tests/abi_test target/c-tests/model target/c-tests/expected.txt --device 0`.
 
 use std::fmt::Write as _;
@@ -200,6 +201,12 @@ fn the_c_api_works_from_c() {
     {
         let line = format!("layer {l:>3}  {:>2} tensors", layer.tensors.len());
         assert_eq!(text.matches(&line).count(), 2, "{line:?} in:\n{text}");
+    }
+
+    // Without debug information the programs are about 2 MB: small enough
+    // to copy to another machine with `target/c-tests/`.
+    for exe in [&exe, &example] {
+        let _ = Command::new("strip").arg("--strip-debug").arg(exe).status();
     }
 
     if layer_streamer::cuda::is_available() {

@@ -332,19 +332,25 @@ pub unsafe extern "C" fn ls_streamer_new(
 }
 
 /// Frees a streamer after the device has finished with its memory; NULL is
-/// a no-op. Static tensors loaded from it stay valid.
+/// a no-op. Static tensors loaded from it stay valid. A streamer that is
+/// running a pass (a call from its own callback) is not freed: it would
+/// free the memory the pass is using.
 ///
 /// # Safety
-/// `streamer` must be NULL or a pointer from `ls_streamer_new` not yet
-/// freed, and not running a pass.
+/// `streamer` must be NULL or a pointer from `ls_streamer_new` not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ls_streamer_free(streamer: *mut ls_streamer) {
     guard((), || {
-        if !streamer.is_null() {
-            // SAFETY: from Box::into_raw in ls_streamer_new, freed once, not
-            // in use, by this function's contract.
-            drop(unsafe { Box::from_raw(streamer) });
-        }
+        // SAFETY: NULL or live, by this function's contract.
+        let Ok(claim) = (unsafe { claim(streamer) }) else {
+            return;
+        };
+        // The claim borrows the streamer: release it before the box goes.
+        std::mem::forget(claim);
+        // SAFETY: from Box::into_raw in ls_streamer_new, freed once by this
+        // function's contract, and not in use: the claim above succeeded, so
+        // no pass or other call holds it.
+        drop(unsafe { Box::from_raw(streamer) });
     })
 }
 

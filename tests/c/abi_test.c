@@ -168,6 +168,7 @@ static int check_layer(void *user, uint32_t layer, const ls_layer_weights *w,
     CHECK(strstr(last_error(), "busy") != NULL, "message: %s", last_error());
     CHECK(ls_streamer_run_pass(st->self, check_layer, st) == LS_INVALID_ARGUMENT,
           "re-entrant pass not rejected");
+    ls_streamer_free(st->self); /* refused: the pass is using it */
   }
   return 0;
 }
