@@ -382,6 +382,8 @@ pub unsafe extern "C" fn ls_streamer_run_pass(
         } = claim.inner();
         streamer.run_pass((), |(), w, layer, stream| {
             let views = &mut views[layer];
+            // Both follow the layer's tensors in file order.
+            debug_assert_eq!(views.len(), w.len());
             for (v, t) in views.iter_mut().zip(w.tensors()) {
                 v.ptr = t.ptr;
                 v.dtype = t.dtype as u32;
