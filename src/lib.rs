@@ -14,6 +14,7 @@ pub mod bench;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
+pub mod ffi;
 pub mod io;
 pub mod kernels;
 pub mod model;
