@@ -25,7 +25,7 @@ use crossbeam_utils::{Backoff, CachePadded};
 #[cfg(loom)]
 use loom::sync::atomic::{AtomicUsize, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 #[cfg(loom)]
 use loom::cell::UnsafeCell;
@@ -237,7 +237,6 @@ impl<T> Consumer<'_, T> {
 }
 
 /// Why a blocking ring operation gave up.
-#[cfg(not(loom))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitError {
     /// The stop flag was raised.
@@ -250,22 +249,21 @@ pub enum WaitError {
 /// Sleeping naps instead of parking keeps the ring free of any registration
 /// between the two sides; a nap is at most `max_nap`, far below the
 /// millisecond scale of a layer's transfer.
-#[cfg(not(loom))]
+// The waiter is not part of the ring's synchronisation, so it keeps std's
+// atomics under loom too.
 pub struct Waiter<'a> {
-    stop: &'a AtomicBool,
+    stop: &'a std::sync::atomic::AtomicBool,
     backoff: Backoff,
     nap: Duration,
     waited: Option<Instant>,
 }
 
 /// The longest nap of a [`Waiter`].
-#[cfg(not(loom))]
 pub const MAX_NAP: Duration = Duration::from_micros(200);
 
-#[cfg(not(loom))]
 impl<'a> Waiter<'a> {
     /// A waiter that gives up when `stop` is raised.
-    pub fn new(stop: &'a AtomicBool) -> Waiter<'a> {
+    pub fn new(stop: &'a std::sync::atomic::AtomicBool) -> Waiter<'a> {
         Waiter {
             stop,
             backoff: Backoff::new(),
@@ -276,7 +274,7 @@ impl<'a> Waiter<'a> {
 
     /// Waits a little more; `Err` once the stop flag is raised.
     pub fn wait(&mut self) -> Result<(), WaitError> {
-        if self.stop.load(Ordering::Relaxed) {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(WaitError::Stopped);
         }
         if self.waited.is_none() {
@@ -310,6 +308,7 @@ impl<'a> Waiter<'a> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicBool;
     use rand::Rng;
 
     #[test]
