@@ -308,8 +308,8 @@ impl<'a> Waiter<'a> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicBool;
     use rand::Rng;
+    use std::sync::atomic::AtomicBool;
 
     #[test]
     fn push_pop_in_order_and_full_empty() {
