@@ -244,7 +244,8 @@ pub enum WaitError {
 }
 
 /// Waits for a condition the way the pipeline's stages wait on each other:
-/// spin briefly, then yield, then sleep in short naps, checking a stop flag.
+/// spin briefly, then yield for up to [`YIELD_FOR`], then sleep in naps of up
+/// to [`MAX_NAP`], checking a stop flag.
 ///
 /// Sleeping naps instead of parking keeps the ring free of any registration
 /// between the two sides; a nap is at most `max_nap`, far below the
@@ -257,6 +258,9 @@ pub struct Waiter<'a> {
     nap: Duration,
     waited: Option<Instant>,
 }
+
+/// How long a [`Waiter`] yields before it starts to nap.
+pub const YIELD_FOR: Duration = Duration::from_micros(100);
 
 /// The longest nap of a [`Waiter`].
 pub const MAX_NAP: Duration = Duration::from_micros(200);
@@ -282,6 +286,10 @@ impl<'a> Waiter<'a> {
         }
         if !self.backoff.is_completed() {
             self.backoff.snooze();
+        } else if self.waited() < YIELD_FOR {
+            // The other side usually answers within microseconds: yielding
+            // keeps the hand-over fast without burning a core for long.
+            std::thread::yield_now();
         } else {
             std::thread::sleep(self.nap);
             self.nap = (self.nap * 2).min(MAX_NAP);

@@ -147,7 +147,7 @@ fn gpu_a_thousand_passes_keep_device_memory_flat() {
         .file_dtype()
         .n_gpu(1)
         .n_cpu_pinned(2)
-        .pinned_cache(Budget::Bytes(150_000))
+        .pinned_cache(Budget::Bytes(model.max_slot_bytes() + 4096))
         .build()
         .unwrap();
     let mut sum = 0usize;
