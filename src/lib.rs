@@ -16,6 +16,7 @@ pub mod error;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod models;
 pub mod pipeline;
 pub mod ring;
 pub mod streamer;

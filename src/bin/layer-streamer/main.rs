@@ -4,7 +4,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_generate;
+mod check_reference;
+mod demo;
+mod generate;
 mod inspect;
+mod stream_args;
 mod synth;
 
 /// Stream transformer weights from disk to the GPU, layer by layer.
@@ -21,6 +26,14 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
+    /// Generate text with a Qwen2/Llama model.
+    Generate(generate::Args),
+    /// Generate from a synthetic model and report the speed.
+    Demo(demo::Args),
+    /// Check the forward pass against Hugging Face reference logits.
+    CheckReference(check_reference::Args),
+    /// Measure prefill and decode speed.
+    BenchGenerate(bench_generate::Args),
 }
 
 fn main() -> ExitCode {
@@ -28,6 +41,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Demo(a) => demo::run(a),
+        Command::CheckReference(a) => check_reference::run(a),
+        Command::BenchGenerate(a) => bench_generate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,424 @@
+//! The forward pass on CUDA: cuBLAS GEMMs (bf16 operands, f32 accumulation)
+//! for every projection, the kernels of `kernels/model.cu` for the rest.
+//!
+//! The residual stream stays f32 on the device; RMSNorm writes the bf16 GEMM
+//! inputs; the q/k/v projections write f32, which RoPE rotates before k and v
+//! go into the bf16 KV cache; o_proj and down_proj accumulate straight into
+//! the residual stream (GEMM with beta = 1). Every buffer is allocated once in
+//! [`CudaModel::load`]; a pass queues all of its work on the compute stream
+//! and synchronizes once, to read the logits.
+
+use crate::cuda::cublas::{Cublas, GemmType};
+use crate::cuda::{DeviceBuffer, Event, Stream};
+use crate::kernels::Kernels;
+use crate::models::config::ModelConfig;
+use crate::models::gpu_kernels::{ModelKernels, MAX_ATTENTION_LEN};
+use crate::models::host::static_names;
+use crate::models::llama::{ModelOptions, PassBatch};
+use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
+
+/// Device buffers of one pass, sized for `max_tokens` tokens.
+struct Workspace {
+    x: DeviceBuffer,
+    xn: DeviceBuffer,
+    q: DeviceBuffer,
+    k: DeviceBuffer,
+    v: DeviceBuffer,
+    attn: DeviceBuffer,
+    gate: DeviceBuffer,
+    up: DeviceBuffer,
+    act: DeviceBuffer,
+    last: DeviceBuffer,
+    logits: DeviceBuffer,
+    ids: DeviceBuffer,
+    seq: DeviceBuffer,
+    pos: DeviceBuffer,
+    rows: DeviceBuffer,
+}
+
+/// Everything the CUDA forward pass keeps between passes.
+pub(crate) struct CudaModel {
+    kernels: ModelKernels,
+    ew: Kernels,
+    blas: Cublas,
+    embed: DeviceTensor,
+    norm: DeviceTensor,
+    lm_head: Option<DeviceTensor>,
+    k_cache: Vec<DeviceBuffer>,
+    v_cache: Vec<DeviceBuffer>,
+    cos: DeviceBuffer,
+    sin: DeviceBuffer,
+    ws: Workspace,
+    max_len: usize,
+    timing: (Event, Event),
+    /// (tokens, TFLOP/s) of the pass with the most tokens so far.
+    gemm_tflops: Option<(usize, f64)>,
+}
+
+fn bytes_of(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn need_bf16(t: &DeviceTensor) -> Result<()> {
+    if t.dtype() != DType::BF16 {
+        return Err(Error::config(format!(
+            "tensor {} is {} on the device; the CUDA forward pass needs the streamer's compute dtype bf16",
+            t.name(),
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+impl CudaModel {
+    pub(crate) fn load(
+        streamer: &LayerStreamer,
+        cfg: &ModelConfig,
+        opts: &ModelOptions,
+    ) -> Result<CudaModel> {
+        let ctx = streamer
+            .context()
+            .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))?;
+        if opts.max_len > MAX_ATTENTION_LEN {
+            return Err(Error::Input(format!(
+                "maximum length {} exceeds the {} positions the attention kernel supports",
+                opts.max_len, MAX_ATTENTION_LEN
+            )));
+        }
+        let (embed, norm, head) = static_names(streamer, cfg);
+        let embed = streamer.load_static(&embed)?;
+        let norm = streamer.load_static(&norm)?;
+        let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
+        need_bf16(&embed)?;
+        need_bf16(&norm)?;
+        if let Some(h) = &lm_head {
+            need_bf16(h)?;
+        }
+        let (t, b) = (opts.max_tokens, opts.max_batch);
+        let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
+        let cache_bytes = b * cfg.kv_dim() * opts.max_len * 2;
+        let (cos, sin) = cfg.rope_tables(opts.max_len);
+        let cos_d = alloc(cos.len() * 4)?;
+        cos_d.copy_from_host(0, &f32_bytes(&cos))?;
+        let sin_d = alloc(sin.len() * 4)?;
+        sin_d.copy_from_host(0, &f32_bytes(&sin))?;
+        let ws = Workspace {
+            x: alloc(t * cfg.hidden * 4)?,
+            xn: alloc(t * cfg.hidden * 2)?,
+            q: alloc(t * cfg.q_dim() * 4)?,
+            k: alloc(t * cfg.kv_dim() * 4)?,
+            v: alloc(t * cfg.kv_dim() * 4)?,
+            attn: alloc(t * cfg.q_dim() * 2)?,
+            gate: alloc(t * cfg.intermediate * 2)?,
+            up: alloc(t * cfg.intermediate * 2)?,
+            act: alloc(t * cfg.intermediate * 2)?,
+            last: alloc(b * cfg.hidden * 2)?,
+            logits: alloc(b * cfg.vocab * 4)?,
+            ids: alloc(t * 4)?,
+            seq: alloc(t * 4)?,
+            pos: alloc(t * 4)?,
+            rows: alloc(b * 4)?,
+        };
+        let mut k_cache = Vec::with_capacity(cfg.layers);
+        let mut v_cache = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            k_cache.push(alloc(cache_bytes)?);
+            v_cache.push(alloc(cache_bytes)?);
+        }
+        Ok(CudaModel {
+            kernels: ModelKernels::load(ctx)?,
+            ew: Kernels::load(ctx)?,
+            blas: Cublas::new(ctx)?,
+            embed,
+            norm,
+            lm_head,
+            k_cache,
+            v_cache,
+            cos: cos_d,
+            sin: sin_d,
+            ws,
+            max_len: opts.max_len,
+            timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
+            gemm_tflops: None,
+        })
+    }
+
+    pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
+        self.gemm_tflops.map(|(_, t)| t)
+    }
+
+    pub(crate) fn pass(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+    ) -> Result<Vec<f32>> {
+        let t = b.tokens.len();
+        let ws = &self.ws;
+        ws.ids.copy_from_host(0, &bytes_of(&b.tokens))?;
+        ws.seq.copy_from_host(0, &bytes_of(&b.seq))?;
+        ws.pos.copy_from_host(0, &bytes_of(&b.pos))?;
+        ws.rows.copy_from_host(0, &bytes_of(&b.out_rows))?;
+        {
+            let s = cuda_stream(streamer)?;
+            self.blas.set_stream(s)?;
+            // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
+            // checked against vocab; ids and x are sized for max_tokens >= t.
+            unsafe {
+                self.kernels
+                    .embed(s, self.embed.ptr(), ws.ids.ptr(), ws.x.ptr(), t, cfg.hidden)?;
+            }
+        }
+        let me = &mut *self;
+        let mut layer0_ms = None;
+        streamer.run_pass((), |(), w, layer, stream| {
+            let s = stream
+                .cuda()
+                .ok_or_else(|| Error::Pipeline("not a CUDA stream".into()))?;
+            if layer == 0 {
+                me.timing.0.record(s)?;
+            }
+            me.layer(cfg, b, w, layer, s)?;
+            if layer == 0 {
+                me.timing.1.record(s)?;
+                layer0_ms = Some(());
+            }
+            Ok(())
+        })?;
+        let n_out = b.out_rows.len();
+        let s = cuda_stream(streamer)?;
+        let ws = &self.ws;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        // SAFETY: rows index tokens of this pass; last holds max_batch rows and
+        // logits max_batch * vocab f32; the head is [vocab, hidden] bf16.
+        unsafe {
+            self.kernels.rms_norm(
+                s,
+                ws.x.ptr(),
+                self.norm.ptr(),
+                ws.rows.ptr(),
+                ws.last.ptr(),
+                n_out,
+                cfg.hidden,
+                cfg.rms_norm_eps,
+            )?;
+            self.blas.linear(
+                ws.last.ptr(),
+                head.ptr(),
+                GemmType::BF16,
+                ws.logits.ptr(),
+                GemmType::F32,
+                n_out,
+                cfg.vocab,
+                cfg.hidden,
+                0.0,
+            )?;
+        }
+        s.synchronize()?;
+        if layer0_ms.is_some() {
+            let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
+            let per_token = 2.0
+                * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
+                    + cfg.q_dim() * cfg.hidden
+                    + 3 * cfg.hidden * cfg.intermediate) as f64;
+            if !matches!(self.gemm_tflops, Some((best, _)) if best > t) {
+                self.gemm_tflops = Some((t, per_token * t as f64 / (ms.max(1e-6) * 1e-3) / 1e12));
+            }
+        }
+        let mut out = vec![0u8; n_out * cfg.vocab * 4];
+        ws.logits.copy_to_host(0, &mut out)?;
+        Ok(out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    fn layer(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        w: &LayerWeights<'_>,
+        layer: usize,
+        s: &Stream,
+    ) -> Result<()> {
+        let t = b.tokens.len();
+        let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
+        let ws = &self.ws;
+        let wt = |key: &str| -> Result<u64> {
+            let v = w.tensor(key)?;
+            if v.dtype != DType::BF16 {
+                return Err(Error::config(format!(
+                    "{} is {} on the device; build the streamer with compute dtype bf16",
+                    v.name, v.dtype
+                )));
+            }
+            Ok(v.ptr)
+        };
+        let opt = |key: &str| -> Result<u64> {
+            match w.get(key) {
+                Some(_) => wt(key),
+                None => Ok(0),
+            }
+        };
+        let blas = &mut self.blas;
+        let k = &self.kernels;
+        let bf = GemmType::BF16;
+        let f = GemmType::F32;
+        // SAFETY: every weight pointer is a bf16 tensor of its projection's
+        // shape in the layer's device slot, live during this layer function;
+        // every workspace buffer was sized for max_tokens >= t tokens; the
+        // caches hold max_batch sequences of max_len positions and every
+        // (seq, pos) of the pass is within them (checked in LlamaModel::forward).
+        unsafe {
+            k.rms_norm(
+                s,
+                ws.x.ptr(),
+                wt("input_layernorm.weight")?,
+                0,
+                ws.xn.ptr(),
+                t,
+                h,
+                cfg.rms_norm_eps,
+            )?;
+            blas.linear(
+                ws.xn.ptr(),
+                wt("self_attn.q_proj.weight")?,
+                bf,
+                ws.q.ptr(),
+                f,
+                t,
+                qd,
+                h,
+                0.0,
+            )?;
+            blas.linear(
+                ws.xn.ptr(),
+                wt("self_attn.k_proj.weight")?,
+                bf,
+                ws.k.ptr(),
+                f,
+                t,
+                kvd,
+                h,
+                0.0,
+            )?;
+            blas.linear(
+                ws.xn.ptr(),
+                wt("self_attn.v_proj.weight")?,
+                bf,
+                ws.v.ptr(),
+                f,
+                t,
+                kvd,
+                h,
+                0.0,
+            )?;
+            let biases = [
+                opt("self_attn.q_proj.bias")?,
+                opt("self_attn.k_proj.bias")?,
+                opt("self_attn.v_proj.bias")?,
+            ];
+            let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+            k.bias_rope_cache(
+                s,
+                ws.q.ptr(),
+                ws.k.ptr(),
+                ws.v.ptr(),
+                biases,
+                self.cos.ptr(),
+                self.sin.ptr(),
+                ws.seq.ptr(),
+                ws.pos.ptr(),
+                kc,
+                vc,
+                t,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.head_dim,
+                self.max_len,
+            )?;
+            k.attention(
+                s,
+                ws.q.ptr(),
+                kc,
+                vc,
+                ws.seq.ptr(),
+                ws.pos.ptr(),
+                ws.attn.ptr(),
+                t,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.head_dim,
+                self.max_len,
+            )?;
+            blas.linear(
+                ws.attn.ptr(),
+                wt("self_attn.o_proj.weight")?,
+                bf,
+                ws.x.ptr(),
+                f,
+                t,
+                h,
+                qd,
+                1.0,
+            )?;
+            k.rms_norm(
+                s,
+                ws.x.ptr(),
+                wt("post_attention_layernorm.weight")?,
+                0,
+                ws.xn.ptr(),
+                t,
+                h,
+                cfg.rms_norm_eps,
+            )?;
+            blas.linear(
+                ws.xn.ptr(),
+                wt("mlp.gate_proj.weight")?,
+                bf,
+                ws.gate.ptr(),
+                bf,
+                t,
+                inter,
+                h,
+                0.0,
+            )?;
+            blas.linear(
+                ws.xn.ptr(),
+                wt("mlp.up_proj.weight")?,
+                bf,
+                ws.up.ptr(),
+                bf,
+                t,
+                inter,
+                h,
+                0.0,
+            )?;
+            self.ew
+                .swiglu(ws.gate.ptr(), ws.up.ptr(), ws.act.ptr(), t * inter, s)?;
+            blas.linear(
+                ws.act.ptr(),
+                wt("mlp.down_proj.weight")?,
+                bf,
+                ws.x.ptr(),
+                f,
+                t,
+                h,
+                inter,
+                1.0,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+fn cuda_stream(streamer: &LayerStreamer) -> Result<&Stream> {
+    streamer
+        .compute_stream()
+        .cuda()
+        .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))
+}
