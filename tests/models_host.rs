@@ -187,7 +187,14 @@ fn generation_is_deterministic_and_batches_agree() {
     .unwrap();
     assert_eq!(seen, 18);
     for (i, p) in prompts.iter().enumerate() {
-        let alone = generate(&mut model, &mut s, &[p.clone()], &params, |_, _| Ok(())).unwrap();
+        let alone = generate(
+            &mut model,
+            &mut s,
+            std::slice::from_ref(p),
+            &params,
+            |_, _| Ok(()),
+        )
+        .unwrap();
         assert_eq!(alone.tokens[0], batch.tokens[i], "sequence {i}");
     }
     // A stop id ends the sequence before it is emitted.

@@ -132,8 +132,24 @@ impl ModelConfig {
                 "config.json: head_dim {head_dim} must be even and at most 512"
             ));
         }
-        let rope_scaling = match v.get("rope_scaling") {
-            None | Some(Value::Null) => None,
+        // transformers 5 writes `rope_parameters` {rope_type, rope_theta, ...}
+        // where older versions wrote `rope_theta` and `rope_scaling`.
+        let rope_params = v.get("rope_parameters").filter(|p| p.is_object());
+        let rope_theta = v
+            .get("rope_theta")
+            .and_then(Value::as_f64)
+            .or_else(|| {
+                rope_params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+            })
+            .unwrap_or(10000.0);
+        let scaling = match v.get("rope_scaling") {
+            None | Some(Value::Null) => rope_params,
+            Some(s) => Some(s),
+        };
+        let rope_scaling = match scaling {
+            None => None,
             Some(s) => {
                 let kind = s
                     .get("rope_type")
@@ -141,7 +157,7 @@ impl ModelConfig {
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 match kind {
-                    "default" => None,
+                    "" | "default" => None,
                     "llama3" => {
                         let f = |k: &str| {
                             s.get(k)
@@ -172,10 +188,7 @@ impl ModelConfig {
             kv_heads,
             head_dim,
             vocab: get("vocab_size")?,
-            rope_theta: v
-                .get("rope_theta")
-                .and_then(Value::as_f64)
-                .unwrap_or(10000.0),
+            rope_theta,
             rope_scaling,
             rms_norm_eps: v
                 .get("rms_norm_eps")
@@ -311,6 +324,12 @@ mod tests {
         v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
         let c = ModelConfig::from_json(&v).unwrap();
+        // The transformers 5 spelling of the same configuration.
+        let mut v5 = base();
+        v5.as_object_mut().unwrap().remove("rope_theta");
+        v5["rope_parameters"] = json!({"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        assert_eq!(ModelConfig::from_json(&v5).unwrap(), c);
         let plain = ModelConfig::from_json(&base()).unwrap().inv_freq();
         let scaled = c.inv_freq();
         assert_eq!(scaled[0], plain[0]);
