@@ -1,11 +1,25 @@
 // The kernels of the Qwen2/Llama forward pass (src/models/gpu.rs): embedding
 // gather, RMSNorm, bias + RoPE + KV-cache write, causal attention against the
-// KV cache. The residual stream and attention math are f32; GEMM inputs and the
-// KV cache are bf16. Every pointer parameter is a device address, every count
-// a 64-bit integer, so the launchers can pass a uniform list of u64 values.
+// KV cache, SwiGLU. The residual stream and attention math are f32; the KV
+// cache is bf16. GEMM inputs are written as two bf16 matrices, hi = bf16(x) and
+// lo = bf16(x - hi), whose products with a weight add up to x's with about 16
+// bits of mantissa instead of 8: bf16 rounding of activations is what moves
+// logits (and their argmax) away from an f32 reference, and the second GEMM
+// costs little next to the transfer of the weights.
+//
+// Every pointer parameter is a device address and every count a 64-bit
+// integer; the only other parameters are f32 scalars (eps, scale).
 #include "common.cuh"
 
-// Block-wide sum of one value per thread (blockDim.x a multiple of 32, <= 1024).
+// Writes x as the pair (hi, lo) described above.
+__device__ __forceinline__ void store_split(float x, uint16_t* hi, uint16_t* lo, u64 i) {
+    const uint16_t h = f32_to_bf16_bits(x);
+    hi[i] = h;
+    lo[i] = f32_to_bf16_bits(x - bf16_bits_to_f32(h));
+}
+
+// Block-wide sum of one value per thread (blockDim.x a multiple of 32, <= 1024);
+// every thread gets the total.
 __device__ float block_sum(float v, float* shared32) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -18,6 +32,7 @@ __device__ float block_sum(float v, float* shared32) {
     return t;
 }
 
+// Block-wide maximum, like block_sum.
 __device__ float block_max(float v, float* shared32) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -25,7 +40,7 @@ __device__ float block_max(float v, float* shared32) {
     if (lane == 0) shared32[warp] = v;
     __syncthreads();
     const int nw = blockDim.x / 32;
-    float t = lane < nw ? shared32[lane] : -INFINITY;
+    float t = lane < nw ? shared32[lane] : __int_as_float(0xff800000u);
     for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
     return t;
 }
@@ -42,13 +57,13 @@ extern "C" __global__ void embed_gather_bf16(const uint16_t* __restrict__ embed,
     }
 }
 
-// out[r, :] = bf16(x[rows[r], :] / sqrt(mean(x^2) + eps) * w) for r < n_rows;
-// one block per row. rows == 0 means the identity.
-extern "C" __global__ void rms_norm_f32_bf16(const float* __restrict__ x,
-                                             const uint16_t* __restrict__ w,
-                                             const uint32_t* __restrict__ rows,
-                                             uint16_t* __restrict__ out, u64 n_rows,
-                                             u64 hidden, float eps) {
+// (hi, lo)[r, :] = split(x[rows[r], :] / sqrt(mean(x^2) + eps) * w) for
+// r < n_rows; one block per row. rows == 0 means the identity.
+extern "C" __global__ void rms_norm_split(const float* __restrict__ x,
+                                          const uint16_t* __restrict__ w,
+                                          const uint32_t* __restrict__ rows,
+                                          uint16_t* __restrict__ hi, uint16_t* __restrict__ lo,
+                                          u64 n_rows, u64 hidden, float eps) {
     __shared__ float red[32];
     for (u64 r = blockIdx.x; r < n_rows; r += gridDim.x) {
         const u64 src = rows ? (u64)rows[r] : r;
@@ -58,8 +73,19 @@ extern "C" __global__ void rms_norm_f32_bf16(const float* __restrict__ x,
         const float total = block_sum(ss, red);
         const float inv = rsqrtf(total / (float)hidden + eps);
         for (u64 i = threadIdx.x; i < hidden; i += blockDim.x) {
-            out[r * hidden + i] = f32_to_bf16_bits(bf16_bits_to_f32(w[i]) * (xr[i] * inv));
+            store_split(bf16_bits_to_f32(w[i]) * (xr[i] * inv), hi, lo, r * hidden + i);
         }
+    }
+}
+
+// (hi, lo)[i] = split(silu(gate[i]) * up[i]) for n f32 elements.
+extern "C" __global__ void swiglu_split(const float* __restrict__ gate,
+                                        const float* __restrict__ up, uint16_t* __restrict__ hi,
+                                        uint16_t* __restrict__ lo, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        const float g = gate[i];
+        // expf, not __expf: the fast intrinsic loses accuracy for large |x|.
+        store_split(g / (1.0f + expf(-g)) * up[i], hi, lo, i);
     }
 }
 
@@ -121,14 +147,16 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
 
 // Causal attention of one (token, head) per block over keys 0..=pos[token] of
 // its sequence's cache: scores in shared memory (dynamic, max_len floats),
-// f32 softmax, output bf16 [tokens, heads * head_dim]. blockDim.x >= 32, a
+// f32 softmax, output split into (hi, lo) bf16 [tokens, heads * head_dim].
+// blockDim.x >= 32, a
 // multiple of 32; head_dim <= 512.
 extern "C" __global__ void attention_causal(const float* __restrict__ q,
                                             const uint16_t* __restrict__ k_cache,
                                             const uint16_t* __restrict__ v_cache,
                                             const uint32_t* __restrict__ seq,
                                             const uint32_t* __restrict__ pos,
-                                            uint16_t* __restrict__ out, u64 tokens, u64 heads,
+                                            uint16_t* __restrict__ out_hi,
+                                            uint16_t* __restrict__ out_lo, u64 tokens, u64 heads,
                                             u64 kv_heads, u64 head_dim, u64 max_len,
                                             float scale) {
     extern __shared__ float scores[];
@@ -155,7 +183,7 @@ extern "C" __global__ void attention_causal(const float* __restrict__ q,
         if (lane == 0) scores[j] = d;
     }
     __syncthreads();
-    float m = -INFINITY;
+    float m = __int_as_float(0xff800000u);
     for (u64 j = threadIdx.x; j < len; j += blockDim.x) m = fmaxf(m, scores[j]);
     m = block_max(m, red);
     float sum = 0.0f;
@@ -170,6 +198,6 @@ extern "C" __global__ void attention_causal(const float* __restrict__ q,
     for (u64 i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float acc = 0.0f;
         for (u64 j = 0; j < len; ++j) acc += scores[j] * bf16_bits_to_f32(vb[j * head_dim + i]);
-        out[t * heads * head_dim + h * head_dim + i] = f32_to_bf16_bits(acc * inv);
+        store_split(acc * inv, out_hi, out_lo, t * heads * head_dim + h * head_dim + i);
     }
 }

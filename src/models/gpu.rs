@@ -1,34 +1,82 @@
 //! The forward pass on CUDA: cuBLAS GEMMs (bf16 operands, f32 accumulation)
 //! for every projection, the kernels of `kernels/model.cu` for the rest.
 //!
-//! The residual stream stays f32 on the device; RMSNorm writes the bf16 GEMM
-//! inputs; the q/k/v projections write f32, which RoPE rotates before k and v
-//! go into the bf16 KV cache; o_proj and down_proj accumulate straight into
-//! the residual stream (GEMM with beta = 1). Every buffer is allocated once in
+//! The residual stream stays f32 on the device. GEMM inputs (RMSNorm,
+//! attention and SwiGLU outputs) are written as two bf16 matrices `hi + lo`
+//! and multiplied with two GEMMs, which keeps about 16 mantissa bits of each
+//! activation: plain bf16 activations move the logits of small random models
+//! enough to flip argmaxes against an f32 reference, and the second GEMM is
+//! cheap next to the weights' transfer. The q/k/v projections write f32,
+//! which RoPE rotates before k and v go into the bf16 KV cache; o_proj and
+//! down_proj accumulate straight into the residual stream (beta = 1). Every buffer is allocated once in
 //! [`CudaModel::load`]; a pass queues all of its work on the compute stream
 //! and synchronizes once, to read the logits.
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
-use crate::kernels::Kernels;
 use crate::models::config::ModelConfig;
-use crate::models::gpu_kernels::{ModelKernels, MAX_ATTENTION_LEN};
+use crate::models::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
 use crate::models::host::static_names;
 use crate::models::llama::{ModelOptions, PassBatch};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
+/// A split GEMM input (see `kernels/model.cu`): two bf16 buffers.
+struct SplitBuf {
+    hi: DeviceBuffer,
+    lo: DeviceBuffer,
+}
+
+impl SplitBuf {
+    fn new(ctx: &crate::cuda::Context, elems: usize) -> Result<SplitBuf> {
+        Ok(SplitBuf {
+            hi: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
+            lo: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
+        })
+    }
+
+    fn split(&self) -> Split {
+        Split {
+            hi: self.hi.ptr(),
+            lo: self.lo.ptr(),
+        }
+    }
+}
+
+/// `Y (+)= (hi + lo) · Wᵀ` as two GEMMs, the second accumulating.
+///
+/// # Safety
+/// As for [`Cublas::linear`], for both halves of `x`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn linear_split(
+    blas: &mut Cublas,
+    x: Split,
+    w: u64,
+    y: u64,
+    yt: GemmType,
+    rows: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        blas.linear(x.hi, w, GemmType::BF16, y, yt, rows, n, k, beta)?;
+        blas.linear(x.lo, w, GemmType::BF16, y, yt, rows, n, k, 1.0)
+    }
+}
+
 /// Device buffers of one pass, sized for `max_tokens` tokens.
 struct Workspace {
     x: DeviceBuffer,
-    xn: DeviceBuffer,
+    xn: SplitBuf,
     q: DeviceBuffer,
     k: DeviceBuffer,
     v: DeviceBuffer,
-    attn: DeviceBuffer,
+    attn: SplitBuf,
     gate: DeviceBuffer,
     up: DeviceBuffer,
-    act: DeviceBuffer,
-    last: DeviceBuffer,
+    act: SplitBuf,
+    last: SplitBuf,
     logits: DeviceBuffer,
     ids: DeviceBuffer,
     seq: DeviceBuffer,
@@ -39,7 +87,6 @@ struct Workspace {
 /// Everything the CUDA forward pass keeps between passes.
 pub(crate) struct CudaModel {
     kernels: ModelKernels,
-    ew: Kernels,
     blas: Cublas,
     embed: DeviceTensor,
     norm: DeviceTensor,
@@ -108,15 +155,15 @@ impl CudaModel {
         sin_d.copy_from_host(0, &f32_bytes(&sin))?;
         let ws = Workspace {
             x: alloc(t * cfg.hidden * 4)?,
-            xn: alloc(t * cfg.hidden * 2)?,
+            xn: SplitBuf::new(ctx, t * cfg.hidden)?,
             q: alloc(t * cfg.q_dim() * 4)?,
             k: alloc(t * cfg.kv_dim() * 4)?,
             v: alloc(t * cfg.kv_dim() * 4)?,
-            attn: alloc(t * cfg.q_dim() * 2)?,
-            gate: alloc(t * cfg.intermediate * 2)?,
-            up: alloc(t * cfg.intermediate * 2)?,
-            act: alloc(t * cfg.intermediate * 2)?,
-            last: alloc(b * cfg.hidden * 2)?,
+            attn: SplitBuf::new(ctx, t * cfg.q_dim())?,
+            gate: alloc(t * cfg.intermediate * 4)?,
+            up: alloc(t * cfg.intermediate * 4)?,
+            act: SplitBuf::new(ctx, t * cfg.intermediate)?,
+            last: SplitBuf::new(ctx, b * cfg.hidden)?,
             logits: alloc(b * cfg.vocab * 4)?,
             ids: alloc(t * 4)?,
             seq: alloc(t * 4)?,
@@ -131,7 +178,6 @@ impl CudaModel {
         }
         Ok(CudaModel {
             kernels: ModelKernels::load(ctx)?,
-            ew: Kernels::load(ctx)?,
             blas: Cublas::new(ctx)?,
             embed,
             norm,
@@ -201,15 +247,15 @@ impl CudaModel {
                 ws.x.ptr(),
                 self.norm.ptr(),
                 ws.rows.ptr(),
-                ws.last.ptr(),
+                ws.last.split(),
                 n_out,
                 cfg.hidden,
                 cfg.rms_norm_eps,
             )?;
-            self.blas.linear(
-                ws.last.ptr(),
+            linear_split(
+                &mut self.blas,
+                ws.last.split(),
                 head.ptr(),
-                GemmType::BF16,
                 ws.logits.ptr(),
                 GemmType::F32,
                 n_out,
@@ -266,8 +312,14 @@ impl CudaModel {
         };
         let blas = &mut self.blas;
         let k = &self.kernels;
-        let bf = GemmType::BF16;
-        let f = GemmType::F32;
+        let (f, eps) = (GemmType::F32, cfg.rms_norm_eps);
+        let (xn, attn, act) = (ws.xn.split(), ws.attn.split(), ws.act.split());
+        let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+        let biases = [
+            opt("self_attn.q_proj.bias")?,
+            opt("self_attn.k_proj.bias")?,
+            opt("self_attn.v_proj.bias")?,
+        ];
         // SAFETY: every weight pointer is a bf16 tensor of its projection's
         // shape in the layer's device slot, live during this layer function;
         // every workspace buffer was sized for max_tokens >= t tokens; the
@@ -279,50 +331,17 @@ impl CudaModel {
                 ws.x.ptr(),
                 wt("input_layernorm.weight")?,
                 0,
-                ws.xn.ptr(),
+                xn,
                 t,
                 h,
-                cfg.rms_norm_eps,
+                eps,
             )?;
-            blas.linear(
-                ws.xn.ptr(),
-                wt("self_attn.q_proj.weight")?,
-                bf,
-                ws.q.ptr(),
-                f,
-                t,
-                qd,
-                h,
-                0.0,
-            )?;
-            blas.linear(
-                ws.xn.ptr(),
-                wt("self_attn.k_proj.weight")?,
-                bf,
-                ws.k.ptr(),
-                f,
-                t,
-                kvd,
-                h,
-                0.0,
-            )?;
-            blas.linear(
-                ws.xn.ptr(),
-                wt("self_attn.v_proj.weight")?,
-                bf,
-                ws.v.ptr(),
-                f,
-                t,
-                kvd,
-                h,
-                0.0,
-            )?;
-            let biases = [
-                opt("self_attn.q_proj.bias")?,
-                opt("self_attn.k_proj.bias")?,
-                opt("self_attn.v_proj.bias")?,
-            ];
-            let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+            let q_w = wt("self_attn.q_proj.weight")?;
+            linear_split(blas, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
+            let k_w = wt("self_attn.k_proj.weight")?;
+            linear_split(blas, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
+            let v_w = wt("self_attn.v_proj.weight")?;
+            linear_split(blas, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
             k.bias_rope_cache(
                 s,
                 ws.q.ptr(),
@@ -348,69 +367,25 @@ impl CudaModel {
                 vc,
                 ws.seq.ptr(),
                 ws.pos.ptr(),
-                ws.attn.ptr(),
+                attn,
                 t,
                 cfg.heads,
                 cfg.kv_heads,
                 cfg.head_dim,
                 self.max_len,
             )?;
-            blas.linear(
-                ws.attn.ptr(),
-                wt("self_attn.o_proj.weight")?,
-                bf,
-                ws.x.ptr(),
-                f,
-                t,
-                h,
-                qd,
-                1.0,
-            )?;
-            k.rms_norm(
-                s,
-                ws.x.ptr(),
-                wt("post_attention_layernorm.weight")?,
-                0,
-                ws.xn.ptr(),
-                t,
-                h,
-                cfg.rms_norm_eps,
-            )?;
-            blas.linear(
-                ws.xn.ptr(),
-                wt("mlp.gate_proj.weight")?,
-                bf,
-                ws.gate.ptr(),
-                bf,
-                t,
-                inter,
-                h,
-                0.0,
-            )?;
-            blas.linear(
-                ws.xn.ptr(),
-                wt("mlp.up_proj.weight")?,
-                bf,
-                ws.up.ptr(),
-                bf,
-                t,
-                inter,
-                h,
-                0.0,
-            )?;
-            self.ew
-                .swiglu(ws.gate.ptr(), ws.up.ptr(), ws.act.ptr(), t * inter, s)?;
-            blas.linear(
-                ws.act.ptr(),
-                wt("mlp.down_proj.weight")?,
-                bf,
-                ws.x.ptr(),
-                f,
-                t,
-                h,
-                inter,
-                1.0,
-            )?;
+            // o_proj and down_proj accumulate into the residual stream (beta = 1).
+            let o_w = wt("self_attn.o_proj.weight")?;
+            linear_split(blas, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
+            let post = wt("post_attention_layernorm.weight")?;
+            k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, eps)?;
+            let g_w = wt("mlp.gate_proj.weight")?;
+            linear_split(blas, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
+            let u_w = wt("mlp.up_proj.weight")?;
+            linear_split(blas, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
+            k.swiglu(s, ws.gate.ptr(), ws.up.ptr(), act, t * inter)?;
+            let d_w = wt("mlp.down_proj.weight")?;
+            linear_split(blas, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
         }
         Ok(())
     }

@@ -16,11 +16,19 @@ enum Arg {
     F(f32),
 }
 
+/// A GEMM input stored as two bf16 matrices of the same shape, `hi + lo`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Split {
+    pub(crate) hi: u64,
+    pub(crate) lo: u64,
+}
+
 /// The model module loaded into a context.
 pub(crate) struct ModelKernels {
     _module: Module,
     embed: Function,
     rms_norm: Function,
+    swiglu: Function,
     bias_rope: Function,
     attention: Function,
 }
@@ -74,7 +82,8 @@ impl ModelKernels {
         let module = Module::load_ptx(ctx, ptx)?;
         Ok(ModelKernels {
             embed: module.function("embed_gather_bf16")?,
-            rms_norm: module.function("rms_norm_f32_bf16")?,
+            rms_norm: module.function("rms_norm_split")?,
+            swiglu: module.function("swiglu_split")?,
             bias_rope: module.function("bias_rope_cache")?,
             attention: module.function("attention_causal")?,
             _module: module,
@@ -111,12 +120,12 @@ impl ModelKernels {
         )
     }
 
-    /// RMSNorm of rows `rows[r]` (or `r` when `rows == 0`) of f32 `x` into
-    /// bf16 `out[r]`, for `n_rows` rows of `hidden`.
+    /// RMSNorm of rows `rows[r]` (or `r` when `rows == 0`) of f32 `x`, split
+    /// into bf16 `hi[r]` + `lo[r]` (see model.cu), for `n_rows` rows of `hidden`.
     ///
     /// # Safety
     /// `x` covers every selected row, `w` `hidden` bf16s, `rows` `n_rows`
-    /// u32s (or 0), `out` `n_rows * hidden` bf16s.
+    /// u32s (or 0), `hi` and `lo` `n_rows * hidden` bf16s each.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn rms_norm(
         &self,
@@ -124,7 +133,7 @@ impl ModelKernels {
         x: u64,
         w: u64,
         rows: u64,
-        out: u64,
+        out: Split,
         n_rows: usize,
         hidden: usize,
         eps: f32,
@@ -139,10 +148,40 @@ impl ModelKernels {
                 Arg::U(x),
                 Arg::U(w),
                 Arg::U(rows),
-                Arg::U(out),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
                 Arg::U(n_rows as u64),
                 Arg::U(hidden as u64),
                 Arg::F(eps),
+            ],
+        )
+    }
+
+    /// `split(silu(gate) * up)` for `n` f32 elements.
+    ///
+    /// # Safety
+    /// `gate` and `up` hold `n` f32s, `out`'s halves `n` bf16s each.
+    pub(crate) unsafe fn swiglu(
+        &self,
+        s: &Stream,
+        gate: u64,
+        up: u64,
+        out: Split,
+        n: usize,
+    ) -> Result<()> {
+        let blocks = n.div_ceil(ROW_BLOCK as usize).clamp(1, 132 * 16);
+        launch(
+            &self.swiglu,
+            (blocks as u32, 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(gate),
+                Arg::U(up),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
+                Arg::U(n as u64),
             ],
         )
     }
@@ -203,7 +242,7 @@ impl ModelKernels {
     }
 
     /// Causal attention of every (token, head) against the KV cache, into
-    /// bf16 `out [tokens, heads * head_dim]`.
+    /// the split bf16 `out [tokens, heads * head_dim]`.
     ///
     /// # Safety
     /// As for [`bias_rope_cache`](Self::bias_rope_cache), with the caches
@@ -217,7 +256,7 @@ impl ModelKernels {
         v_cache: u64,
         seq: u64,
         pos: u64,
-        out: u64,
+        out: Split,
         tokens: usize,
         heads: usize,
         kv_heads: usize,
@@ -242,7 +281,8 @@ impl ModelKernels {
                 Arg::U(v_cache),
                 Arg::U(seq),
                 Arg::U(pos),
-                Arg::U(out),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
                 Arg::U(tokens as u64),
                 Arg::U(heads as u64),
                 Arg::U(kv_heads as u64),
