@@ -220,7 +220,7 @@ impl CudaModel {
             }
         }
         let me = &mut *self;
-        let mut layer0_ms = None;
+        let mut timed = None;
         streamer.run_pass((), |(), w, layer, stream| {
             let s = stream
                 .cuda()
@@ -231,7 +231,7 @@ impl CudaModel {
             me.layer(cfg, b, w, layer, s)?;
             if layer == 0 {
                 me.timing.1.record(s)?;
-                layer0_ms = Some(());
+                timed = Some(());
             }
             Ok(())
         })?;
@@ -265,7 +265,7 @@ impl CudaModel {
             )?;
         }
         s.synchronize()?;
-        if layer0_ms.is_some() {
+        if timed.is_some() {
             let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
             let per_token = 2.0
                 * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
