@@ -61,7 +61,9 @@ pub fn run(a: Args) -> Result<()> {
         ..params.clone()
     };
     generate(&mut model, &mut streamer, &[warm], &short, |_, _| Ok(()))?;
-    println!("batch  prompt  prefill_s  prefill_tok/s  decode_tok/s  decode_GB/s  TFLOP/s");
+    println!(
+        "batch  prompt  prefill_s  prefill_tok/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  TFLOP/s"
+    );
     for &b in &batches {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|s| {
@@ -71,13 +73,20 @@ pub fn run(a: Args) -> Result<()> {
             })
             .collect();
         let g = generate(&mut model, &mut streamer, &prompts, &params, |_, _| Ok(()))?;
+        // What the transfer alone allows: a pass's bytes at the host-to-device
+        // rate the last pass measured.
+        let st = streamer.last_pass_stats();
+        let h2d_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
+        let bound_s = g.pass_bytes as f64 / h2d_rate.max(1.0);
         println!(
-            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>12.2}  {:>11.2}  {}",
+            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
             a.prompt_len,
             g.prefill.as_secs_f64(),
             g.prompt_tokens as f64 / g.prefill.as_secs_f64().max(1e-9),
             g.decode_tokens_per_s(),
             g.decode_gb_per_s(),
+            bound_s,
+            b as f64 / bound_s.max(1e-9),
             model
                 .last_gemm_tflops()
                 .map_or("-".to_string(), |t| format!("{t:.1}"))
