@@ -148,8 +148,7 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
 // Causal attention of one (token, head) per block over keys 0..=pos[token] of
 // its sequence's cache: scores in shared memory (dynamic, max_len floats),
 // f32 softmax, output split into (hi, lo) bf16 [tokens, heads * head_dim].
-// blockDim.x >= 32, a
-// multiple of 32; head_dim <= 512.
+// blockDim.x is a multiple of 32; head_dim <= 512.
 extern "C" __global__ void attention_causal(const float* __restrict__ q,
                                             const uint16_t* __restrict__ k_cache,
                                             const uint16_t* __restrict__ v_cache,
