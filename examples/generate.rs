@@ -45,7 +45,7 @@ fn main() -> Result<()> {
     let builder = LayerStreamer::builder(&index).device(device);
     let builder = match device {
         Device::Host => builder.file_dtype(),
-        Device::Cuda(_) => builder.dtype(DType::BF16),
+        Device::Cuda(_) => builder.dtype(LlamaModel::cuda_dtype(&index)),
     };
     let mut streamer = builder.build()?;
 

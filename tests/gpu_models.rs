@@ -22,7 +22,7 @@ fn logits(
     let b = if device == Device::Host {
         b.file_dtype()
     } else {
-        b.dtype(DType::BF16)
+        b.dtype(LlamaModel::cuda_dtype(&index))
     };
     let mut s = b.build().unwrap();
     let opts = ModelOptions {

@@ -253,6 +253,8 @@ fn load() -> std::result::Result<Lib, String> {
 pub enum GemmType {
     /// bfloat16.
     BF16,
+    /// IEEE half.
+    F16,
     /// float32.
     F32,
 }
@@ -261,6 +263,7 @@ impl GemmType {
     fn cuda(self) -> u32 {
         match self {
             GemmType::BF16 => cb::cudaDataType_t::CUDA_R_16BF as u32,
+            GemmType::F16 => cb::cudaDataType_t::CUDA_R_16F as u32,
             GemmType::F32 => cb::cudaDataType_t::CUDA_R_32F as u32,
         }
     }

@@ -1,13 +1,14 @@
-//! The forward pass on CUDA: cuBLAS GEMMs (bf16 operands, f32 accumulation)
+//! The forward pass on CUDA: cuBLAS GEMMs (bf16 or f16 operands, as the
+//! weights are; f32 accumulation)
 //! for every projection, the kernels of `kernels/model.cu` for the rest.
 //!
 //! The residual stream stays f32 on the device. GEMM inputs (RMSNorm,
-//! attention and SwiGLU outputs) are written as two bf16 matrices `hi + lo`
+//! attention and SwiGLU outputs) are written as two 16-bit matrices `hi + lo`
 //! and multiplied with two GEMMs, which keeps about 16 mantissa bits of each
 //! activation: plain bf16 activations move the logits of small random models
 //! enough to flip argmaxes against an f32 reference, and the second GEMM is
 //! cheap next to the weights' transfer. The q/k/v projections write f32,
-//! which RoPE rotates before k and v go into the bf16 KV cache; o_proj and
+//! which RoPE rotates before k and v go into the 16-bit KV cache; o_proj and
 //! down_proj accumulate straight into the residual stream (beta = 1). Every buffer is allocated once in
 //! [`CudaModel::load`]; a pass queues all of its work on the compute stream
 //! and synchronizes once, to read the logits.
@@ -20,7 +21,7 @@ use crate::models::host::static_names;
 use crate::models::llama::{ModelOptions, PassBatch};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
-/// A split GEMM input (see `kernels/model.cu`): two bf16 buffers.
+/// A split GEMM input (see `kernels/model.cu`): two 16-bit buffers.
 struct SplitBuf {
     hi: DeviceBuffer,
     lo: DeviceBuffer,
@@ -42,13 +43,15 @@ impl SplitBuf {
     }
 }
 
-/// `Y (+)= (hi + lo) · Wᵀ` as two GEMMs, the second accumulating.
+/// `Y (+)= (hi + lo) · Wᵀ` as two GEMMs, the second accumulating; `x`'s
+/// halves and `w` are of type `xw`.
 ///
 /// # Safety
 /// As for [`Cublas::linear`], for both halves of `x`.
 #[allow(clippy::too_many_arguments)]
 unsafe fn linear_split(
     blas: &mut Cublas,
+    xw: GemmType,
     x: Split,
     w: u64,
     y: u64,
@@ -60,8 +63,8 @@ unsafe fn linear_split(
 ) -> Result<()> {
     // SAFETY: forwarded from the caller.
     unsafe {
-        blas.linear(x.hi, w, GemmType::BF16, y, yt, rows, n, k, beta)?;
-        blas.linear(x.lo, w, GemmType::BF16, y, yt, rows, n, k, 1.0)
+        blas.linear(x.hi, w, xw, y, yt, rows, n, k, beta)?;
+        blas.linear(x.lo, w, xw, y, yt, rows, n, k, 1.0)
     }
 }
 
@@ -87,6 +90,8 @@ struct Workspace {
 /// Everything the CUDA forward pass keeps between passes.
 pub(crate) struct CudaModel {
     kernels: ModelKernels,
+    /// The weights' dtype (bf16 or f16), shared by GEMM inputs and the KV cache.
+    dtype: DType,
     blas: Cublas,
     embed: DeviceTensor,
     norm: DeviceTensor,
@@ -110,10 +115,12 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-fn need_bf16(t: &DeviceTensor) -> Result<()> {
-    if t.dtype() != DType::BF16 {
+fn need_dtype(t: &DeviceTensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
         return Err(Error::config(format!(
-            "tensor {} is {} on the device; the CUDA forward pass needs the streamer's compute dtype bf16",
+            "tensor {} is {} on the device but the embedding is {dtype}; the CUDA forward pass \
+             needs every weight in one 16-bit dtype (build the streamer with \
+             LlamaModel::cuda_dtype)",
             t.name(),
             t.dtype()
         )));
@@ -140,10 +147,10 @@ impl CudaModel {
         let embed = streamer.load_static(&embed)?;
         let norm = streamer.load_static(&norm)?;
         let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
-        need_bf16(&embed)?;
-        need_bf16(&norm)?;
+        let dtype = embed.dtype();
+        need_dtype(&norm, dtype)?;
         if let Some(h) = &lm_head {
-            need_bf16(h)?;
+            need_dtype(h, dtype)?;
         }
         let (t, b) = (opts.max_tokens, opts.max_batch);
         let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
@@ -177,7 +184,8 @@ impl CudaModel {
             v_cache.push(alloc(cache_bytes)?);
         }
         Ok(CudaModel {
-            kernels: ModelKernels::load(ctx)?,
+            kernels: ModelKernels::load(ctx, dtype)?,
+            dtype,
             blas: Cublas::new(ctx)?,
             embed,
             norm,
@@ -191,6 +199,14 @@ impl CudaModel {
             timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
             gemm_tflops: None,
         })
+    }
+
+    fn gemm_type(&self) -> GemmType {
+        if self.dtype == DType::F16 {
+            GemmType::F16
+        } else {
+            GemmType::BF16
+        }
     }
 
     pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
@@ -252,8 +268,10 @@ impl CudaModel {
                 cfg.hidden,
                 cfg.rms_norm_eps,
             )?;
+            let hw = self.gemm_type();
             linear_split(
                 &mut self.blas,
+                hw,
                 ws.last.split(),
                 head.ptr(),
                 ws.logits.ptr(),
@@ -294,11 +312,14 @@ impl CudaModel {
         let t = b.tokens.len();
         let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         let ws = &self.ws;
+        let dtype = self.dtype;
+        let hw = self.gemm_type();
         let wt = |key: &str| -> Result<u64> {
             let v = w.tensor(key)?;
-            if v.dtype != DType::BF16 {
+            if v.dtype != dtype {
                 return Err(Error::config(format!(
-                    "{} is {} on the device; build the streamer with compute dtype bf16",
+                    "{} is {} on the device but the embedding is {dtype}; build the streamer \
+                     with LlamaModel::cuda_dtype",
                     v.name, v.dtype
                 )));
             }
@@ -337,11 +358,11 @@ impl CudaModel {
                 eps,
             )?;
             let q_w = wt("self_attn.q_proj.weight")?;
-            linear_split(blas, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
+            linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
             let k_w = wt("self_attn.k_proj.weight")?;
-            linear_split(blas, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
+            linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
             let v_w = wt("self_attn.v_proj.weight")?;
-            linear_split(blas, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
+            linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
             k.bias_rope_cache(
                 s,
                 ws.q.ptr(),
@@ -376,16 +397,16 @@ impl CudaModel {
             )?;
             // o_proj and down_proj accumulate into the residual stream (beta = 1).
             let o_w = wt("self_attn.o_proj.weight")?;
-            linear_split(blas, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
+            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
             let post = wt("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, eps)?;
             let g_w = wt("mlp.gate_proj.weight")?;
-            linear_split(blas, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
+            linear_split(blas, hw, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
             let u_w = wt("mlp.up_proj.weight")?;
-            linear_split(blas, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
+            linear_split(blas, hw, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
             k.swiglu(s, ws.gate.ptr(), ws.up.ptr(), act, t * inter)?;
             let d_w = wt("mlp.down_proj.weight")?;
-            linear_split(blas, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
+            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
         }
         Ok(())
     }

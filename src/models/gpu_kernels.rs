@@ -7,7 +7,7 @@
 use std::ffi::c_void;
 
 use crate::cuda::{Context, Function, Module, Stream};
-use crate::{Error, Result};
+use crate::{DType, Error, Result};
 
 /// One kernel argument (the kernels take 64-bit values and f32 scalars).
 #[derive(Clone, Copy)]
@@ -16,7 +16,7 @@ enum Arg {
     F(f32),
 }
 
-/// A GEMM input stored as two bf16 matrices of the same shape, `hi + lo`.
+/// A GEMM input stored as two 16-bit matrices of the same shape, `hi + lo`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Split {
     pub(crate) hi: u64,
@@ -26,6 +26,8 @@ pub(crate) struct Split {
 /// The model module loaded into a context.
 pub(crate) struct ModelKernels {
     _module: Module,
+    /// 16-bit type of weights, GEMM inputs and KV cache: 0 bf16, 1 f16.
+    kind: u64,
     embed: Function,
     rms_norm: Function,
     swiglu: Function,
@@ -73,7 +75,17 @@ fn grid(n: usize) -> u32 {
 }
 
 impl ModelKernels {
-    pub(crate) fn load(ctx: &Context) -> Result<ModelKernels> {
+    /// Loads the module for weights of `dtype` (bf16 or f16).
+    pub(crate) fn load(ctx: &Context, dtype: DType) -> Result<ModelKernels> {
+        let kind = match dtype {
+            DType::BF16 => 0,
+            DType::F16 => 1,
+            other => {
+                return Err(Error::config(format!(
+                    "the CUDA forward pass runs on bf16 or f16 weights, not {other}"
+                )))
+            }
+        };
         let ptx = crate::kernels::PTX_MODULES
             .iter()
             .find(|(name, _)| *name == "model")
@@ -81,7 +93,8 @@ impl ModelKernels {
             .ok_or_else(|| Error::Pipeline("the model kernels' PTX is not embedded".into()))?;
         let module = Module::load_ptx(ctx, ptx)?;
         Ok(ModelKernels {
-            embed: module.function("embed_gather_bf16")?,
+            kind,
+            embed: module.function("embed_gather")?,
             rms_norm: module.function("rms_norm_split")?,
             swiglu: module.function("swiglu_split")?,
             bias_rope: module.function("bias_rope_cache")?,
@@ -116,15 +129,16 @@ impl ModelKernels {
                 Arg::U(x),
                 Arg::U(tokens as u64),
                 Arg::U(hidden as u64),
+                Arg::U(self.kind),
             ],
         )
     }
 
     /// RMSNorm of rows `rows[r]` (or `r` when `rows == 0`) of f32 `x`, split
-    /// into bf16 `hi[r]` + `lo[r]` (see model.cu), for `n_rows` rows of `hidden`.
+    /// into 16-bit `hi[r]` + `lo[r]` (see model.cu), for `n_rows` rows of `hidden`.
     ///
     /// # Safety
-    /// `x` covers every selected row, `w` `hidden` bf16s, `rows` `n_rows`
+    /// `x` covers every selected row, `w` `hidden` 16-bit values, `rows` `n_rows`
     /// u32s (or 0), `hi` and `lo` `n_rows * hidden` bf16s each.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn rms_norm(
@@ -153,6 +167,7 @@ impl ModelKernels {
                 Arg::U(n_rows as u64),
                 Arg::U(hidden as u64),
                 Arg::F(eps),
+                Arg::U(self.kind),
             ],
         )
     }
@@ -160,7 +175,7 @@ impl ModelKernels {
     /// `split(silu(gate) * up)` for `n` f32 elements.
     ///
     /// # Safety
-    /// `gate` and `up` hold `n` f32s, `out`'s halves `n` bf16s each.
+    /// `gate` and `up` hold `n` f32s, `out`'s halves `n` 16-bit values each.
     pub(crate) unsafe fn swiglu(
         &self,
         s: &Stream,
@@ -182,6 +197,7 @@ impl ModelKernels {
                 Arg::U(out.hi),
                 Arg::U(out.lo),
                 Arg::U(n as u64),
+                Arg::U(self.kind),
             ],
         )
     }
@@ -237,6 +253,7 @@ impl ModelKernels {
                 Arg::U(kv_heads as u64),
                 Arg::U(head_dim as u64),
                 Arg::U(max_len as u64),
+                Arg::U(self.kind),
             ],
         )
     }
@@ -289,6 +306,7 @@ impl ModelKernels {
                 Arg::U(head_dim as u64),
                 Arg::U(max_len as u64),
                 Arg::F(scale),
+                Arg::U(self.kind),
             ],
         )
     }

@@ -95,6 +95,23 @@ impl LlamaModel {
         })
     }
 
+    /// The compute dtype to build a CUDA streamer with for this model: f16
+    /// when every float tensor is f16 (kept as is: f16 GEMMs lose less than a
+    /// cast to bf16), else bf16 (f16 and f32 tensors cast on the device).
+    pub fn cuda_dtype(index: &crate::ModelIndex) -> crate::DType {
+        use crate::DType;
+        let floats: Vec<DType> = index
+            .dtypes()
+            .into_iter()
+            .filter(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32 | DType::F64))
+            .collect();
+        if !floats.is_empty() && floats.iter().all(|d| *d == DType::F16) {
+            DType::F16
+        } else {
+            DType::BF16
+        }
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

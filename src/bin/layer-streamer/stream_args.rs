@@ -1,7 +1,7 @@
 //! Streamer options shared by the model commands.
 
 use layer_streamer::models::{LlamaModel, ModelOptions};
-use layer_streamer::{Budget, DType, Device, Error, LayerStreamer, ModelIndex, Result};
+use layer_streamer::{Budget, Device, Error, LayerStreamer, ModelIndex, Result};
 
 /// Where and how the weights stream.
 #[derive(clap::Args, Clone, Debug)]
@@ -38,7 +38,8 @@ impl StreamArgs {
         Device::parse(&self.device)
     }
 
-    /// Builds a streamer over `index`: bf16 compute on CUDA, file dtypes on the host.
+    /// Builds a streamer over `index`: on CUDA with [`LlamaModel::cuda_dtype`],
+    /// on the host in the file dtypes.
     pub fn build(&self, index: &ModelIndex) -> Result<LayerStreamer> {
         let device = self.device()?;
         if let Device::Cuda(_) = device {
@@ -55,7 +56,7 @@ impl StreamArgs {
             .progress(self.progress);
         let b = match device {
             Device::Host => b.file_dtype(),
-            Device::Cuda(_) => b.dtype(DType::BF16),
+            Device::Cuda(_) => b.dtype(LlamaModel::cuda_dtype(index)),
         };
         b.build()
     }
