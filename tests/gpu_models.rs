@@ -1,6 +1,6 @@
 //! The CUDA forward pass against the host backend's, on a GPU: every
-//! architecture variant of the tiny preset, f16 checkpoints cast on the
-//! device, a batch of three. Skips without a driver unless `LS_REQUIRE_GPU=1`.
+//! architecture variant of the tiny preset, bf16 and f16 checkpoints, a
+//! batch of three. Skips without a driver unless `LS_REQUIRE_GPU=1`.
 
 use std::path::Path;
 
