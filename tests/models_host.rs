@@ -267,7 +267,7 @@ fn cuda_without_a_driver_is_cuda_unavailable() {
 #[test]
 fn chat_template_helpers() {
     let t = ChatTemplate::new(
-        "{% for m in messages %}{% if m.role == 'bad' %}{{ raise_exception('no') }}{% endif %}{{ m.content | trim }}{{ m | tojson }}{% endfor %}",
+        "{% for m in messages %}{% if m.role == 'bad' %}{{ raise_exception('no') }}{% endif %}{{ m.content.strip() }}{{ m.get('role') }}{% if m.content.startswith(' ') %}!{% endif %}{{ m | tojson }}{% endfor %}",
         "",
         "",
     );

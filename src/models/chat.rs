@@ -87,7 +87,8 @@ impl ChatTemplate {
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib_methods);
+        // Python methods templates call (`strip`, `startswith`, `get`, `items`, ...).
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> std::result::Result<String, minijinja::Error> {
@@ -119,37 +120,6 @@ impl ChatTemplate {
         })
         .map_err(|e| Error::Input(format!("rendering the chat template: {e}")))
     }
-}
-
-/// Python string methods templates call (`strip`, `startswith`, ...), which
-/// minijinja does not define by default.
-fn minijinja_contrib_methods(
-    _state: &minijinja::State,
-    value: &minijinja::Value,
-    method: &str,
-    args: &[minijinja::Value],
-) -> std::result::Result<minijinja::Value, minijinja::Error> {
-    let unknown = || minijinja::Error::from(minijinja::ErrorKind::UnknownMethod);
-    let s = value.as_str().ok_or_else(unknown)?;
-    let arg = |i: usize| args.get(i).and_then(|a| a.as_str()).unwrap_or("");
-    Ok(match method {
-        "strip" => s.trim().into(),
-        "lstrip" => s.trim_start().into(),
-        "rstrip" => s.trim_end().into(),
-        "startswith" => s.starts_with(arg(0)).into(),
-        "endswith" => s.ends_with(arg(0)).into(),
-        "upper" => s.to_uppercase().into(),
-        "lower" => s.to_lowercase().into(),
-        "split" => {
-            let parts: Vec<minijinja::Value> = if args.is_empty() {
-                s.split_whitespace().map(Into::into).collect()
-            } else {
-                s.split(arg(0)).map(Into::into).collect()
-            };
-            parts.into()
-        }
-        _ => return Err(unknown()),
-    })
 }
 
 /// The messages of a JSON file: a list of `{"role", "content"}` objects.
