@@ -58,6 +58,7 @@ pub mod ffi;
 pub mod io;
 pub mod kernels;
 pub mod model;
+pub mod models;
 pub mod pipeline;
 pub mod ring;
 pub mod streamer;

@@ -29,6 +29,7 @@
 //! ```
 
 mod context;
+pub mod cublas;
 mod memory;
 mod module;
 mod stream;

@@ -5,8 +5,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_generate;
+mod check_reference;
+mod demo;
+mod generate;
 mod inspect;
 mod opts;
+mod stream_args;
 mod synth;
 mod tune;
 
@@ -28,6 +33,14 @@ enum Command {
     Synth(synth::Args),
     /// Find the fastest streamer configuration for a workload (one child process per configuration).
     Tune(Box<tune::Args>),
+    /// Generate text with a Qwen2/Llama model.
+    Generate(Box<generate::Args>),
+    /// Generate from a synthetic model and report the speed.
+    Demo(Box<demo::Args>),
+    /// Check the forward pass against Hugging Face reference logits.
+    CheckReference(Box<check_reference::Args>),
+    /// Measure prefill and decode speed.
+    BenchGenerate(Box<bench_generate::Args>),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +52,10 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Tune(a) => tune::run(*a),
+        Command::Generate(a) => generate::run(*a),
+        Command::Demo(a) => demo::run(*a),
+        Command::CheckReference(a) => check_reference::run(*a),
+        Command::BenchGenerate(a) => bench_generate::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,416 @@
+//! cuBLAS, loaded at run time: the library search, a handle (RAII) and the
+//! one GEMM the model needs.
+//!
+//! cudarc's own loader only tries the sonames of the CUDA version it was
+//! built for (`libcublas.so.12`, not `.13`) and panics when none loads, so
+//! the library is found and opened here: `$LS_CUBLAS_PATH` (a file or a
+//! directory), the standard sonames on the loader's path, the CUDA toolkit,
+//! then the `nvidia` pip packages of Python installations (PyTorch ships
+//! cuBLAS that way), asking `python3` where they are only as a last resort.
+//! The few functions used are looked up by name; their C signatures (and
+//! cudarc's `cublas::sys` types) are the same in cuBLAS 12 and 13.
+
+use std::ffi::{c_int, c_void};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use cudarc::cublas::sys as cb;
+
+use super::{Context, Stream};
+use crate::{Error, Result};
+
+type CreateFn = unsafe extern "C" fn(*mut cb::cublasHandle_t) -> u32;
+type DestroyFn = unsafe extern "C" fn(cb::cublasHandle_t) -> u32;
+type SetStreamFn = unsafe extern "C" fn(cb::cublasHandle_t, *mut c_void) -> u32;
+#[allow(clippy::type_complexity)]
+type GemmExFn = unsafe extern "C" fn(
+    cb::cublasHandle_t,
+    u32,
+    u32,
+    c_int,
+    c_int,
+    c_int,
+    *const c_void,
+    *const c_void,
+    u32,
+    c_int,
+    *const c_void,
+    u32,
+    c_int,
+    *const c_void,
+    *mut c_void,
+    u32,
+    c_int,
+    u32,
+    c_int,
+) -> u32;
+
+/// The loaded library and its functions.
+struct Lib {
+    path: PathBuf,
+    create: CreateFn,
+    destroy: DestroyFn,
+    set_stream: SetStreamFn,
+    gemm_ex: GemmExFn,
+    // Kept loaded for the process's lifetime (the function pointers point into it).
+    _libs: Vec<libloading::Library>,
+}
+
+fn lib() -> Result<&'static Lib> {
+    static LIB: OnceLock<std::result::Result<Lib, String>> = OnceLock::new();
+    LIB.get_or_init(load)
+        .as_ref()
+        .map_err(|e| Error::CudaUnavailable(e.clone()))
+}
+
+/// Whether cuBLAS can be loaded (never panics).
+pub fn is_available() -> bool {
+    lib().is_ok()
+}
+
+/// Where cuBLAS was loaded from, or why it could not be.
+pub fn library_path() -> Result<PathBuf> {
+    lib().map(|l| l.path.clone())
+}
+
+/// Matches `name` against a pattern with `*` wildcards.
+fn wildcard(pat: &str, name: &str) -> bool {
+    match pat.split_once('*') {
+        None => pat == name,
+        Some((head, rest)) => {
+            let Some(tail) = name.strip_prefix(head) else {
+                return false;
+            };
+            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard(rest, &tail[i..]))
+        }
+    }
+}
+
+/// Expands an absolute path pattern whose components may contain `*`.
+fn glob(pattern: &str) -> Vec<PathBuf> {
+    let mut found = vec![PathBuf::from("/")];
+    for comp in pattern.split('/').filter(|c| !c.is_empty()) {
+        let mut next = Vec::new();
+        for dir in &found {
+            if comp.contains('*') {
+                if let Ok(rd) = std::fs::read_dir(dir) {
+                    let mut names: Vec<PathBuf> = rd
+                        .flatten()
+                        .filter(|e| wildcard(comp, &e.file_name().to_string_lossy()))
+                        .map(|e| e.path())
+                        .collect();
+                    names.sort();
+                    next.extend(names);
+                }
+            } else {
+                let p = dir.join(comp);
+                if p.exists() {
+                    next.push(p);
+                }
+            }
+        }
+        found = next;
+    }
+    found
+}
+
+const SONAMES: &[&str] = &["libcublas.so.13", "libcublas.so.12", "libcublas.so"];
+
+/// The `nvidia/*/lib` layouts of the pip packages (`nvidia/cu13/lib` for
+/// CUDA 13 wheels, `nvidia/cublas/lib` for CUDA 12), under every usual
+/// Python installation.
+const PY_GLOBS: &[&str] = &[
+    "/opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
+    "/opt/*/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
+    "/usr/local/lib/python3*/dist-packages/nvidia/*/lib/libcublas.so.*",
+    "/usr/local/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
+    "/usr/lib/python3/dist-packages/nvidia/*/lib/libcublas.so.*",
+    "/root/.local/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
+];
+
+fn candidates() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Some(p) = std::env::var_os("LS_CUBLAS_PATH") {
+        let p = PathBuf::from(p);
+        if p.is_dir() {
+            out.extend(SONAMES.iter().map(|s| p.join(s)));
+        } else {
+            out.push(p);
+        }
+    }
+    out.extend(SONAMES.iter().map(PathBuf::from));
+    for pat in [
+        "/usr/local/cuda/lib64/libcublas.so.*",
+        "/usr/local/cuda-*/lib64/libcublas.so.*",
+        "/usr/lib/x86_64-linux-gnu/libcublas.so.*",
+    ]
+    .iter()
+    .chain(PY_GLOBS)
+    {
+        out.extend(glob(pat).into_iter().filter(|p| is_lib_file(p)));
+    }
+    out
+}
+
+/// `libcublas.so.N` (not the `.so.N.M.K` aliases of the same file, which would
+/// only repeat it).
+fn is_lib_file(p: &Path) -> bool {
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("libcublas.so."))
+        .is_some_and(|v| !v.contains('.'))
+}
+
+/// Directories of the `nvidia` pip packages as the system's `python3` sees them.
+fn python_candidates() -> Vec<PathBuf> {
+    let script = "import nvidia, os\nfor p in nvidia.__path__:\n    print(p)";
+    let Ok(out) = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stderr(std::process::Stdio::null())
+        .output()
+    else {
+        return Vec::new();
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .flat_map(|dir| glob(&format!("{}/*/lib/libcublas.so.*", dir.trim())))
+        .filter(|p| is_lib_file(p))
+        .collect()
+}
+
+fn open(path: &Path) -> std::result::Result<Vec<libloading::Library>, String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    let mut libs = Vec::new();
+    // cuBLAS needs cuBLASLt of the same release: open it from the same
+    // directory first, so that a library outside the loader's path resolves.
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        if !dir.as_os_str().is_empty() {
+            let lt = dir.join(name.replace("libcublas", "libcublasLt"));
+            if lt.exists() {
+                // SAFETY: loading a shared library runs its initialisers;
+                // cuBLASLt's have no preconditions on the caller.
+                if let Ok(l) = unsafe { Library::open(Some(&lt), RTLD_NOW | RTLD_GLOBAL) } {
+                    libs.push(l.into());
+                }
+            }
+        }
+    }
+    // SAFETY: as above, for cuBLAS itself.
+    let l = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    libs.push(l.into());
+    Ok(libs)
+}
+
+fn symbols(path: PathBuf, libs: Vec<libloading::Library>) -> std::result::Result<Lib, String> {
+    let main = libs.last().ok_or("no library")?;
+    macro_rules! sym {
+        ($name:literal, $ty:ty) => {
+            // SAFETY: the symbol is cuBLAS's exported C function of this name,
+            // whose signature is `$ty` (cublas_api.h, the same in 12 and 13).
+            *unsafe { main.get::<$ty>($name) }.map_err(|e| format!("{}: {e}", path.display()))?
+        };
+    }
+    Ok(Lib {
+        create: sym!(b"cublasCreate_v2", CreateFn),
+        destroy: sym!(b"cublasDestroy_v2", DestroyFn),
+        set_stream: sym!(b"cublasSetStream_v2", SetStreamFn),
+        gemm_ex: sym!(b"cublasGemmEx", GemmExFn),
+        path,
+        _libs: libs,
+    })
+}
+
+fn load() -> std::result::Result<Lib, String> {
+    let mut tried = Vec::new();
+    let mut attempt = |cands: Vec<PathBuf>| -> Option<Lib> {
+        for c in cands {
+            match open(&c).and_then(|libs| symbols(c.clone(), libs)) {
+                Ok(lib) => return Some(lib),
+                Err(e) => tried.push(e),
+            }
+        }
+        None
+    };
+    if let Some(l) = attempt(candidates()) {
+        return Ok(l);
+    }
+    if let Some(l) = attempt(python_candidates()) {
+        return Ok(l);
+    }
+    Err(format!(
+        "cuBLAS could not be loaded. Searched $LS_CUBLAS_PATH, {}, /usr/local/cuda*/lib64, \
+         the nvidia pip packages under {} and python3's nvidia package. Set LS_CUBLAS_PATH to \
+         libcublas.so.12/13 or its directory. Attempts: {}",
+        SONAMES.join(", "),
+        PY_GLOBS.join(", "),
+        tried.join("; ")
+    ))
+}
+
+/// Element types of GEMM operands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmType {
+    /// bfloat16.
+    BF16,
+    /// IEEE half.
+    F16,
+    /// float32.
+    F32,
+}
+
+impl GemmType {
+    fn cuda(self) -> u32 {
+        match self {
+            GemmType::BF16 => cb::cudaDataType_t::CUDA_R_16BF as u32,
+            GemmType::F16 => cb::cudaDataType_t::CUDA_R_16F as u32,
+            GemmType::F32 => cb::cudaDataType_t::CUDA_R_32F as u32,
+        }
+    }
+}
+
+/// A cuBLAS handle bound to one context.
+pub struct Cublas {
+    handle: cb::cublasHandle_t,
+    ctx: Context,
+    lib: &'static Lib,
+}
+
+// SAFETY: a cuBLAS handle may be used from any thread as long as calls on it
+// are not concurrent; `Cublas` needs `&mut self` for every call.
+unsafe impl Send for Cublas {}
+
+impl Cublas {
+    /// Loads cuBLAS (once per process) and creates a handle in `ctx`.
+    pub fn new(ctx: &Context) -> Result<Cublas> {
+        let lib = lib()?;
+        ctx.bind()?;
+        let mut handle: cb::cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: the pointer is to a live local; ctx is current on this thread.
+        status("cublasCreate", unsafe { (lib.create)(&mut handle) })?;
+        Ok(Cublas {
+            handle,
+            ctx: ctx.clone(),
+            lib,
+        })
+    }
+
+    /// Makes later calls run on `stream`.
+    pub fn set_stream(&mut self, stream: &Stream) -> Result<()> {
+        self.ctx.bind()?;
+        // SAFETY: the handle is live; a CUstream is a cudaStream_t.
+        status("cublasSetStream", unsafe {
+            (self.lib.set_stream)(self.handle, stream.raw().cast())
+        })
+    }
+
+    /// Queues `Y = alpha · X · Wᵀ + beta · Y` on the handle's stream, with
+    /// row-major `X [rows, k]` (type `xw`), `W [n, k]` (type `xw`) and
+    /// `Y [rows, n]` (type `y`), computed in f32.
+    ///
+    /// # Safety
+    /// `x`, `w` and `y` are device addresses of the handle's context valid for
+    /// those shapes until the queued work completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn linear(
+        &mut self,
+        x: u64,
+        w: u64,
+        xw: GemmType,
+        y: u64,
+        yt: GemmType,
+        rows: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+    ) -> Result<()> {
+        let dim = |v: usize| {
+            c_int::try_from(v)
+                .map_err(|_| Error::Input(format!("GEMM dimension {v} exceeds a C int")))
+        };
+        let (m_, n_, k_) = (dim(n)?, dim(rows)?, dim(k)?);
+        let alpha = 1.0f32;
+        self.ctx.bind()?;
+        // Column-major view: Y_cm [n, rows] = W_cm[k, n]ᵀ · X_cm[k, rows].
+        // SAFETY: the handle is live; scalars point to live locals (host
+        // pointer mode, the default); operands are the caller's contract.
+        status("cublasGemmEx", unsafe {
+            (self.lib.gemm_ex)(
+                self.handle,
+                cb::cublasOperation_t::CUBLAS_OP_T as u32,
+                cb::cublasOperation_t::CUBLAS_OP_N as u32,
+                m_,
+                n_,
+                k_,
+                (&alpha as *const f32).cast(),
+                w as *const c_void,
+                xw.cuda(),
+                k_,
+                x as *const c_void,
+                xw.cuda(),
+                k_,
+                (&beta as *const f32).cast(),
+                y as *mut c_void,
+                yt.cuda(),
+                m_,
+                cb::cublasComputeType_t::CUBLAS_COMPUTE_32F as u32,
+                cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT as c_int,
+            )
+        })
+    }
+}
+
+impl Drop for Cublas {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: the handle is live and not used again.
+            let _ = unsafe { (self.lib.destroy)(self.handle) };
+        }
+    }
+}
+
+fn status(call: &str, s: u32) -> Result<()> {
+    if s == 0 {
+        Ok(())
+    } else {
+        Err(Error::Pipeline(format!(
+            "{call} failed with cuBLAS status {s}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_match() {
+        assert!(wildcard("python3*", "python3.12"));
+        assert!(wildcard("libcublas.so.*", "libcublas.so.13"));
+        assert!(!wildcard("cu*b", "cuda"));
+        assert!(is_lib_file(Path::new("/x/libcublas.so.12")));
+        assert!(!is_lib_file(Path::new("/x/libcublas.so.12.8.1")));
+    }
+
+    #[test]
+    fn glob_expands_wildcards_in_every_component() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let found = glob(&format!("{root}/ker*/*.cu"));
+        assert!(
+            found.iter().any(|p| p.ends_with("kernels/model.cu")),
+            "{found:?}"
+        );
+        assert!(glob(&format!("{root}/no-such-dir*/x")).is_empty());
+    }
+
+    #[test]
+    fn missing_library_is_an_error_not_a_panic() {
+        // Either outcome is fine; what matters is that asking never panics.
+        // With LS_CUBLAS_PATH set, the library there must load (no driver needed).
+        match library_path() {
+            Ok(p) => eprintln!("cuBLAS from {}", p.display()),
+            Err(e) if std::env::var_os("LS_CUBLAS_PATH").is_some() => panic!("{e}"),
+            Err(e) => eprintln!("{e}"),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The forward pass on CUDA: cuBLAS GEMMs (bf16 or f16 operands, as the
+//! weights are; f32 accumulation)
+//! for every projection, the kernels of `kernels/model.cu` for the rest.
+//!
+//! The residual stream stays f32 on the device. GEMM inputs (RMSNorm,
+//! attention and SwiGLU outputs) are written as two 16-bit matrices `hi + lo`
+//! and multiplied with two GEMMs, which keeps about 16 mantissa bits of each
+//! activation: plain bf16 activations move the logits of small random models
+//! enough to flip argmaxes against an f32 reference, and the second GEMM is
+//! cheap next to the weights' transfer. The q/k/v projections write f32,
+//! which RoPE rotates before k and v go into the 16-bit KV cache; o_proj and
+//! down_proj accumulate straight into the residual stream (beta = 1). Every buffer is allocated once in
+//! [`CudaModel::load`]; a pass queues all of its work on the compute stream
+//! and synchronizes once, to read the logits.
+
+use crate::cuda::cublas::{Cublas, GemmType};
+use crate::cuda::{DeviceBuffer, Event, Stream};
+use crate::models::config::ModelConfig;
+use crate::models::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
+use crate::models::host::static_names;
+use crate::models::llama::{ModelOptions, PassBatch};
+use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
+
+/// A split GEMM input (see `kernels/model.cu`): two 16-bit buffers.
+struct SplitBuf {
+    hi: DeviceBuffer,
+    lo: DeviceBuffer,
+}
+
+impl SplitBuf {
+    fn new(ctx: &crate::cuda::Context, elems: usize) -> Result<SplitBuf> {
+        Ok(SplitBuf {
+            hi: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
+            lo: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
+        })
+    }
+
+    fn split(&self) -> Split {
+        Split {
+            hi: self.hi.ptr(),
+            lo: self.lo.ptr(),
+        }
+    }
+}
+
+/// `Y (+)= (hi + lo) · Wᵀ` as two GEMMs, the second accumulating; `x`'s
+/// halves and `w` are of type `xw`.
+///
+/// # Safety
+/// As for [`Cublas::linear`], for both halves of `x`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn linear_split(
+    blas: &mut Cublas,
+    xw: GemmType,
+    x: Split,
+    w: u64,
+    y: u64,
+    yt: GemmType,
+    rows: usize,
+    n: usize,
+    k: usize,
+    beta: f32,
+) -> Result<()> {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        blas.linear(x.hi, w, xw, y, yt, rows, n, k, beta)?;
+        blas.linear(x.lo, w, xw, y, yt, rows, n, k, 1.0)
+    }
+}
+
+/// Device buffers of one pass, sized for `max_tokens` tokens.
+struct Workspace {
+    x: DeviceBuffer,
+    xn: SplitBuf,
+    q: DeviceBuffer,
+    k: DeviceBuffer,
+    v: DeviceBuffer,
+    attn: SplitBuf,
+    gate: DeviceBuffer,
+    up: DeviceBuffer,
+    act: SplitBuf,
+    last: SplitBuf,
+    logits: DeviceBuffer,
+    ids: DeviceBuffer,
+    seq: DeviceBuffer,
+    pos: DeviceBuffer,
+    rows: DeviceBuffer,
+}
+
+/// Everything the CUDA forward pass keeps between passes.
+pub(crate) struct CudaModel {
+    kernels: ModelKernels,
+    /// The weights' dtype (bf16 or f16), shared by GEMM inputs and the KV cache.
+    dtype: DType,
+    blas: Cublas,
+    embed: DeviceTensor,
+    norm: DeviceTensor,
+    lm_head: Option<DeviceTensor>,
+    k_cache: Vec<DeviceBuffer>,
+    v_cache: Vec<DeviceBuffer>,
+    cos: DeviceBuffer,
+    sin: DeviceBuffer,
+    ws: Workspace,
+    max_len: usize,
+    timing: (Event, Event),
+    /// (tokens, TFLOP/s) of the pass with the most tokens so far.
+    gemm_tflops: Option<(usize, f64)>,
+}
+
+fn bytes_of(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn need_dtype(t: &DeviceTensor, dtype: DType) -> Result<()> {
+    if t.dtype() != dtype {
+        return Err(Error::config(format!(
+            "tensor {} is {} on the device but the embedding is {dtype}; the CUDA forward pass \
+             needs every weight in one 16-bit dtype (build the streamer with \
+             LlamaModel::cuda_dtype)",
+            t.name(),
+            t.dtype()
+        )));
+    }
+    Ok(())
+}
+
+impl CudaModel {
+    pub(crate) fn load(
+        streamer: &LayerStreamer,
+        cfg: &ModelConfig,
+        opts: &ModelOptions,
+    ) -> Result<CudaModel> {
+        let ctx = streamer
+            .context()
+            .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))?;
+        if opts.max_len > MAX_ATTENTION_LEN {
+            return Err(Error::Input(format!(
+                "maximum length {} exceeds the {} positions the attention kernel supports",
+                opts.max_len, MAX_ATTENTION_LEN
+            )));
+        }
+        let (embed, norm, head) = static_names(streamer, cfg);
+        let embed = streamer.load_static(&embed)?;
+        let norm = streamer.load_static(&norm)?;
+        let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
+        let dtype = embed.dtype();
+        need_dtype(&norm, dtype)?;
+        if let Some(h) = &lm_head {
+            need_dtype(h, dtype)?;
+        }
+        let (t, b) = (opts.max_tokens, opts.max_batch);
+        let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
+        let cache_bytes = b * cfg.kv_dim() * opts.max_len * 2;
+        let (cos, sin) = cfg.rope_tables(opts.max_len);
+        let cos_d = alloc(cos.len() * 4)?;
+        cos_d.copy_from_host(0, &f32_bytes(&cos))?;
+        let sin_d = alloc(sin.len() * 4)?;
+        sin_d.copy_from_host(0, &f32_bytes(&sin))?;
+        let ws = Workspace {
+            x: alloc(t * cfg.hidden * 4)?,
+            xn: SplitBuf::new(ctx, t * cfg.hidden)?,
+            q: alloc(t * cfg.q_dim() * 4)?,
+            k: alloc(t * cfg.kv_dim() * 4)?,
+            v: alloc(t * cfg.kv_dim() * 4)?,
+            attn: SplitBuf::new(ctx, t * cfg.q_dim())?,
+            gate: alloc(t * cfg.intermediate * 4)?,
+            up: alloc(t * cfg.intermediate * 4)?,
+            act: SplitBuf::new(ctx, t * cfg.intermediate)?,
+            last: SplitBuf::new(ctx, b * cfg.hidden)?,
+            logits: alloc(b * cfg.vocab * 4)?,
+            ids: alloc(t * 4)?,
+            seq: alloc(t * 4)?,
+            pos: alloc(t * 4)?,
+            rows: alloc(b * 4)?,
+        };
+        let mut k_cache = Vec::with_capacity(cfg.layers);
+        let mut v_cache = Vec::with_capacity(cfg.layers);
+        for _ in 0..cfg.layers {
+            k_cache.push(alloc(cache_bytes)?);
+            v_cache.push(alloc(cache_bytes)?);
+        }
+        Ok(CudaModel {
+            kernels: ModelKernels::load(ctx, dtype)?,
+            dtype,
+            blas: Cublas::new(ctx)?,
+            embed,
+            norm,
+            lm_head,
+            k_cache,
+            v_cache,
+            cos: cos_d,
+            sin: sin_d,
+            ws,
+            max_len: opts.max_len,
+            timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
+            gemm_tflops: None,
+        })
+    }
+
+    fn gemm_type(&self) -> GemmType {
+        if self.dtype == DType::F16 {
+            GemmType::F16
+        } else {
+            GemmType::BF16
+        }
+    }
+
+    pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
+        self.gemm_tflops.map(|(_, t)| t)
+    }
+
+    pub(crate) fn pass(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+    ) -> Result<Vec<f32>> {
+        let t = b.tokens.len();
+        let ws = &self.ws;
+        ws.ids.copy_from_host(0, &bytes_of(&b.tokens))?;
+        ws.seq.copy_from_host(0, &bytes_of(&b.seq))?;
+        ws.pos.copy_from_host(0, &bytes_of(&b.pos))?;
+        ws.rows.copy_from_host(0, &bytes_of(&b.out_rows))?;
+        {
+            let s = cuda_stream(streamer)?;
+            self.blas.set_stream(s)?;
+            // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
+            // checked against vocab; ids and x are sized for max_tokens >= t.
+            unsafe {
+                self.kernels
+                    .embed(s, self.embed.ptr(), ws.ids.ptr(), ws.x.ptr(), t, cfg.hidden)?;
+            }
+        }
+        let me = &mut *self;
+        let mut timed = None;
+        streamer.run_pass((), |(), w, layer, stream| {
+            let s = stream
+                .cuda()
+                .ok_or_else(|| Error::Pipeline("not a CUDA stream".into()))?;
+            if layer == 0 {
+                me.timing.0.record(s)?;
+            }
+            me.layer(cfg, b, w, layer, s)?;
+            if layer == 0 {
+                me.timing.1.record(s)?;
+                timed = Some(());
+            }
+            Ok(())
+        })?;
+        let n_out = b.out_rows.len();
+        let s = cuda_stream(streamer)?;
+        let ws = &self.ws;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        // SAFETY: rows index tokens of this pass; last holds max_batch rows and
+        // logits max_batch * vocab f32; the head is [vocab, hidden] bf16.
+        unsafe {
+            self.kernels.rms_norm(
+                s,
+                ws.x.ptr(),
+                self.norm.ptr(),
+                ws.rows.ptr(),
+                ws.last.split(),
+                n_out,
+                cfg.hidden,
+                cfg.rms_norm_eps,
+            )?;
+            let hw = self.gemm_type();
+            linear_split(
+                &mut self.blas,
+                hw,
+                ws.last.split(),
+                head.ptr(),
+                ws.logits.ptr(),
+                GemmType::F32,
+                n_out,
+                cfg.vocab,
+                cfg.hidden,
+                0.0,
+            )?;
+        }
+        s.synchronize()?;
+        if timed.is_some() {
+            let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
+            let per_token = 2.0
+                * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
+                    + cfg.q_dim() * cfg.hidden
+                    + 3 * cfg.hidden * cfg.intermediate) as f64;
+            if !matches!(self.gemm_tflops, Some((best, _)) if best > t) {
+                self.gemm_tflops = Some((t, per_token * t as f64 / (ms.max(1e-6) * 1e-3) / 1e12));
+            }
+        }
+        let mut out = vec![0u8; n_out * cfg.vocab * 4];
+        ws.logits.copy_to_host(0, &mut out)?;
+        Ok(out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    fn layer(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        w: &LayerWeights<'_>,
+        layer: usize,
+        s: &Stream,
+    ) -> Result<()> {
+        let t = b.tokens.len();
+        let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
+        let ws = &self.ws;
+        let dtype = self.dtype;
+        let hw = self.gemm_type();
+        let wt = |key: &str| -> Result<u64> {
+            let v = w.tensor(key)?;
+            if v.dtype != dtype {
+                return Err(Error::config(format!(
+                    "{} is {} on the device but the embedding is {dtype}; build the streamer \
+                     with LlamaModel::cuda_dtype",
+                    v.name, v.dtype
+                )));
+            }
+            Ok(v.ptr)
+        };
+        let opt = |key: &str| -> Result<u64> {
+            match w.get(key) {
+                Some(_) => wt(key),
+                None => Ok(0),
+            }
+        };
+        let blas = &mut self.blas;
+        let k = &self.kernels;
+        let (f, eps) = (GemmType::F32, cfg.rms_norm_eps);
+        let (xn, attn, act) = (ws.xn.split(), ws.attn.split(), ws.act.split());
+        let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+        let biases = [
+            opt("self_attn.q_proj.bias")?,
+            opt("self_attn.k_proj.bias")?,
+            opt("self_attn.v_proj.bias")?,
+        ];
+        // SAFETY: every weight pointer is a bf16 tensor of its projection's
+        // shape in the layer's device slot, live during this layer function;
+        // every workspace buffer was sized for max_tokens >= t tokens; the
+        // caches hold max_batch sequences of max_len positions and every
+        // (seq, pos) of the pass is within them (checked in LlamaModel::forward).
+        unsafe {
+            k.rms_norm(
+                s,
+                ws.x.ptr(),
+                wt("input_layernorm.weight")?,
+                0,
+                xn,
+                t,
+                h,
+                eps,
+            )?;
+            let q_w = wt("self_attn.q_proj.weight")?;
+            linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
+            let k_w = wt("self_attn.k_proj.weight")?;
+            linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
+            let v_w = wt("self_attn.v_proj.weight")?;
+            linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
+            k.bias_rope_cache(
+                s,
+                ws.q.ptr(),
+                ws.k.ptr(),
+                ws.v.ptr(),
+                biases,
+                self.cos.ptr(),
+                self.sin.ptr(),
+                ws.seq.ptr(),
+                ws.pos.ptr(),
+                kc,
+                vc,
+                t,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.head_dim,
+                self.max_len,
+            )?;
+            k.attention(
+                s,
+                ws.q.ptr(),
+                kc,
+                vc,
+                ws.seq.ptr(),
+                ws.pos.ptr(),
+                attn,
+                t,
+                cfg.heads,
+                cfg.kv_heads,
+                cfg.head_dim,
+                self.max_len,
+            )?;
+            // o_proj and down_proj accumulate into the residual stream (beta = 1).
+            let o_w = wt("self_attn.o_proj.weight")?;
+            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
+            let post = wt("post_attention_layernorm.weight")?;
+            k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, eps)?;
+            let g_w = wt("mlp.gate_proj.weight")?;
+            linear_split(blas, hw, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
+            let u_w = wt("mlp.up_proj.weight")?;
+            linear_split(blas, hw, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
+            k.swiglu(s, ws.gate.ptr(), ws.up.ptr(), act, t * inter)?;
+            let d_w = wt("mlp.down_proj.weight")?;
+            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
+        }
+        Ok(())
+    }
+}
+
+fn cuda_stream(streamer: &LayerStreamer) -> Result<&Stream> {
+    streamer
+        .compute_stream()
+        .cuda()
+        .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))
+}

@@ -1,0 +1,313 @@
+//! Typed launchers of the forward pass's kernels (`kernels/model.cu`).
+//!
+//! Every pointer is a device address of the stream's context, valid for the
+//! sizes given until the launched work completes (the callers' contract,
+//! stated on each `unsafe fn`).
+
+use std::ffi::c_void;
+
+use crate::cuda::{Context, Function, Module, Stream};
+use crate::{DType, Error, Result};
+
+/// One kernel argument (the kernels take 64-bit values and f32 scalars).
+#[derive(Clone, Copy)]
+enum Arg {
+    U(u64),
+    F(f32),
+}
+
+/// A GEMM input stored as two 16-bit matrices of the same shape, `hi + lo`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Split {
+    pub(crate) hi: u64,
+    pub(crate) lo: u64,
+}
+
+/// The model module loaded into a context.
+pub(crate) struct ModelKernels {
+    _module: Module,
+    /// 16-bit type of weights, GEMM inputs and KV cache: 0 bf16, 1 f16.
+    kind: u64,
+    embed: Function,
+    rms_norm: Function,
+    swiglu: Function,
+    bias_rope: Function,
+    attention: Function,
+}
+
+/// Threads per block of the row kernels.
+const ROW_BLOCK: u32 = 256;
+/// Threads per block of the attention kernel.
+const ATTN_BLOCK: u32 = 128;
+/// Dynamic shared memory a block may use without opting in.
+const MAX_SHARED: usize = 48 * 1024;
+/// Static shared memory of the attention kernel (q and the reduction).
+const ATTN_STATIC_SHARED: usize = 512 * 4 + 32 * 4;
+
+/// The longest sequence the attention kernel's shared-memory scores allow.
+pub(crate) const MAX_ATTENTION_LEN: usize = (MAX_SHARED - ATTN_STATIC_SHARED) / 4;
+
+fn launch(
+    f: &Function,
+    grid: (u32, u32),
+    block: u32,
+    shared: u32,
+    s: &Stream,
+    args: &[Arg],
+) -> Result<()> {
+    let mut vals: Vec<Arg> = args.to_vec();
+    let mut params: Vec<*mut c_void> = vals
+        .iter_mut()
+        .map(|a| match a {
+            Arg::U(v) => (v as *mut u64).cast(),
+            Arg::F(v) => (v as *mut f32).cast(),
+        })
+        .collect();
+    // SAFETY: every kernel of model.cu takes exactly the parameters its
+    // launcher below passes, in order (pointers and counts as 64-bit values,
+    // scalars as f32); `params` points into `vals`, alive for the call; the
+    // device ranges are the launcher's caller's contract.
+    unsafe { f.launch((grid.0, grid.1, 1), (block, 1, 1), shared, s, &mut params) }
+}
+
+fn grid(n: usize) -> u32 {
+    n.clamp(1, 65535) as u32
+}
+
+impl ModelKernels {
+    /// Loads the module for weights of `dtype` (bf16 or f16).
+    pub(crate) fn load(ctx: &Context, dtype: DType) -> Result<ModelKernels> {
+        let kind = match dtype {
+            DType::BF16 => 0,
+            DType::F16 => 1,
+            other => {
+                return Err(Error::config(format!(
+                    "the CUDA forward pass runs on bf16 or f16 weights, not {other}"
+                )))
+            }
+        };
+        let ptx = crate::kernels::PTX_MODULES
+            .iter()
+            .find(|(name, _)| *name == "model")
+            .map(|(_, p)| *p)
+            .ok_or_else(|| Error::Pipeline("the model kernels' PTX is not embedded".into()))?;
+        let module = Module::load_ptx(ctx, ptx)?;
+        Ok(ModelKernels {
+            kind,
+            embed: module.function("embed_gather")?,
+            rms_norm: module.function("rms_norm_split")?,
+            swiglu: module.function("swiglu_split")?,
+            bias_rope: module.function("bias_rope_cache")?,
+            attention: module.function("attention_causal")?,
+            _module: module,
+        })
+    }
+
+    /// `x[t] = f32(embed[ids[t]])` for `tokens` rows of `hidden`.
+    ///
+    /// # Safety
+    /// `embed` holds the bf16 embedding (every id in range), `ids` `tokens`
+    /// u32s, `x` `tokens * hidden` f32s.
+    pub(crate) unsafe fn embed(
+        &self,
+        s: &Stream,
+        embed: u64,
+        ids: u64,
+        x: u64,
+        tokens: usize,
+        hidden: usize,
+    ) -> Result<()> {
+        launch(
+            &self.embed,
+            (grid(tokens), 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(embed),
+                Arg::U(ids),
+                Arg::U(x),
+                Arg::U(tokens as u64),
+                Arg::U(hidden as u64),
+                Arg::U(self.kind),
+            ],
+        )
+    }
+
+    /// RMSNorm of rows `rows[r]` (or `r` when `rows == 0`) of f32 `x`, split
+    /// into 16-bit `hi[r]` + `lo[r]` (see model.cu), for `n_rows` rows of `hidden`.
+    ///
+    /// # Safety
+    /// `x` covers every selected row, `w` `hidden` 16-bit values, `rows` `n_rows`
+    /// u32s (or 0), `hi` and `lo` `n_rows * hidden` bf16s each.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn rms_norm(
+        &self,
+        s: &Stream,
+        x: u64,
+        w: u64,
+        rows: u64,
+        out: Split,
+        n_rows: usize,
+        hidden: usize,
+        eps: f32,
+    ) -> Result<()> {
+        launch(
+            &self.rms_norm,
+            (grid(n_rows), 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(x),
+                Arg::U(w),
+                Arg::U(rows),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
+                Arg::U(n_rows as u64),
+                Arg::U(hidden as u64),
+                Arg::F(eps),
+                Arg::U(self.kind),
+            ],
+        )
+    }
+
+    /// `split(silu(gate) * up)` for `n` f32 elements.
+    ///
+    /// # Safety
+    /// `gate` and `up` hold `n` f32s, `out`'s halves `n` 16-bit values each.
+    pub(crate) unsafe fn swiglu(
+        &self,
+        s: &Stream,
+        gate: u64,
+        up: u64,
+        out: Split,
+        n: usize,
+    ) -> Result<()> {
+        let blocks = n.div_ceil(ROW_BLOCK as usize).clamp(1, 132 * 16);
+        launch(
+            &self.swiglu,
+            (blocks as u32, 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(gate),
+                Arg::U(up),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
+                Arg::U(n as u64),
+                Arg::U(self.kind),
+            ],
+        )
+    }
+
+    /// Biases, RoPE and the KV-cache write for `tokens` tokens (see model.cu).
+    ///
+    /// # Safety
+    /// `q` is `tokens * heads * head_dim` f32, `k`/`v` `tokens * kv_heads *
+    /// head_dim` f32; biases 0 or of the projection widths (bf16); `cos`/`sin`
+    /// cover every position in `pos`; `seq`/`pos` `tokens` u32s within the
+    /// caches of `[seqs][kv_heads][max_len][head_dim]` bf16.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn bias_rope_cache(
+        &self,
+        s: &Stream,
+        q: u64,
+        k: u64,
+        v: u64,
+        biases: [u64; 3],
+        cos: u64,
+        sin: u64,
+        seq: u64,
+        pos: u64,
+        k_cache: u64,
+        v_cache: u64,
+        tokens: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+    ) -> Result<()> {
+        launch(
+            &self.bias_rope,
+            (grid(tokens), 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(q),
+                Arg::U(k),
+                Arg::U(v),
+                Arg::U(biases[0]),
+                Arg::U(biases[1]),
+                Arg::U(biases[2]),
+                Arg::U(cos),
+                Arg::U(sin),
+                Arg::U(seq),
+                Arg::U(pos),
+                Arg::U(k_cache),
+                Arg::U(v_cache),
+                Arg::U(tokens as u64),
+                Arg::U(heads as u64),
+                Arg::U(kv_heads as u64),
+                Arg::U(head_dim as u64),
+                Arg::U(max_len as u64),
+                Arg::U(self.kind),
+            ],
+        )
+    }
+
+    /// Causal attention of every (token, head) against the KV cache, into
+    /// the split bf16 `out [tokens, heads * head_dim]`.
+    ///
+    /// # Safety
+    /// As for [`bias_rope_cache`](Self::bias_rope_cache), with the caches
+    /// filled up to each token's position; `max_len <= MAX_ATTENTION_LEN`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn attention(
+        &self,
+        s: &Stream,
+        q: u64,
+        k_cache: u64,
+        v_cache: u64,
+        seq: u64,
+        pos: u64,
+        out: Split,
+        tokens: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        max_len: usize,
+    ) -> Result<()> {
+        if max_len > MAX_ATTENTION_LEN || head_dim > 512 || tokens > 65535 {
+            return Err(Error::Input(format!(
+                "attention kernel limits: max_len {max_len} (at most {MAX_ATTENTION_LEN}), head_dim {head_dim} (512), tokens {tokens} (65535)"
+            )));
+        }
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        launch(
+            &self.attention,
+            (heads as u32, tokens as u32),
+            ATTN_BLOCK,
+            (max_len * 4) as u32,
+            s,
+            &[
+                Arg::U(q),
+                Arg::U(k_cache),
+                Arg::U(v_cache),
+                Arg::U(seq),
+                Arg::U(pos),
+                Arg::U(out.hi),
+                Arg::U(out.lo),
+                Arg::U(tokens as u64),
+                Arg::U(heads as u64),
+                Arg::U(kv_heads as u64),
+                Arg::U(head_dim as u64),
+                Arg::U(max_len as u64),
+                Arg::F(scale),
+                Arg::U(self.kind),
+            ],
+        )
+    }
+}

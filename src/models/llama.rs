@@ -1,0 +1,211 @@
+//! The Llama-family forward pass (Llama 2/3, Qwen2) over
+//! [`LayerStreamer::run_pass`]: one pass streams every layer once and runs
+//! it for every token of every sequence in the batch.
+
+use crate::models::config::ModelConfig;
+use crate::models::host::HostModel;
+use crate::{Error, LayerStreamer, Result};
+
+/// Sizes the model's buffers and caches are allocated for, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelOptions {
+    /// Sequences decoded together (KV cache slots).
+    pub max_batch: usize,
+    /// Longest sequence, prompt and generated tokens together.
+    pub max_len: usize,
+    /// Most tokens one pass processes (all sequences together); longer
+    /// prefills are split over several passes.
+    pub max_tokens: usize,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions {
+            max_batch: 1,
+            max_len: 2048,
+            max_tokens: 2048,
+        }
+    }
+}
+
+/// The tokens of one pass, packed: every participating sequence's new
+/// tokens in turn.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PassBatch {
+    /// Token ids.
+    pub(crate) tokens: Vec<u32>,
+    /// The sequence (KV cache slot) of each token.
+    pub(crate) seq: Vec<u32>,
+    /// The position of each token in its sequence.
+    pub(crate) pos: Vec<u32>,
+    /// Rows (indices into `tokens`) whose logits are wanted: the last new
+    /// token of each sequence that finishes its input in this pass.
+    pub(crate) out_rows: Vec<u32>,
+    /// The sequence of each row of `out_rows`.
+    pub(crate) out_seqs: Vec<usize>,
+}
+
+/// How the math runs.
+enum Exec {
+    Host(HostModel),
+    Cuda(Box<crate::models::gpu::CudaModel>),
+}
+
+/// A Qwen2/Llama model whose layers stream through a [`LayerStreamer`], with
+/// a KV cache for `max_batch` sequences.
+pub struct LlamaModel {
+    cfg: ModelConfig,
+    opts: ModelOptions,
+    lens: Vec<usize>,
+    exec: Exec,
+}
+
+impl LlamaModel {
+    /// Loads the embedding, final norm and lm_head through `streamer` and
+    /// allocates the caches and workspaces, on the streamer's device.
+    pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
+        let cfg = ModelConfig::from_model(streamer.model())?;
+        if cfg.layers != streamer.model().num_layers() {
+            return Err(Error::model(
+                streamer.model().dir(),
+                format!(
+                    "config.json says {} layers but the checkpoint has {}",
+                    cfg.layers,
+                    streamer.model().num_layers()
+                ),
+            ));
+        }
+        if opts.max_batch == 0 || opts.max_len == 0 || opts.max_tokens == 0 {
+            return Err(Error::config(format!(
+                "max_batch, max_len and max_tokens must be positive: {opts:?}"
+            )));
+        }
+        let exec = if streamer.is_host() {
+            Exec::Host(HostModel::load(streamer, &cfg, &opts)?)
+        } else {
+            Exec::Cuda(Box::new(crate::models::gpu::CudaModel::load(
+                streamer, &cfg, &opts,
+            )?))
+        };
+        Ok(LlamaModel {
+            lens: vec![0; opts.max_batch],
+            cfg,
+            opts,
+            exec,
+        })
+    }
+
+    /// The compute dtype to build a CUDA streamer with for this model: f16
+    /// when every float tensor is f16 (kept as is: f16 GEMMs lose less than a
+    /// cast to bf16), else bf16 (f16 and f32 tensors cast on the device).
+    pub fn cuda_dtype(index: &crate::ModelIndex) -> crate::DType {
+        use crate::DType;
+        let floats: Vec<DType> = index
+            .dtypes()
+            .into_iter()
+            .filter(|d| matches!(d, DType::BF16 | DType::F16 | DType::F32 | DType::F64))
+            .collect();
+        if !floats.is_empty() && floats.iter().all(|d| *d == DType::F16) {
+            DType::F16
+        } else {
+            DType::BF16
+        }
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// The sizes it was loaded for.
+    pub fn options(&self) -> &ModelOptions {
+        &self.opts
+    }
+
+    /// Tokens cached so far for each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Forgets every cached token (the next call starts new sequences).
+    pub fn reset(&mut self) {
+        self.lens.iter_mut().for_each(|l| *l = 0);
+    }
+
+    /// Appends `inputs[i]` to sequence `i` and returns, for each sequence
+    /// with new tokens, the logits (`vocab` f32) after its last new token;
+    /// an empty vector for a sequence without new tokens. Runs one pass, or
+    /// more when the tokens exceed `max_tokens`.
+    pub fn forward(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        inputs: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        if inputs.len() > self.opts.max_batch {
+            return Err(Error::Input(format!(
+                "{} sequences given but the model was loaded for at most {}",
+                inputs.len(),
+                self.opts.max_batch
+            )));
+        }
+        for (i, inp) in inputs.iter().enumerate() {
+            let total = self.lens[i] + inp.len();
+            if total > self.opts.max_len {
+                return Err(Error::Input(format!(
+                    "sequence {i} would hold {total} tokens ({} cached + {} new), more than the \
+                     maximum length {} (raise --max-len)",
+                    self.lens[i],
+                    inp.len(),
+                    self.opts.max_len
+                )));
+            }
+            if let Some(&bad) = inp.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is outside the vocabulary of {} ids",
+                    self.cfg.vocab
+                )));
+            }
+        }
+        let mut out = vec![Vec::new(); inputs.len()];
+        let mut done = vec![0usize; inputs.len()];
+        while done.iter().zip(inputs).any(|(d, i)| *d < i.len()) {
+            let mut b = PassBatch::default();
+            let mut budget = self.opts.max_tokens;
+            for (i, inp) in inputs.iter().enumerate() {
+                let take = (inp.len() - done[i]).min(budget);
+                if take == 0 {
+                    continue;
+                }
+                for j in 0..take {
+                    b.tokens.push(inp[done[i] + j]);
+                    b.seq.push(i as u32);
+                    b.pos.push((self.lens[i] + j) as u32);
+                }
+                done[i] += take;
+                self.lens[i] += take;
+                budget -= take;
+                if done[i] == inp.len() {
+                    b.out_rows.push((b.tokens.len() - 1) as u32);
+                    b.out_seqs.push(i);
+                }
+            }
+            let logits = match &mut self.exec {
+                Exec::Host(h) => h.pass(streamer, &self.cfg, &b)?,
+                Exec::Cuda(c) => c.pass(streamer, &self.cfg, &b)?,
+            };
+            for (r, &s) in b.out_seqs.iter().enumerate() {
+                out[s] = logits[r * self.cfg.vocab..(r + 1) * self.cfg.vocab].to_vec();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Compute throughput of the CUDA pass with the most tokens so far: the
+    /// layer's GEMM FLOPs over the time of layer 0's work, in TFLOP/s.
+    pub fn last_gemm_tflops(&self) -> Option<f64> {
+        match &self.exec {
+            Exec::Cuda(c) => c.last_gemm_tflops(),
+            Exec::Host(_) => None,
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Qwen2 and Llama generation over the layer streamer: configuration, the
+//! forward pass (on the host in f32, or on CUDA with cuBLAS and the crate's
+//! kernels), KV cache, sampling, tokenizer and chat template.
+//!
+//! ```no_run
+//! use layer_streamer::models::{generate, GenerateParams, LlamaModel, ModelOptions, Tokenizer};
+//! use layer_streamer::{Device, LayerStreamer, ModelIndex};
+//! # fn main() -> layer_streamer::Result<()> {
+//! let index = ModelIndex::open("./Qwen2-7B-Instruct")?;
+//! let mut streamer = LayerStreamer::builder(&index).device(Device::Cuda(0)).build()?;
+//! let mut model = LlamaModel::load(&streamer, ModelOptions::default())?;
+//! let tok = Tokenizer::from_dir(index.dir())?;
+//! let prompt = tok.encode("The capital of France is", true)?;
+//! let params = GenerateParams {
+//!     max_new_tokens: 16,
+//!     sampling: Default::default(),
+//!     seed: 0,
+//!     stop_ids: model.config().eos_token_ids.clone(),
+//! };
+//! let out = generate(&mut model, &mut streamer, &[prompt], &params, |_, _| Ok(()))?;
+//! println!("{}", tok.decode(&out.tokens[0])?);
+//! # Ok(()) }
+//! ```
+
+pub mod chat;
+pub mod config;
+pub mod generate;
+mod gpu;
+mod gpu_kernels;
+mod host;
+pub mod llama;
+pub mod ops;
+pub mod reference;
+pub mod sampling;
+pub mod tokenizer;
+
+pub use chat::{ChatTemplate, Message};
+pub use config::ModelConfig;
+pub use generate::{generate, GenerateParams, Generation};
+pub use llama::{LlamaModel, ModelOptions};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{TextStream, Tokenizer};
