@@ -101,8 +101,8 @@ extern "C" __global__ void swiglu_split(const float* __restrict__ gate,
 
 // For each token t (one block): adds the q/k/v biases (pointers may be 0),
 // rotates q and k by RoPE at position pos[t] (neox style: the two halves of a
-// head are the pairs), writes k and v as bf16 into the KV cache of sequence
-// seq[t] at pos[t] (16-bit). q stays f32 in place. Cache layout: [seq][kv_head][max_len][head_dim].
+// head are the pairs), writes k and v into the f32 KV cache of sequence
+// seq[t] at pos[t]. q stays f32 in place. Cache layout: [seq][kv_head][max_len][head_dim].
 extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* __restrict__ k,
                                            const float* __restrict__ v,
                                            const uint16_t* __restrict__ bq,
@@ -112,8 +112,8 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
                                            const float* __restrict__ sin_t,
                                            const uint32_t* __restrict__ seq,
                                            const uint32_t* __restrict__ pos,
-                                           uint16_t* __restrict__ k_cache,
-                                           uint16_t* __restrict__ v_cache, u64 tokens,
+                                           float* __restrict__ k_cache,
+                                           float* __restrict__ v_cache, u64 tokens,
                                            u64 heads, u64 kv_heads, u64 head_dim, u64 max_len,
                                            u64 kind) {
     const u64 half = head_dim / 2;
@@ -148,10 +148,10 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
                 vb += load_h(bv[g * head_dim + j + half], kind);
             }
             const u64 base = ((s * kv_heads + g) * max_len + p) * head_dim;
-            k_cache[base + j] = to_h(a * c[j] - b * sn[j], kind);
-            k_cache[base + j + half] = to_h(b * c[j] + a * sn[j], kind);
-            v_cache[base + j] = to_h(va, kind);
-            v_cache[base + j + half] = to_h(vb, kind);
+            k_cache[base + j] = a * c[j] - b * sn[j];
+            k_cache[base + j + half] = b * c[j] + a * sn[j];
+            v_cache[base + j] = va;
+            v_cache[base + j + half] = vb;
         }
     }
 }
@@ -161,8 +161,8 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
 // f32 softmax, output split into 16-bit (hi, lo) [tokens, heads * head_dim].
 // blockDim.x is a multiple of 32; head_dim <= 512.
 extern "C" __global__ void attention_causal(const float* __restrict__ q,
-                                            const uint16_t* __restrict__ k_cache,
-                                            const uint16_t* __restrict__ v_cache,
+                                            const float* __restrict__ k_cache,
+                                            const float* __restrict__ v_cache,
                                             const uint32_t* __restrict__ seq,
                                             const uint32_t* __restrict__ pos,
                                             uint16_t* __restrict__ out_hi,
@@ -178,17 +178,17 @@ extern "C" __global__ void attention_causal(const float* __restrict__ q,
     const u64 g = h / (heads / kv_heads);
     const u64 len = (u64)pos[t] + 1;
     const u64 s = seq[t];
-    const uint16_t* kb = k_cache + (s * kv_heads + g) * max_len * head_dim;
-    const uint16_t* vb = v_cache + (s * kv_heads + g) * max_len * head_dim;
+    const float* kb = k_cache + (s * kv_heads + g) * max_len * head_dim;
+    const float* vb = v_cache + (s * kv_heads + g) * max_len * head_dim;
     const float* qh = q + t * heads * head_dim + h * head_dim;
     for (u64 i = threadIdx.x; i < head_dim; i += blockDim.x) qs[i] = qh[i] * scale;
     __syncthreads();
     // One warp per key: lanes split the head dimension.
     const u64 warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
     for (u64 j = warp; j < len; j += nwarps) {
-        const uint16_t* kr = kb + j * head_dim;
+        const float* kr = kb + j * head_dim;
         float d = 0.0f;
-        for (u64 i = lane; i < head_dim; i += 32) d += qs[i] * load_h(kr[i], kind);
+        for (u64 i = lane; i < head_dim; i += 32) d += qs[i] * kr[i];
         for (int o = 16; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
         if (lane == 0) scores[j] = d;
     }
@@ -207,7 +207,7 @@ extern "C" __global__ void attention_causal(const float* __restrict__ q,
     const float inv = 1.0f / sum;
     for (u64 i = threadIdx.x; i < head_dim; i += blockDim.x) {
         float acc = 0.0f;
-        for (u64 j = 0; j < len; ++j) acc += scores[j] * load_h(vb[j * head_dim + i], kind);
+        for (u64 j = 0; j < len; ++j) acc += scores[j] * vb[j * head_dim + i];
         store_split(acc * inv, out_hi, out_lo, t * heads * head_dim + h * head_dim + i, kind);
     }
 }

@@ -138,21 +138,33 @@ fn both_strategies_report_their_children() {
 }
 
 #[test]
-fn workloads_without_the_generation_code_fail_before_any_child() {
-    let Some(bin) = binary("workloads_without_the_generation_code_fail_before_any_child") else {
+fn prefill_and_decode_workloads_run_the_model() {
+    let Some(bin) = binary("prefill_and_decode_workloads_run_the_model") else {
         return;
     };
     let model = tiny_model();
-    for (workload, name) in [("prefill:16", "prefill"), ("decode", "decode")] {
-        let out = tune(bin, model.path(), &["--workload", workload]);
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(&format!("workload {name} needs the generation code")),
-            "{stderr}"
+    for workload in ["prefill:16", "decode:3"] {
+        let out = tune(
+            bin,
+            model.path(),
+            &["--workload", workload, "--n-gpu", "1,2", "--json"],
         );
-        assert!(!stderr.contains("[grid"), "no child ran: {stderr}");
+        let v = json_of(&out);
+        let ok = v["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["status"] == "ok" || c["status"] == "slower")
+            .count();
+        assert_eq!(ok, 2, "{workload}: {v}");
+        assert!(v["best"]["mean_s"].as_f64().unwrap() > 0.0, "{v}");
     }
+    // A bad argument fails before any child starts.
+    let out = tune(bin, model.path(), &["--workload", "decode:0"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("positive number of sequences"), "{stderr}");
+    assert!(!stderr.contains("[grid"), "no child ran: {stderr}");
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub(crate) struct Split {
 /// The model module loaded into a context.
 pub(crate) struct ModelKernels {
     _module: Module,
-    /// 16-bit type of weights, GEMM inputs and KV cache: 0 bf16, 1 f16.
+    /// 16-bit type of the weights and GEMM inputs: 0 bf16, 1 f16.
     kind: u64,
     embed: Function,
     rms_norm: Function,

@@ -69,15 +69,16 @@ impl Workloads {
     ///   per layer, standing in for compute. The wait is a host sleep on the
     ///   calling thread on every backend, CUDA included (no kernel is
     ///   launched), so it models compute that overlaps the streaming.
-    /// - `prefill:N` and `decode`: need the generation code; until it is
-    ///   registered under these names they fail with a clear error before any
-    ///   child starts.
+    /// - `prefill:N`: one forward pass over an `N`-token prompt (default 512)
+    ///   with the built-in Qwen2/Llama model code.
+    /// - `decode:B`: one forward pass decoding one token for each of `B`
+    ///   sequences (default 1); the sequences restart every 255 tokens.
     pub fn builtin() -> Workloads {
         let mut w = Workloads::new();
         w.register_workload("pass", PassWorkload { delay: false });
         w.register_workload("pass-delay", PassWorkload { delay: true });
-        w.register_workload("prefill", NeedsGeneration("prefill"));
-        w.register_workload("decode", NeedsGeneration("decode"));
+        w.register_workload("prefill", Generation(GenKind::Prefill));
+        w.register_workload("decode", Generation(GenKind::Decode));
         w
     }
 
@@ -206,31 +207,94 @@ impl Workload for PassWorkload {
     }
 }
 
-/// `prefill` and `decode` before the generation code registers them.
-struct NeedsGeneration(&'static str);
+/// `prefill:N` (one pass over an `N`-token prompt) and `decode[:B]` (one
+/// pass that decodes one token for each of `B` sequences, default 1), with
+/// the built-in Qwen2/Llama model code.
+struct Generation(GenKind);
 
-impl NeedsGeneration {
-    fn error(&self) -> Error {
-        Error::Input(format!(
-            "workload {} needs the generation code, which is not in this build; \
-             register a workload named {0:?} with Workloads::register to tune it",
-            self.0
-        ))
+#[derive(Clone, Copy, PartialEq)]
+enum GenKind {
+    Prefill,
+    Decode,
+}
+
+impl Generation {
+    fn count(&self, arg: Option<&str>) -> Result<usize> {
+        let (name, default) = match self.0 {
+            GenKind::Prefill => ("prefill", 512),
+            GenKind::Decode => ("decode", 1),
+        };
+        match arg {
+            None => Ok(default),
+            Some(a) => a.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::Input(format!(
+                    "workload {name}:{a}: expected a positive number of {}",
+                    if self.0 == GenKind::Prefill {
+                        "tokens"
+                    } else {
+                        "sequences"
+                    }
+                ))
+            }),
+        }
     }
 }
 
-impl Workload for NeedsGeneration {
+impl Workload for Generation {
     fn prepare<'m>(
         &self,
-        _cfg: &StreamerConfig,
-        _model: &'m ModelIndex,
-        _arg: Option<&str>,
+        cfg: &StreamerConfig,
+        model: &'m ModelIndex,
+        arg: Option<&str>,
     ) -> Result<RunFn<'m>> {
-        Err(self.error())
+        use crate::models::{LlamaModel, ModelOptions};
+        let n = self.count(arg)?;
+        let mut cfg = cfg.clone();
+        if matches!(cfg.device, crate::Device::Cuda(_)) {
+            cfg.dtype = Some(LlamaModel::cuda_dtype(model));
+        }
+        let mut s = LayerStreamer::builder(model).config(cfg).build()?;
+        // Decode keeps a short history per sequence, reset before the cache fills.
+        const DECODE_LEN: usize = 256;
+        let (batch, max_len) = match self.0 {
+            GenKind::Prefill => (1, n),
+            GenKind::Decode => (n, DECODE_LEN),
+        };
+        let opts = ModelOptions {
+            max_batch: batch,
+            max_len,
+            max_tokens: max_len.max(batch),
+        };
+        let mut m = LlamaModel::load(&s, opts)?;
+        let vocab = m.config().vocab.max(1);
+        let token = move |i: usize| ((i * 7919 + 13) % vocab) as u32;
+        let kind = self.0;
+        Ok(Box::new(move || {
+            let t = match kind {
+                GenKind::Prefill => {
+                    let prompt: Vec<u32> = (0..n).map(token).collect();
+                    m.reset();
+                    let t = Instant::now();
+                    m.forward(&mut s, &[&prompt])?;
+                    t.elapsed()
+                }
+                GenKind::Decode => {
+                    if m.lengths().iter().any(|&l| l + 1 >= DECODE_LEN) {
+                        m.reset();
+                    }
+                    let steps: Vec<[u32; 1]> = (0..n).map(|i| [token(i)]).collect();
+                    let inputs: Vec<&[u32]> = steps.iter().map(|t| &t[..]).collect();
+                    let t = Instant::now();
+                    m.forward(&mut s, &inputs)?;
+                    t.elapsed()
+                }
+            };
+            Ok(t)
+        }))
     }
 
-    fn check(&self, _arg: Option<&str>) -> Result<()> {
-        Err(self.error())
+    fn check(&self, arg: Option<&str>) -> Result<()> {
+        self.count(arg).map(drop)
     }
 }
 
@@ -246,16 +310,13 @@ mod tests {
         assert!(w.check("pass-delay").is_err());
         assert!(w.check("pass-delay:soon").is_err());
         assert!(w.check("pass:3").is_err());
-        let e = w.check("prefill:128").unwrap_err().to_string();
-        assert!(
-            e.contains("workload prefill needs the generation code"),
-            "{e}"
-        );
-        let e = w.check("decode").unwrap_err().to_string();
-        assert!(
-            e.contains("workload decode needs the generation code"),
-            "{e}"
-        );
+        w.check("prefill:128").unwrap();
+        w.check("decode").unwrap();
+        w.check("decode:8").unwrap();
+        let e = w.check("prefill:lots").unwrap_err().to_string();
+        assert!(e.contains("positive number of tokens"), "{e}");
+        let e = w.check("decode:0").unwrap_err().to_string();
+        assert!(e.contains("positive number of sequences"), "{e}");
         let e = w.check("train").unwrap_err().to_string();
         assert!(
             e.contains("unknown workload") && e.contains("pass-delay"),

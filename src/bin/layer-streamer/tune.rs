@@ -16,8 +16,9 @@ Grid lists are comma-separated; a parameter not given keeps its default. Counts 
 --read-chunk takes sizes (4MiB,16MiB); the caches take none, auto or a size (none,auto,8GB).
 
 Workloads: pass (a pass with a no-op layer function), pass-delay:MS (each layer waits MS ms on the
-host, standing in for compute; on CUDA too it is a host sleep), prefill:N and decode (need the
-generation code).
+host, standing in for compute; on CUDA too it is a host sleep), prefill:N (one forward pass over
+an N-token prompt with the Qwen2/Llama model code, default 512) and decode:B (one forward pass
+decoding one token for each of B sequences, default 1).
 
 Each configuration runs in its own child process: one warm-up run, then RUNS-1 measured runs with
 SLEEP seconds between them; a child is killed as soon as a measured run is slower than the best
