@@ -206,6 +206,16 @@ impl ModelConfig {
         })
     }
 
+    /// FLOPs of one token through every layer's projections (q, k, v, o and
+    /// the three MLP matrices), two per multiply-add; attention and the
+    /// lm_head are not counted.
+    pub fn projection_flops_per_token(&self) -> f64 {
+        let per_layer = self.hidden * (self.q_dim() + 2 * self.kv_dim())
+            + self.q_dim() * self.hidden
+            + 3 * self.hidden * self.intermediate;
+        2.0 * per_layer as f64 * self.layers as f64
+    }
+
     /// Width of the query projection's output.
     pub fn q_dim(&self) -> usize {
         self.heads * self.head_dim

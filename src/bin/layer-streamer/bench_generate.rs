@@ -1,5 +1,13 @@
 //! `layer-streamer bench-generate`: prefill and decode speed for given
 //! prompt lengths and batch sizes, on random prompts.
+//!
+//! Columns: `prefill_TFLOP/s` is the projections' FLOPs of every prompt token
+//! through every layer (two per multiply-add; attention and lm_head not
+//! counted) over the prefill's wall time; `xfer_bound_s` is a pass's bytes at
+//! the host-to-device rate the last pass measured, and `bound_tok/s` the
+//! decode rate that allows; `layer_TFLOP/s` is the same FLOP count for one
+//! layer over that layer's device time, timed once (the first, largest pass;
+//! its first GEMMs include cuBLAS's start-up).
 
 use std::path::PathBuf;
 
@@ -62,7 +70,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     generate(&mut model, &mut streamer, &[warm], &short, |_, _| Ok(()))?;
     println!(
-        "batch  prompt  prefill_s  prefill_tok/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  TFLOP/s"
+        "batch  prompt  prefill_s  prefill_tok/s  prefill_TFLOP/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  layer_TFLOP/s"
     );
     for &b in &batches {
         let prompts: Vec<Vec<u32>> = (0..b)
@@ -79,10 +87,13 @@ pub fn run(a: Args) -> Result<()> {
         let h2d_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
         let bound_s = g.pass_bytes as f64 / h2d_rate.max(1.0);
         println!(
-            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
+            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>15.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
             a.prompt_len,
             g.prefill.as_secs_f64(),
             g.prompt_tokens as f64 / g.prefill.as_secs_f64().max(1e-9),
+            model.config().projection_flops_per_token() * g.prompt_tokens as f64
+                / g.prefill.as_secs_f64().max(1e-9)
+                / 1e12,
             g.decode_tokens_per_s(),
             g.decode_gb_per_s(),
             bound_s,
