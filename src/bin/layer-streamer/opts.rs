@@ -10,7 +10,8 @@ pub struct StreamerOpts {
     /// Device: cuda, cuda:N, or host (the host backend: no GPU needed).
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
-    /// Compute dtype (f16/f32 weights are cast on the device), or "file" to keep file dtypes.
+    /// Compute dtype (f16/f32 weights are cast on the device), or "file" to keep file
+    /// dtypes; the model commands choose it from the checkpoint.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
     /// GPU prefetch depth: n_gpu + 1 device slots.
@@ -41,7 +42,7 @@ pub struct StreamerOpts {
     #[arg(long, default_value = "auto")]
     pub io: String,
     /// Pinned-RAM cache across passes: none, auto, or a size (e.g. 12GB).
-    #[arg(long, default_value = "none")]
+    #[arg(long, default_value = "auto")]
     pub pinned_cache: String,
     /// Device-resident cache: none, auto, or a size.
     #[arg(long, default_value = "none")]
