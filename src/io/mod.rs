@@ -28,6 +28,20 @@ pub enum OpenMode {
     Buffered,
 }
 
+impl OpenMode {
+    /// Parses `auto`, `direct` or `buffered`.
+    pub fn parse(s: &str) -> crate::Result<OpenMode> {
+        match s {
+            "auto" => Ok(OpenMode::Auto),
+            "direct" => Ok(OpenMode::Direct),
+            "buffered" => Ok(OpenMode::Buffered),
+            _ => Err(crate::Error::Input(format!(
+                "unknown I/O mode {s:?}: auto, direct or buffered"
+            ))),
+        }
+    }
+}
+
 /// How an open [`DirectFile`] actually reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {

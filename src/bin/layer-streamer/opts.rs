@@ -58,23 +58,9 @@ pub struct StreamerOpts {
 impl StreamerOpts {
     /// The configuration these options describe.
     pub fn config(&self) -> Result<StreamerConfig> {
-        let dtype = match self.dtype.as_str() {
-            "file" | "none" => None,
-            s => Some(DType::parse(s).ok_or_else(|| Error::Input(format!("unknown dtype {s:?}")))?),
-        };
-        let io_mode = match self.io.as_str() {
-            "auto" => OpenMode::Auto,
-            "direct" => OpenMode::Direct,
-            "buffered" => OpenMode::Buffered,
-            s => {
-                return Err(Error::Input(format!(
-                    "unknown --io {s:?}: auto, direct or buffered"
-                )))
-            }
-        };
         let cfg = StreamerConfig {
             device: Device::parse(&self.device)?,
-            dtype,
+            dtype: parse_compute_dtype(&self.dtype)?,
             n_gpu: self.n_gpu,
             n_cpu_pinned: self.n_cpu_pinned,
             n_cpu: self.n_cpu,
@@ -83,7 +69,7 @@ impl StreamerOpts {
             batch_cpu: self.batch_cpu,
             reader_threads: self.reader_threads,
             read_chunk: parse_size(&self.read_chunk)?,
-            io_mode,
+            io_mode: OpenMode::parse(&self.io)?,
             pinned_cache: Budget::parse(&self.pinned_cache)?,
             gpu_cache: Budget::parse(&self.gpu_cache)?,
             cpu_affinity: self.cpu_affinity.clone(),
@@ -91,5 +77,15 @@ impl StreamerOpts {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// Parses a compute dtype: `bf16`, `f16`, `f32`, or `file` (keep file dtypes).
+pub fn parse_compute_dtype(s: &str) -> Result<Option<DType>> {
+    match s {
+        "file" | "none" => Ok(None),
+        s => DType::parse(s)
+            .map(Some)
+            .ok_or_else(|| Error::Input(format!("unknown dtype {s:?}: bf16, f16, f32 or file"))),
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use layer_streamer::io::OpenMode;
 use layer_streamer::tuner::{Grid, Param, Strategy, TuneOptions, TuneReport, Tuner, Workloads};
-use layer_streamer::{DType, Device, Error, Result, StreamerConfig};
+use layer_streamer::{Device, Error, Result, StreamerConfig};
 
 const AFTER_HELP: &str = "\
 Grid lists are comma-separated; a parameter not given keeps its default. Counts take `off` for 0;
@@ -145,24 +145,10 @@ pub fn run(a: Args) -> Result<()> {
             )))
         }
     };
-    let dtype = match a.dtype.as_str() {
-        "file" => None,
-        d => Some(DType::parse(d).ok_or_else(|| Error::Input(format!("unknown --dtype {d:?}")))?),
-    };
-    let io_mode = match a.io.as_str() {
-        "auto" => OpenMode::Auto,
-        "direct" => OpenMode::Direct,
-        "buffered" => OpenMode::Buffered,
-        s => {
-            return Err(Error::Input(format!(
-                "unknown --io {s:?}: auto, direct or buffered"
-            )))
-        }
-    };
     let base = StreamerConfig {
         device: Device::parse(&a.device)?,
-        dtype,
-        io_mode,
+        dtype: crate::opts::parse_compute_dtype(&a.dtype)?,
+        io_mode: OpenMode::parse(&a.io)?,
         ..StreamerConfig::default()
     };
     let options = TuneOptions {
