@@ -33,6 +33,22 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype, in the order of their `#[repr(u32)]` values.
+    pub const ALL: [DType; 12] = [
+        DType::BF16,
+        DType::F16,
+        DType::F32,
+        DType::F64,
+        DType::I8,
+        DType::U8,
+        DType::I16,
+        DType::I32,
+        DType::I64,
+        DType::Bool,
+        DType::F8E4M3,
+        DType::F8E5M2,
+    ];
+
     /// Bytes per element.
     pub const fn size(self) -> usize {
         match self {
@@ -69,22 +85,8 @@ impl DType {
     /// Parses a short user-facing name: `bf16`, `f16`, `f32` (case-insensitive),
     /// or a safetensors name.
     pub fn parse(s: &str) -> Option<DType> {
-        let all = [
-            DType::BF16,
-            DType::F16,
-            DType::F32,
-            DType::F64,
-            DType::I8,
-            DType::U8,
-            DType::I16,
-            DType::I32,
-            DType::I64,
-            DType::Bool,
-            DType::F8E4M3,
-            DType::F8E5M2,
-        ];
         let lower = s.to_ascii_lowercase();
-        all.into_iter().find(|d| {
+        DType::ALL.into_iter().find(|d| {
             d.safetensors_name().eq_ignore_ascii_case(s)
                 || lower == d.safetensors_name().to_ascii_lowercase().replace('_', "")
                 || (lower == "float16" && *d == DType::F16)
@@ -118,5 +120,12 @@ mod tests {
         }
         assert_eq!(DType::parse("bfloat16"), Some(DType::BF16));
         assert_eq!(DType::parse("q4"), None);
+    }
+
+    #[test]
+    fn all_lists_every_dtype_at_its_value() {
+        for (i, d) in DType::ALL.into_iter().enumerate() {
+            assert_eq!(d as u32 as usize, i, "{d}");
+        }
     }
 }

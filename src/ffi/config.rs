@@ -134,22 +134,7 @@ fn budget_from_c(b: ls_budget, field: &str) -> Result<Budget, Failure> {
 
 /// The element type with this value, if there is one.
 pub(crate) fn dtype_from_c(d: ls_dtype) -> Option<DType> {
-    [
-        DType::BF16,
-        DType::F16,
-        DType::F32,
-        DType::F64,
-        DType::I8,
-        DType::U8,
-        DType::I16,
-        DType::I32,
-        DType::I64,
-        DType::Bool,
-        DType::F8E4M3,
-        DType::F8E5M2,
-    ]
-    .into_iter()
-    .find(|t| *t as u32 == d)
+    DType::ALL.into_iter().find(|t| *t as u32 == d)
 }
 
 fn count(v: usize) -> u32 {
