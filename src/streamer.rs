@@ -5,21 +5,21 @@
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::io::OpenMode;
 use crate::kernels::Kernels;
 use crate::model::ModelIndex;
 use crate::pipeline::plan::{LayerPlan, LayerWeights};
-use crate::pipeline::resources::{Dev, FreeSlot, Ready, Resources, Rings};
-use crate::pipeline::stages::{self, Claim, H2dInput, InFlight, PassCtx};
-use crate::pipeline::{
-    Backend, Budget, DevMem, Device, PassStats, StageStats, StreamH, StreamerConfig,
-};
+use crate::pipeline::readers::{self, Claim, InFlight};
+use crate::pipeline::resources::{Resources, Rings};
+use crate::pipeline::stages::{self, H2dInput, PassCtx};
+use crate::pipeline::{Backend, Budget, Device, PassStats, StageStats, StreamH, StreamerConfig};
 use crate::ring::{Consumer, Producer};
 use crate::{cuda, DType, Error, Result};
 
 mod alloc;
+mod consume;
 mod tensor;
 
 pub use alloc::MemoryUse;
@@ -369,7 +369,7 @@ impl LayerStreamer {
                         .name(format!("ls-read-{t}"))
                         .spawn_scoped(s, move || {
                             stages::pin_thread(affinity, 2 + t);
-                            stages::reader(ctx, claim, inflight)
+                            readers::reader(ctx, claim, inflight)
                         });
                     match h {
                         Ok(h) => reader_handles.push(h),
@@ -397,7 +397,7 @@ impl LayerStreamer {
                 .map_err(|e| ctx.fail(spawn_error("transfer", e)))
                 .ok();
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                consume(
+                consume::consume(
                     ctx,
                     compute,
                     gpu_full_c,
@@ -539,89 +539,4 @@ fn progress_bar(layers: usize, pass: u64) -> indicatif::ProgressBar {
     }
     pb.set_message(pass.to_string());
     pb
-}
-
-/// The compute side: runs on the caller's thread.
-fn consume<S, F>(
-    ctx: &PassCtx<'_>,
-    compute: &ComputeStream,
-    mut ready: Consumer<'_, Ready>,
-    mut free: Producer<'_, FreeSlot>,
-    mut state: S,
-    layer_fn: &mut F,
-    progress: Option<&indicatif::ProgressBar>,
-) -> Result<(S, Duration)>
-where
-    F: FnMut(S, &LayerWeights<'_>, usize, &ComputeStream) -> Result<S>,
-{
-    let res = ctx.res;
-    let stream = &compute.inner;
-    let mut stalled = Duration::ZERO;
-    let result = (|| {
-        for _ in 0..res.model.num_layers() {
-            let item = match ready.pop() {
-                Some(item) => item,
-                None => {
-                    let t = Instant::now();
-                    let item = crate::ring::Waiter::new(&ctx.stop).until(|| ready.pop());
-                    stalled += t.elapsed();
-                    match item {
-                        Ok(item) => item,
-                        Err(_) => return Err(stopped()),
-                    }
-                }
-            };
-            let layer = item.layer as usize;
-            let ev = &res.events[layer];
-            stream.wait_event(&ev.h2d_end)?;
-            let mem: &DevMem = match item.dev {
-                Dev::Slot(s) => &res.gpu_slots[s as usize],
-                Dev::Cache(g) => &res.gpu_cache[g as usize],
-            };
-            stream.record(&ev.compute_start)?;
-            let weights = LayerWeights {
-                layer,
-                base: mem.ptr(),
-                plan: &res.plans[layer],
-                host_len: res.backend.is_host().then(|| mem.len()),
-            };
-            mem.set_in_use(true);
-            let out = layer_fn(state, &weights, layer, compute);
-            mem.set_in_use(false);
-            state = out.map_err(|e| Error::LayerFn {
-                layer,
-                source: Box::new(e),
-            })?;
-            stream.record(&ev.compute_end)?;
-            if let Dev::Slot(slot) = item.dev {
-                // The free ring has room for every device slot.
-                let _ = free.push(FreeSlot {
-                    slot,
-                    last_layer: Some(item.layer),
-                });
-            }
-            if let Some(pb) = progress {
-                pb.inc(1);
-            }
-        }
-        Ok(state)
-    })();
-    match result {
-        Ok(state) => Ok((state, stalled)),
-        Err(e) if is_stopped(&e) => Err(e),
-        Err(e) => {
-            // The layer function's (or the compute side's) own error becomes
-            // the pass's error, and stops the other stages.
-            ctx.fail(e);
-            Err(stopped())
-        }
-    }
-}
-
-fn stopped() -> Error {
-    Error::Pipeline("stopped".into())
-}
-
-fn is_stopped(e: &Error) -> bool {
-    matches!(e, Error::Pipeline(m) if m == "stopped")
 }

@@ -6,6 +6,7 @@ mod backend;
 pub mod config;
 pub(crate) mod host;
 pub(crate) mod plan;
+pub(crate) mod readers;
 pub(crate) mod resources;
 pub(crate) mod stages;
 pub mod stats;
