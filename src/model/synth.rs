@@ -224,7 +224,12 @@ pub fn write_model_with_progress(
                 )
             })
             .collect();
-        let header = header_bytes(spec.dtype, &entries);
+        let header = header_bytes(
+            Some(json!({ "format": "pt" })),
+            entries
+                .iter()
+                .map(|(n, shape, len)| (n.as_str(), spec.dtype, shape.as_slice(), *len)),
+        );
         let mut off = header.len() as u64;
         for &i in &members {
             let len = specs[i].1.iter().product::<usize>() as u64 * esize;
@@ -327,15 +332,21 @@ fn remove_stale(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A safetensors header (length prefix included) padded with spaces to a
-/// multiple of 8 bytes, as the safetensors serialiser does.
-fn header_bytes(dtype: DType, entries: &[(String, Vec<usize>, u64)]) -> Vec<u8> {
+/// A safetensors header (length prefix included) for tensors stored back to
+/// back in the given order, padded with spaces to a multiple of 8 bytes as the
+/// safetensors serialiser does. Each entry is (name, dtype, shape, bytes).
+fn header_bytes<'a>(
+    metadata: Option<Value>,
+    entries: impl IntoIterator<Item = (&'a str, DType, &'a [usize], u64)>,
+) -> Vec<u8> {
     let mut map = serde_json::Map::new();
-    map.insert("__metadata__".into(), json!({ "format": "pt" }));
+    if let Some(m) = metadata {
+        map.insert("__metadata__".into(), m);
+    }
     let mut off = 0u64;
-    for (name, shape, len) in entries {
+    for (name, dtype, shape, len) in entries {
         map.insert(
-            name.clone(),
+            name.to_string(),
             json!({ "dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + len] }),
         );
         off += len;
@@ -355,22 +366,12 @@ pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, DType, Vec<usize>, Vec<u8>)],
 ) -> Result<()> {
-    let mut map = serde_json::Map::new();
-    let mut off = 0u64;
-    for (name, dtype, shape, bytes) in tensors {
-        let len = bytes.len() as u64;
-        map.insert(
-            name.clone(),
-            json!({ "dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [off, off + len] }),
-        );
-        off += len;
-    }
-    let mut text = Value::Object(map).to_string().into_bytes();
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&text);
+    let mut out = header_bytes(
+        None,
+        tensors
+            .iter()
+            .map(|(n, d, shape, b)| (n.as_str(), *d, shape.as_slice(), b.len() as u64)),
+    );
     for (_, _, _, bytes) in tensors {
         out.extend_from_slice(bytes);
     }

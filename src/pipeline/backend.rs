@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::host::{CopyGuard, HostEvent, HostStream};
+use super::host::{CopyGuard, HostEvent, HostStream, PinnedSource};
 use crate::cuda::{self, Context, DeviceBuffer, HostRegistration};
 use crate::io::AlignedBuf;
 use crate::kernels::Kernels;
@@ -58,7 +58,7 @@ impl Backend {
             Backend::Host => DevMem::Host {
                 buf: AlignedBuf::new(bytes.max(1))?,
                 in_use: Arc::new(AtomicBool::new(false)),
-                name,
+                name: name.into(),
             },
         })
     }
@@ -117,7 +117,7 @@ pub(crate) enum DevMem {
         buf: AlignedBuf,
         /// Raised while a layer function may read this slot.
         in_use: Arc<AtomicBool>,
-        name: String,
+        name: Arc<str>,
     },
 }
 
@@ -150,7 +150,7 @@ impl DevMem {
                 let src = buf
                     .as_slice()
                     .get(offset..offset + dst.len())
-                    .ok_or_else(|| Error::Pipeline("device read out of bounds".into()))?;
+                    .ok_or_else(|| out_of_bounds("read", offset, dst.len(), buf.len()))?;
                 dst.copy_from_slice(src);
                 Ok(())
             }
@@ -162,14 +162,21 @@ impl DevMem {
         match self {
             DevMem::Cuda(b) => b.copy_from_host(offset, src),
             DevMem::Host { buf, .. } => {
+                let size = buf.len();
                 buf.as_mut_slice()
                     .get_mut(offset..offset + src.len())
-                    .ok_or_else(|| Error::Pipeline("device write out of bounds".into()))?
+                    .ok_or_else(|| out_of_bounds("write", offset, src.len(), size))?
                     .copy_from_slice(src);
                 Ok(())
             }
         }
     }
+}
+
+fn out_of_bounds(op: &str, offset: usize, len: usize, size: usize) -> Error {
+    Error::Pipeline(format!(
+        "device {op} of {len} bytes at offset {offset} overruns a buffer of {size} bytes"
+    ))
 }
 
 /// A stream of either backend.
@@ -190,7 +197,7 @@ impl StreamH {
         dst_off: usize,
         src: *const u8,
         len: usize,
-        src_gen: Option<(&Arc<AtomicU64>, String)>,
+        src_gen: Option<(&Arc<AtomicU64>, PinnedSource)>,
     ) -> Result<()> {
         if dst_off + len > dst.len() {
             return Err(Error::Pipeline(format!(

@@ -88,9 +88,17 @@ fn wait_until(mut f: impl FnMut() -> bool) {
 #[derive(Clone, Default)]
 pub(crate) struct CopyGuard {
     /// The destination device slot's in-use flag and a name for messages.
-    pub(crate) dst_in_use: Option<(Arc<AtomicBool>, String)>,
+    pub(crate) dst_in_use: Option<(Arc<AtomicBool>, Arc<str>)>,
     /// The source pinned slot's generation when the copy was issued.
-    pub(crate) src_gen: Option<(Arc<AtomicU64>, u64, String)>,
+    /// Messages name the pinned slot and the layer copied from it.
+    pub(crate) src_gen: Option<(Arc<AtomicU64>, u64, PinnedSource)>,
+}
+
+/// The pinned slot a copy reads and the layer it holds, for messages.
+#[derive(Clone, Copy)]
+pub(crate) struct PinnedSource {
+    pub(crate) slot: u32,
+    pub(crate) layer: usize,
 }
 
 enum Op {
@@ -297,11 +305,14 @@ fn execute(q: &Queue, op: Op) {
             // SAFETY: the issuer of the copy guarantees both ranges are valid
             // for `len` bytes until this op has run (see `HostStream::copy`).
             unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) };
-            if let Some((gen, expected, name)) = &guard.src_gen {
+            if let Some((gen, expected, PinnedSource { slot, layer })) = &guard.src_gen {
                 if gen.load(Ordering::Acquire) != *expected {
                     violation(
                         q,
-                        format!("{name} was refilled before its copy to the device had run"),
+                        format!(
+                            "pinned slot {slot} (layer {layer}) was refilled before its copy \
+                             to the device had run"
+                        ),
                     );
                 }
             }

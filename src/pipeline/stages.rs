@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::host::PinnedSource;
 use super::plan::Home;
 use super::readers::read_layer_inline;
 use super::resources::{Dev, FreeSlot, Job, Ready, Resources, Src};
@@ -304,7 +305,7 @@ pub(crate) fn h2d_stage(
             let gen = match release {
                 Release::Pinned(j) => Some((
                     &res.pinned_slots[j as usize].gen,
-                    format!("pinned slot {j} (layer {layer})"),
+                    PinnedSource { slot: j, layer },
                 )),
                 _ => None,
             };
