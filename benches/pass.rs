@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{cuda, Budget, DType, Device, LayerStreamer, ModelIndex};
 
 fn model(dir: &Path) -> ModelIndex {

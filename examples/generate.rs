@@ -9,11 +9,11 @@
 
 use std::io::Write;
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::models::{
+use layer_streamer::llm::{
     generate, ChatTemplate, GenerateParams, LlamaModel, Message, ModelOptions, TextStream,
     Tokenizer,
 };
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Device, LayerStreamer, ModelIndex, Result};
 
 fn main() -> Result<()> {

@@ -41,8 +41,8 @@
 //! ```
 //!
 //! The modules, from the bottom up: [`cuda`] (the driver API), [`kernels`]
-//! (PTX and launchers), [`io`] (aligned buffers, `O_DIRECT` reads), [`model`]
-//! (model directories, read plans, synthetic models), [`ring`] (the SPSC
+//! (PTX and launchers), [`io`] (aligned buffers, `O_DIRECT` reads), [`checkpoint`]
+//! (model directories, read plans), [`synth`] (synthetic models), [`ring`] (the SPSC
 //! ring), [`pipeline`] (configuration, stages, statistics), [`streamer`]
 //! ([`LayerStreamer`]), [`tuner`] (configuration search), [`bench`]
 //! (ceilings), [`ffi`] (the C ABI).
@@ -51,21 +51,22 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
 pub mod io;
 pub mod kernels;
-pub mod model;
-pub mod models;
+pub mod llm;
 pub mod pipeline;
 pub mod ring;
 pub mod streamer;
+pub mod synth;
 pub mod tuner;
 
+pub use checkpoint::ModelIndex;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use model::ModelIndex;
 pub use pipeline::{Budget, Device, LayerWeights, PassStats, StreamerConfig, TensorView};
 pub use streamer::{ComputeStream, DeviceTensor, LayerStreamer, LayerStreamerBuilder};

@@ -7,9 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::checkpoint::ModelIndex;
 use crate::io::OpenMode;
 use crate::kernels::Kernels;
-use crate::model::ModelIndex;
 use crate::pipeline::plan::{LayerPlan, LayerWeights};
 use crate::pipeline::readers::{self, Claim, InFlight};
 use crate::pipeline::resources::{Resources, Rings};

@@ -7,8 +7,8 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use layer_streamer::model::synth::Arch;
-use layer_streamer::model::ModelIndex;
+use layer_streamer::checkpoint::ModelIndex;
+use layer_streamer::synth::Arch;
 use layer_streamer::{DType, Error};
 
 /// Opens `dir`, expects an [`Error::Model`] about a path ending in `file`

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use layer_streamer::model::synth::{self, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{self, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, ModelIndex};
 
 /// Where the C program, model and expected hashes are left (relative: test
@@ -27,7 +27,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-fn read_tensor(model: &ModelIndex, info: &layer_streamer::model::TensorInfo) -> Vec<u8> {
+fn read_tensor(model: &ModelIndex, info: &layer_streamer::checkpoint::TensorInfo) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(&model.files()[info.file].path).expect("open shard");
     let mut buf = vec![0u8; info.len as usize];

@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::models::reference::{rel_l2, teacher_forced};
-use layer_streamer::models::{LlamaModel, ModelOptions};
+use layer_streamer::llm::reference::{rel_l2, teacher_forced};
+use layer_streamer::llm::{LlamaModel, ModelOptions};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
 
 mod common;

@@ -7,9 +7,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use layer_streamer::checkpoint::{ModelIndex, ModelParts, PartTensor, READ_ALIGN};
 use layer_streamer::io::{AlignedBuf, DirectFile, OpenMode};
-use layer_streamer::model::synth::{tensor_specs, write_safetensors, Arch, Shape};
-use layer_streamer::model::{ModelIndex, ModelParts, PartTensor, READ_ALIGN};
+use layer_streamer::synth::{tensor_specs, write_safetensors, Arch, Shape};
 use layer_streamer::DType;
 use safetensors::SafeTensors;
 
@@ -180,7 +180,7 @@ fn f32_and_deterministic_across_threads_and_shards() {
         1 << 40,
         seed,
     );
-    let spec = layer_streamer::model::synth::SynthSpec {
+    let spec = layer_streamer::synth::SynthSpec {
         arch: Arch::Llama,
         shape: Shape::preset("tiny").unwrap(),
         dtype: DType::F32,
@@ -189,7 +189,7 @@ fn f32_and_deterministic_across_threads_and_shards() {
         seed,
         threads: 1,
     };
-    layer_streamer::model::synth::write_model(b.path(), &spec).unwrap();
+    layer_streamer::synth::write_model(b.path(), &spec).unwrap();
     let (ia, ib) = (
         ModelIndex::open(a.path()).unwrap(),
         ModelIndex::open(b.path()).unwrap(),

@@ -4,12 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::models::reference::{check, rel_l2, teacher_forced, Reference};
-use layer_streamer::models::{
+use layer_streamer::llm::reference::{check, rel_l2, teacher_forced, Reference};
+use layer_streamer::llm::{
     generate, ChatTemplate, GenerateParams, LlamaModel, Message, ModelOptions, TextStream,
     Tokenizer,
 };
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Device, Error, LayerStreamer, ModelIndex};
 use rand::Rng;
 

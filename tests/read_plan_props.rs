@@ -7,8 +7,8 @@ mod common;
 use std::os::unix::fs::FileExt;
 use std::sync::OnceLock;
 
+use layer_streamer::checkpoint::{plan_reads, READ_ALIGN};
 use layer_streamer::io::{AlignedBuf, DirectFile, OpenMode};
-use layer_streamer::model::{plan_reads, READ_ALIGN};
 use layer_streamer::Error;
 use proptest::prelude::*;
 

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::DType;
 use serde_json::Value;
 

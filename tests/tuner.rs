@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::tuner::{
     worker_main, Grid, MachineLimits, Param, Status, Strategy, TuneOptions, TuneReport, Tuner,
     Workloads,

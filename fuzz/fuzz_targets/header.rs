@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use layer_streamer::model::{discover_layers, parse_header_bytes, parse_index_json, plan_reads};
+use layer_streamer::checkpoint::{discover_layers, parse_header_bytes, parse_index_json, plan_reads};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::config::ls_dtype;
 use super::error::{boundary, guard, ls_result, Failure};
-use crate::model::TensorInfo;
+use crate::checkpoint::TensorInfo;
 use crate::ModelIndex;
 
 /// The NUL-terminated strings and 64-bit shape of one tensor, kept for as

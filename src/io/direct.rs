@@ -13,7 +13,7 @@ use super::{align_down, align_up, AlignedBuf, OpenMode, ReadMode, PAGE};
 use crate::{Error, Result};
 
 /// The largest logical block size direct reads support: every planned read is
-/// aligned to [`crate::model::READ_ALIGN`], which is this.
+/// aligned to [`crate::checkpoint::READ_ALIGN`], which is this.
 const MAX_BLOCK: usize = PAGE;
 
 /// A file opened for positioned reads (`pread`), with `O_DIRECT` where the

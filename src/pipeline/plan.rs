@@ -2,7 +2,7 @@
 //! device slot, which tensors are cast to the compute dtype and where the
 //! casts land, and the views handed to the layer function.
 
-use crate::model::{Layer, ModelIndex};
+use crate::checkpoint::{Layer, ModelIndex};
 use crate::{DType, Error, Result};
 
 /// Alignment of tensors in a slot's conversion area.

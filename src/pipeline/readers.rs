@@ -11,7 +11,7 @@ use super::plan::Home;
 use super::resources::{Job, SlotPtr, Src};
 use super::stages::{PassCtx, StopOnUnwind};
 use super::stats::StageStats;
-use crate::model::Layer;
+use crate::checkpoint::Layer;
 use crate::ring::{Consumer, Producer, Waiter};
 use crate::Result;
 

@@ -6,8 +6,8 @@ use std::sync::atomic::AtomicBool;
 
 use super::backend::{Backend, DevMem, EventH, PinnedBuf, StreamH};
 use super::plan::LayerPlan;
+use crate::checkpoint::ModelIndex;
 use crate::io::{AlignedBuf, DirectFile};
-use crate::model::ModelIndex;
 use crate::ring::Ring;
 
 /// What a host-side slot token refers to.

@@ -16,7 +16,7 @@ use super::plan::Home;
 use super::readers::read_layer_inline;
 use super::resources::{Dev, FreeSlot, Job, Ready, Resources, Src};
 use super::stats::StageStats;
-use crate::model::Layer;
+use crate::checkpoint::Layer;
 use crate::ring::{Consumer, Producer, Waiter};
 use crate::{Error, Result};
 

@@ -4,8 +4,8 @@
 
 use std::sync::atomic::AtomicBool;
 
+use crate::checkpoint::ModelIndex;
 use crate::io::{AlignedBuf, DirectFile};
-use crate::model::ModelIndex;
 use crate::pipeline::plan::{Home, LayerPlan};
 use crate::pipeline::resources::{LayerEvents, Resources, SlotPtr};
 use crate::pipeline::{Backend, Budget, StreamerConfig};

@@ -247,7 +247,7 @@ impl Workload for Generation {
         model: &'m ModelIndex,
         arg: Option<&str>,
     ) -> Result<RunFn<'m>> {
-        use crate::models::{LlamaModel, ModelOptions};
+        use crate::llm::{LlamaModel, ModelOptions};
         let n = self.count(arg)?;
         let mut cfg = cfg.clone();
         if matches!(cfg.device, crate::Device::Cuda(_)) {

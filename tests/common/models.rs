@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use layer_streamer::model::synth::{self, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{self, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, ModelIndex};
 use rand::Rng;
 
@@ -59,7 +59,7 @@ pub fn expected_layers(model: &ModelIndex) -> Vec<Vec<(String, Vec<u8>)>> {
 }
 
 /// A tensor's bytes, read with plain std I/O.
-pub fn read_tensor(model: &ModelIndex, info: &layer_streamer::model::TensorInfo) -> Vec<u8> {
+pub fn read_tensor(model: &ModelIndex, info: &layer_streamer::checkpoint::TensorInfo) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let path: &PathBuf = &model.files()[info.file].path;
     let f = std::fs::File::open(path).expect("open shard");

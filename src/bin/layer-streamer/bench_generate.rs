@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 
-use layer_streamer::models::{generate, GenerateParams, ModelOptions};
+use layer_streamer::llm::{generate, GenerateParams, ModelOptions};
 use layer_streamer::Result;
 
 use crate::stream_args::{open_model, parse_list, StreamArgs};

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use layer_streamer::models::reference::{check, Reference};
-use layer_streamer::models::ModelOptions;
+use layer_streamer::llm::reference::{check, Reference};
+use layer_streamer::llm::ModelOptions;
 use layer_streamer::{Error, Result};
 
 use crate::stream_args::{open_model, StreamArgs};

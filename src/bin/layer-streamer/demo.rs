@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use layer_streamer::model::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::models::{generate, GenerateParams, ModelOptions};
+use layer_streamer::llm::{generate, GenerateParams, ModelOptions};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Result};
 
 use crate::stream_args::{open_model, StreamArgs};

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use layer_streamer::models::{
+use layer_streamer::llm::{
     generate, ChatTemplate, GenerateParams, Generation, Message, ModelOptions, SamplingParams,
     TextStream, Tokenizer,
 };
@@ -88,7 +88,7 @@ pub fn prompts(a: &Args) -> Result<(Vec<Vec<u32>>, Option<Tokenizer>)> {
             .map(render)
             .collect::<Result<Vec<_>>>()?
     } else if let Some(path) = &a.messages {
-        let msgs = layer_streamer::models::chat::read_messages(path)?;
+        let msgs = layer_streamer::llm::chat::read_messages(path)?;
         let t = template.as_ref().ok_or_else(|| {
             Error::Input("--messages needs a chat template in tokenizer_config.json".into())
         })?;

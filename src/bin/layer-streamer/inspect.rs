@@ -30,7 +30,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use layer_streamer::model::{Layer, ModelIndex, TensorInfo};
+use layer_streamer::checkpoint::{Layer, ModelIndex, TensorInfo};
 use layer_streamer::Result;
 use serde_json::{json, Value};
 

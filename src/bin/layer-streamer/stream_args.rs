@@ -1,6 +1,6 @@
 //! Streamer options shared by the model commands.
 
-use layer_streamer::models::{LlamaModel, ModelOptions};
+use layer_streamer::llm::{LlamaModel, ModelOptions};
 use layer_streamer::{Device, Error, LayerStreamer, ModelIndex, Result};
 
 use crate::opts::StreamerOpts;
@@ -42,7 +42,7 @@ pub fn open_model(
 ) -> Result<(ModelIndex, LayerStreamer, LlamaModel)> {
     let index = ModelIndex::open(dir)?;
     // Check the architecture before anything is allocated.
-    layer_streamer::models::ModelConfig::from_model(&index)?;
+    layer_streamer::llm::ModelConfig::from_model(&index)?;
     let streamer = args.build(&index)?;
     let model = LlamaModel::load(&streamer, opts)?;
     Ok((index, streamer, model))

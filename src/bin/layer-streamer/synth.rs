@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use layer_streamer::model::synth::{write_model_with_progress, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{write_model_with_progress, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Error, Result};
 
 /// Arguments of `synth`.
@@ -94,7 +94,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         threads: a.threads,
     };
-    let elems: usize = layer_streamer::model::synth::tensor_specs(arch, &shape, a.tie)
+    let elems: usize = layer_streamer::synth::tensor_specs(arch, &shape, a.tie)
         .iter()
         .map(|(_, s)| s.iter().product::<usize>())
         .sum();

@@ -1,5 +1,5 @@
 //! Model discovery: shards, safetensors headers, the repeated block structure
-//! and each block's read plan; and a writer of synthetic models.
+//! and each block's read plan.
 //!
 //! [`ModelIndex::open`] takes a Hugging Face model directory as shipped
 //! (`model.safetensors.index.json` with its shards, one `model.safetensors`,
@@ -10,7 +10,7 @@
 //! one read.
 //!
 //! ```no_run
-//! use layer_streamer::model::ModelIndex;
+//! use layer_streamer::checkpoint::ModelIndex;
 //! let index = ModelIndex::open("models/qwen2-7b")?;
 //! println!("{} layers under {:?}", index.num_layers(), index.layer_prefix());
 //! for op in &index.layers()[0].reads {
@@ -28,17 +28,11 @@ mod header;
 mod index;
 mod layers;
 mod parts;
-pub mod synth;
-mod tokenizer;
-mod weights;
 
 pub use header::{parse_header_bytes, read_header, HeaderTensor, ShardHeader, MAX_HEADER_BYTES};
 pub use index::{parse_index_json, INDEX_FILE, SINGLE_FILE};
 pub use layers::{discover_layers, plan_reads, LayerStructure};
 pub use parts::{ModelParts, PartTensor};
-pub use tokenizer::{
-    byte_to_unicode, write_tokenizer, SpecialIds, LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
-};
 
 /// Alignment of every [`ReadOp`]'s `file_offset`, `len` and `slot_offset`.
 pub const READ_ALIGN: u64 = 4096;

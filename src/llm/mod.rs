@@ -3,7 +3,7 @@
 //! kernels), KV cache, sampling, tokenizer and chat template.
 //!
 //! ```no_run
-//! use layer_streamer::models::{generate, GenerateParams, LlamaModel, ModelOptions, Tokenizer};
+//! use layer_streamer::llm::{generate, GenerateParams, LlamaModel, ModelOptions, Tokenizer};
 //! use layer_streamer::{Device, LayerStreamer, ModelIndex};
 //! # fn main() -> layer_streamer::Result<()> {
 //! let index = ModelIndex::open("./Qwen2-7B-Instruct")?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use super::synth::{write_json, Arch};
+use super::{write_json, Arch};
 use crate::{Error, Result};
 
 /// The Qwen2 ChatML template (as shipped with Qwen2-Instruct).

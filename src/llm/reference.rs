@@ -8,8 +8,8 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::models::llama::LlamaModel;
-use crate::models::sampling::argmax;
+use crate::llm::llama::LlamaModel;
+use crate::llm::sampling::argmax;
 use crate::{Error, LayerStreamer, Result};
 
 /// The reference's prompt, greedy continuation and logits.

@@ -14,11 +14,17 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use super::index::{INDEX_FILE, SINGLE_FILE};
-use super::tokenizer::{write_tokenizer, SpecialIds};
-pub use super::weights::{fill_normal, tensor_key};
-use super::weights::{write_shards, PlacedTensor, ShardPlan};
+use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+pub use weights::{fill_normal, tensor_key};
+use weights::{write_shards, PlacedTensor, ShardPlan};
+
+mod tokenizer;
+mod weights;
+
 use crate::{DType, Error, Result};
+pub use tokenizer::{
+    byte_to_unicode, write_tokenizer, SpecialIds, LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
+};
 
 /// Model architecture of a synthetic model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,9 +2,9 @@
 //! host bytes. Slow but exact enough to serve as a reference, and the way
 //! the whole generation path is tested without a GPU.
 
-use crate::models::config::ModelConfig;
-use crate::models::llama::{ModelOptions, PassBatch};
-use crate::models::ops;
+use crate::llm::config::ModelConfig;
+use crate::llm::llama::{ModelOptions, PassBatch};
+use crate::llm::ops;
 use crate::{DType, Error, LayerStreamer, LayerWeights, Result};
 
 /// A static tensor's bytes on the host.

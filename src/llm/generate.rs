@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::models::llama::LlamaModel;
-use crate::models::sampling::{Sampler, SamplingParams};
+use crate::llm::llama::LlamaModel;
+use crate::llm::sampling::{Sampler, SamplingParams};
 use crate::{LayerStreamer, Result};
 
 /// What to generate.

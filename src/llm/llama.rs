@@ -2,8 +2,8 @@
 //! [`LayerStreamer::run_pass`]: one pass streams every layer once and runs
 //! it for every token of every sequence in the batch.
 
-use crate::models::config::ModelConfig;
-use crate::models::host::HostModel;
+use crate::llm::config::ModelConfig;
+use crate::llm::host::HostModel;
 use crate::{Error, LayerStreamer, Result};
 
 /// Sizes the model's buffers and caches are allocated for, once.
@@ -48,7 +48,7 @@ pub(crate) struct PassBatch {
 /// How the math runs.
 enum Exec {
     Host(HostModel),
-    Cuda(Box<crate::models::gpu::CudaModel>),
+    Cuda(Box<crate::llm::gpu::CudaModel>),
 }
 
 /// A Qwen2/Llama model whose layers stream through a [`LayerStreamer`], with
@@ -83,7 +83,7 @@ impl LlamaModel {
         let exec = if streamer.is_host() {
             Exec::Host(HostModel::load(streamer, &cfg, &opts)?)
         } else {
-            Exec::Cuda(Box::new(crate::models::gpu::CudaModel::load(
+            Exec::Cuda(Box::new(crate::llm::gpu::CudaModel::load(
                 streamer, &cfg, &opts,
             )?))
         };

@@ -16,10 +16,10 @@
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
-use crate::models::config::ModelConfig;
-use crate::models::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
-use crate::models::host::static_names;
-use crate::models::llama::{ModelOptions, PassBatch};
+use crate::llm::config::ModelConfig;
+use crate::llm::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
+use crate::llm::host::static_names;
+use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
 /// A split GEMM input (see `kernels/model.cu`): two 16-bit buffers.
