@@ -56,6 +56,7 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod host_memory;
 pub mod io;
 pub mod kernels;
 pub mod llm;

@@ -312,7 +312,7 @@ fn check_memlock(len: u64) -> Result<()> {
     let Ok((soft, _hard)) = getrlimit(Resource::RLIMIT_MEMLOCK) else {
         return Ok(());
     };
-    if soft == RLIM_INFINITY || has_cap_ipc_lock() {
+    if soft == RLIM_INFINITY || crate::host_memory::has_cap_ipc_lock() {
         return Ok(());
     }
     let used = REGISTERED_BYTES.load(Ordering::Relaxed);
@@ -329,20 +329,6 @@ fn check_memlock(len: u64) -> Result<()> {
         });
     }
     Ok(())
-}
-
-/// Whether the process holds `CAP_IPC_LOCK`, which exempts it from
-/// `RLIMIT_MEMLOCK`.
-fn has_cap_ipc_lock() -> bool {
-    const CAP_IPC_LOCK: u32 = 14;
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// Queues a copy of `len` bytes from host `src` to device address `dst` on `stream`.

@@ -86,17 +86,9 @@ fn limit_error(asked: u64, why: &str) -> Error {
     Error::Limit {
         what: "host memory (anonymous mapping)".into(),
         asked,
-        available: mem_available().unwrap_or(0),
+        available: crate::host_memory::mem_available().unwrap_or(0),
         hint: why.to_string(),
     }
-}
-
-/// `MemAvailable` from `/proc/meminfo`, in bytes.
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kib.checked_mul(1024)
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! the allocation of every slot, cache, stream and event, with the limits
 //! checked first so that a configuration that cannot fit says so.
 
+use crate::host_memory::{mem_available, memlock_limit};
 use std::sync::atomic::AtomicBool;
 
 use crate::checkpoint::ModelIndex;
@@ -47,21 +48,6 @@ impl MemoryUse {
 }
 
 const GIB: u64 = 1 << 30;
-
-/// Bytes of RAM the kernel says are available (`MemAvailable`).
-pub(crate) fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
-/// The soft `RLIMIT_MEMLOCK`; `None` when unlimited.
-pub(crate) fn memlock_limit() -> Option<u64> {
-    use nix::sys::resource::{getrlimit, Resource};
-    let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).ok()?;
-    (soft != nix::sys::resource::RLIM_INFINITY).then_some(soft)
-}
 
 fn page_round(n: u64) -> u64 {
     n.div_ceil(4096) * 4096

@@ -41,24 +41,11 @@ impl MachineLimits {
             Device::Cuda(_) => None,
         };
         MachineLimits {
-            mem_available: mem_available(),
-            memlock: memlock_limit(),
+            mem_available: crate::host_memory::mem_available(),
+            memlock: crate::host_memory::memlock_limit(),
             free_vram,
         }
     }
-}
-
-fn mem_available() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
-}
-
-fn memlock_limit() -> Option<u64> {
-    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
-    let (soft, _) = getrlimit(Resource::RLIMIT_MEMLOCK).ok()?;
-    (soft != RLIM_INFINITY).then_some(soft)
 }
 
 /// Bytes a configuration allocates, estimated from the model's largest
