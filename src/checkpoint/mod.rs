@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::DType;
 
+pub mod gguf_hf;
 mod header;
 mod index;
 mod layers;
