@@ -18,7 +18,7 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
-use crate::llm::host::static_names;
+use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
@@ -144,7 +144,10 @@ impl CudaModel {
                 opts.max_len, MAX_ATTENTION_LEN
             )));
         }
-        let (embed, norm, head) = static_names(streamer, cfg);
+        if let Some(why) = unimplemented_on_cuda(cfg) {
+            return Err(Error::config(why));
+        }
+        let (embed, norm, head) = static_names(streamer.model(), cfg);
         let embed = streamer.load_static(&embed)?;
         let norm = streamer.load_static(&norm)?;
         let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
@@ -327,9 +330,10 @@ impl CudaModel {
             Ok(v.ptr)
         };
         let opt = |key: &str| -> Result<u64> {
-            match w.get(key) {
-                Some(_) => wt(key),
-                None => Ok(0),
+            if cfg.qkv_bias {
+                wt(key)
+            } else {
+                Ok(0)
             }
         };
         let blas = &mut self.blas;
@@ -413,9 +417,51 @@ impl CudaModel {
     }
 }
 
+/// What the CUDA forward pass does not implement that `cfg` asks for (the
+/// host backend implements it).
+pub(crate) fn unimplemented_on_cuda(cfg: &ModelConfig) -> Option<String> {
+    let key = if cfg.o_bias {
+        "attention_bias true (an o_proj bias)"
+    } else if cfg.mlp_bias {
+        "mlp_bias true"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "config.json: {key} is not implemented by the CUDA forward pass (the host backend, \
+         Device::Host, implements it)"
+    ))
+}
+
 fn cuda_stream(streamer: &LayerStreamer) -> Result<&Stream> {
     streamer
         .compute_stream()
         .cuda()
         .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn output_and_mlp_biases_are_refused_naming_the_key() {
+        let base = json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32
+        });
+        let cfg = ModelConfig::from_json(&base).unwrap();
+        assert_eq!(unimplemented_on_cuda(&cfg), None);
+        for (key, words) in [
+            ("attention_bias", "attention_bias true"),
+            ("mlp_bias", "mlp_bias true"),
+        ] {
+            let mut v = base.clone();
+            v[key] = json!(true);
+            let cfg = ModelConfig::from_json(&v).unwrap();
+            let e = unimplemented_on_cuda(&cfg).unwrap();
+            assert!(e.contains(words) && e.contains("CUDA"), "{e}");
+        }
+    }
 }

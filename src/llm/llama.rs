@@ -80,6 +80,10 @@ impl LlamaModel {
                 "max_batch, max_len and max_tokens must be positive: {opts:?}"
             )));
         }
+        let config_path = streamer.model().dir().join("config.json");
+        cfg.check_max_len(opts.max_len)
+            .map_err(|m| Error::model(&config_path, m))?;
+        crate::llm::layout::check(streamer.model(), &cfg)?;
         let exec = if streamer.is_host() {
             Exec::Host(HostModel::load(streamer, &cfg, &opts)?)
         } else {
