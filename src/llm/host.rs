@@ -218,32 +218,16 @@ impl HostModel {
             &mut v,
             false,
         )?;
-        let half = hd / 2;
-        let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
-        let ml = self.max_len;
-        let slot = |s: usize, g: usize, p: usize| ((s * cfg.kv_heads + g) * ml + p) * hd;
-        for i in 0..t {
-            let p = b.pos[i] as usize;
-            let (c, sn) = (
-                &self.cos[p * half..(p + 1) * half],
-                &self.sin[p * half..(p + 1) * half],
-            );
-            ops::rope(&mut q[i * qd..(i + 1) * qd], hd, c, sn);
-            ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, c, sn);
-            let s = b.seq[i] as usize;
-            for g in 0..cfg.kv_heads {
-                let (dst, src) = (slot(s, g, p), i * kvd + g * hd);
-                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
-            }
-        }
+        self.rope_into_cache(cfg, b, &mut q, &mut k, &v, layer);
+        let (kc, vc) = (&self.k_cache[layer], &self.v_cache[layer]);
+        let slot = |s: usize, g: usize| (s * cfg.kv_heads + g) * self.max_len * hd;
         let mut attn = vec![0.0; t * qd];
         let mut scores = Vec::new();
         let group = cfg.heads / cfg.kv_heads;
         for i in 0..t {
             let (s, p) = (b.seq[i] as usize, b.pos[i] as usize);
             for head in 0..cfg.heads {
-                let base = slot(s, head / group, 0);
+                let base = slot(s, head / group);
                 let qo = i * qd + head * hd;
                 let (keys, values) = (
                     &kc[base..base + (p + 1) * hd],
@@ -260,6 +244,41 @@ impl HostModel {
             }
         }
         Ok(attn)
+    }
+}
+
+impl HostModel {
+    /// Rotates `q` and `k` of every token of `b` and writes `k` and `v` into
+    /// the layer's cache at the tokens' (sequence, position).
+    fn rope_into_cache(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        layer: usize,
+    ) {
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
+        let half = hd / 2;
+        let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
+        let ml = self.max_len;
+        for i in 0..b.tokens.len() {
+            let p = b.pos[i] as usize;
+            let (c, sn) = (
+                &self.cos[p * half..(p + 1) * half],
+                &self.sin[p * half..(p + 1) * half],
+            );
+            ops::rope(&mut q[i * qd..(i + 1) * qd], hd, c, sn);
+            ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, c, sn);
+            let s = b.seq[i] as usize;
+            for g in 0..cfg.kv_heads {
+                let dst = ((s * cfg.kv_heads + g) * ml + p) * hd;
+                let src = i * kvd + g * hd;
+                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
     }
 }
 
