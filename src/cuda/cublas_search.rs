@@ -285,7 +285,10 @@ mod tests {
             pip(candidates(&env, &[])),
             want(Path::new("/some/site-packages"))
         );
-        assert_eq!(pip(candidates(&env_of(&[]), &[sp.clone()])), want(&sp));
+        assert_eq!(
+            pip(candidates(&env_of(&[]), std::slice::from_ref(&sp))),
+            want(&sp)
+        );
     }
 
     #[test]
