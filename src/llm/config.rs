@@ -2,14 +2,33 @@
 
 use serde_json::Value;
 
+pub use crate::llm::rope::Llama3Scaling;
 use crate::llm::rope::{self, RopeScaling};
 use crate::{Error, ModelIndex, Result};
 
 /// What the forward pass needs to know about a Qwen2 or Llama model.
 ///
 /// Every `config.json` key that changes the math is either read into a
-/// field here (and implemented) or refused by [`ModelConfig::from_json`]
-/// naming the key; see the README's list.
+/// field here and implemented, or refused naming the key:
+/// - implemented: the sizes (with `head_dim` free of `hidden_size /
+///   num_attention_heads`), `rope_theta` (transformers' default 10000 when
+///   absent), `rope_scaling` types `default`, `linear`, `llama3`, and
+///   `dynamic` up to `max_position_embeddings`, `rms_norm_eps`,
+///   `tie_word_embeddings` (when true the embedding is the head, as in
+///   transformers, whatever `lm_head.weight` holds), Llama's
+///   `attention_bias` and `mlp_bias` (host backend only; the CUDA model
+///   refuses them at load), Qwen2's q/k/v biases;
+/// - refused by [`ModelConfig::from_json`]: `hidden_act` other than silu,
+///   other `rope_scaling` types (yarn, longrope, ...),
+///   `partial_rotary_factor` below 1, `attn_logit_softcapping`,
+///   `final_logit_softcapping`;
+/// - refused at load for the sizes asked for
+///   ([`ModelConfig::check_max_len`]): Qwen2's sliding window
+///   (`use_sliding_window`, `sliding_window`, `max_window_layers`,
+///   `layer_types`) when `max_len` exceeds it, `dynamic` RoPE past
+///   `max_position_embeddings`;
+/// - checked at load against the checkpoint: every tensor's shape, and
+///   which biases and `lm_head.weight` exist (see [`crate::llm::layout`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     /// `model_type`: `qwen2` or `llama`.

@@ -63,6 +63,12 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads the embedding, final norm and lm_head through `streamer` and
     /// allocates the caches and workspaces, on the streamer's device.
+    ///
+    /// Fails, before allocating anything, when config.json asks for math the
+    /// forward pass does not implement (naming the key), when a tensor's
+    /// shape disagrees with config.json (naming the tensor, both shapes and
+    /// the keys), or when a bias or `lm_head.weight` the config calls for is
+    /// missing (or a bias it does not call for is present).
     pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
         let cfg = ModelConfig::from_model(streamer.model())?;
         if cfg.layers != streamer.model().num_layers() {
