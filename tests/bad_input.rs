@@ -28,10 +28,13 @@ fn expect_model_error(dir: &Path, file: &str, words: &[&str]) -> String {
     err.to_string()
 }
 
-/// A one-file model whose header is `header` followed by `data`.
+/// A one-file model whose header is `header` (padded with spaces to a
+/// multiple of 8 bytes, as safetensors writers do) followed by `data`.
 fn raw_model(header: &str, data: &[u8]) -> tempfile::TempDir {
     let dir = common::tempdir();
-    common::models::raw_safetensors(&dir.path().join("model.safetensors"), header, data);
+    let width = header.len().next_multiple_of(8);
+    let padded = format!("{header:<width$}");
+    common::models::raw_safetensors(&dir.path().join("model.safetensors"), &padded, data);
     dir
 }
 
@@ -354,4 +357,48 @@ fn the_cli_exits_non_zero_naming_the_file() {
         out.status.success() && text.contains("layers 0-2: 9 tensors"),
         "{text}"
     );
+}
+
+#[test]
+fn tensors_misaligned_by_an_unpadded_header() {
+    let mut rng = common::rng("tensors_misaligned_by_an_unpadded_header");
+    let data = common::bytes(&mut rng, 16);
+    let f32_entry = entry("h.0.w", "F32", &[4], 0, 16);
+    let dir = common::tempdir();
+    let file = dir.path().join("model.safetensors");
+    // Header lengths 1..3 past a multiple of 4 put the f32 data off its alignment.
+    for pad in 1..4 {
+        let h = format!("{{{f32_entry}}}");
+        let width = h.len().next_multiple_of(4) + pad;
+        common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+        let at = 8 + width;
+        let e = expect_model_error(
+            dir.path(),
+            "model.safetensors",
+            &[
+                "h.0.w",
+                "f32",
+                &format!("file offset {at}"),
+                "multiple of 4",
+            ],
+        );
+        assert!(e.contains(&format!("header is {width} bytes")), "{e}");
+    }
+    // 2-byte elements need only an even offset; bytes need none.
+    let h = format!("{{{}}}", entry("h.0.w", "BF16", &[8], 0, 16));
+    let width = h.len().next_multiple_of(2) + 1;
+    common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+    expect_model_error(
+        dir.path(),
+        "model.safetensors",
+        &["h.0.w", "bf16", "multiple of 2"],
+    );
+    let h = format!(
+        "{{{},{}}}",
+        entry("h.0.w", "U8", &[8], 0, 8),
+        entry("h.1.w", "U8", &[8], 8, 16)
+    );
+    let width = h.len().next_multiple_of(2) + 1;
+    common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+    ModelIndex::open(dir.path()).expect("u8 tensors have no alignment to keep");
 }

@@ -227,9 +227,8 @@ fn write_random(path: &Path, rng: &mut rand::rngs::StdRng, tensors: &[(&str, Vec
 }
 
 #[test]
-fn custom_names_nested_prefixes_and_dense_first_layers() {
-    let mut rng = common::rng("custom_names_nested_prefixes_and_dense_first_layers");
-    // GPT-2 style names.
+fn gpt2_style_names() {
+    let mut rng = common::rng("gpt2_style_names");
     let dir = common::tempdir();
     let mut ts = vec![
         ("transformer.wte.weight", vec![64, 16]),
@@ -261,8 +260,12 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
         ["attn.c_attn.weight", "ln_1.weight"]
     );
     check_against_disk(&index);
+}
 
-    // A language model nested in a multimodal one, beside a smaller vision tower.
+/// A language model nested in a multimodal one, beside a smaller vision tower.
+#[test]
+fn nested_prefix_beside_a_vision_tower() {
+    let mut rng = common::rng("nested_prefix_beside_a_vision_tower");
     let dir = common::tempdir();
     let mut names = Vec::new();
     for i in 0..3 {
@@ -304,8 +307,12 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
     assert_eq!(index.files().len(), 2);
     assert_eq!(index.statics().len(), 6);
     check_against_disk(&index);
+}
 
-    // Dense first layer, mixture-of-experts after: slots fit the largest layer.
+/// Dense first layer, mixture-of-experts after: slots fit the largest layer.
+#[test]
+fn dense_first_layer_then_experts() {
+    let mut rng = common::rng("dense_first_layer_then_experts");
     let dir = common::tempdir();
     let mut names = vec![(
         "model.layers.0.mlp.up_proj.weight".to_string(),
@@ -383,8 +390,12 @@ fn from_parts_matches_open() {
     assert_eq!(built.layers(), opened.layers());
     assert_eq!(built.statics(), opened.statics());
     assert_eq!(built.files(), opened.files());
+    validated_like_open(parts);
+}
 
-    // Validated like open(): a tensor past the end of its file, overlaps, a missing layer key.
+/// Parts that [`ModelIndex::open`] would refuse: a tensor past the end of its
+/// file, overlaps, a misaligned tensor, a missing layer key.
+fn validated_like_open(parts: ModelParts) {
     let mut bad = parts.clone();
     bad.tensors.get_mut("model.norm.weight").unwrap().offset = u64::MAX / 2;
     let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
@@ -396,6 +407,21 @@ fn from_parts_matches_open() {
     let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
     assert!(
         e.contains("overlap") && e.contains("model.layers.1.mlp"),
+        "{e}"
+    );
+    let mut bad = parts.clone();
+    let t = bad
+        .tensors
+        .get_mut("model.layers.1.input_layernorm.weight")
+        .unwrap();
+    t.offset = if t.offset > 0 {
+        t.offset - 1
+    } else {
+        t.offset + 1
+    };
+    let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.1.input_layernorm.weight") && e.contains("multiple of 2"),
         "{e}"
     );
     let mut bad = parts;

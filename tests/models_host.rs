@@ -274,3 +274,46 @@ fn chat_template_helpers() {
     let e = t.render(&[Message::new("bad", "x")], false).unwrap_err();
     assert!(e.to_string().contains("no"), "{e}");
 }
+
+/// A pass that fails mid-way (a layer's bytes cut off the file after load)
+/// leaves the sequence's length and KV cache as before the call: feeding the
+/// same tokens again, once the file is whole, gives the logits of an
+/// uninterrupted run.
+#[test]
+fn a_failed_pass_leaves_lengths_and_cache_consistent() {
+    let mut rng = common::rng("a_failed_pass_leaves_lengths_and_cache_consistent");
+    let dir = common::tempdir();
+    synth(dir.path(), Arch::Llama, false, rng.gen(), DType::BF16);
+    let index = ModelIndex::open(dir.path()).unwrap();
+    let mut s = streamer(&index);
+    let ids: Vec<u32> = (0..9).map(|_| rng.gen_range(0..1000)).collect();
+    let opts = ModelOptions {
+        max_batch: 1,
+        max_len: 16,
+        max_tokens: 16,
+    };
+    let mut whole = LlamaModel::load(&s, opts).unwrap();
+    let want = whole.forward(&mut s, &[&ids]).unwrap().remove(0);
+
+    let mut model = LlamaModel::load(&s, opts).unwrap();
+    model.forward(&mut s, &[&ids[..4]]).unwrap();
+    assert_eq!(model.lengths(), &[4]);
+    // Cut the file in the middle of the layers (statics are loaded already).
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(bytes.len() as u64 / 2).unwrap();
+    let e = model.forward(&mut s, &[&ids[4..]]);
+    assert!(e.is_err(), "a pass over a truncated file must fail");
+    assert_eq!(
+        model.lengths(),
+        &[4],
+        "the failed pass's tokens are not kept"
+    );
+    // Whole again: the same tokens resume the sequence.
+    std::fs::write(&file, &bytes).unwrap();
+    let got = model.forward(&mut s, &[&ids[4..]]).unwrap().remove(0);
+    assert_eq!(model.lengths(), &[9]);
+    let e = rel_l2(&got, &want);
+    assert!(e < 1e-5, "resumed vs uninterrupted: rel_l2 {e}");
+}

@@ -247,7 +247,9 @@ impl StreamH {
                         "the device casts to bf16 only, not {from} to {to}"
                     )));
                 }
-                k.cast_to_bf16(from, src, dst, n, s)
+                // SAFETY: forwarded from the caller: both ranges hold n elements
+                // of their dtype on this stream's context.
+                unsafe { k.cast_to_bf16(from, src, dst, n, s) }
             }
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
