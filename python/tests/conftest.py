@@ -86,6 +86,27 @@ class Model:
         return np.frombuffer(data, dtype=np_dtype[dtype]).reshape(shape)
 
 
+def serialize(arrays, layout, path: Path) -> None:
+    """Writes `arrays` with the safetensors package's writer (0.8's TensorSpec
+    API, or the dict API of earlier versions)."""
+    if hasattr(safetensors, "TensorSpec"):
+        specs = {
+            n: safetensors.TensorSpec(
+                dtype=WRITER_DTYPE[layout[n][0]],
+                shape=list(layout[n][1]),
+                data_ptr=a.ctypes.data,
+                data_len=a.nbytes,
+            )
+            for n, a in arrays.items()
+        }
+    else:
+        specs = {
+            n: {"dtype": WRITER_DTYPE[layout[n][0]], "shape": list(layout[n][1]), "data": a.tobytes()}
+            for n, a in arrays.items()
+        }
+    safetensors.serialize_file(specs, str(path))
+
+
 def write_model(path: Path, rng: np.random.Generator) -> Model:
     num_layers = int(rng.integers(3, 6))
     hidden = int(rng.choice([8, 16, 24]))
@@ -105,16 +126,7 @@ def write_model(path: Path, rng: np.random.Generator) -> Model:
     weight_map = {}
     for file, members in shards.items():
         arrays = {n: _random(rng, tensors[n][0], tensors[n][1]) for n in members}
-        specs = {
-            n: safetensors.TensorSpec(
-                dtype=WRITER_DTYPE[tensors[n][0]],
-                shape=list(tensors[n][1]),
-                data_ptr=a.ctypes.data,
-                data_len=a.nbytes,
-            )
-            for n, a in arrays.items()
-        }
-        safetensors.serialize_file(specs, str(path / file))
+        serialize(arrays, {n: tensors[n] for n in members}, path / file)
         weight_map.update({n: file for n in members})
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map})
