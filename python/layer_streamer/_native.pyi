@@ -80,7 +80,7 @@ class Streamer:
         reader_threads: int = 8,
         read_chunk: Union[int, str] = "16MiB",
         io_mode: Literal["auto", "direct", "buffered"] = "auto",
-        pinned_cache: Budget = None,
+        pinned_cache: Budget = "auto",
         gpu_cache: Budget = None,
         cpu_affinity: Optional[Sequence[int]] = None,
         progress: bool = False,

@@ -16,7 +16,7 @@ class LayerStreamer(_native.Streamer):
 
     ``LayerStreamer(model_dir, *, device="cuda:0", dtype="bf16", n_gpu=2,
     n_cpu_pinned=4, n_cpu=0, batch_gpu=1, batch_cpu_pinned=1, batch_cpu=1,
-    reader_threads=8, read_chunk="16MiB", io_mode="auto", pinned_cache=None,
+    reader_threads=8, read_chunk="16MiB", io_mode="auto", pinned_cache="auto",
     gpu_cache=None, cpu_affinity=None, progress=False)``
 
     - ``model_dir``: a Hugging Face model directory (``*.safetensors``, sharded
@@ -32,7 +32,8 @@ class LayerStreamer(_native.Streamer):
     - ``reader_threads``, ``read_chunk`` (bytes or ``"16MiB"``), ``io_mode``
       (``"auto"``: O_DIRECT where the filesystem allows, ``"direct"``, ``"buffered"``).
     - ``pinned_cache`` / ``gpu_cache``: layers kept in pinned RAM / VRAM across
-      passes: None (off), ``"auto"`` (as much as fits safely), bytes or ``"12GB"``.
+      passes: None (off), ``"auto"`` (as much as fits safely; the pinned
+      cache's default), bytes or ``"12GB"``.
     - ``progress``: a progress bar per pass on stderr.
 
     Errors raise subclasses of :class:`LayerStreamerError` with the Rust message.

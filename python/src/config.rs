@@ -29,11 +29,13 @@ pub const OPTIONS: [&str; 15] = [
     "progress",
 ];
 
-/// The defaults of the Python constructor: [`StreamerConfig::default`] with
-/// eight reader threads.
+/// The defaults of the Python constructor (those of `llm-layer-prefetch`'s
+/// users): [`StreamerConfig::default`] with eight reader threads and the
+/// pinned cache on.
 pub fn defaults() -> StreamerConfig {
     StreamerConfig {
         reader_threads: 8,
+        pinned_cache: Budget::Auto,
         ..StreamerConfig::default()
     }
 }

@@ -106,12 +106,12 @@ pub fn to_py(e: Error) -> PyErr {
 }
 
 /// Extension trait: `.py()?` turns a crate result into a Python one.
-pub trait IntoPy<T> {
+pub trait PyResultExt<T> {
     /// The result with its error converted by [`to_py`].
     fn py_err(self) -> PyResult<T>;
 }
 
-impl<T> IntoPy<T> for layer_streamer::Result<T> {
+impl<T> PyResultExt<T> for layer_streamer::Result<T> {
     fn py_err(self) -> PyResult<T> {
         self.map_err(to_py)
     }

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
 use crate::config;
-use crate::errors::{to_py, CudaError, IntoPy, LayerStreamerError};
+use crate::errors::{to_py, CudaError, LayerStreamerError, PyResultExt};
 use crate::stats;
 use crate::tensor::{Desc, Lease, Tensor};
 

@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::config;
-use crate::errors::{InputError, IntoPy};
+use crate::errors::{InputError, PyResultExt};
 
 /// Searches configurations of `workload` over the model in `model_dir` and
 /// returns the report as JSON (the schema of the Rust `tuner` module).

@@ -250,3 +250,20 @@ def test_rust_errors_become_their_classes(model: Model, tmp_path):
         host(model, pinned_cache="lots")
     assert issubclass(ls.StaleTensorError, ls.LayerStreamerError)
     assert issubclass(ls.LayerStreamerError, RuntimeError)
+
+
+def test_config_round_trips_through_the_constructor(model: Model):
+    rng = np.random.default_rng()
+    n_gpu = int(rng.integers(0, 5))
+    chunk = int(rng.integers(1, 64)) * 4096
+    with host(model, n_gpu=n_gpu, pinned_cache=None, gpu_cache="1MiB", read_chunk=chunk,
+              io_mode="buffered", dtype="file") as s:
+        cfg = s.config
+        with ls.LayerStreamer(model.path, **cfg) as again:
+            assert again.config == cfg
+    assert cfg["device"] == "host" and cfg["dtype"] == "file"
+    assert cfg["n_gpu"] == n_gpu and cfg["read_chunk"] == chunk
+    assert cfg["pinned_cache"] is None and cfg["gpu_cache"] == 1 << 20
+    assert cfg["io_mode"] == "buffered" and cfg["reader_threads"] == 2
+    with host(model) as s:
+        assert s.config["pinned_cache"] == "auto" and s.config["dtype"] == "bf16"
