@@ -85,7 +85,8 @@ class Model:
 
     def __init__(self, streamer: LayerStreamer, cfg: Config, compute: torch.dtype, max_len: int):
         self.s, self.cfg, self.compute, self.max_len = streamer, cfg, compute, max_len
-        self.device = torch.device("cuda", streamer.device_index)
+        idx = streamer.device_index  # None on the host backend: CPU tensors
+        self.device = torch.device("cpu") if idx is None else torch.device("cuda", idx)
         embed = torch.from_dlpack(streamer.load_static("model.embed_tokens.weight"))
         self.embed = embed
         self.norm = torch.from_dlpack(streamer.load_static("model.norm.weight"))
@@ -177,7 +178,8 @@ def generate(model: Model, ids: List[int], args: argparse.Namespace, tok) -> Non
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     logits = model.forward(ids)[-1]
-    torch.cuda.synchronize(model.device)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
     prefill = time.perf_counter() - t0
     out: List[int] = []
     t1 = time.perf_counter()
@@ -230,7 +232,7 @@ def main() -> int:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or host (CPU tensors)")
     p.add_argument("--dtype", default="bf16", help="streamed dtype: bf16, or file (keep f16)")
     p.add_argument("--n-gpu", type=int, default=2)
     p.add_argument("--n-cpu-pinned", type=int, default=4)

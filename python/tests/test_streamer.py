@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import layer_streamer as ls
-from conftest import LAYER_KEYS, STATICS, Model
+from conftest import LAYER_KEYS, STATICS, Model, seed
 
 
 def host(model: Model, **options) -> ls.LayerStreamer:
@@ -135,7 +135,7 @@ class Boom(Exception):
 
 
 def test_an_exception_in_layer_fn_propagates_and_the_streamer_stays_usable(model: Model):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed())
     at = int(rng.integers(0, model.num_layers))
     err = Boom(f"layer {at}")
     calls = []
@@ -253,7 +253,7 @@ def test_rust_errors_become_their_classes(model: Model, tmp_path):
 
 
 def test_config_round_trips_through_the_constructor(model: Model):
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(seed())
     n_gpu = int(rng.integers(0, 5))
     chunk = int(rng.integers(1, 64)) * 4096
     with host(model, n_gpu=n_gpu, pinned_cache=None, gpu_cache="1MiB", read_chunk=chunk,

@@ -3,18 +3,17 @@ found on a toy grid, failures reported per configuration."""
 
 from __future__ import annotations
 
-import random
-
+import numpy as np
 import pytest
 
 import layer_streamer as ls
-from conftest import Model
+from conftest import Model, seed
 from tune_workloads import raises_on_run, toy_pass
 
 
 def test_the_grid_search_finds_the_best_config(model: Model):
     grid_n_gpu = [0, 1, 2, 3]
-    best = random.choice(grid_n_gpu)
+    best = int(np.random.default_rng(seed()).choice(grid_n_gpu))
     print(f"best n_gpu {best}")
     report = ls.tune(
         model.path,
