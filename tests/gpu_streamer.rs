@@ -48,7 +48,7 @@ fn check_passes(model: &ModelIndex, cfg: StreamerConfig, passes: usize, file_dty
                 let cs = stream.cuda().expect("a CUDA stream");
                 for (key, raw) in &expected[layer] {
                     let v = w.tensor(key)?;
-                    let got = device_bytes(cs, v.ptr, v.bytes as usize);
+                    let got = device_bytes(cs, v.ptr(), v.bytes() as usize);
                     let want = if cfg.dtype == Some(DType::BF16) {
                         to_bf16(raw, file_dtype)
                     } else {

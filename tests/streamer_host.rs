@@ -186,7 +186,7 @@ fn f16_and_f32_weights_are_cast_to_bf16() {
         s.run_pass((), |(), w, layer, _| {
             for (key, raw) in &expected[layer] {
                 let v = w.tensor(key)?;
-                assert_eq!(v.dtype, DType::BF16);
+                assert_eq!(v.dtype(), DType::BF16);
                 let got = w.host_bytes(&v).unwrap();
                 let want: Vec<u8> = match dtype {
                     DType::F16 => raw

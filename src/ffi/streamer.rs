@@ -385,9 +385,9 @@ pub unsafe extern "C" fn ls_streamer_run_pass(
             // Both follow the layer's tensors in file order.
             debug_assert_eq!(views.len(), w.len());
             for (v, t) in views.iter_mut().zip(w.tensors()) {
-                v.ptr = t.ptr;
-                v.dtype = t.dtype as u32;
-                v.bytes = t.bytes;
+                v.ptr = t.ptr();
+                v.dtype = t.dtype() as u32;
+                v.bytes = t.bytes();
             }
             let weights = ls_layer_weights {
                 layer: layer as u32,

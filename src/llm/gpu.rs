@@ -317,14 +317,15 @@ impl CudaModel {
         let hw = self.gemm_type();
         let wt = |key: &str| -> Result<u64> {
             let v = w.tensor(key)?;
-            if v.dtype != dtype {
+            if v.dtype() != dtype {
                 return Err(Error::config(format!(
                     "{} is {} on the device but the embedding is {dtype}; build the streamer \
                      with LlamaModel::cuda_dtype",
-                    v.name, v.dtype
+                    v.name(),
+                    v.dtype()
                 )));
             }
-            Ok(v.ptr)
+            Ok(v.ptr())
         };
         let opt = |key: &str| -> Result<u64> {
             match w.get(key) {

@@ -133,17 +133,17 @@ impl HostModel {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let f32_of = |key: &str| -> Result<Vec<f32>> {
             let v = w.tensor(key)?;
-            ops::to_f32(host_bytes(w, key)?, v.dtype)
+            ops::to_f32(host_bytes(w, key)?, v.dtype())
         };
         let bias = |key: &str| -> Result<Option<Vec<f32>>> {
             match w.get(key) {
-                Some(v) => Ok(Some(ops::to_f32(host_bytes(w, key)?, v.dtype)?)),
+                Some(v) => Ok(Some(ops::to_f32(host_bytes(w, key)?, v.dtype())?)),
                 None => Ok(None),
             }
         };
         let lin = |key: &str, inp: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [f32], acc| {
             let v = w.tensor(key)?;
-            ops::linear(inp, t, host_bytes(w, key)?, v.dtype, n, bias, out, acc)
+            ops::linear(inp, t, host_bytes(w, key)?, v.dtype(), n, bias, out, acc)
         };
 
         let mut xn = vec![0.0; t * h];
@@ -244,5 +244,5 @@ impl HostModel {
 fn host_bytes<'a>(w: &LayerWeights<'a>, key: &str) -> Result<&'a [u8]> {
     let v = w.tensor(key)?;
     w.host_bytes(&v)
-        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name)))
+        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name())))
 }
