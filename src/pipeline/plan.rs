@@ -2,8 +2,12 @@
 //! device slot, which tensors are cast to the compute dtype and where the
 //! casts land, and the views handed to the layer function.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::backend::EventH;
+use super::compute::ComputeStream;
 use crate::checkpoint::{Layer, ModelIndex};
-use crate::{DType, Error, Result};
+use crate::{cuda, DType, Error, Result};
 
 /// Alignment of tensors in a slot's conversion area.
 const CAST_ALIGN: u64 = 256;
@@ -180,12 +184,27 @@ fn is_float(d: DType) -> bool {
 }
 
 /// The weights of one layer, on the device, as the layer function sees them.
+///
+/// # How long the weights stay
+/// The layer's device slot is recycled once the work queued on the pass's
+/// compute stream up to the layer function's return has finished: the next
+/// copy into the slot waits for it on the device. Work the layer function
+/// queues on *another* stream is not covered; call
+/// [`release_after`](Self::release_after) (or
+/// [`release_after_cuda`](Self::release_after_cuda)) after queuing it, and
+/// the slot is not overwritten until that stream's work up to the call has
+/// finished too.
 pub struct LayerWeights<'a> {
     pub(crate) layer: usize,
     pub(crate) base: u64,
     pub(crate) plan: &'a LayerPlan,
     /// Length of the host memory at `base` on the host backend.
     pub(crate) host_len: Option<usize>,
+    /// The layer's release event; `None` where the weights cannot be held
+    /// (a device cache buffer, which is never recycled, or a test).
+    pub(crate) release: Option<&'a EventH>,
+    /// Set once the release event has been recorded on another stream.
+    pub(crate) held: AtomicBool,
 }
 
 impl<'a> LayerWeights<'a> {
@@ -246,6 +265,61 @@ impl<'a> LayerWeights<'a> {
         Some(unsafe { std::slice::from_raw_parts(view.ptr as *const u8, n) })
     }
 
+    /// Keeps this layer's device slot from being overwritten until the work
+    /// queued on `stream` so far (a stream other than the pass's compute
+    /// stream) has finished. Call it after queuing work there that reads the
+    /// weights; a later call replaces an earlier one, so with several
+    /// streams, join them into one first. Without it, a slot is recycled as
+    /// soon as the compute stream's work is done.
+    pub fn release_after(&self, stream: &ComputeStream) -> Result<()> {
+        if let Some(ev) = self.release {
+            stream.inner.record(ev)?;
+            // Relaxed: read by the compute side on this thread after the
+            // layer function returns.
+            self.held.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// [`release_after`](Self::release_after) for a CUDA stream of the caller's.
+    pub fn release_after_cuda(&self, stream: &cuda::Stream) -> Result<()> {
+        match self.release {
+            Some(EventH::Cuda(ev)) => {
+                ev.record(stream)?;
+                self.held.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(EventH::Host(_)) => Err(Error::config(
+                "release_after_cuda on the host backend: there is no CUDA stream to wait for",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// [`release_after`](Self::release_after) for a raw `CUstream`.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the streamer's CUDA context (or null, the
+    /// legacy default stream).
+    pub(crate) unsafe fn release_after_raw(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        match self.release {
+            Some(ev @ EventH::Cuda(_)) => {
+                // SAFETY: forwarded from this function's contract.
+                unsafe { ev.record_raw(stream)? };
+                self.held.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(EventH::Host(_)) if stream.is_null() => Ok(()),
+            Some(EventH::Host(_)) => Err(Error::config(
+                "a CUDA stream was given on the host backend, which has none",
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn view(&self, v: &'a ViewPlan) -> TensorView<'a> {
         TensorView {
             key: &v.key,
@@ -293,6 +367,8 @@ mod tests {
             base,
             plan: &plan,
             host_len: Some(slot.len()),
+            release: None,
+            held: AtomicBool::new(false),
         };
         // `off + bytes` wraps to a small number: must not become a slice.
         let huge = u64::MAX - 7;
