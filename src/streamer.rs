@@ -121,7 +121,7 @@ impl<'m> LayerStreamerBuilder<'m> {
 /// # Ok(()) }
 /// ```
 pub struct LayerStreamer {
-    pipeline: Pipeline,
+    pub(crate) pipeline: Pipeline,
     compute: ComputeStream,
     cfg: StreamerConfig,
     stats: PassStats,

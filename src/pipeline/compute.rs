@@ -76,13 +76,26 @@ where
                 item.map_err(|_| Halt::Stopped)?
             }
         };
+        #[cfg(test)]
+        let early = ctx.faults.release_early.load(Ordering::Relaxed);
+        #[cfg(not(test))]
+        let early = false;
+        if early {
+            if let Dev::Slot(slot) = item.dev {
+                let _ = ends.free.push(FreeSlot {
+                    slot,
+                    last_layer: Some(item.layer),
+                    held: false,
+                });
+            }
+        }
         state = call_layer(ctx, compute, item, state, layer_fn).map_err(|e| {
             // The layer function's (or the compute side's) own error
             // becomes the pass's error, and stops the other stages.
             ctx.fail(e);
             Halt::Stopped
         })?;
-        if let Dev::Slot(slot) = item.dev {
+        if let (Dev::Slot(slot), false) = (item.dev, early) {
             // The free ring has room for every device slot.
             let _ = ends.free.push(FreeSlot {
                 slot,

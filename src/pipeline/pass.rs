@@ -552,3 +552,7 @@ impl Drop for Pipeline {
         // `rings` is dropped after this, with every end gone.
     }
 }
+
+#[cfg(test)]
+#[path = "pass_tests.rs"]
+mod tests;

@@ -62,6 +62,21 @@ pub(crate) struct PassCtx {
     /// them after every reader has finished.
     pub(crate) claim: Mutex<Claim>,
     pub(crate) inflight: Mutex<InFlight>,
+    /// Faults the pipeline's own tests inject.
+    #[cfg(test)]
+    pub(crate) faults: Faults,
+}
+
+/// Faults injected by tests, to show that a panicking stage and a slot
+/// recycled too early are caught.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// The transfer thread panics at this layer (`usize::MAX`: never).
+    pub(crate) h2d_panic_at: std::sync::atomic::AtomicUsize,
+    /// The compute side hands each device slot back before its layer
+    /// function runs instead of after.
+    pub(crate) release_early: AtomicBool,
 }
 
 impl PassCtx {
@@ -75,6 +90,11 @@ impl PassCtx {
             batches,
             claim: Mutex::new(Claim::new()),
             inflight: Mutex::new(InFlight::new(layers, batches.cpu)),
+            #[cfg(test)]
+            faults: Faults {
+                h2d_panic_at: usize::MAX.into(),
+                ..Faults::default()
+            },
         }
     }
 
@@ -283,6 +303,10 @@ pub(crate) fn h2d_stage(ctx: &PassCtx, e: H2dEnds) -> H2dThreadStats {
     let mut run = || -> Result<(), Halt> {
         for i in 0..ctx.layers().len() {
             h.e.out.publish();
+            #[cfg(test)]
+            if ctx.faults.h2d_panic_at.load(Ordering::Relaxed) == i {
+                panic!("injected: the transfer thread panics at layer {i}");
+            }
             let ready = h.layer(i)?;
             let _ = h.e.out.write(ready);
             if h.e.out.unpublished() >= batch {
