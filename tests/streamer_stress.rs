@@ -108,3 +108,37 @@ fn short_passes_with_injected_faults_and_drops() {
     eprintln!("{ok} passes succeeded, {failed} failed as injected");
     assert!(ok > 0 && failed > 0);
 }
+
+/// Passes per second over a tiny model on the host backend, where a pass
+/// costs little more than its set-up: `cargo test --test streamer_stress --
+/// --ignored --nocapture passes_per_second`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn passes_per_second() {
+    let mut rng = common::rng("passes_per_second");
+    let dir = tempdir();
+    let model = small_model(dir.path(), &mut rng, 4, DType::BF16);
+    for (label, n_cpu, pinned) in [
+        ("defaults, pinned cache", 0, Budget::Auto),
+        ("n_cpu 2, pinned cache", 2, Budget::Auto),
+        ("defaults, no cache", 0, Budget::None),
+    ] {
+        let mut s = LayerStreamer::builder(&model)
+            .device(Device::Host)
+            .file_dtype()
+            .n_cpu(n_cpu)
+            .pinned_cache(pinned)
+            .build()
+            .unwrap();
+        for _ in 0..50 {
+            s.run_pass((), |(), _, _, _| Ok(())).unwrap();
+        }
+        let n = 2000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            s.run_pass((), |(), _, _, _| Ok(())).unwrap();
+        }
+        let rate = n as f64 / t.elapsed().as_secs_f64();
+        eprintln!("{label}: {rate:.0} passes/s");
+    }
+}
