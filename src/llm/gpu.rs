@@ -424,14 +424,16 @@ impl SlotWeights<'_, '_> {
     /// The device address of tensor `key`, checking its dtype.
     fn ptr(&self, key: &str) -> Result<u64> {
         let v = self.w.tensor(key)?;
-        if v.dtype != self.dtype {
+        if v.dtype() != self.dtype {
             return Err(Error::config(format!(
                 "{} is {} on the device but the embedding is {}; build the streamer \
                  with LlamaModel::cuda_dtype",
-                v.name, v.dtype, self.dtype
+                v.name(),
+                v.dtype(),
+                self.dtype
             )));
         }
-        Ok(v.ptr)
+        Ok(v.ptr())
     }
 }
 

@@ -294,7 +294,7 @@ impl Weights<'_, '_> {
     /// Tensor `key` converted to f32.
     fn f32(&self, key: &str) -> Result<Vec<f32>> {
         let v = self.w.tensor(key)?;
-        ops::to_f32(host_bytes(self.w, key)?, v.dtype)
+        ops::to_f32(host_bytes(self.w, key)?, v.dtype())
     }
 
     /// Bias `key` in f32 when the configuration enables it (`on`).
@@ -314,12 +314,12 @@ impl Weights<'_, '_> {
     ) -> Result<()> {
         let v = self.w.tensor(key)?;
         let bytes = host_bytes(self.w, key)?;
-        ops::linear(inp, self.rows, bytes, v.dtype, n, bias, out, accumulate)
+        ops::linear(inp, self.rows, bytes, v.dtype(), n, bias, out, accumulate)
     }
 }
 
 fn host_bytes<'a>(w: &LayerWeights<'a>, key: &str) -> Result<&'a [u8]> {
     let v = w.tensor(key)?;
     w.host_bytes(&v)
-        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name)))
+        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name())))
 }

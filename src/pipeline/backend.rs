@@ -325,6 +325,26 @@ impl EventH {
         }
     }
 
+    /// Records the event on a raw CUDA stream.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the event's context, or null.
+    pub(crate) unsafe fn record_raw(&self, stream: cudarc::driver::sys::CUstream) -> Result<()> {
+        match self {
+            EventH::Cuda(e) => {
+                e.context().bind()?;
+                // SAFETY: the event is live and its context current; the
+                // caller guarantees the stream.
+                cuda::check("cuEventRecord", unsafe {
+                    cudarc::driver::sys::cuEventRecord(e.raw(), stream)
+                })
+            }
+            EventH::Host(_) => Err(Error::Pipeline(
+                "a host event cannot be recorded on a CUDA stream".into(),
+            )),
+        }
+    }
+
     /// Time from `start` to `end`, both completed.
     pub(crate) fn elapsed(start: &EventH, end: &EventH) -> Result<Duration> {
         match (start, end) {
