@@ -173,33 +173,7 @@ fn queue(
             "model_not_found",
         ));
     }
-    let max_len = state.limits.max_len;
-    if prompt.is_empty() {
-        return Err(ApiError::invalid_param(
-            "prompt",
-            "the prompt has no tokens",
-        ));
-    }
-    let room = max_len.saturating_sub(prompt.len());
-    let max_new = checked.max_tokens.unwrap_or(room);
-    if room == 0 || max_new > room {
-        return Err(ApiError {
-            code: Some("context_length_exceeded"),
-            ..ApiError::invalid_param(
-                if kind == Kind::Chat {
-                    "messages"
-                } else {
-                    "prompt"
-                },
-                format!(
-                    "this server's maximum context length is {max_len} tokens (--max-len), but \
-                     {} were asked for ({} in the prompt, {max_new} to generate)",
-                    prompt.len() + max_new,
-                    prompt.len()
-                ),
-            )
-        });
-    }
+    let max_new = room_for(state.limits.max_len, kind, prompt.len(), checked.max_tokens)?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"
@@ -251,6 +225,42 @@ fn queue(
         started: false,
         finish: None,
     })
+}
+
+/// The tokens a request may generate: what it asks for (by default all the
+/// room left), if the prompt and that fit in `max_len`.
+fn room_for(
+    max_len: usize,
+    kind: Kind,
+    prompt: usize,
+    asked: Option<usize>,
+) -> Result<usize, ApiError> {
+    if prompt == 0 {
+        return Err(ApiError::invalid_param(
+            "prompt",
+            "the prompt has no tokens",
+        ));
+    }
+    let room = max_len.saturating_sub(prompt);
+    let max_new = asked.unwrap_or(room);
+    if room == 0 || max_new > room {
+        return Err(ApiError {
+            code: Some("context_length_exceeded"),
+            ..ApiError::invalid_param(
+                if kind == Kind::Chat {
+                    "messages"
+                } else {
+                    "prompt"
+                },
+                format!(
+                    "this server's maximum context length is {max_len} tokens (--max-len), but \
+                     {} were asked for ({prompt} in the prompt, {max_new} to generate)",
+                    prompt.saturating_add(max_new),
+                ),
+            )
+        });
+    }
+    Ok(max_new)
 }
 
 /// A queued request as the HTTP side follows it.

@@ -17,7 +17,8 @@ pub struct Metrics {
     pub rejected_invalid: AtomicU64,
     /// Requests that finished (stop or length).
     pub finished: AtomicU64,
-    /// Requests cancelled by their client or by a shutdown.
+    /// Requests dropped before their end: the client went away, a stop
+    /// string ended the text, or a shutdown cancelled them.
     pub cancelled: AtomicU64,
     /// Requests that failed in the forward pass.
     pub failed: AtomicU64,
@@ -66,7 +67,6 @@ impl Metrics {
     /// The Prometheus text exposition of every counter.
     pub fn render(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let secs = |c: &AtomicU64| get(c) as f64 / 1e6;
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -102,6 +102,14 @@ impl Metrics {
             "Tokens generated.",
             &[("", get(&self.generated_tokens) as f64)],
         );
+        self.render_passes(&mut metric);
+        out
+    }
+
+    /// The queue, batch and timing part of [`Metrics::render`].
+    fn render_passes(&self, metric: &mut impl FnMut(&str, &str, &str, &[(&str, f64)])) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let secs = |c: &AtomicU64| get(c) as f64 / 1e6;
         metric(
             "ls_queue_length",
             "gauge",
@@ -144,7 +152,6 @@ impl Metrics {
                 ("_count", get(&self.first_tokens) as f64),
             ],
         );
-        out
     }
 }
 

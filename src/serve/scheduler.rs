@@ -241,7 +241,7 @@ impl Scheduler {
             if slot.as_ref().is_some_and(|r| r.job.events.is_closed()) {
                 let r = slot.take().expect("checked above");
                 self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
-                log(&r, "cancelled by the client");
+                log(&r, "dropped (client gone or stop string seen)");
             }
         }
     }
