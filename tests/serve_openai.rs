@@ -172,7 +172,7 @@ fn cases(dir: &Path, rng: &mut StdRng, max_len: usize) -> Vec<Value> {
             let g = generate(
                 &mut model,
                 &mut streamer,
-                &[prompt.clone()],
+                std::slice::from_ref(&prompt),
                 &params,
                 |_, _| Ok(()),
             )
