@@ -174,6 +174,14 @@ fn queue(
         ));
     }
     let max_new = room_for(state.limits.max_len, kind, prompt.len(), checked.max_tokens)?;
+    // The tokenizer may know ids the model's embedding does not have; one
+    // such id would fail the whole batch's pass.
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= state.limits.vocab) {
+        return Err(ApiError::invalid(format!(
+            "the prompt has token id {bad}, outside the model's vocabulary of {} ids",
+            state.limits.vocab
+        )));
+    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let id = new_id(if kind == Kind::Chat {
         "chatcmpl"
