@@ -28,7 +28,7 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Requests waiting for a sequence slot.
     pub queue_length: AtomicU64,
-    /// Sequences in the last pass.
+    /// Sequences holding a KV slot.
     pub running: AtomicU64,
     /// Forward passes run.
     pub passes: AtomicU64,
@@ -55,7 +55,6 @@ impl Metrics {
         add(&self.pass_us, time.as_micros() as u64);
         add(&self.pass_sequences, sequences as u64);
         add(&self.pass_tokens, tokens as u64);
-        self.running.store(sequences as u64, Ordering::Relaxed);
     }
 
     /// Records a request's first token.
@@ -119,7 +118,7 @@ impl Metrics {
         metric(
             "ls_running_sequences",
             "gauge",
-            "Sequences in the last forward pass.",
+            "Sequences holding a KV slot.",
             &[("", get(&self.running) as f64)],
         );
         metric(
@@ -172,7 +171,9 @@ mod tests {
         assert!(text.contains("ls_pass_seconds_count 2\n"));
         assert!(text.contains("ls_pass_sequences_total 8\n"));
         assert!(text.contains("ls_pass_tokens_total 45\n"));
-        assert!(text.contains("ls_running_sequences 5\n"));
+        m.running.store(n + 1, Ordering::Relaxed);
+        let text = m.render();
+        assert!(text.contains(&format!("ls_running_sequences {}\n", n + 1)));
         assert!(text.contains("# TYPE ls_queue_length gauge\n"));
     }
 }

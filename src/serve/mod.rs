@@ -122,7 +122,7 @@ pub fn serve(
 }
 
 /// The routes, with the API key check and the body limit.
-pub fn router(state: Arc<AppState>, api_key: Option<String>, max_body: usize) -> Router {
+fn router(state: Arc<AppState>, api_key: Option<String>, max_body: usize) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat))
         .route("/v1/completions", post(handlers::completions))

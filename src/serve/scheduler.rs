@@ -225,7 +225,11 @@ impl Scheduler {
                     return;
                 }
             }
-            if self.running() > 0 {
+            let running = self.running();
+            self.metrics
+                .running
+                .store(running as u64, Ordering::Relaxed);
+            if running > 0 {
                 self.step();
             }
         }
