@@ -62,6 +62,8 @@ pub mod kernels;
 pub mod llm;
 pub mod pipeline;
 pub mod ring;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod streamer;
 pub mod synth;
 pub mod tuner;

@@ -142,6 +142,19 @@ impl LlamaModel {
         self.lens.iter_mut().for_each(|l| *l = 0);
     }
 
+    /// Forgets the cached tokens of sequence `seq` alone, so that its KV slot
+    /// can start a new sequence while the others go on.
+    pub fn reset_sequence(&mut self, seq: usize) -> Result<()> {
+        let n = self.lens.len();
+        let len = self.lens.get_mut(seq).ok_or_else(|| {
+            Error::Input(format!(
+                "sequence {seq} does not exist: the model was loaded for {n} sequences"
+            ))
+        })?;
+        *len = 0;
+        Ok(())
+    }
+
     /// Appends `inputs[i]` to sequence `i` and returns, for each sequence
     /// with new tokens, the logits (`vocab` f32) after its last new token;
     /// an empty vector for a sequence without new tokens. Runs one pass, or
