@@ -60,7 +60,7 @@ pub fn run(mut a: Args) -> Result<()> {
     if a.stream.device()? != layer_streamer::Device::Host {
         if let Err(e) = layer_streamer::cuda::check_available() {
             eprintln!("{e}; using the host backend (f32 math on the CPU)");
-            a.stream.opts.device = "host".into();
+            a.stream.opts.config.device = layer_streamer::Device::Host;
         }
     }
     let prompt: Vec<u32> = (0..16u32).map(|i| 100 + 7 * i).collect();
@@ -90,7 +90,7 @@ pub fn run(mut a: Args) -> Result<()> {
         index.dir().display(),
         index.num_layers(),
         g.pass_bytes as f64 / 1e9,
-        a.stream.opts.device
+        a.stream.opts.config.device
     );
     println!("generated ids: {:?}", g.tokens[0]);
     crate::generate::report(&g, &streamer, model.last_gemm_tflops());
