@@ -33,7 +33,7 @@ pub fn option_arg(o: &'static OptionSpec, default: &StreamerConfig, list: bool) 
     }
     let help = if list {
         format!(
-            "{} Values to try, comma-separated (default: {}).",
+            "{} Values to try, comma-separated; not listed: {}.",
             doc.join(" "),
             (o.get)(default)
         )
