@@ -196,12 +196,16 @@ fn with_no_lists_the_default_grid_tries_both_pinned_caches() {
     let configs = v["configs"].as_array().unwrap();
     let grid = layer_streamer::tuner::Grid::default_search();
     assert_eq!(configs.len(), grid.len(), "{v}");
+    for c in configs {
+        let status = c["status"].as_str().unwrap();
+        assert!(status == "ok" || status == "slower", "{c}");
+    }
     for budget in ["auto", "none"] {
         assert!(
             configs
                 .iter()
-                .any(|c| c["config"]["pinned_cache"] == budget && c["status"] == "ok"),
-            "no finished configuration with pinned_cache {budget}: {v}"
+                .any(|c| c["config"]["pinned_cache"] == budget),
+            "no configuration with pinned_cache {budget}: {v}"
         );
     }
     // The first is this tool's default configuration.

@@ -329,6 +329,84 @@ mod tests {
         assert_eq!(Budget::parse("1MiB").unwrap(), Budget::Bytes(1 << 20));
     }
 
+    fn random_config(rng: &mut impl rand::Rng) -> StreamerConfig {
+        let budget = |rng: &mut dyn rand::RngCore| match rng.next_u32() % 3 {
+            0 => Budget::None,
+            1 => Budget::Auto,
+            _ => Budget::Bytes(rng.next_u64() >> 8),
+        };
+        StreamerConfig {
+            device: [Device::Host, Device::Cuda(rng.gen_range(0..8))][rng.gen_range(0..2)],
+            dtype: [None, Some(DType::BF16), Some(DType::F16), Some(DType::F32)]
+                [rng.gen_range(0..4)],
+            io_mode: [
+                crate::io::OpenMode::Auto,
+                crate::io::OpenMode::Direct,
+                crate::io::OpenMode::Buffered,
+            ][rng.gen_range(0..3)],
+            progress: rng.gen(),
+            n_gpu: rng.gen_range(0..64),
+            n_cpu_pinned: rng.gen_range(0..64),
+            n_cpu: rng.gen_range(0..64),
+            batch_gpu: rng.gen_range(0..64),
+            batch_cpu_pinned: rng.gen_range(0..64),
+            batch_cpu: rng.gen_range(0..64),
+            reader_threads: rng.gen_range(0..64),
+            read_chunk: rng.gen_range(1..1 << 20) * 4096,
+            pinned_cache: budget(rng),
+            gpu_cache: budget(rng),
+            cpu_affinity: rng.gen::<bool>().then(|| {
+                (0..rng.gen_range(1..6))
+                    .map(|_| rng.gen_range(0..128))
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn every_option_reads_back_what_it_prints() {
+        let seed: u64 = std::env::var("LS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("seed {seed} (LS_SEED replays it)");
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+        for _ in 0..200 {
+            let cfg = random_config(&mut rng);
+            let mut back = StreamerConfig::default();
+            for o in StreamerConfig::OPTIONS {
+                (o.set)(&mut back, &(o.get)(&cfg)).unwrap();
+            }
+            assert_eq!(back, cfg);
+        }
+        let names: std::collections::HashSet<_> =
+            StreamerConfig::OPTIONS.iter().map(|o| o.name).collect();
+        let flags: std::collections::HashSet<_> =
+            StreamerConfig::OPTIONS.iter().map(|o| o.flag).collect();
+        assert_eq!(names.len(), StreamerConfig::OPTIONS.len());
+        assert_eq!(flags.len(), StreamerConfig::OPTIONS.len());
+        let chunk = StreamerConfig::OPTIONS
+            .iter()
+            .find(|o| o.flag == "read-chunk")
+            .unwrap();
+        let e = (chunk.set)(&mut StreamerConfig::default(), "4 parsecs").unwrap_err();
+        assert!(e.to_string().starts_with("read_chunk: invalid size"), "{e}");
+    }
+
+    #[test]
+    fn the_tools_defaults_differ_in_readers_and_pinned_cache_only() {
+        let cli = StreamerConfig::cli_default();
+        assert_eq!((cli.reader_threads, cli.pinned_cache), (8, Budget::Auto));
+        assert_eq!(
+            StreamerConfig {
+                reader_threads: 4,
+                pinned_cache: Budget::None,
+                ..cli
+            },
+            StreamerConfig::default()
+        );
+    }
+
     #[test]
     fn devices_parse() {
         assert_eq!(Device::parse("host").unwrap(), Device::Host);
