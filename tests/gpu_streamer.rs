@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::models::{expected_layers, small_model, tempdir};
+use common::models::{expected_layers, small_model};
+use common::tempdir;
 use half::{bf16, f16};
 use layer_streamer::cuda;
 use layer_streamer::{Budget, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};

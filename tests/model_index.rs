@@ -1,7 +1,6 @@
 //! ModelIndex over synthetic and hand-built checkpoints, checked against the
 //! `safetensors` crate's own deserialisation and against the bytes on disk.
 
-#[path = "fixtures/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -85,9 +84,9 @@ fn check_against_disk(index: &ModelIndex) {
 
 #[test]
 fn sharded_qwen2_matches_safetensors() {
-    let (_, seed) = common::rng("sharded_qwen2_matches_safetensors");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("sharded_qwen2_matches_safetensors");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Qwen2,
         "tiny",
@@ -141,9 +140,9 @@ fn sharded_qwen2_matches_safetensors() {
 
 #[test]
 fn tied_llama_f16_single_file_is_one_read_per_layer() {
-    let (_, seed) = common::rng("tied_llama_f16_single_file_is_one_read_per_layer");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("tied_llama_f16_single_file_is_one_read_per_layer");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Llama,
         "tiny",
@@ -169,9 +168,9 @@ fn tied_llama_f16_single_file_is_one_read_per_layer() {
 
 #[test]
 fn f32_and_deterministic_across_threads_and_shards() {
-    let (_, seed) = common::rng("f32_and_deterministic_across_threads_and_shards");
-    let (a, b) = (common::scratch(), common::scratch());
-    common::synth(
+    let seed = common::seed("f32_and_deterministic_across_threads_and_shards");
+    let (a, b) = (common::tempdir(), common::tempdir());
+    common::models::synth(
         a.path(),
         Arch::Llama,
         "tiny",
@@ -229,9 +228,9 @@ fn write_random(path: &Path, rng: &mut rand::rngs::StdRng, tensors: &[(&str, Vec
 
 #[test]
 fn custom_names_nested_prefixes_and_dense_first_layers() {
-    let (mut rng, _) = common::rng("custom_names_nested_prefixes_and_dense_first_layers");
+    let mut rng = common::rng("custom_names_nested_prefixes_and_dense_first_layers");
     // GPT-2 style names.
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let mut ts = vec![
         ("transformer.wte.weight", vec![64, 16]),
         ("transformer.ln_f.weight", vec![16]),
@@ -264,7 +263,7 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
     check_against_disk(&index);
 
     // A language model nested in a multimodal one, beside a smaller vision tower.
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let mut names = Vec::new();
     for i in 0..3 {
         names.push((
@@ -307,7 +306,7 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
     check_against_disk(&index);
 
     // Dense first layer, mixture-of-experts after: slots fit the largest layer.
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let mut names = vec![(
         "model.layers.0.mlp.up_proj.weight".to_string(),
         vec![128, 32],
@@ -336,9 +335,9 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
 
 #[test]
 fn from_parts_matches_open() {
-    let (_, seed) = common::rng("from_parts_matches_open");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("from_parts_matches_open");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Qwen2,
         "tiny",

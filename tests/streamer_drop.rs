@@ -5,7 +5,8 @@ mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use common::models::{small_model, tempdir};
+use common::models::small_model;
+use common::tempdir;
 use layer_streamer::{DType, Device, LayerStreamer};
 
 /// Threads of this process whose name starts with `ls-` (the streamer's).

@@ -5,7 +5,8 @@ mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use common::models::{expected_layers, small_model, tempdir};
+use common::models::{expected_layers, small_model};
+use common::tempdir;
 use half::{bf16, f16};
 use layer_streamer::{Budget, DType, Device, Error, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::seq::SliceRandom;

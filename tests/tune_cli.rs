@@ -9,6 +9,8 @@ use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::DType;
 use serde_json::Value;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_layer-streamer");
 
 fn binary(test: &str) -> Option<&'static Path> {
@@ -22,11 +24,7 @@ fn binary(test: &str) -> Option<&'static Path> {
 }
 
 fn tiny_model() -> tempfile::TempDir {
-    std::fs::create_dir_all("target/test-fixtures").expect("create target/test-fixtures");
-    let dir = tempfile::Builder::new()
-        .prefix("ls-tune-cli-")
-        .tempdir_in("target/test-fixtures")
-        .expect("create a temporary directory");
+    let dir = common::tempdir();
     let spec = SynthSpec {
         arch: Arch::Llama,
         shape: Shape {
@@ -40,7 +38,7 @@ fn tiny_model() -> tempfile::TempDir {
         dtype: DType::BF16,
         tie: false,
         shard_size: 1 << 30,
-        seed: rand::random(),
+        seed: common::seed("tune_cli::tiny_model"),
         threads: 1,
     };
     write_model(dir.path(), &spec).expect("write the synthetic model");

@@ -13,6 +13,8 @@ use layer_streamer::tuner::{
 };
 use layer_streamer::{Budget, DType, Device, LayerStreamer, StreamerConfig};
 
+mod common;
+
 /// Milliseconds one run of `scaled` takes per unit of `n_gpu`.
 const MS_PER_GPU_SLOT: u64 = 12;
 /// Milliseconds one run of `scaled` takes per unit of `batch_cpu_pinned`.
@@ -75,7 +77,7 @@ fn main() {
         return tune_until_killed(Path::new(&model));
     }
 
-    let dir = fixture_dir();
+    let dir = common::tempdir();
     write_tiny_model(dir.path());
     let checks: [(&str, Check); 7] = [
         (
@@ -110,14 +112,6 @@ fn main() {
     eprintln!("\ntest result: ok. {} passed", checks.len());
 }
 
-fn fixture_dir() -> tempfile::TempDir {
-    std::fs::create_dir_all("target/test-fixtures").expect("create target/test-fixtures");
-    tempfile::Builder::new()
-        .prefix("ls-tuner-")
-        .tempdir_in("target/test-fixtures")
-        .expect("create a temporary directory")
-}
-
 fn write_tiny_model(dir: &Path) {
     let spec = SynthSpec {
         arch: Arch::Qwen2,
@@ -132,7 +126,7 @@ fn write_tiny_model(dir: &Path) {
         dtype: DType::BF16,
         tie: true,
         shard_size: 1 << 30,
-        seed: rand::random(),
+        seed: common::seed("tuner::write_tiny_model"),
         threads: 1,
     };
     write_model(dir, &spec).expect("write the synthetic model");
