@@ -422,6 +422,31 @@ uint64_t ls_model_total_layer_bytes(const ls_model *model);
 // `model` must be NULL or a live model.
 const char *ls_model_dir(const ls_model *model);
 
+// Copies the path of file `file` of the model, the file that
+// [`ls_tensor_info::file`] names, into `buf` as a NUL-terminated string:
+// the directory given to [`ls_model_open`] joined with the file's name
+// (relative where that directory was).
+//
+// The caller owns `buf` (`len` bytes). With `len` 0 (and `buf` NULL) only
+// the length is stored: a size query. When `out_len` is not NULL it
+// receives the path's length without the NUL; a buffer of at least
+// `*out_len + 1` bytes holds it. A path is never truncated.
+//
+// Returns `LS_OK`; `LS_INVALID_ARGUMENT` when `file` is not below
+// [`ls_model_num_files`] or `buf` is too small (then `buf` holds the empty
+// string); `LS_NULL_ARGUMENT` when `model` is NULL, or `buf` is NULL with
+// `len` above 0.
+//
+// # Safety
+// `model` must be NULL or a live model; `buf` must be NULL with `len` 0 or
+// valid for writes of `len` bytes; `out_len` must be NULL or valid for a
+// write.
+ls_result ls_model_file_path(const ls_model *model,
+                             uint32_t file,
+                             char *buf,
+                             size_t len,
+                             size_t *out_len);
+
 // Describes tensor `index` of `layer` (in file order) into `*out`. The
 // strings and shape it points to belong to the model.
 //

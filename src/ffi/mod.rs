@@ -43,9 +43,10 @@ pub use config::{
 };
 pub use error::{ls_last_error_message, ls_result, ls_result_name};
 pub use model::{
-    ls_model, ls_model_dir, ls_model_free, ls_model_layer_bytes, ls_model_layer_num_tensors,
-    ls_model_layer_tensor, ls_model_num_files, ls_model_num_layers, ls_model_num_statics,
-    ls_model_open, ls_model_static_tensor, ls_model_total_layer_bytes, ls_tensor_info,
+    ls_model, ls_model_dir, ls_model_file_path, ls_model_free, ls_model_layer_bytes,
+    ls_model_layer_num_tensors, ls_model_layer_tensor, ls_model_num_files, ls_model_num_layers,
+    ls_model_num_statics, ls_model_open, ls_model_static_tensor, ls_model_total_layer_bytes,
+    ls_tensor_info,
 };
 pub use stats::{ls_memory_use, ls_pass_stats, ls_stage_stats};
 pub use streamer::{
