@@ -3,6 +3,8 @@
 //! independent implementation, through scripts/gguf_reference.py.
 
 mod common;
+#[path = "common/quant_blocks.rs"]
+mod quant_blocks;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,7 +12,6 @@ use std::process::Command;
 use half::bf16;
 use layer_streamer::gguf::{GgufFile, GgufModel, GgufWriter, MetaArray, MetaValue, ValueType};
 use layer_streamer::quant::{self, QuantType};
-use rand::rngs::StdRng;
 use rand::Rng;
 use serde_json::Value;
 
@@ -56,69 +57,13 @@ fn describe(path: &Path, values: bool) -> Value {
     serde_json::from_slice(&reference(&args)).expect("describe prints JSON")
 }
 
-/// An f16 scale: half of the time one of the extremes (largest, smallest
-/// normal, subnormals, zeros, either sign), else any finite value.
-fn f16_scale(rng: &mut StdRng) -> u16 {
-    const EXTREMES: [u16; 9] = [
-        0x7bff, 0xfbff, 0x0400, 0x8400, 0x0001, 0x03ff, 0x8001, 0x0000, 0x8000,
-    ];
-    if rng.gen_bool(0.5) {
-        return EXTREMES[rng.gen_range(0..EXTREMES.len())];
-    }
-    loop {
-        let h: u16 = rng.gen();
-        if h & 0x7c00 != 0x7c00 {
-            return h;
-        }
-    }
-}
-
-/// Byte offsets of a block's f16 fields.
-fn f16_fields(ty: QuantType) -> &'static [usize] {
-    match ty {
-        QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
-        QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4_K | QuantType::Q5_K => &[0, 2],
-        QuantType::Q6_K => &[208],
-        _ => &[],
-    }
-}
-
-/// `n` random blocks of `ty`: random payload bytes, f16 scales from
-/// [`f16_scale`], and no NaN or infinity anywhere.
-fn random_blocks(ty: QuantType, n: usize, rng: &mut StdRng) -> Vec<u8> {
-    let bb = ty.block_bytes() as usize;
-    let mut b = vec![0u8; n * bb];
-    rng.fill(&mut b[..]);
-    for block in b.chunks_exact_mut(bb) {
-        match ty {
-            QuantType::F16 => block.copy_from_slice(&f16_scale(rng).to_le_bytes()),
-            QuantType::BF16 => {
-                while block[1] & 0x7f == 0x7f && block[0] & 0x80 != 0 {
-                    rng.fill(&mut block[..]);
-                }
-            }
-            QuantType::F32 => {
-                while block[3] & 0x7f == 0x7f && block[2] & 0x80 != 0 {
-                    rng.fill(&mut block[..]);
-                }
-            }
-            _ => {
-                for &at in f16_fields(ty) {
-                    block[at..at + 2].copy_from_slice(&f16_scale(rng).to_le_bytes());
-                }
-            }
-        }
-    }
-    b
-}
-
 #[test]
 fn host_dequantization_is_bit_exact_against_gguf_python() {
     let mut rng = common::rng("host_dequantization_is_bit_exact_against_gguf_python");
     let dir = tempfile::tempdir().unwrap();
     for ty in QuantType::ALL {
         let n_blocks = (4096 / ty.block_elems() as usize).max(64);
-        let blocks = random_blocks(ty, n_blocks, &mut rng);
+        let blocks = quant_blocks::random_blocks(ty, n_blocks, &mut rng);
         let n = n_blocks * ty.block_elems() as usize;
         let (src, dst) = (dir.path().join("blocks"), dir.path().join("f32"));
         std::fs::write(&src, &blocks).unwrap();
@@ -328,7 +273,7 @@ fn written_gguf_reads_back_in_gguf_python() {
             let dims = [ty.block_elems() * rng.gen_range(1..3), rng.gen_range(1..4)];
             let n = (dims[0] * dims[1]) as usize / ty.block_elems() as usize;
             w.tensor(format!("t.{}", ty.name()), ty, &dims).unwrap();
-            data.push(random_blocks(ty, n, &mut rng));
+            data.push(quant_blocks::random_blocks(ty, n, &mut rng));
         }
         let path = dir.path().join(format!("written-{alignment}.gguf"));
         let mut out = w.create(&path).unwrap();

@@ -137,10 +137,10 @@ pub(super) fn q6_k_value(ql: &[u8], qh: &[u8], e: usize) -> u8 {
 pub(super) fn q6_k(b: &[u8], out: &mut [f32]) {
     let (ql, qh, scales) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16_at(b, 208);
-    for (s, &sc) in scales.iter().enumerate() {
+    for (s, (&sc, o)) in scales.iter().zip(out.chunks_exact_mut(16)).enumerate() {
         let ds = d * sc as i8 as f32;
-        for e in s * 16..s * 16 + 16 {
-            out[e] = ds * (q6_k_value(ql, qh, e) as i32 - 32) as f32;
+        for (k, x) in o.iter_mut().enumerate() {
+            *x = ds * (q6_k_value(ql, qh, s * 16 + k) as i32 - 32) as f32;
         }
     }
 }
