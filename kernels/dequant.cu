@@ -37,9 +37,13 @@ DEQUANT_KERNEL(dequant_f32_bf16, 1, 4, {
 
 DEQUANT_KERNEL(dequant_f16_bf16, 1, 2, { x = f16_at(b); })
 
-DEQUANT_KERNEL(dequant_bf16_bf16, 1, 2, {
-    x = bf16_bits_to_f32((uint16_t)(b[0] | ((uint16_t)b[1] << 8)));
-})
+// bf16 is copied as it is (a NaN keeps its payload, as on the host).
+extern "C" __global__ void dequant_bf16_bf16(const uint8_t* __restrict__ src,
+                                             uint16_t* __restrict__ dst, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        dst[i] = (uint16_t)(src[2 * i] | ((uint16_t)src[2 * i + 1] << 8));
+    }
+}
 
 // Q8_0: f16 d, 32 x i8.
 DEQUANT_KERNEL(dequant_q8_0_bf16, 32, 34, {

@@ -103,3 +103,16 @@ impl DequantKernels {
         unsafe { f.launch((grid, 1, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ptx_defines_a_kernel_for_every_type() {
+        for ty in QuantType::ALL {
+            let entry = format!(".entry {}(", kernel_name(ty));
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        }
+    }
+}
