@@ -203,6 +203,21 @@ fn smollm2_gguf_reads_as_gguf_python_reads_it() {
         tokens.items.len() as u64,
         model.tensor("token_embd.weight").unwrap().1.dims[1]
     );
+    // Every tensor decodes to finite bf16 on the host, fast enough for CI.
+    let bytes = std::fs::read(&path).unwrap();
+    let start = std::time::Instant::now();
+    let mut elems = 0;
+    for t in &f.tensors {
+        let data = &bytes[t.file_offset as usize..(t.file_offset + t.len) as usize];
+        let mut out = vec![bf16::ZERO; t.elems as usize];
+        quant::dequantize_bf16(t.ty, data, &mut out).unwrap();
+        assert!(out.iter().all(|x| x.is_finite()), "{}: not finite", t.name);
+        elems += t.elems;
+    }
+    eprintln!(
+        "dequantized {elems} elements to bf16 in {:?}",
+        start.elapsed()
+    );
     let e = model.metadata_u64("tokenizer.ggml.model").unwrap_err();
     assert!(
         e.to_string()
