@@ -278,3 +278,40 @@ fn split_sets_are_found_and_checked() {
     let e = gguf_parts(d).unwrap_err().to_string();
     assert!(e.contains("not one split set"), "{e}");
 }
+
+#[test]
+fn bad_bools_alignments_and_deep_arrays_are_refused() {
+    let mut w = GgufWriter::new();
+    w.metadata("general.alignment", MetaValue::U32(64)).unwrap();
+    w.metadata("test.flag", MetaValue::Bool(true)).unwrap();
+    let good = w.header_bytes();
+    assert_eq!(GgufFile::parse(NAME, &good).unwrap().alignment, 64);
+    let mut b = good.clone();
+    let at = find(&b, b"test.flag") + 9 + 4;
+    b[at] = 2;
+    let msg = parse(&b);
+    assert!(
+        msg.contains(&format!("metadata test.flag (at offset {at}): bool byte 2")),
+        "{msg}"
+    );
+    let mut b = good.clone();
+    let at = find(&b, b"general.alignment") + 17 + 4;
+    put_u32(&mut b, at, 48);
+    assert!(parse(&b).contains("metadata general.alignment: U32(48) is not a u32 power of two"));
+
+    // Arrays nested one level deeper than the limit: the writer refuses them.
+    let mut v = MetaValue::U8(0);
+    for _ in 0..=LIMITS.array_depth {
+        let elem = v.value_type();
+        v = MetaValue::Array(MetaArray {
+            elem,
+            items: vec![v],
+        });
+    }
+    let e = GgufWriter::new().metadata("test.deep", v).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("test.deep: arrays nested deeper than"),
+        "{e}"
+    );
+}

@@ -149,9 +149,10 @@ impl<'a> Cursor<'a> {
         let room = LIMITS.metadata_values.saturating_sub(self.values);
         let n = self.count(what, elem.min_size(), room)?;
         let mut items = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            let item = self.value(elem, &format!("{what}[{i}]"), depth + 1)?;
-            items.push(item);
+        // Elements' errors name the key and give the element's offset (no
+        // string formatted per element).
+        for _ in 0..n {
+            items.push(self.value(elem, what, depth + 1)?);
         }
         Ok(MetaArray { elem, items })
     }

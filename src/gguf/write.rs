@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::parse::{MAGIC, MAX_DIMS};
 use super::value::MetaValue;
-use super::{GgufTensor, DEFAULT_ALIGNMENT};
+use super::{GgufTensor, DEFAULT_ALIGNMENT, LIMITS};
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 
@@ -50,7 +50,7 @@ impl GgufWriter {
     /// an array's elements must all be of its element type.
     pub fn metadata(&mut self, key: impl Into<String>, value: MetaValue) -> Result<&mut Self> {
         let key = key.into();
-        check_value(&key, &value)?;
+        check_value(&key, &value, 0)?;
         if key == "general.alignment" {
             match value {
                 MetaValue::U32(a) if a.is_power_of_two() && self.tensors.is_empty() => {
@@ -258,9 +258,16 @@ fn put_value(h: &mut Vec<u8>, v: &MetaValue) {
     }
 }
 
-/// Every array's elements are of its element type, all the way down.
-fn check_value(key: &str, v: &MetaValue) -> Result<()> {
+/// Every array's elements are of its element type, all the way down, and
+/// arrays nest no deeper than readers accept.
+fn check_value(key: &str, v: &MetaValue, depth: u32) -> Result<()> {
     if let MetaValue::Array(a) = v {
+        if depth >= LIMITS.array_depth {
+            return Err(Error::Input(format!(
+                "GGUF metadata {key}: arrays nested deeper than {}",
+                LIMITS.array_depth
+            )));
+        }
         for item in &a.items {
             if item.value_type() != a.elem {
                 return Err(Error::Input(format!(
@@ -269,7 +276,7 @@ fn check_value(key: &str, v: &MetaValue) -> Result<()> {
                     a.elem
                 )));
             }
-            check_value(key, item)?;
+            check_value(key, item, depth + 1)?;
         }
     }
     Ok(())
