@@ -8,7 +8,10 @@ use layer_streamer::gguf::{
     gguf_parts, split_name, GgufFile, GgufModel, GgufWriter, MetaArray, MetaValue, ValueType,
     LIMITS,
 };
-use layer_streamer::quant::QuantType;
+use layer_streamer::quant::{self, QuantType};
+use rand::Rng;
+
+mod common;
 
 const NAME: &str = "model.gguf";
 
@@ -314,4 +317,53 @@ fn bad_bools_alignments_and_deep_arrays_are_refused() {
             .contains("test.deep: arrays nested deeper than"),
         "{e}"
     );
+}
+
+/// What the fuzz target (fuzz/fuzz_targets/gguf.rs) does, over random
+/// mutations of a valid file: whatever parses has its data inside the file
+/// without overlaps and decodes; nothing panics.
+#[test]
+fn random_corruptions_never_panic() {
+    let mut rng = common::rng("random_corruptions_never_panic");
+    let mut w = GgufWriter::new();
+    w.metadata("a.str", MetaValue::strings(["x", "yz"]))
+        .unwrap();
+    w.metadata("b.f", MetaValue::F32(1.5)).unwrap();
+    for ty in QuantType::ALL {
+        w.tensor(ty.name(), ty, &[ty.block_elems(), 2]).unwrap();
+    }
+    let mut base = w.header_bytes();
+    let data_len: u64 = QuantType::ALL
+        .iter()
+        .map(|t| (2 * t.block_bytes()).next_multiple_of(32))
+        .sum();
+    base.extend((0..data_len).map(|_| rng.gen::<u8>()));
+    for _ in 0..3000 {
+        let mut b = base.clone();
+        for _ in 0..rng.gen_range(1..4) {
+            let at = rng.gen_range(0..b.len());
+            match rng.gen_range(0..4) {
+                0 => b[at] = rng.gen(),
+                1 => b[at] ^= 1 << rng.gen_range(0..8),
+                2 => b.truncate(at),
+                _ => b[at] = [0, 0xff, 0x7f, 0x80][rng.gen_range(0..4)],
+            }
+            if b.is_empty() {
+                break;
+            }
+        }
+        let Ok(f) = GgufFile::parse(NAME, &b) else {
+            continue;
+        };
+        let mut extents = Vec::new();
+        for t in &f.tensors {
+            assert!(t.file_offset + t.len <= b.len() as u64, "{}", t.name);
+            let data = &b[t.file_offset as usize..(t.file_offset + t.len) as usize];
+            let mut out = vec![0f32; t.elems as usize];
+            quant::dequantize_f32(t.ty, data, &mut out).unwrap();
+            extents.push((t.offset, t.len));
+        }
+        extents.sort();
+        assert!(extents.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+    }
 }
