@@ -95,6 +95,9 @@ fn every_truncation_is_an_error() {
 #[test]
 fn bad_magic_and_versions_are_refused() {
     let mut b = valid();
+    put_u32(&mut b, 4, 2);
+    assert_eq!(GgufFile::parse(NAME, &b).unwrap().version, 2);
+    let mut b = valid();
     b[0] = b'X';
     assert!(parse(&b).contains("header: magic"));
     for v in [0u32, 1, 4, 0x0300_0000] {
@@ -311,6 +314,10 @@ fn bad_bools_alignments_and_deep_arrays_are_refused() {
             items: vec![v],
         });
     }
+    let e = GgufWriter::new()
+        .tensor("n".repeat(64), QuantType::F32, &[1])
+        .unwrap_err();
+    assert!(e.to_string().contains("refused by llama.cpp"), "{e}");
     let e = GgufWriter::new().metadata("test.deep", v).unwrap_err();
     assert!(
         e.to_string()

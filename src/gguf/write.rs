@@ -17,6 +17,9 @@ use super::{GgufTensor, DEFAULT_ALIGNMENT, LIMITS};
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 
+/// Tensor names must be shorter than this for llama.cpp (`GGML_MAX_NAME`).
+const MAX_NAME: usize = 64;
+
 /// The header of a GGUF file being assembled.
 #[derive(Debug, Clone)]
 pub struct GgufWriter {
@@ -79,6 +82,11 @@ impl GgufWriter {
         dims: &[u64],
     ) -> Result<&mut Self> {
         let name = name.into();
+        if name.len() >= MAX_NAME {
+            return Err(Error::Input(format!(
+                "GGUF tensor {name}: names of {MAX_NAME} bytes or more are refused by llama.cpp"
+            )));
+        }
         if dims.len() > MAX_DIMS as usize {
             return Err(Error::Input(format!(
                 "GGUF tensor {name}: {} dimensions (at most {MAX_DIMS})",
