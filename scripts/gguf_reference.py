@@ -4,6 +4,8 @@ for the GGUF tests (run with the python that `scripts/test-env python` prints).
 
   gguf_reference.py dequant TYPE IN OUT   dequantize the raw blocks of TYPE in IN
                                           (gguf.quants.dequantize), write f32 to OUT
+  gguf_reference.py quantize TYPE IN OUT  quantize the f32 values in IN to TYPE
+                                          (gguf.quants.quantize), write the blocks to OUT
   gguf_reference.py describe FILE [--values]
                                           print, as JSON, what gguf.GGUFReader reads:
                                           version, alignment, every metadata field's
@@ -16,7 +18,7 @@ import sys
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 
 def cmd_dequant(type_name, src, dst):
@@ -24,6 +26,12 @@ def cmd_dequant(type_name, src, dst):
     raw = np.fromfile(src, dtype=np.uint8)
     out = dequantize(raw, qtype).astype(np.float32, copy=False)
     out.reshape(-1).tofile(dst)
+
+
+def cmd_quantize(type_name, src, dst):
+    qtype = GGMLQuantizationType[type_name]
+    x = np.fromfile(src, dtype=np.float32)
+    np.ascontiguousarray(quantize(x, qtype)).view(np.uint8).tofile(dst)
 
 
 def field_value(field):
@@ -63,6 +71,8 @@ def cmd_describe(path, values):
 def main(argv):
     if len(argv) == 5 and argv[1] == "dequant":
         cmd_dequant(argv[2], argv[3], argv[4])
+    elif len(argv) == 5 and argv[1] == "quantize":
+        cmd_quantize(argv[2], argv[3], argv[4])
     elif len(argv) in (3, 4) and argv[1] == "describe":
         cmd_describe(argv[2], argv[3:] == ["--values"])
     else:

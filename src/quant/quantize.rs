@@ -1,6 +1,7 @@
 //! Host quantization of f32 rows into ggml blocks.
 //!
-//! The 32-element types follow ggml's reference rounding; the K types use a
+//! The 32-element types follow ggml's reference rounding (bit-exact with the
+//! `gguf` Python package's `quants.quantize`); the K types use a
 //! direct min/max fit per sub-block (no iterative search), which is simpler
 //! and a little less accurate than llama.cpp's `quantize`, and writes blocks
 //! of the same layout that any reader decodes.
@@ -75,22 +76,27 @@ fn q8_0(x: &[f32], o: &mut Vec<u8>) {
     o.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
 }
 
-/// The element of largest magnitude, with its sign.
+/// The first element of largest magnitude, with its sign (a zero block's
+/// first element keeps its sign of zero, as in ggml).
 fn signed_absmax(x: &[f32]) -> f32 {
     x.iter()
-        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m })
+        .skip(1)
+        .fold(x[0], |m, &v| if v.abs() > m.abs() { v } else { m })
 }
 
 /// Q4_0 / Q5_0: `d = max / -2^(bits-1)`, values offset by `2^(bits-1)`.
+/// `x * id + offset + 0.5` is rounded once (in f64), as ggml's reference
+/// does with a fused multiply-add and the `gguf` Python package in f64.
 fn q_sym(x: &[f32], o: &mut Vec<u8>, bits: u32) {
     let half = (1u32 << (bits - 1)) as f32;
     let top = (1u8 << bits) - 1;
     let d = signed_absmax(x) / -half;
-    let id = inverse(d);
+    let id = inverse(d) as f64;
     push_f16(o, d);
+    let bias = half as f64 + 0.5;
     let q: Vec<u8> = x
         .iter()
-        .map(|v| ((v * id + half + 0.5) as u8).min(top))
+        .map(|&v| ((v as f64 * id + bias).trunc() as f32 as u8).min(top))
         .collect();
     push_nibbles_and_high(o, &q, bits);
 }
@@ -98,8 +104,13 @@ fn q_sym(x: &[f32], o: &mut Vec<u8>, bits: u32) {
 /// Q4_1 / Q5_1: `d = (max - min) / (2^bits - 1)`, `m = min`.
 fn q_affine(x: &[f32], o: &mut Vec<u8>, bits: u32) {
     let top = (1u8 << bits) - 1;
-    let min = x.iter().fold(f32::INFINITY, |m, &v| m.min(v));
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // Strict comparisons keep the first of equal values (signed zeros), as ggml.
+    let min = x
+        .iter()
+        .fold(f32::INFINITY, |m, &v| if v < m { v } else { m });
+    let max = x
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     let d = (max - min) / top as f32;
     let id = inverse(d);
     push_f16(o, d);
