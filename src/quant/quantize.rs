@@ -204,11 +204,17 @@ fn q6_k(x: &[f32], o: &mut Vec<u8>) {
     for (s, sub) in x.chunks_exact(16).enumerate() {
         scale[s] = signed_absmax(sub) / -32.0;
     }
-    let d = f16::from_f32(signed_absmax(&scale) / -128.0);
+    // 127, not 128: sub-blocks of either sign then fit the i8 scales unclamped.
+    let d = f16::from_f32(signed_absmax(&scale) / -127.0);
     let id = inverse(d.to_f32());
+    // Scales round away from zero, so that a sub-block's extreme value does
+    // not saturate its 6-bit range.
     let sc: Vec<i8> = scale
         .iter()
-        .map(|&s| (s * id).round().clamp(-128.0, 127.0) as i8)
+        .map(|&s| {
+            let v = s * id;
+            (v.abs().ceil() * v.signum()).clamp(-128.0, 127.0) as i8
+        })
         .collect();
     let mut ql = [0u8; 128];
     let mut qh = [0u8; 64];
