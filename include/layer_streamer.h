@@ -62,8 +62,15 @@ typedef uint32_t ls_result;
 // Opaque; created by [`ls_model_open`], freed by [`ls_model_free`].
 typedef struct ls_model ls_model;
 
-// A streamer: slots, caches, streams and open files for one model.
-// Opaque; created by [`ls_streamer_new`], freed by [`ls_streamer_free`].
+// A streamer: slots, caches, streams, open files and stage threads for one
+// model. Opaque; created by [`ls_streamer_new`], freed by
+// [`ls_streamer_free`].
+//
+// A handle is used by one thread at a time (any thread, one after the
+// other). Calls made on it while it runs a pass, from its own callback or
+// from another thread, fail with `LS_INVALID_ARGUMENT` (except
+// [`ls_streamer_free`], which is deferred); that check is a safety net, not
+// a license to share a handle between threads.
 typedef struct ls_streamer ls_streamer;
 
 // A tensor kept on the device. Opaque; created by
@@ -183,6 +190,19 @@ typedef void *ls_cuda_stream;
 // weights on the device and the stream to launch work on. `weights` and
 // everything it points to are valid only during the call. Return 0 to go
 // on; any other value ends the pass with `LS_CALLBACK`.
+//
+// On CUDA the streamer's device's primary context is current on the
+// calling thread during the call (the runtime API's device of that ordinal
+// uses the same context).
+//
+// The device slot holding the weights is reused once the work queued on
+// `stream` by the time the callback returns has finished. Work queued on
+// any other stream that reads the weights is not covered: announce it with
+// [`ls_layer_release_after`].
+//
+// The callback must return normally: it must not unwind through the
+// library (a C++ exception, `longjmp`, a Rust panic); catch them inside.
+// Unwinding or jumping across the call is undefined behaviour.
 typedef int (*ls_layer_fn)(void *user,
                            uint32_t layer,
                            const ls_layer_weights *weights,
@@ -402,6 +422,31 @@ uint64_t ls_model_total_layer_bytes(const ls_model *model);
 // `model` must be NULL or a live model.
 const char *ls_model_dir(const ls_model *model);
 
+// Copies the path of file `file` of the model, the file that
+// [`ls_tensor_info::file`] names, into `buf` as a NUL-terminated string:
+// the directory given to [`ls_model_open`] joined with the file's name
+// (relative where that directory was).
+//
+// The caller owns `buf` (`len` bytes). With `len` 0 (and `buf` NULL) only
+// the length is stored: a size query. When `out_len` is not NULL it
+// receives the path's length without the NUL; a buffer of at least
+// `*out_len + 1` bytes holds it. A path is never truncated.
+//
+// Returns `LS_OK`; `LS_INVALID_ARGUMENT` when `file` is not below
+// [`ls_model_num_files`] or `buf` is too small (then `buf` holds the empty
+// string); `LS_NULL_ARGUMENT` when `model` is NULL, or `buf` is NULL with
+// `len` above 0.
+//
+// # Safety
+// `model` must be NULL or a live model; `buf` must be NULL with `len` 0 or
+// valid for writes of `len` bytes; `out_len` must be NULL or valid for a
+// write.
+ls_result ls_model_file_path(const ls_model *model,
+                             uint32_t file,
+                             char *buf,
+                             size_t len,
+                             size_t *out_len);
+
 // Describes tensor `index` of `layer` (in file order) into `*out`. The
 // strings and shape it points to belong to the model.
 //
@@ -437,10 +482,13 @@ ls_result ls_model_static_tensor(const ls_model *model, uint32_t index, ls_tenso
 // `out` valid for a write.
 ls_result ls_streamer_new(const ls_model *model, const ls_config *config, ls_streamer **out);
 
-// Frees a streamer after the device has finished with its memory; NULL is
-// a no-op. Static tensors loaded from it stay valid. A streamer that is
-// running a pass (a call from its own callback) is not freed: it would
-// free the memory the pass is using.
+// Frees a streamer after the device has finished with its memory, and
+// joins its stage threads; NULL is a no-op. Static tensors loaded from it
+// stay valid.
+//
+// Called while the streamer runs a pass (from its own callback), the free
+// is deferred: the pass goes on, and the streamer is freed when
+// [`ls_streamer_run_pass`] returns. The handle must not be used after that.
 //
 // # Safety
 // `streamer` must be NULL or a pointer from `ls_streamer_new` not yet freed.
@@ -454,11 +502,14 @@ void ls_streamer_free(ls_streamer *streamer);
 // message names the value and the layer. A read or CUDA error ends it with
 // its own code. In every case the streamer stays usable for the next pass.
 // The callback must not call functions on this streamer (they fail with
-// `LS_INVALID_ARGUMENT`), except [`ls_layer_copy_to_host`].
+// `LS_INVALID_ARGUMENT`), except [`ls_layer_copy_to_host`],
+// [`ls_layer_release_after`] and [`ls_streamer_free`] (deferred until this
+// returns: then the handle is gone).
 //
 // # Safety
 // `streamer` must be NULL or a live streamer; `callback` must be safe to
-// call with `user` and the arguments described at [`ls_layer_fn`].
+// call with `user` and the arguments described at [`ls_layer_fn`], and must
+// not unwind.
 ls_result ls_streamer_run_pass(ls_streamer *streamer, ls_layer_fn callback, void *user);
 
 // Copies tensor `index` of the layer being processed into host memory:
@@ -477,6 +528,21 @@ ls_result ls_layer_copy_to_host(const ls_layer_weights *weights,
                                 uint32_t index,
                                 void *dst,
                                 uint64_t dst_len);
+
+// Keeps the device slot of the layer being processed from being reused
+// until the work queued on `stream` so far has finished: call it from the
+// callback after queuing work on a stream other than the pass's that reads
+// `weights`. A later call for the same layer replaces an earlier one (join
+// several streams into one first). On the host backend `stream` must be
+// NULL and the call does nothing.
+//
+// Only valid inside the callback that received `weights` (else
+// `LS_INVALID_ARGUMENT`).
+//
+// # Safety
+// `weights` must be the pointer the running callback received; `stream` a
+// live `CUstream` of the streamer's context, or NULL.
+ls_result ls_layer_release_after(const ls_layer_weights *weights, ls_cuda_stream stream);
 
 // Writes the statistics of the last completed pass into `*out` (all zero
 // before the first pass).

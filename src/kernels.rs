@@ -5,10 +5,18 @@
 //! JIT-loads the module into a context once; the launchers queue work on a
 //! stream and return without waiting.
 //!
-//! Device pointers are passed as `u64` addresses. They must be device memory of
-//! the stream's context, valid for the element counts given, until the launched
-//! work completes; the launchers check alignment (an [`Error::Input`]) but cannot
-//! check extents.
+//! Device pointers are passed as `u64` addresses, so every launcher is an
+//! `unsafe fn`: the addresses must be device memory of the stream's context,
+//! valid for the element counts given, until the launched work completes. The
+//! launchers check alignment (an [`Error::Input`]) but cannot check extents.
+//!
+//! Calling a launcher outside `unsafe` does not compile:
+//!
+//! ```compile_fail,E0133
+//! fn queue(k: &layer_streamer::kernels::Kernels, s: &layer_streamer::cuda::Stream) {
+//!     let _ = k.cast_f16_to_bf16(0x1000, 0x2000, 1, s);
+//! }
+//! ```
 
 use std::ffi::c_void;
 
@@ -70,33 +78,68 @@ impl Kernels {
     /// Queues `dst[i] = bf16(src[i])` for `n` f16 elements: round to nearest
     /// even, NaN stays NaN, ±Inf and subnormals convert exactly as IEEE says.
     /// `src` and `dst` must be 2-byte aligned.
-    pub fn cast_f16_to_bf16(&self, src: u64, dst: u64, n: usize, stream: &Stream) -> Result<()> {
+    ///
+    /// # Safety
+    /// `src` holds `n` f16 values and `dst` has room for `n` bf16 values, both device
+    /// memory of `stream`'s context that stays allocated, and that nothing else
+    /// reads (`dst`) or writes (`src`, `dst`), until the queued work completes.
+    pub unsafe fn cast_f16_to_bf16(
+        &self,
+        src: u64,
+        dst: u64,
+        n: usize,
+        stream: &Stream,
+    ) -> Result<()> {
         check_align("cast_f16_to_bf16", &[("src", src, 2), ("dst", dst, 2)])?;
-        launch_1d(
-            &self.cast_f16,
-            stream,
-            n as u64,
-            8,
-            &mut [src, dst, n as u64],
-        )
+        // SAFETY: cast_f16_to_bf16(src, dst, n) takes three 64-bit
+        // parameters; the ranges are the caller's contract.
+        unsafe {
+            launch_1d(
+                &self.cast_f16,
+                stream,
+                n as u64,
+                8,
+                &mut [src, dst, n as u64],
+            )
+        }
     }
 
     /// Queues `dst[i] = bf16(src[i])` for `n` f32 elements, with the rounding of
     /// [`Kernels::cast_f16_to_bf16`]. `src` must be 4-byte and `dst` 2-byte aligned.
-    pub fn cast_f32_to_bf16(&self, src: u64, dst: u64, n: usize, stream: &Stream) -> Result<()> {
+    ///
+    /// # Safety
+    /// `src` holds `n` f32 values and `dst` has room for `n` bf16 values, both device
+    /// memory of `stream`'s context that stays allocated, and that nothing else
+    /// reads (`dst`) or writes (`src`, `dst`), until the queued work completes.
+    pub unsafe fn cast_f32_to_bf16(
+        &self,
+        src: u64,
+        dst: u64,
+        n: usize,
+        stream: &Stream,
+    ) -> Result<()> {
         check_align("cast_f32_to_bf16", &[("src", src, 4), ("dst", dst, 2)])?;
-        launch_1d(
-            &self.cast_f32,
-            stream,
-            n as u64,
-            4,
-            &mut [src, dst, n as u64],
-        )
+        // SAFETY: cast_f32_to_bf16(src, dst, n) takes three 64-bit
+        // parameters; the ranges are the caller's contract.
+        unsafe {
+            launch_1d(
+                &self.cast_f32,
+                stream,
+                n as u64,
+                4,
+                &mut [src, dst, n as u64],
+            )
+        }
     }
 
     /// Queues a cast of `n` elements of dtype `from` to bf16: f16 and f32 are
     /// converted, bf16 is copied. Other dtypes are an [`Error::Input`].
-    pub fn cast_to_bf16(
+    ///
+    /// # Safety
+    /// `src` holds `n` values of dtype `from` and `dst` has room for `n` bf16 values, both device
+    /// memory of `stream`'s context that stays allocated, and that nothing else
+    /// reads (`dst`) or writes (`src`, `dst`), until the queued work completes.
+    pub unsafe fn cast_to_bf16(
         &self,
         from: DType,
         src: u64,
@@ -105,15 +148,17 @@ impl Kernels {
         stream: &Stream,
     ) -> Result<()> {
         match from {
-            DType::F16 => self.cast_f16_to_bf16(src, dst, n, stream),
-            DType::F32 => self.cast_f32_to_bf16(src, dst, n, stream),
+            // SAFETY: forwarded from the caller, for the dtype matched.
+            DType::F16 => unsafe { self.cast_f16_to_bf16(src, dst, n, stream) },
+            // SAFETY: as above.
+            DType::F32 => unsafe { self.cast_f32_to_bf16(src, dst, n, stream) },
             DType::BF16 => {
                 let bytes = n.checked_mul(2).ok_or_else(|| {
                     Error::Input(format!("cast_to_bf16: {n} elements overflow a byte count"))
                 })?;
-                // SAFETY: the module's documented contract: src and dst are device
-                // ranges of the stream's context holding n bf16 elements each, live
-                // until the queued work completes.
+                // SAFETY: the caller's contract: src and dst are device ranges of
+                // the stream's context holding n bf16 elements each, live until the
+                // queued work completes.
                 unsafe { memcpy_dtod_async(dst, src, bytes, stream) }
             }
             other => Err(Error::Input(format!(
@@ -124,24 +169,46 @@ impl Kernels {
 
     /// Queues `out[i] = silu(gate[i]) * up[i]` for `n` bf16 elements, computed
     /// in f32 and rounded to nearest even. All pointers must be 2-byte aligned.
-    pub fn swiglu(&self, gate: u64, up: u64, out: u64, n: usize, stream: &Stream) -> Result<()> {
+    ///
+    /// # Safety
+    /// `gate` and `up` hold `n` bf16 values and `out` has room for `n`, all
+    /// device memory of `stream`'s context that stays allocated, and that
+    /// nothing else writes (nor reads `out`), until the queued work completes.
+    pub unsafe fn swiglu(
+        &self,
+        gate: u64,
+        up: u64,
+        out: u64,
+        n: usize,
+        stream: &Stream,
+    ) -> Result<()> {
         check_align(
             "swiglu",
             &[("gate", gate, 2), ("up", up, 2), ("out", out, 2)],
         )?;
-        launch_1d(
-            &self.swiglu,
-            stream,
-            n as u64,
-            8,
-            &mut [gate, up, out, n as u64],
-        )
+        // SAFETY: swiglu_bf16(gate, up, out, n) takes four 64-bit
+        // parameters; the ranges are the caller's contract.
+        unsafe {
+            launch_1d(
+                &self.swiglu,
+                stream,
+                n as u64,
+                8,
+                &mut [gate, up, out, n as u64],
+            )
+        }
     }
 
     /// Like [`Kernels::swiglu`] over the output of a fused gate/up projection:
     /// `gate_up` holds `rows` rows of `2 * cols` bf16 elements, each row
     /// `[gate(cols) | up(cols)]`; `out` is `rows x cols`.
-    pub fn swiglu_fused(
+    ///
+    /// # Safety
+    /// `gate_up` holds `rows * 2 * cols` bf16 values and `out` has room for
+    /// `rows * cols`, both device memory of `stream`'s context that stays
+    /// allocated, and that nothing else writes (nor reads `out`), until the
+    /// queued work completes.
+    pub unsafe fn swiglu_fused(
         &self,
         gate_up: u64,
         out: u64,
@@ -156,13 +223,17 @@ impl Kernels {
             .ok_or_else(|| {
                 Error::Input(format!("swiglu_fused: {rows} x {cols} elements overflow"))
             })?;
-        launch_1d(
-            &self.swiglu_fused,
-            stream,
-            n,
-            8,
-            &mut [gate_up, out, rows as u64, cols as u64],
-        )
+        // SAFETY: swiglu_fused_bf16(gate_up, out, rows, cols) takes four
+        // 64-bit parameters; the ranges are the caller's contract.
+        unsafe {
+            launch_1d(
+                &self.swiglu_fused,
+                stream,
+                n,
+                8,
+                &mut [gate_up, out, rows as u64, cols as u64],
+            )
+        }
     }
 }
 
@@ -187,7 +258,11 @@ fn grid_for(n: u64, per_thread: u64) -> u32 {
 
 /// Launches a grid-stride kernel whose parameters are all 64-bit (device
 /// pointers and counts), in order. Nothing is launched for `n == 0`.
-fn launch_1d(
+///
+/// # Safety
+/// `f` takes exactly `args.len()` 64-bit parameters, and the device ranges
+/// `args` name are valid for the kernel's accesses until the work completes.
+unsafe fn launch_1d(
     f: &Function,
     stream: &Stream,
     n: u64,
@@ -199,9 +274,8 @@ fn launch_1d(
     }
     // cuLaunchKernel takes, per parameter, a pointer to the argument's value.
     let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-    // SAFETY: every kernel launched here takes exactly these 64-bit parameters
-    // (pointers and u64 counts, see kernels/*.cu); params point into `args`,
-    // alive for the call; device ranges are the caller's contract (module docs).
+    // SAFETY: the parameter list and the device ranges are the caller's
+    // contract; params point into `args`, alive for the call.
     unsafe {
         f.launch(
             (grid_for(n, per_thread), 1, 1),

@@ -56,12 +56,16 @@ pub mod cuda;
 pub mod dtype;
 pub mod error;
 pub mod ffi;
+pub mod gguf;
 pub mod host_memory;
 pub mod io;
 pub mod kernels;
 pub mod llm;
 pub mod pipeline;
+pub mod quant;
 pub mod ring;
+#[cfg(feature = "serve")]
+pub mod serve;
 pub mod streamer;
 pub mod synth;
 pub mod tuner;

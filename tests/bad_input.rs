@@ -1,7 +1,6 @@
 //! Invalid model directories: each is a clear error naming the file and,
 //! where there is one, the tensor; never a panic; a non-zero exit for the CLI.
 
-#[path = "fixtures/mod.rs"]
 mod common;
 
 use std::path::Path;
@@ -29,10 +28,13 @@ fn expect_model_error(dir: &Path, file: &str, words: &[&str]) -> String {
     err.to_string()
 }
 
-/// A one-file model whose header is `header` followed by `data`.
+/// A one-file model whose header is `header` (padded with spaces to a
+/// multiple of 8 bytes, as safetensors writers do) followed by `data`.
 fn raw_model(header: &str, data: &[u8]) -> tempfile::TempDir {
-    let dir = common::scratch();
-    common::raw_safetensors(&dir.path().join("model.safetensors"), header, data);
+    let dir = common::tempdir();
+    let width = header.len().next_multiple_of(8);
+    let padded = format!("{header:<width$}");
+    common::models::raw_safetensors(&dir.path().join("model.safetensors"), &padded, data);
     dir
 }
 
@@ -42,7 +44,7 @@ fn entry(name: &str, dtype: &str, shape: &[usize], b: u64, e: u64) -> String {
 
 #[test]
 fn missing_and_empty_directories() {
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let missing = dir.path().join("no-such-model");
     expect_model_error(&missing, "no-such-model", &["cannot open model directory"]);
     let name = dir
@@ -61,9 +63,9 @@ fn missing_and_empty_directories() {
 
 #[test]
 fn truncated_shard() {
-    let (_, seed) = common::rng("truncated_shard");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("truncated_shard");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Qwen2,
         "tiny",
@@ -101,7 +103,7 @@ fn truncated_shard() {
 
 #[test]
 fn header_length_past_eof_or_over_the_cap() {
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let path = dir.path().join("model.safetensors");
     let mut bytes = 1000u64.to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{\"a\":1}");
@@ -131,7 +133,7 @@ fn header_not_json() {
 
 #[test]
 fn offsets_out_of_bounds_overlapping_or_not_matching_the_shape() {
-    let (mut rng, _) = common::rng("offsets_out_of_bounds_overlapping_or_not_matching_the_shape");
+    let mut rng = common::rng("offsets_out_of_bounds_overlapping_or_not_matching_the_shape");
     let data = common::bytes(&mut rng, 16);
     let h = format!("{{{}}}", entry("h.0.w", "F32", &[8], 0, 32));
     let dir = raw_model(&h, &data);
@@ -169,7 +171,7 @@ fn offsets_out_of_bounds_overlapping_or_not_matching_the_shape() {
 
 #[test]
 fn unknown_dtype() {
-    let (mut rng, _) = common::rng("unknown_dtype");
+    let mut rng = common::rng("unknown_dtype");
     let h = format!("{{{}}}", entry("model.layers.0.w", "Q4_K", &[4], 0, 2));
     let dir = raw_model(&h, &common::bytes(&mut rng, 2));
     expect_model_error(
@@ -189,9 +191,9 @@ fn unknown_dtype() {
 
 #[test]
 fn index_naming_a_missing_shard_or_an_absent_tensor() {
-    let (_, seed) = common::rng("index_naming_a_missing_shard_or_an_absent_tensor");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("index_naming_a_missing_shard_or_an_absent_tensor");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Llama,
         "tiny",
@@ -203,7 +205,7 @@ fn index_naming_a_missing_shard_or_an_absent_tensor() {
     let index_path = dir.path().join("model.safetensors.index.json");
     let original = std::fs::read_to_string(&index_path).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
-    let shards = common::shards(dir.path());
+    let shards = common::models::shards(dir.path());
     assert!(shards.len() > 1);
 
     // A tensor in a shard but absent from the index is fine (and left out).
@@ -256,7 +258,7 @@ fn index_naming_a_missing_shard_or_an_absent_tensor() {
 
 #[test]
 fn no_repeated_structure_or_a_missing_layer() {
-    let (mut rng, _) = common::rng("no_repeated_structure_or_a_missing_layer");
+    let mut rng = common::rng("no_repeated_structure_or_a_missing_layer");
     let data = common::bytes(&mut rng, 16);
     let h = format!(
         "{{{},{}}}",
@@ -300,7 +302,7 @@ fn the_cli_exits_non_zero_naming_the_file() {
         eprintln!("skipping: no layer-streamer binary next to this test");
         return;
     };
-    let dir = common::scratch();
+    let dir = common::tempdir();
     let run = |args: &[&str]| Command::new(&bin).args(args).output().unwrap();
 
     let out = run(&["inspect", dir.path().join("absent").to_str().unwrap()]);
@@ -308,7 +310,7 @@ fn the_cli_exits_non_zero_naming_the_file() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("absent"));
 
     let h = format!("{{{}}}", entry("h.0.w", "F32", &[3], 0, 16));
-    common::raw_safetensors(&dir.path().join("model.safetensors"), &h, &[0; 16]);
+    common::models::raw_safetensors(&dir.path().join("model.safetensors"), &h, &[0; 16]);
     let out = run(&["inspect", "--json", dir.path().to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -355,4 +357,48 @@ fn the_cli_exits_non_zero_naming_the_file() {
         out.status.success() && text.contains("layers 0-2: 9 tensors"),
         "{text}"
     );
+}
+
+#[test]
+fn tensors_misaligned_by_an_unpadded_header() {
+    let mut rng = common::rng("tensors_misaligned_by_an_unpadded_header");
+    let data = common::bytes(&mut rng, 16);
+    let f32_entry = entry("h.0.w", "F32", &[4], 0, 16);
+    let dir = common::tempdir();
+    let file = dir.path().join("model.safetensors");
+    // Header lengths 1..3 past a multiple of 4 put the f32 data off its alignment.
+    for pad in 1..4 {
+        let h = format!("{{{f32_entry}}}");
+        let width = h.len().next_multiple_of(4) + pad;
+        common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+        let at = 8 + width;
+        let e = expect_model_error(
+            dir.path(),
+            "model.safetensors",
+            &[
+                "h.0.w",
+                "f32",
+                &format!("file offset {at}"),
+                "multiple of 4",
+            ],
+        );
+        assert!(e.contains(&format!("header is {width} bytes")), "{e}");
+    }
+    // 2-byte elements need only an even offset; bytes need none.
+    let h = format!("{{{}}}", entry("h.0.w", "BF16", &[8], 0, 16));
+    let width = h.len().next_multiple_of(2) + 1;
+    common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+    expect_model_error(
+        dir.path(),
+        "model.safetensors",
+        &["h.0.w", "bf16", "multiple of 2"],
+    );
+    let h = format!(
+        "{{{},{}}}",
+        entry("h.0.w", "U8", &[8], 0, 8),
+        entry("h.1.w", "U8", &[8], 8, 16)
+    );
+    let width = h.len().next_multiple_of(2) + 1;
+    common::models::raw_safetensors(&file, &format!("{h:<width$}"), &data);
+    ModelIndex::open(dir.path()).expect("u8 tensors have no alignment to keep");
 }

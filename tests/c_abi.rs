@@ -17,6 +17,8 @@ use std::process::Command;
 use layer_streamer::synth::{self, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, ModelIndex};
 
+mod common;
+
 /// Where the C program, model and expected hashes are left (relative: test
 /// binaries also run from the repository root on other machines).
 const OUT: &str = "target/c-tests";
@@ -25,15 +27,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
-}
-
-fn read_tensor(model: &ModelIndex, info: &layer_streamer::checkpoint::TensorInfo) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let f = std::fs::File::open(&model.files()[info.file].path).expect("open shard");
-    let mut buf = vec![0u8; info.len as usize];
-    f.read_exact_at(&mut buf, info.file_offset)
-        .expect("read tensor");
-    buf
 }
 
 /// Writes a tiny model (small enough for valgrind) and the expected file.
@@ -55,7 +48,7 @@ fn write_fixture(dir: &Path) -> (PathBuf, PathBuf) {
         tie: false,
         // Several shards, so that layers straddle files.
         shard_size: 60_000,
-        seed: 0x5eed,
+        seed: common::seed("c_abi::write_fixture"),
         threads: 1,
     };
     synth::write_model(&model_dir, &spec).expect("write the model");
@@ -67,7 +60,7 @@ fn write_fixture(dir: &Path) -> (PathBuf, PathBuf) {
     );
     for (l, layer) in model.layers().iter().enumerate() {
         for (i, t) in layer.tensors.iter().enumerate() {
-            let bytes = read_tensor(&model, &t.info);
+            let bytes = common::models::read_tensor(&model, &t.info);
             let _ = writeln!(
                 text,
                 "L {l} {i} {} {} {:016x}",
@@ -78,7 +71,7 @@ fn write_fixture(dir: &Path) -> (PathBuf, PathBuf) {
         }
     }
     for (i, t) in model.statics().iter().enumerate() {
-        let bytes = read_tensor(&model, t);
+        let bytes = common::models::read_tensor(&model, t);
         let _ = writeln!(
             text,
             "S {i} {} {} {:016x}",

@@ -165,7 +165,9 @@ fn check_cast_f16(g: &Gpu, input: &[u16], src_off: usize, dst_off: usize) {
     let src = g.upload(&bytes_of_u16(input), src_off);
     let dst = g.output(2 * n, dst_off);
     let (s, d) = (src.ptr() + src_off as u64, dst.ptr() + dst_off as u64);
-    g.kernels.cast_f16_to_bf16(s, d, n, &g.stream).unwrap();
+    // SAFETY: src and dst were allocated with `n` elements past their offsets
+    // and live until after the download, which synchronizes the stream.
+    unsafe { g.kernels.cast_f16_to_bf16(s, d, n, &g.stream) }.unwrap();
     let got = u16s(&g.download(&dst, dst_off, 2 * n));
     let what = format!("cast_f16_to_bf16 n={n} src+{src_off} dst+{dst_off}");
     for (i, (&x, &y)) in input.iter().zip(&got).enumerate() {
@@ -178,7 +180,8 @@ fn check_cast_f32(g: &Gpu, input: &[u32], src_off: usize, dst_off: usize) {
     let src = g.upload(&bytes_of_u32(input), src_off);
     let dst = g.output(2 * n, dst_off);
     let (s, d) = (src.ptr() + src_off as u64, dst.ptr() + dst_off as u64);
-    g.kernels.cast_f32_to_bf16(s, d, n, &g.stream).unwrap();
+    // SAFETY: as in check_cast_f16.
+    unsafe { g.kernels.cast_f32_to_bf16(s, d, n, &g.stream) }.unwrap();
     let got = u16s(&g.download(&dst, dst_off, 2 * n));
     let what = format!("cast_f32_to_bf16 n={n} src+{src_off} dst+{dst_off}");
     for (i, (&x, &y)) in input.iter().zip(&got).enumerate() {
@@ -246,9 +249,13 @@ fn cast_to_bf16_dispatches_on_dtype() {
     let bf: Vec<u16> = (0..n).map(|_| rng.gen()).collect();
     let src = g.upload(&bytes_of_u16(&bf), 0);
     let dst = g.output(2 * n, 0);
-    g.kernels
-        .cast_to_bf16(DType::BF16, src.ptr(), dst.ptr(), n, &g.stream)
-        .unwrap();
+    // SAFETY: src holds n bf16 and dst room for n; both live past the
+    // download, which synchronizes the stream (likewise below).
+    unsafe {
+        g.kernels
+            .cast_to_bf16(DType::BF16, src.ptr(), dst.ptr(), n, &g.stream)
+    }
+    .unwrap();
     assert_eq!(
         u16s(&g.download(&dst, 0, 2 * n)),
         bf,
@@ -258,26 +265,36 @@ fn cast_to_bf16_dispatches_on_dtype() {
     let f: Vec<u32> = (0..n).map(|_| rng.gen::<f32>().to_bits()).collect();
     let src = g.upload(&bytes_of_u32(&f), 0);
     let dst = g.output(2 * n, 0);
-    g.kernels
-        .cast_to_bf16(DType::F32, src.ptr(), dst.ptr(), n, &g.stream)
-        .unwrap();
+    // SAFETY: src holds n f32, dst room for n bf16.
+    unsafe {
+        g.kernels
+            .cast_to_bf16(DType::F32, src.ptr(), dst.ptr(), n, &g.stream)
+    }
+    .unwrap();
     let want: Vec<u16> = f.iter().map(|&x| want_from_f32(x)).collect();
     assert_eq!(u16s(&g.download(&dst, 0, 2 * n)), want);
 
-    let e = g
-        .kernels
-        .cast_to_bf16(DType::I8, src.ptr(), dst.ptr(), n, &g.stream)
-        .unwrap_err();
+    // SAFETY: refused before any launch (unsupported dtype).
+    let e = unsafe {
+        g.kernels
+            .cast_to_bf16(DType::I8, src.ptr(), dst.ptr(), n, &g.stream)
+    }
+    .unwrap_err();
     assert!(matches!(e, Error::Input(_)), "{e}");
-    let e = g
-        .kernels
-        .cast_f32_to_bf16(src.ptr() + 2, dst.ptr(), n, &g.stream)
-        .unwrap_err();
+    // SAFETY: refused before any launch (misaligned source).
+    let e = unsafe {
+        g.kernels
+            .cast_f32_to_bf16(src.ptr() + 2, dst.ptr(), n, &g.stream)
+    }
+    .unwrap_err();
     assert!(matches!(e, Error::Input(_)), "misaligned f32 source: {e}");
     // Nothing to do is not an error.
-    g.kernels
-        .cast_f16_to_bf16(src.ptr(), dst.ptr(), 0, &g.stream)
-        .unwrap();
+    // SAFETY: zero elements: nothing is launched.
+    unsafe {
+        g.kernels
+            .cast_f16_to_bf16(src.ptr(), dst.ptr(), 0, &g.stream)
+    }
+    .unwrap();
     g.stream.synchronize().unwrap();
 }
 
@@ -325,15 +342,18 @@ fn swiglu_matches_f64_reference() {
             let gb = g.upload(&bytes_of_u16(&gate), go);
             let ub = g.upload(&bytes_of_u16(&up), uo);
             let ob = g.output(2 * n, oo);
-            g.kernels
-                .swiglu(
+            // SAFETY: each buffer holds n bf16 past its offset and lives past
+            // the download, which synchronizes the stream.
+            unsafe {
+                g.kernels.swiglu(
                     gb.ptr() + go as u64,
                     ub.ptr() + uo as u64,
                     ob.ptr() + oo as u64,
                     n,
                     &g.stream,
                 )
-                .unwrap();
+            }
+            .unwrap();
             let got = u16s(&g.download(&ob, oo, 2 * n));
             for i in 0..n {
                 let want = silu_mul(as_f64(gate[i]), as_f64(up[i]));
@@ -369,15 +389,18 @@ fn swiglu_fused_matches_f64_reference() {
         for &(io, oo) in &[(0, 0), (2, 0), (0, 2)] {
             let ib = g.upload(&bytes_of_u16(&gate_up), io);
             let ob = g.output(2 * rows * cols, oo);
-            g.kernels
-                .swiglu_fused(
+            // SAFETY: the input holds rows * 2 * cols bf16 and the output room
+            // for rows * cols past their offsets; both live past the download.
+            unsafe {
+                g.kernels.swiglu_fused(
                     ib.ptr() + io as u64,
                     ob.ptr() + oo as u64,
                     rows,
                     cols,
                     &g.stream,
                 )
-                .unwrap();
+            }
+            .unwrap();
             let got = u16s(&g.download(&ob, oo, 2 * rows * cols));
             for r in 0..rows {
                 for c in 0..cols {

@@ -53,7 +53,7 @@ fn cuda_forward_matches_the_host_backend() {
         (Arch::Qwen2, true, DType::F16),
         (Arch::Llama, false, DType::F16),
     ] {
-        let dir = common::models::tempdir();
+        let dir = common::tempdir();
         write_model(
             dir.path(),
             &SynthSpec {

@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::models::{expected_layers, small_model, tempdir};
+use common::models::{expected_layers, small_model};
+use common::tempdir;
 use half::{bf16, f16};
 use layer_streamer::cuda;
 use layer_streamer::{Budget, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
@@ -48,7 +49,7 @@ fn check_passes(model: &ModelIndex, cfg: StreamerConfig, passes: usize, file_dty
                 let cs = stream.cuda().expect("a CUDA stream");
                 for (key, raw) in &expected[layer] {
                     let v = w.tensor(key)?;
-                    let got = device_bytes(cs, v.ptr, v.bytes as usize);
+                    let got = device_bytes(cs, v.ptr(), v.bytes() as usize);
                     let want = if cfg.dtype == Some(DType::BF16) {
                         to_bf16(raw, file_dtype)
                     } else {
@@ -166,4 +167,72 @@ fn gpu_a_thousand_passes_keep_device_memory_flat() {
     );
     let st = s.last_pass_stats();
     assert!(st.pinned_cache_hits > 0, "{st}");
+}
+
+/// Pinned host memory for asynchronous device-to-host copies.
+struct PinnedHost {
+    _reg: cuda::HostRegistration,
+    buf: layer_streamer::io::AlignedBuf,
+}
+
+#[test]
+fn gpu_release_after_keeps_a_slot_for_another_streams_work() {
+    let Some(ctx) = common::gpu("gpu_release_after_keeps_a_slot") else {
+        return;
+    };
+    let mut rng = common::rng("gpu_release_after_keeps_a_slot");
+    let dir = tempdir();
+    let model = small_model(dir.path(), &mut rng, 6, DType::BF16);
+    let expected = expected_layers(&model);
+    let mut s = LayerStreamer::builder(&model)
+        .device(Device::Cuda(0))
+        .file_dtype()
+        .n_gpu(0)
+        .build()
+        .unwrap();
+    let side = cuda::Stream::new(&ctx).unwrap();
+    // Busy work for the side stream, so that its read of the slot runs well
+    // after the layer function has returned.
+    let busy = cuda::DeviceBuffer::alloc(&ctx, 256 << 20).unwrap();
+    let mut copies: Vec<PinnedHost> = expected
+        .iter()
+        .map(|l| {
+            let mut buf = layer_streamer::io::AlignedBuf::new(l[0].1.len()).unwrap();
+            // SAFETY: `buf` is page-aligned and outlives the registration
+            // (field order of `PinnedHost`).
+            let reg =
+                unsafe { cuda::HostRegistration::register(&ctx, buf.as_mut_ptr(), buf.len()) }
+                    .unwrap();
+            PinnedHost { _reg: reg, buf }
+        })
+        .collect();
+    let dst: Vec<u64> = copies
+        .iter_mut()
+        .map(|c| c.buf.as_mut_ptr() as u64)
+        .collect();
+    for _ in 0..3 {
+        s.run_pass((), |(), w, layer, _| {
+            let v = w.tensor(&expected[layer][0].0)?;
+            for _ in 0..40 {
+                busy.memset_async(layer as u8, &side)?;
+            }
+            // SAFETY: `v` is a live device range of `bytes` bytes, which
+            // release_after below keeps unwritten until this copy is done;
+            // `dst[layer]` is pinned host memory of that size that outlives
+            // the synchronize after the pass.
+            unsafe {
+                cuda::memcpy_dtoh_async(dst[layer] as *mut u8, v.ptr(), v.bytes() as usize, &side)?
+            };
+            w.release_after_cuda(&side)?;
+            Ok(())
+        })
+        .unwrap();
+        side.synchronize().unwrap();
+        for (layer, (c, want)) in copies.iter().zip(&expected).enumerate() {
+            assert!(
+                c.buf.as_slice()[..want[0].1.len()] == want[0].1[..],
+                "layer {layer}: the side stream read a slot that was overwritten"
+            );
+        }
+    }
 }

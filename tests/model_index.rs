@@ -1,7 +1,6 @@
 //! ModelIndex over synthetic and hand-built checkpoints, checked against the
 //! `safetensors` crate's own deserialisation and against the bytes on disk.
 
-#[path = "fixtures/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -85,9 +84,9 @@ fn check_against_disk(index: &ModelIndex) {
 
 #[test]
 fn sharded_qwen2_matches_safetensors() {
-    let (_, seed) = common::rng("sharded_qwen2_matches_safetensors");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("sharded_qwen2_matches_safetensors");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Qwen2,
         "tiny",
@@ -141,9 +140,9 @@ fn sharded_qwen2_matches_safetensors() {
 
 #[test]
 fn tied_llama_f16_single_file_is_one_read_per_layer() {
-    let (_, seed) = common::rng("tied_llama_f16_single_file_is_one_read_per_layer");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("tied_llama_f16_single_file_is_one_read_per_layer");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Llama,
         "tiny",
@@ -169,9 +168,9 @@ fn tied_llama_f16_single_file_is_one_read_per_layer() {
 
 #[test]
 fn f32_and_deterministic_across_threads_and_shards() {
-    let (_, seed) = common::rng("f32_and_deterministic_across_threads_and_shards");
-    let (a, b) = (common::scratch(), common::scratch());
-    common::synth(
+    let seed = common::seed("f32_and_deterministic_across_threads_and_shards");
+    let (a, b) = (common::tempdir(), common::tempdir());
+    common::models::synth(
         a.path(),
         Arch::Llama,
         "tiny",
@@ -228,10 +227,9 @@ fn write_random(path: &Path, rng: &mut rand::rngs::StdRng, tensors: &[(&str, Vec
 }
 
 #[test]
-fn custom_names_nested_prefixes_and_dense_first_layers() {
-    let (mut rng, _) = common::rng("custom_names_nested_prefixes_and_dense_first_layers");
-    // GPT-2 style names.
-    let dir = common::scratch();
+fn gpt2_style_names() {
+    let mut rng = common::rng("gpt2_style_names");
+    let dir = common::tempdir();
     let mut ts = vec![
         ("transformer.wte.weight", vec![64, 16]),
         ("transformer.ln_f.weight", vec![16]),
@@ -262,9 +260,13 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
         ["attn.c_attn.weight", "ln_1.weight"]
     );
     check_against_disk(&index);
+}
 
-    // A language model nested in a multimodal one, beside a smaller vision tower.
-    let dir = common::scratch();
+/// A language model nested in a multimodal one, beside a smaller vision tower.
+#[test]
+fn nested_prefix_beside_a_vision_tower() {
+    let mut rng = common::rng("nested_prefix_beside_a_vision_tower");
+    let dir = common::tempdir();
     let mut names = Vec::new();
     for i in 0..3 {
         names.push((
@@ -305,9 +307,13 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
     assert_eq!(index.files().len(), 2);
     assert_eq!(index.statics().len(), 6);
     check_against_disk(&index);
+}
 
-    // Dense first layer, mixture-of-experts after: slots fit the largest layer.
-    let dir = common::scratch();
+/// Dense first layer, mixture-of-experts after: slots fit the largest layer.
+#[test]
+fn dense_first_layer_then_experts() {
+    let mut rng = common::rng("dense_first_layer_then_experts");
+    let dir = common::tempdir();
     let mut names = vec![(
         "model.layers.0.mlp.up_proj.weight".to_string(),
         vec![128, 32],
@@ -336,9 +342,9 @@ fn custom_names_nested_prefixes_and_dense_first_layers() {
 
 #[test]
 fn from_parts_matches_open() {
-    let (_, seed) = common::rng("from_parts_matches_open");
-    let dir = common::scratch();
-    common::synth(
+    let seed = common::seed("from_parts_matches_open");
+    let dir = common::tempdir();
+    common::models::synth(
         dir.path(),
         Arch::Qwen2,
         "tiny",
@@ -384,8 +390,12 @@ fn from_parts_matches_open() {
     assert_eq!(built.layers(), opened.layers());
     assert_eq!(built.statics(), opened.statics());
     assert_eq!(built.files(), opened.files());
+    validated_like_open(parts);
+}
 
-    // Validated like open(): a tensor past the end of its file, overlaps, a missing layer key.
+/// Parts that [`ModelIndex::open`] would refuse: a tensor past the end of its
+/// file, overlaps, a misaligned tensor, a missing layer key.
+fn validated_like_open(parts: ModelParts) {
     let mut bad = parts.clone();
     bad.tensors.get_mut("model.norm.weight").unwrap().offset = u64::MAX / 2;
     let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
@@ -397,6 +407,21 @@ fn from_parts_matches_open() {
     let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
     assert!(
         e.contains("overlap") && e.contains("model.layers.1.mlp"),
+        "{e}"
+    );
+    let mut bad = parts.clone();
+    let t = bad
+        .tensors
+        .get_mut("model.layers.1.input_layernorm.weight")
+        .unwrap();
+    t.offset = if t.offset > 0 {
+        t.offset - 1
+    } else {
+        t.offset + 1
+    };
+    let e = ModelIndex::from_parts(bad).unwrap_err().to_string();
+    assert!(
+        e.contains("model.layers.1.input_layernorm.weight") && e.contains("multiple of 2"),
         "{e}"
     );
     let mut bad = parts;

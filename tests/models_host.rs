@@ -2,7 +2,7 @@
 //! (checked-in fixtures), batch and KV-cache invariants, tokenizer and chat
 //! template, and bad input.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use layer_streamer::llm::reference::{check, rel_l2, teacher_forced, Reference};
 use layer_streamer::llm::{
@@ -40,16 +40,12 @@ fn streamer(index: &ModelIndex) -> LayerStreamer {
         .unwrap()
 }
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new("tests/fixtures/reference").join(name)
-}
-
 /// The tiny synthetic model of the fixture against the logits transformers
 /// computed for it (scripts/make-fixtures), with a batch of three.
 fn matches_hf(arch: Arch, tie: bool, name: &str) {
-    let dir = common::models::tempdir();
+    let dir = common::tempdir();
     synth(dir.path(), arch, tie, 7, DType::BF16);
-    let reference = Reference::load(&fixture(name)).unwrap();
+    let reference = Reference::load(&common::reference::dir(name)).unwrap();
     let index = ModelIndex::open(dir.path()).unwrap();
     let mut s = streamer(&index);
     let len = reference.prompt_ids.len() + reference.greedy_ids.len() + 1;
@@ -85,7 +81,7 @@ fn llama_tied_matches_transformers() {
 #[test]
 fn kv_cache_decode_equals_full_prefill_and_chunking_changes_nothing() {
     let mut rng = common::rng("kv_cache_decode_equals_full_prefill");
-    let dir = common::models::tempdir();
+    let dir = common::tempdir();
     synth(dir.path(), Arch::Llama, false, rng.gen(), DType::F16);
     let index = ModelIndex::open(dir.path()).unwrap();
     let mut s = streamer(&index);
@@ -121,7 +117,7 @@ fn kv_cache_decode_equals_full_prefill_and_chunking_changes_nothing() {
 #[test]
 fn tokenizer_and_chat_templates_render_on_synthetic_models() {
     for arch in [Arch::Qwen2, Arch::Llama] {
-        let dir = common::models::tempdir();
+        let dir = common::tempdir();
         synth(dir.path(), arch, false, 1, DType::BF16);
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         let t = ChatTemplate::from_dir(dir.path()).unwrap().unwrap();
@@ -162,7 +158,7 @@ fn tokenizer_and_chat_templates_render_on_synthetic_models() {
 
 #[test]
 fn generation_is_deterministic_and_batches_agree() {
-    let dir = common::models::tempdir();
+    let dir = common::tempdir();
     synth(dir.path(), Arch::Qwen2, false, 3, DType::BF16);
     let index = ModelIndex::open(dir.path()).unwrap();
     let mut s = streamer(&index);
@@ -216,7 +212,7 @@ fn generation_is_deterministic_and_batches_agree() {
 
 #[test]
 fn bad_input_is_explained() {
-    let dir = common::models::tempdir();
+    let dir = common::tempdir();
     synth(dir.path(), Arch::Qwen2, false, 4, DType::BF16);
     let index = ModelIndex::open(dir.path()).unwrap();
     let mut s = streamer(&index);
@@ -255,7 +251,7 @@ fn cuda_without_a_driver_is_cuda_unavailable() {
     if layer_streamer::cuda::is_available() {
         return;
     }
-    let dir = common::models::tempdir();
+    let dir = common::tempdir();
     synth(dir.path(), Arch::Qwen2, false, 4, DType::BF16);
     let index = ModelIndex::open(dir.path()).unwrap();
     let r = LayerStreamer::builder(&index)
@@ -277,4 +273,47 @@ fn chat_template_helpers() {
         .starts_with('x'));
     let e = t.render(&[Message::new("bad", "x")], false).unwrap_err();
     assert!(e.to_string().contains("no"), "{e}");
+}
+
+/// A pass that fails mid-way (a layer's bytes cut off the file after load)
+/// leaves the sequence's length and KV cache as before the call: feeding the
+/// same tokens again, once the file is whole, gives the logits of an
+/// uninterrupted run.
+#[test]
+fn a_failed_pass_leaves_lengths_and_cache_consistent() {
+    let mut rng = common::rng("a_failed_pass_leaves_lengths_and_cache_consistent");
+    let dir = common::tempdir();
+    synth(dir.path(), Arch::Llama, false, rng.gen(), DType::BF16);
+    let index = ModelIndex::open(dir.path()).unwrap();
+    let mut s = streamer(&index);
+    let ids: Vec<u32> = (0..9).map(|_| rng.gen_range(0..1000)).collect();
+    let opts = ModelOptions {
+        max_batch: 1,
+        max_len: 16,
+        max_tokens: 16,
+    };
+    let mut whole = LlamaModel::load(&s, opts).unwrap();
+    let want = whole.forward(&mut s, &[&ids]).unwrap().remove(0);
+
+    let mut model = LlamaModel::load(&s, opts).unwrap();
+    model.forward(&mut s, &[&ids[..4]]).unwrap();
+    assert_eq!(model.lengths(), &[4]);
+    // Cut the file in the middle of the layers (statics are loaded already).
+    let file = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+    f.set_len(bytes.len() as u64 / 2).unwrap();
+    let e = model.forward(&mut s, &[&ids[4..]]);
+    assert!(e.is_err(), "a pass over a truncated file must fail");
+    assert_eq!(
+        model.lengths(),
+        &[4],
+        "the failed pass's tokens are not kept"
+    );
+    // Whole again: the same tokens resume the sequence.
+    std::fs::write(&file, &bytes).unwrap();
+    let got = model.forward(&mut s, &[&ids[4..]]).unwrap().remove(0);
+    assert_eq!(model.lengths(), &[9]);
+    let e = rel_l2(&got, &want);
+    assert!(e < 1e-5, "resumed vs uninterrupted: rel_l2 {e}");
 }

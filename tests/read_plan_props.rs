@@ -1,7 +1,6 @@
 //! Property tests: read plans cover every tensor byte exactly where the slot
 //! expects it; widened and aligned reads return what a plain read returns.
 
-#[path = "fixtures/mod.rs"]
 mod common;
 
 use std::os::unix::fs::FileExt;
@@ -83,8 +82,8 @@ proptest! {
 fn data_file() -> &'static (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     static FILE: OnceLock<(tempfile::TempDir, std::path::PathBuf, Vec<u8>)> = OnceLock::new();
     FILE.get_or_init(|| {
-        let (mut rng, _) = common::rng("read_plan_props::data_file");
-        let dir = common::scratch();
+        let mut rng = common::rng("read_plan_props::data_file");
+        let dir = common::tempdir();
         let len = 300_000 + (rand::Rng::gen_range(&mut rng, 0..8192usize));
         let bytes = common::bytes(&mut rng, len);
         let path = dir.path().join("data.bin");
@@ -172,7 +171,7 @@ fn tmpfs_falls_back_to_buffered_in_auto_mode_only() {
         eprintln!("no /dev/shm: skipping");
         return;
     }
-    let (mut rng, _) = common::rng("tmpfs_falls_back_to_buffered_in_auto_mode_only");
+    let mut rng = common::rng("tmpfs_falls_back_to_buffered_in_auto_mode_only");
     let dir = tempfile::Builder::new()
         .prefix("ls-test-")
         .tempdir_in(shm)

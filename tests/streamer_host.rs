@@ -5,7 +5,8 @@ mod common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use common::models::{expected_layers, small_model, tempdir};
+use common::models::{expected_layers, small_model};
+use common::tempdir;
 use half::{bf16, f16};
 use layer_streamer::{Budget, DType, Device, Error, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::seq::SliceRandom;
@@ -186,7 +187,7 @@ fn f16_and_f32_weights_are_cast_to_bf16() {
         s.run_pass((), |(), w, layer, _| {
             for (key, raw) in &expected[layer] {
                 let v = w.tensor(key)?;
-                assert_eq!(v.dtype, DType::BF16);
+                assert_eq!(v.dtype(), DType::BF16);
                 let got = w.host_bytes(&v).unwrap();
                 let want: Vec<u8> = match dtype {
                     DType::F16 => raw
@@ -363,4 +364,41 @@ fn configurations_that_cannot_work_are_refused() {
         assert!(matches!(err, Error::Config(_)), "{err}");
         assert!(err.to_string().contains(field), "{err} should name {field}");
     }
+}
+
+#[test]
+fn auto_caches_leave_the_reserve_free() {
+    let mut rng = common::rng("auto_caches_leave_the_reserve_free");
+    let dir = tempdir();
+    let model = small_model(dir.path(), &mut rng, 4, DType::BF16);
+    let build = |reserve: u64| {
+        LayerStreamer::builder(&model)
+            .device(Device::Host)
+            .file_dtype()
+            .gpu_cache(Budget::Auto)
+            .pinned_cache(Budget::Auto)
+            .reserve(reserve)
+            .build()
+            .unwrap()
+    };
+    // A few MB of model: everything is cached without a reserve.
+    let all = build(0);
+    assert_eq!(all.memory().gpu_cache_layers, model.num_layers());
+    let mut seen = 0;
+    let mut s = all;
+    s.run_pass((), |(), _, _, _| {
+        seen += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(seen, model.num_layers());
+    // A reserve of all the RAM there is leaves nothing for either cache.
+    let ram = layer_streamer::host_memory::mem_available().expect("MemAvailable");
+    let none = build(ram);
+    assert_eq!(none.memory().gpu_cache_layers, 0);
+    assert_eq!(none.memory().pinned_cache_layers, 0);
+    assert_eq!(
+        none.memory().gpu_cache_bytes + none.memory().pinned_cache_bytes,
+        0
+    );
 }

@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::models::{small_model, tempdir};
+use common::models::small_model;
+use common::tempdir;
 use layer_streamer::{Budget, DType, Device, LayerStreamer};
 
 fn rss_bytes() -> u64 {

@@ -9,6 +9,8 @@ use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::DType;
 use serde_json::Value;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_layer-streamer");
 
 fn binary(test: &str) -> Option<&'static Path> {
@@ -22,11 +24,7 @@ fn binary(test: &str) -> Option<&'static Path> {
 }
 
 fn tiny_model() -> tempfile::TempDir {
-    std::fs::create_dir_all("target/test-fixtures").expect("create target/test-fixtures");
-    let dir = tempfile::Builder::new()
-        .prefix("ls-tune-cli-")
-        .tempdir_in("target/test-fixtures")
-        .expect("create a temporary directory");
+    let dir = common::tempdir();
     let spec = SynthSpec {
         arch: Arch::Llama,
         shape: Shape {
@@ -40,7 +38,7 @@ fn tiny_model() -> tempfile::TempDir {
         dtype: DType::BF16,
         tie: false,
         shard_size: 1 << 30,
-        seed: rand::random(),
+        seed: common::seed("tune_cli::tiny_model"),
         threads: 1,
     };
     write_model(dir.path(), &spec).expect("write the synthetic model");
@@ -183,5 +181,102 @@ fn help_documents_the_json_schema() {
         "pass-delay:MS",
     ] {
         assert!(help.contains(word), "{word} missing from\n{help}");
+    }
+}
+
+#[test]
+fn with_no_lists_the_default_grid_tries_both_pinned_caches() {
+    let Some(bin) = binary("with_no_lists_the_default_grid_tries_both_pinned_caches") else {
+        return;
+    };
+    let model = tiny_model();
+    let v = json_of(&tune(bin, model.path(), &["--timeout", "60", "--json"]));
+    let configs = v["configs"].as_array().unwrap();
+    let grid = layer_streamer::tuner::Grid::default_search();
+    assert_eq!(configs.len(), grid.len(), "{v}");
+    for c in configs {
+        let status = c["status"].as_str().unwrap();
+        assert!(status == "ok" || status == "slower", "{c}");
+    }
+    for budget in ["auto", "none"] {
+        assert!(
+            configs
+                .iter()
+                .any(|c| c["config"]["pinned_cache"] == budget),
+            "no configuration with pinned_cache {budget}: {v}"
+        );
+    }
+    // The first is this tool's default configuration.
+    let first = &configs[0]["config"];
+    assert_eq!(first["pinned_cache"], "auto", "{first}");
+    assert_eq!(first["reader_threads"], 8, "{first}");
+}
+
+/// Runs `tune` on CUDA device 0 with a soft RLIMIT_MEMLOCK of one page and,
+/// with `drop_cap`, without CAP_IPC_LOCK (dropped from the bounding set, so
+/// that exec does not give it back to root). `None` where the capability
+/// cannot be dropped.
+fn tune_with_small_memlock(bin: &Path, model: &Path, drop_cap: bool) -> Option<Output> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin);
+    cmd.args(["tune", "--device", "cuda:0", "--n-gpu", "1", "--runs", "2"])
+        .args(["--sleep", "0", "--timeout", "60", "--json", "--model"])
+        .arg(model);
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // getrlimit, setrlimit and prctl, which are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut lim = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            lim.rlim_cur = 4096;
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            const CAP_IPC_LOCK: libc::c_ulong = 14;
+            if drop_cap && libc::prctl(libc::PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    match cmd.output() {
+        Ok(out) => Some(out),
+        Err(e) if drop_cap => {
+            eprintln!("cannot drop CAP_IPC_LOCK ({e}): that case is not checked");
+            None
+        }
+        Err(e) => panic!("run layer-streamer tune: {e}"),
+    }
+}
+
+#[test]
+fn pruning_counts_the_memlock_limit_only_without_cap_ipc_lock() {
+    let Some(bin) = binary("pruning_counts_the_memlock_limit_only_without_cap_ipc_lock") else {
+        return;
+    };
+    let model = tiny_model();
+    let status = |v: &Value| {
+        let c = &v["configs"][0];
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["reason"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    if let Some(out) = tune_with_small_memlock(bin, model.path(), true) {
+        let (st, why) = status(&json_of(&out));
+        assert_eq!(st, "pruned", "{why}");
+        assert!(why.contains("RLIMIT_MEMLOCK"), "{why}");
+    }
+    let out = tune_with_small_memlock(bin, model.path(), false).unwrap();
+    let (st, why) = status(&json_of(&out));
+    if layer_streamer::host_memory::has_cap_ipc_lock() {
+        assert_ne!(st, "pruned", "CAP_IPC_LOCK exempts from the limit: {why}");
+    } else {
+        assert_eq!(st, "pruned", "{why}");
     }
 }

@@ -8,19 +8,21 @@ use std::time::{Duration, Instant};
 
 use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::tuner::{
-    worker_main, Grid, MachineLimits, Param, Status, Strategy, TuneOptions, TuneReport, Tuner,
-    Workloads,
+    worker_main, Candidate, Grid, MachineLimits, Param, Status, Strategy, TuneOptions, TuneReport,
+    Tuner, Value, Workloads,
 };
-use layer_streamer::{DType, Device, LayerStreamer, StreamerConfig};
+use layer_streamer::{Budget, DType, Device, LayerStreamer, StreamerConfig};
+
+mod common;
 
 /// Milliseconds one run of `scaled` takes per unit of `n_gpu`.
 const MS_PER_GPU_SLOT: u64 = 12;
 /// Milliseconds one run of `scaled` takes per unit of `batch_cpu_pinned`.
-const MS_PER_PINNED_BATCH: u64 = 4;
+const MS_PER_PINNED_BATCH: u64 = 10;
 
 /// The test workloads:
 /// - `scaled`: a host pass whose layer function sleeps so that a run takes
-///   about `n_gpu × 12 ms + batch_cpu_pinned × 4 ms`; with `n_cpu = 3` it aborts in its first measured
+///   about `n_gpu × 12 ms + batch_cpu_pinned × 10 ms`; with `n_cpu = 3` it aborts in its first measured
 ///   run, with `batch_gpu = 9` it hangs there.
 fn workloads() -> Workloads {
     let mut w = Workloads::builtin();
@@ -49,18 +51,35 @@ fn workloads() -> Workloads {
             Ok(t.elapsed())
         }))
     });
+    // Writes this child's pid to the file named by its argument, then hangs.
+    w.register("pid-then-hang", |_cfg, _model, arg| {
+        let path = arg.expect("pid-then-hang:PATH").to_string();
+        std::fs::write(&path, std::process::id().to_string())
+            .map_err(|e| layer_streamer::Error::io("writing", &path, None, e))?;
+        Ok(Box::new(move || {
+            std::thread::sleep(Duration::from_secs(3600));
+            Ok(Duration::ZERO)
+        }))
+    });
     w
 }
+
+/// Set in the environment of the process `children_die_with_their_parent`
+/// starts and kills: the model directory to tune over.
+const ORPHAN_PARENT_ENV: &str = "LS_TEST_TUNER_PARENT";
 
 /// One check of this test binary, given the model directory.
 type Check = fn(&Path);
 
 fn main() {
     worker_main(&workloads());
+    if let Some(model) = std::env::var_os(ORPHAN_PARENT_ENV) {
+        return tune_until_killed(Path::new(&model));
+    }
 
-    let dir = fixture_dir();
+    let dir = common::tempdir();
     write_tiny_model(dir.path());
-    let checks: [(&str, Check); 5] = [
+    let checks: [(&str, Check); 7] = [
         (
             "grid_finds_the_fastest_and_kills_slower_and_crashing_children",
             grid_search,
@@ -75,6 +94,14 @@ fn main() {
             pruning,
         ),
         ("the_json_report_has_the_documented_fields", json_report),
+        (
+            "the_default_grid_holds_the_library_and_tool_defaults",
+            default_grid,
+        ),
+        (
+            "children_die_with_their_parent",
+            children_die_with_their_parent,
+        ),
     ];
     for (name, check) in checks {
         let t = Instant::now();
@@ -83,14 +110,6 @@ fn main() {
         eprintln!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
     }
     eprintln!("\ntest result: ok. {} passed", checks.len());
-}
-
-fn fixture_dir() -> tempfile::TempDir {
-    std::fs::create_dir_all("target/test-fixtures").expect("create target/test-fixtures");
-    tempfile::Builder::new()
-        .prefix("ls-tuner-")
-        .tempdir_in("target/test-fixtures")
-        .expect("create a temporary directory")
 }
 
 fn write_tiny_model(dir: &Path) {
@@ -107,7 +126,7 @@ fn write_tiny_model(dir: &Path) {
         dtype: DType::BF16,
         tie: true,
         shard_size: 1 << 30,
-        seed: rand::random(),
+        seed: common::seed("tuner::write_tiny_model"),
         threads: 1,
     };
     write_model(dir, &spec).expect("write the synthetic model");
@@ -277,7 +296,7 @@ fn pruning(model: &Path) {
     assert_eq!(pruned.status, Status::Pruned);
     let why = pruned.reason.as_deref().unwrap_or_default();
     assert!(
-        why.starts_with("pruned: needs") && why.contains("GB"),
+        why.starts_with("pruned: needs") && why.contains("MB of host RAM, 21.0 MB available"),
         "{why}"
     );
     assert_eq!(r.configs[find(&r, |c| c.n_gpu == 1)].status, Status::Ok);
@@ -319,4 +338,92 @@ fn json_report(model: &Path) {
     let back: TuneReport = serde_json::from_str(&text).unwrap();
     assert_eq!(back, r);
     assert!(Param::from_name("n-gpu").is_some());
+}
+
+fn default_grid(_model: &Path) {
+    let grid = Grid::default_search();
+    let lib = Candidate::from_config(&StreamerConfig::default());
+    let cli = Candidate::from_config(&StreamerConfig::cli_default());
+    for p in Param::ALL {
+        let values = grid.values(p);
+        assert!(
+            values.contains(&lib.get(p)),
+            "{p}: {values:?} lacks the library default"
+        );
+        assert!(
+            values.contains(&cli.get(p)),
+            "{p}: {values:?} lacks the tool's default"
+        );
+    }
+    let candidates = grid.candidates(&Candidate::default());
+    assert!(candidates.contains(&lib), "{grid}");
+    assert!(candidates.contains(&cli), "{grid}");
+    assert_eq!(
+        grid.values(Param::PinnedCache),
+        [Value::Budget(Budget::Auto), Value::Budget(Budget::None)]
+    );
+}
+
+/// The killed parent: a search whose one child writes its pid and hangs.
+fn tune_until_killed(model: &Path) {
+    let pid_file = model.join("child.pid");
+    let workload = format!("pid-then-hang:{}", pid_file.display());
+    let mut opts = options(2);
+    opts.timeout = Duration::from_secs(3600);
+    let _ = Tuner::new(model, workload, Grid::default())
+        .base_config(base())
+        .options(opts)
+        .search(Strategy::Grid);
+    unreachable!("the search hangs until this process is killed");
+}
+
+/// Whether `pid` is running (neither gone nor a zombie waiting to be reaped).
+fn running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+fn children_die_with_their_parent(model: &Path) {
+    let pid_file = model.join("child.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    let mut parent = std::process::Command::new(std::env::current_exe().unwrap())
+        .env(ORPHAN_PARENT_ENV, model)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start the parent");
+    let t0 = Instant::now();
+    let child: i32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the tuner child never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        running(child),
+        "child {child} runs before its parent is killed"
+    );
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let t1 = Instant::now();
+    while running(child) && t1.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alive = running(child);
+    if alive {
+        // SAFETY: kill(2) with a pid this test read from its own child's file.
+        unsafe { libc::kill(child, libc::SIGKILL) };
+    }
+    assert!(!alive, "child {child} outlived its killed parent");
 }

@@ -111,11 +111,13 @@ pub fn parse_header_bytes(path: &Path, bytes: &[u8]) -> Result<ShardHeader> {
         let dtype = DType::parse(&st).ok_or_else(|| {
             Error::model(path, format!("tensor {name}: dtype {st} is not supported"))
         })?;
+        let begin = info.data_offsets.0 as u64;
+        check_alignment(path, &name, dtype, data_offset, begin)?;
         tensors.push(HeaderTensor {
             name,
             dtype,
             shape: info.shape.clone(),
-            begin: info.data_offsets.0 as u64,
+            begin,
             end: info.data_offsets.1 as u64,
         });
     }
@@ -125,6 +127,34 @@ pub fn parse_header_bytes(path: &Path, bytes: &[u8]) -> Result<ShardHeader> {
         file_len,
         tensors,
     })
+}
+
+/// Fails unless tensor `name`, of `dtype`, starting `begin` bytes into the
+/// data section at `data_offset`, sits at a file offset that is a multiple of
+/// its element size. Reads keep a tensor's offset modulo the block size, so a
+/// tensor misaligned in the file would be misaligned in every slot (and its
+/// device pointer unfit for the kernels and GEMMs).
+fn check_alignment(
+    path: &Path,
+    name: &str,
+    dtype: DType,
+    data_offset: u64,
+    begin: u64,
+) -> Result<()> {
+    let align = dtype.size() as u64;
+    let at = data_offset.saturating_add(begin);
+    if at % align == 0 {
+        return Ok(());
+    }
+    Err(Error::model(
+        path,
+        format!(
+            "tensor {name}: its {dtype} data starts at file offset {at}, which is not a multiple \
+             of {align} (the header is {} bytes, not padded to a multiple of 8 as safetensors \
+             writers do); re-save the file with a current safetensors",
+            data_offset - 8
+        ),
+    ))
 }
 
 /// Finds what is wrong with a header the `safetensors` crate rejected, naming

@@ -43,7 +43,6 @@ pub struct ModelParts {
 
 /// [`ModelIndex::from_parts`].
 pub(super) fn build(parts: ModelParts) -> Result<ModelIndex> {
-    let bad = |path: &PathBuf, msg: String| Error::model(path, msg);
     if parts.files.len() != parts.data_offsets.len() {
         return Err(Error::Input(format!(
             "{} files but {} data offsets",
@@ -56,69 +55,18 @@ pub(super) fn build(parts: ModelParts) -> Result<ModelIndex> {
             "model parts need a layer prefix, at least one layer and at least one layer key".into(),
         ));
     }
-    let mut files = Vec::with_capacity(parts.files.len());
-    for (path, &data_offset) in parts.files.iter().zip(&parts.data_offsets) {
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::io("reading the metadata of", path, None, e))?
-            .len();
-        if data_offset > len {
-            return Err(bad(
-                path,
-                format!("data offset {data_offset} is past the end of the file ({len} bytes)"),
-            ));
-        }
-        files.push(ShardFile {
-            path: path.clone(),
-            len,
-            data_offset,
-        });
-    }
+    let files = shard_files(&parts)?;
     let dir = parts
         .files
         .first()
         .and_then(|p| p.parent())
         .map(PathBuf::from)
         .unwrap_or_default();
-    let mut tensors = Vec::with_capacity(parts.tensors.len());
-    for (name, t) in &parts.tensors {
-        let Some(f) = files.get(t.file) else {
-            return Err(Error::Input(format!(
-                "tensor {name}: file index {} but only {} files",
-                t.file,
-                files.len()
-            )));
-        };
-        let numel = t
-            .shape
-            .iter()
-            .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
-        let len = numel.and_then(|n| n.checked_mul(t.dtype.size() as u64));
-        let start = f.data_offset.checked_add(t.offset);
-        let end = len.zip(start).and_then(|(l, s)| s.checked_add(l));
-        let (Some(len), Some(start), Some(end)) = (len, start, end) else {
-            return Err(bad(
-                &f.path,
-                format!("tensor {name}: size or offset overflows"),
-            ));
-        };
-        if end > f.len {
-            return Err(bad(
-                &f.path,
-                format!(
-                    "tensor {name}: bytes [{start}, {end}) run past the end of the file ({} bytes)",
-                    f.len
-                ),
-            ));
-        }
-        tensors.push(TensorInfo {
-            name: name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            file: t.file,
-            file_offset: start,
-            len,
-        });
-    }
+    let tensors = parts
+        .tensors
+        .iter()
+        .map(|(name, t)| place_tensor(name, t, &files))
+        .collect::<Result<Vec<_>>>()?;
     check_overlaps(&files, &tensors)?;
     let names: HashSet<&str> = parts.tensors.keys().map(String::as_str).collect();
     for i in 0..parts.num_layers {
@@ -135,6 +83,81 @@ pub(super) fn build(parts: ModelParts) -> Result<ModelIndex> {
         keys: Some(parts.layer_keys.clone()),
     };
     ModelIndex::assemble(dir, files, tensors, &structure, parts.config)
+}
+
+/// The files with their lengths; each data offset must lie within its file.
+fn shard_files(parts: &ModelParts) -> Result<Vec<ShardFile>> {
+    let mut files = Vec::with_capacity(parts.files.len());
+    for (path, &data_offset) in parts.files.iter().zip(&parts.data_offsets) {
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::io("reading the metadata of", path, None, e))?
+            .len();
+        if data_offset > len {
+            return Err(Error::model(
+                path,
+                format!("data offset {data_offset} is past the end of the file ({len} bytes)"),
+            ));
+        }
+        files.push(ShardFile {
+            path: path.clone(),
+            len,
+            data_offset,
+        });
+    }
+    Ok(files)
+}
+
+/// Tensor `name`'s extent in its file: in bounds, without overflow, and at
+/// an offset that suits its dtype's alignment.
+fn place_tensor(name: &str, t: &PartTensor, files: &[ShardFile]) -> Result<TensorInfo> {
+    let Some(f) = files.get(t.file) else {
+        return Err(Error::Input(format!(
+            "tensor {name}: file index {} but only {} files",
+            t.file,
+            files.len()
+        )));
+    };
+    let numel = t
+        .shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+    let len = numel.and_then(|n| n.checked_mul(t.dtype.size() as u64));
+    let start = f.data_offset.checked_add(t.offset);
+    let end = len.zip(start).and_then(|(l, s)| s.checked_add(l));
+    let (Some(len), Some(start), Some(end)) = (len, start, end) else {
+        return Err(Error::model(
+            &f.path,
+            format!("tensor {name}: size or offset overflows"),
+        ));
+    };
+    if end > f.len {
+        return Err(Error::model(
+            &f.path,
+            format!(
+                "tensor {name}: bytes [{start}, {end}) run past the end of the file ({} bytes)",
+                f.len
+            ),
+        ));
+    }
+    let align = t.dtype.size() as u64;
+    if start % align != 0 {
+        return Err(Error::model(
+            &f.path,
+            format!(
+                "tensor {name}: its {} data starts at file offset {start}, which is not a \
+                 multiple of {align}",
+                t.dtype
+            ),
+        ));
+    }
+    Ok(TensorInfo {
+        name: name.to_string(),
+        dtype: t.dtype,
+        shape: t.shape.clone(),
+        file: t.file,
+        file_offset: start,
+        len,
+    })
 }
 
 /// Tensors of one file must not share bytes.

@@ -3,12 +3,12 @@
 //!
 //! cudarc's own loader only tries the sonames of the CUDA version it was
 //! built for (`libcublas.so.12`, not `.13`) and panics when none loads, so
-//! the library is found and opened here: `$LS_CUBLAS_PATH` (a file or a
-//! directory), the standard sonames on the loader's path, the CUDA toolkit,
-//! then the `nvidia` pip packages of Python installations (PyTorch ships
-//! cuBLAS that way), asking `python3` where they are only as a last resort.
-//! The few functions used are looked up by name; their C signatures (and
-//! cudarc's `cublas::sys` types) are the same in cuBLAS 12 and 13.
+//! the library is found and opened here, in the order the search module
+//! lists (`LS_CUBLAS_PATH`, the dynamic loader, the CUDA toolkit, and the
+//! `nvidia` pip packages only when asked with `LS_CUBLAS_PIP` or
+//! [`add_site_packages`]); no program is run to find it. The few functions
+//! used are looked up by name; their C signatures (and cudarc's
+//! `cublas::sys` types) are the same in cuBLAS 12 and 13.
 
 use std::ffi::{c_int, c_void};
 use std::path::{Path, PathBuf};
@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 
 use cudarc::cublas::sys as cb;
 
+use super::cublas_search as search;
+pub use super::cublas_search::add_site_packages;
 use super::{Context, Stream};
 use crate::{Error, Result};
 
@@ -73,111 +75,6 @@ pub fn library_path() -> Result<PathBuf> {
     lib().map(|l| l.path.clone())
 }
 
-/// Matches `name` against a pattern with `*` wildcards.
-fn wildcard(pat: &str, name: &str) -> bool {
-    match pat.split_once('*') {
-        None => pat == name,
-        Some((head, rest)) => {
-            let Some(tail) = name.strip_prefix(head) else {
-                return false;
-            };
-            (0..=tail.len()).any(|i| tail.is_char_boundary(i) && wildcard(rest, &tail[i..]))
-        }
-    }
-}
-
-/// Expands an absolute path pattern whose components may contain `*`.
-fn glob(pattern: &str) -> Vec<PathBuf> {
-    let mut found = vec![PathBuf::from("/")];
-    for comp in pattern.split('/').filter(|c| !c.is_empty()) {
-        let mut next = Vec::new();
-        for dir in &found {
-            if comp.contains('*') {
-                if let Ok(rd) = std::fs::read_dir(dir) {
-                    let mut names: Vec<PathBuf> = rd
-                        .flatten()
-                        .filter(|e| wildcard(comp, &e.file_name().to_string_lossy()))
-                        .map(|e| e.path())
-                        .collect();
-                    names.sort();
-                    next.extend(names);
-                }
-            } else {
-                let p = dir.join(comp);
-                if p.exists() {
-                    next.push(p);
-                }
-            }
-        }
-        found = next;
-    }
-    found
-}
-
-const SONAMES: &[&str] = &["libcublas.so.13", "libcublas.so.12", "libcublas.so"];
-
-/// The `nvidia/*/lib` layouts of the pip packages (`nvidia/cu13/lib` for
-/// CUDA 13 wheels, `nvidia/cublas/lib` for CUDA 12), under every usual
-/// Python installation.
-const PY_GLOBS: &[&str] = &[
-    "/opt/*/.venv/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
-    "/opt/*/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
-    "/usr/local/lib/python3*/dist-packages/nvidia/*/lib/libcublas.so.*",
-    "/usr/local/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
-    "/usr/lib/python3/dist-packages/nvidia/*/lib/libcublas.so.*",
-    "/root/.local/lib/python3*/site-packages/nvidia/*/lib/libcublas.so.*",
-];
-
-fn candidates() -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Some(p) = std::env::var_os("LS_CUBLAS_PATH") {
-        let p = PathBuf::from(p);
-        if p.is_dir() {
-            out.extend(SONAMES.iter().map(|s| p.join(s)));
-        } else {
-            out.push(p);
-        }
-    }
-    out.extend(SONAMES.iter().map(PathBuf::from));
-    for pat in [
-        "/usr/local/cuda/lib64/libcublas.so.*",
-        "/usr/local/cuda-*/lib64/libcublas.so.*",
-        "/usr/lib/x86_64-linux-gnu/libcublas.so.*",
-    ]
-    .iter()
-    .chain(PY_GLOBS)
-    {
-        out.extend(glob(pat).into_iter().filter(|p| is_lib_file(p)));
-    }
-    out
-}
-
-/// `libcublas.so.N` (not the `.so.N.M.K` aliases of the same file, which would
-/// only repeat it).
-fn is_lib_file(p: &Path) -> bool {
-    p.file_name()
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.strip_prefix("libcublas.so."))
-        .is_some_and(|v| !v.contains('.'))
-}
-
-/// Directories of the `nvidia` pip packages as the system's `python3` sees them.
-fn python_candidates() -> Vec<PathBuf> {
-    let script = "import nvidia, os\nfor p in nvidia.__path__:\n    print(p)";
-    let Ok(out) = std::process::Command::new("python3")
-        .args(["-c", script])
-        .stderr(std::process::Stdio::null())
-        .output()
-    else {
-        return Vec::new();
-    };
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .flat_map(|dir| glob(&format!("{}/*/lib/libcublas.so.*", dir.trim())))
-        .filter(|p| is_lib_file(p))
-        .collect()
-}
-
 fn open(path: &Path) -> std::result::Result<Vec<libloading::Library>, String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     let mut libs = Vec::new();
@@ -222,30 +119,28 @@ fn symbols(path: PathBuf, libs: Vec<libloading::Library>) -> std::result::Result
 }
 
 fn load() -> std::result::Result<Lib, String> {
-    let mut tried = Vec::new();
-    let mut attempt = |cands: Vec<PathBuf>| -> Option<Lib> {
-        for c in cands {
-            match open(&c).and_then(|libs| symbols(c.clone(), libs)) {
-                Ok(lib) => return Some(lib),
-                Err(e) => tried.push(e),
+    let env = |k: &str| std::env::var_os(k);
+    let cands = search::candidates(&env, &search::registered_site_packages());
+    let mut failures = Vec::new();
+    for c in &cands {
+        let by_soname = c.path.parent().map_or(true, |d| d.as_os_str().is_empty());
+        if !by_soname && !c.path.exists() {
+            if c.origin == "LS_CUBLAS_PATH" {
+                failures.push(format!(
+                    "{} (LS_CUBLAS_PATH) does not exist",
+                    c.path.display()
+                ));
             }
+            continue;
         }
-        None
-    };
-    if let Some(l) = attempt(candidates()) {
-        return Ok(l);
+        match open(&c.path).and_then(|libs| symbols(c.path.clone(), libs)) {
+            Ok(lib) => return Ok(lib),
+            // The loader not finding a soname is the expected miss, not news.
+            Err(e) if by_soname && e.contains("cannot open shared object file") => {}
+            Err(e) => failures.push(e),
+        }
     }
-    if let Some(l) = attempt(python_candidates()) {
-        return Ok(l);
-    }
-    Err(format!(
-        "cuBLAS could not be loaded. Searched $LS_CUBLAS_PATH, {}, /usr/local/cuda*/lib64, \
-         the nvidia pip packages under {} and python3's nvidia package. Set LS_CUBLAS_PATH to \
-         libcublas.so.12/13 or its directory. Attempts: {}",
-        SONAMES.join(", "),
-        PY_GLOBS.join(", "),
-        tried.join("; ")
-    ))
+    Err(search::not_found(&cands, &failures))
 }
 
 /// Element types of GEMM operands.
@@ -382,26 +277,6 @@ fn status(call: &str, s: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wildcards_match() {
-        assert!(wildcard("python3*", "python3.12"));
-        assert!(wildcard("libcublas.so.*", "libcublas.so.13"));
-        assert!(!wildcard("cu*b", "cuda"));
-        assert!(is_lib_file(Path::new("/x/libcublas.so.12")));
-        assert!(!is_lib_file(Path::new("/x/libcublas.so.12.8.1")));
-    }
-
-    #[test]
-    fn glob_expands_wildcards_in_every_component() {
-        let root = env!("CARGO_MANIFEST_DIR");
-        let found = glob(&format!("{root}/ker*/*.cu"));
-        assert!(
-            found.iter().any(|p| p.ends_with("kernels/model.cu")),
-            "{found:?}"
-        );
-        assert!(glob(&format!("{root}/no-such-dir*/x")).is_empty());
-    }
 
     #[test]
     fn missing_library_is_an_error_not_a_panic() {

@@ -30,6 +30,7 @@
 
 mod context;
 pub mod cublas;
+mod cublas_search;
 mod memory;
 mod module;
 mod stream;

@@ -7,6 +7,7 @@
 
 use super::error::Failure;
 use crate::io::OpenMode;
+use crate::pipeline::config::streamer_options;
 use crate::{Budget, DType, Device, StreamerConfig};
 
 /// Element type of a tensor: one of the `LS_DTYPE_*` values.
@@ -104,31 +105,122 @@ pub struct ls_config {
     pub progress: u8,
 }
 
-fn budget_to_c(b: Budget) -> ls_budget {
-    match b {
-        Budget::None => ls_budget {
-            kind: LS_BUDGET_NONE,
-            bytes: 0,
-        },
-        Budget::Auto => ls_budget {
-            kind: LS_BUDGET_AUTO,
-            bytes: 0,
-        },
-        Budget::Bytes(bytes) => ls_budget {
-            kind: LS_BUDGET_BYTES,
-            bytes,
-        },
+/// A type of a [`StreamerConfig`] field and the type of its `ls_config` field.
+trait CField: Sized {
+    type C;
+    fn to_c(&self) -> Self::C;
+    /// The Rust value; an unknown enum value is `LS_INVALID_ARGUMENT`
+    /// naming `field`, while values the streamer rejects are left to its
+    /// validation (`LS_CONFIG`).
+    fn from_c(c: Self::C, field: &str) -> Result<Self, Failure>;
+}
+
+impl CField for Device {
+    type C = i32;
+    fn to_c(&self) -> i32 {
+        match *self {
+            Device::Host => -1,
+            Device::Cuda(n) => i32::try_from(n).unwrap_or(i32::MAX),
+        }
+    }
+    fn from_c(c: i32, field: &str) -> Result<Device, Failure> {
+        match c {
+            -1 => Ok(Device::Host),
+            n if n >= 0 => Ok(Device::Cuda(n as usize)),
+            n => Err(Failure::invalid(format!(
+                "{field} is {n}: use a CUDA device ordinal or -1 for the host backend"
+            ))),
+        }
     }
 }
 
-fn budget_from_c(b: ls_budget, field: &str) -> Result<Budget, Failure> {
-    match b.kind {
-        LS_BUDGET_NONE => Ok(Budget::None),
-        LS_BUDGET_AUTO => Ok(Budget::Auto),
-        LS_BUDGET_BYTES => Ok(Budget::Bytes(b.bytes)),
-        k => Err(Failure::invalid(format!(
-            "{field}.kind is {k}, not one of LS_BUDGET_NONE, LS_BUDGET_AUTO, LS_BUDGET_BYTES"
-        ))),
+impl CField for Option<DType> {
+    type C = ls_dtype;
+    fn to_c(&self) -> ls_dtype {
+        self.map_or(LS_DTYPE_FILE, |d| d as u32)
+    }
+    fn from_c(c: ls_dtype, field: &str) -> Result<Option<DType>, Failure> {
+        match c {
+            LS_DTYPE_FILE => Ok(None),
+            d => dtype_from_c(d).map(Some).ok_or_else(|| {
+                Failure::invalid(format!("{field} is {d}, not an LS_DTYPE_* value"))
+            }),
+        }
+    }
+}
+
+impl CField for OpenMode {
+    type C = ls_io_mode;
+    fn to_c(&self) -> ls_io_mode {
+        match self {
+            OpenMode::Auto => LS_IO_AUTO,
+            OpenMode::Direct => LS_IO_DIRECT,
+            OpenMode::Buffered => LS_IO_BUFFERED,
+        }
+    }
+    fn from_c(c: ls_io_mode, field: &str) -> Result<OpenMode, Failure> {
+        match c {
+            LS_IO_AUTO => Ok(OpenMode::Auto),
+            LS_IO_DIRECT => Ok(OpenMode::Direct),
+            LS_IO_BUFFERED => Ok(OpenMode::Buffered),
+            m => Err(Failure::invalid(format!(
+                "{field} is {m}, not one of LS_IO_AUTO, LS_IO_DIRECT, LS_IO_BUFFERED"
+            ))),
+        }
+    }
+}
+
+impl CField for Budget {
+    type C = ls_budget;
+    fn to_c(&self) -> ls_budget {
+        let (kind, bytes) = match *self {
+            Budget::None => (LS_BUDGET_NONE, 0),
+            Budget::Auto => (LS_BUDGET_AUTO, 0),
+            Budget::Bytes(bytes) => (LS_BUDGET_BYTES, bytes),
+        };
+        ls_budget { kind, bytes }
+    }
+    fn from_c(b: ls_budget, field: &str) -> Result<Budget, Failure> {
+        match b.kind {
+            LS_BUDGET_NONE => Ok(Budget::None),
+            LS_BUDGET_AUTO => Ok(Budget::Auto),
+            LS_BUDGET_BYTES => Ok(Budget::Bytes(b.bytes)),
+            k => Err(Failure::invalid(format!(
+                "{field}.kind is {k}, not one of LS_BUDGET_NONE, LS_BUDGET_AUTO, LS_BUDGET_BYTES"
+            ))),
+        }
+    }
+}
+
+/// Counts are `uint32_t` in C; a larger Rust count saturates (and fails validation).
+impl CField for usize {
+    type C = u32;
+    fn to_c(&self) -> u32 {
+        u32::try_from(*self).unwrap_or(u32::MAX)
+    }
+    fn from_c(c: u32, _field: &str) -> Result<usize, Failure> {
+        Ok(c as usize)
+    }
+}
+
+impl CField for u64 {
+    type C = u64;
+    fn to_c(&self) -> u64 {
+        *self
+    }
+    fn from_c(c: u64, _field: &str) -> Result<u64, Failure> {
+        Ok(c)
+    }
+}
+
+/// A switch is a `uint8_t`, non-zero for on.
+impl CField for bool {
+    type C = u8;
+    fn to_c(&self) -> u8 {
+        u8::from(*self)
+    }
+    fn from_c(c: u8, _field: &str) -> Result<bool, Failure> {
+        Ok(c != 0)
     }
 }
 
@@ -137,86 +229,49 @@ pub(crate) fn dtype_from_c(d: ls_dtype) -> Option<DType> {
     DType::ALL.into_iter().find(|t| *t as u32 == d)
 }
 
-fn count(v: usize) -> u32 {
-    u32::try_from(v).unwrap_or(u32::MAX)
-}
+/// `ls_config::from_rust` and `to_rust`, from the option table's `fixed`
+/// and `searched` rows: every one of them is a field of `ls_config` of the
+/// type its [`CField`] names (the compiler checks both ways).
+macro_rules! define_c_mapping {
+    (
+        fixed { $(
+            $(#[doc = $fdoc:literal])*
+            $f:ident : $fty:ty = $fdef:expr, parse $fparse:path, flag $fflag:literal
+            $(, cli $fcli:expr)?;
+        )* }
+        searched { $(
+            $(#[doc = $sdoc:literal])*
+            $s:ident : $sty:ty = $sdef:expr, parse $sparse:path, flag $sflag:literal,
+            axis $variant:ident $title:literal [$($tune:expr),*] $(, cli $scli:expr)?;
+        )* }
+        not_in_c { $($rest:tt)* }
+    ) => {
+        impl ls_config {
+            /// The C view of a Rust configuration (the `not_in_c` options,
+            /// such as the CPU affinity, are not carried).
+            pub(crate) fn from_rust(c: &StreamerConfig) -> ls_config {
+                ls_config {
+                    $($f: CField::to_c(&c.$f),)*
+                    $($s: CField::to_c(&c.$s),)*
+                }
+            }
 
-impl ls_config {
-    /// The C view of a Rust configuration (CPU affinity is not carried).
-    pub(crate) fn from_rust(c: &StreamerConfig) -> ls_config {
-        ls_config {
-            device: match c.device {
-                Device::Host => -1,
-                Device::Cuda(n) => i32::try_from(n).unwrap_or(i32::MAX),
-            },
-            dtype: c.dtype.map_or(LS_DTYPE_FILE, |d| d as u32),
-            n_gpu: count(c.n_gpu),
-            n_cpu_pinned: count(c.n_cpu_pinned),
-            n_cpu: count(c.n_cpu),
-            batch_gpu: count(c.batch_gpu),
-            batch_cpu_pinned: count(c.batch_cpu_pinned),
-            batch_cpu: count(c.batch_cpu),
-            reader_threads: count(c.reader_threads),
-            read_chunk: c.read_chunk,
-            io_mode: match c.io_mode {
-                OpenMode::Auto => LS_IO_AUTO,
-                OpenMode::Direct => LS_IO_DIRECT,
-                OpenMode::Buffered => LS_IO_BUFFERED,
-            },
-            pinned_cache: budget_to_c(c.pinned_cache),
-            gpu_cache: budget_to_c(c.gpu_cache),
-            progress: u8::from(c.progress),
+            /// The Rust configuration; unknown enum values are
+            /// `LS_INVALID_ARGUMENT`, while values the streamer rejects are left
+            /// to its validation (`LS_CONFIG`). Options C does not carry keep
+            /// their defaults.
+            pub(crate) fn to_rust(self) -> Result<StreamerConfig, Failure> {
+                Ok(StreamerConfig {
+                    $($f: CField::from_c(self.$f, stringify!($f))?,)*
+                    $($s: CField::from_c(self.$s, stringify!($s))?,)*
+                    ..StreamerConfig::default()
+                })
+            }
         }
-    }
-
-    /// The Rust configuration; unknown enum values are `LS_INVALID_ARGUMENT`,
-    /// while values the streamer rejects are left to its validation
-    /// (`LS_CONFIG`).
-    pub(crate) fn to_rust(self) -> Result<StreamerConfig, Failure> {
-        let device = match self.device {
-            -1 => Device::Host,
-            n if n >= 0 => Device::Cuda(n as usize),
-            n => {
-                return Err(Failure::invalid(format!(
-                    "device is {n}: use a CUDA device ordinal or -1 for the host backend"
-                )))
-            }
-        };
-        let dtype = match self.dtype {
-            LS_DTYPE_FILE => None,
-            d => Some(dtype_from_c(d).ok_or_else(|| {
-                Failure::invalid(format!("dtype is {d}, not an LS_DTYPE_* value"))
-            })?),
-        };
-        let io_mode = match self.io_mode {
-            LS_IO_AUTO => OpenMode::Auto,
-            LS_IO_DIRECT => OpenMode::Direct,
-            LS_IO_BUFFERED => OpenMode::Buffered,
-            m => {
-                return Err(Failure::invalid(format!(
-                    "io_mode is {m}, not one of LS_IO_AUTO, LS_IO_DIRECT, LS_IO_BUFFERED"
-                )))
-            }
-        };
-        Ok(StreamerConfig {
-            device,
-            dtype,
-            n_gpu: self.n_gpu as usize,
-            n_cpu_pinned: self.n_cpu_pinned as usize,
-            n_cpu: self.n_cpu as usize,
-            batch_gpu: self.batch_gpu as usize,
-            batch_cpu_pinned: self.batch_cpu_pinned as usize,
-            batch_cpu: self.batch_cpu as usize,
-            reader_threads: self.reader_threads as usize,
-            read_chunk: self.read_chunk,
-            io_mode,
-            pinned_cache: budget_from_c(self.pinned_cache, "pinned_cache")?,
-            gpu_cache: budget_from_c(self.gpu_cache, "gpu_cache")?,
-            cpu_affinity: None,
-            progress: self.progress != 0,
-        })
-    }
+    };
 }
+
+streamer_options!(define_c_mapping);
 
 /// The default configuration, returned by value: CUDA device 0, compute
 /// dtype bf16, `n_gpu` 2, `n_cpu_pinned` 4, `n_cpu` 0, batches of 1, 4

@@ -205,6 +205,49 @@ pub(crate) unsafe fn write_c_string(
     Ok(())
 }
 
+/// Copies `bytes` into `buf` (`len` bytes) NUL-terminated, whole or not at
+/// all: with `len == 0` it only stores the length (a size query); a buffer
+/// too small for `bytes` and the NUL is `LS_INVALID_ARGUMENT` naming `what`,
+/// with `buf` set to the empty string. `out_len`, when not NULL, receives
+/// the length without the NUL either way.
+///
+/// # Safety
+/// `buf` is NULL with `len == 0`, or valid for writes of `len` bytes;
+/// `out_len` is NULL or valid for a write.
+pub(crate) unsafe fn write_c_bytes_whole(
+    bytes: &[u8],
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+    what: &str,
+) -> Result<(), Failure> {
+    if buf.is_null() && len > 0 {
+        return Err(Failure::null("buf"));
+    }
+    if !out_len.is_null() {
+        // SAFETY: the caller guarantees a non-NULL `out_len` is writable.
+        unsafe { *out_len = bytes.len() };
+    }
+    if len == 0 {
+        return Ok(());
+    }
+    if bytes.len() >= len {
+        // SAFETY: `buf` is valid for `len >= 1` bytes.
+        unsafe { *buf = 0 };
+        return Err(Failure::invalid(format!(
+            "a buffer of {len} bytes is too small for {what} ({} bytes and the NUL)",
+            bytes.len()
+        )));
+    }
+    // SAFETY: `buf` is valid for `len` bytes and `bytes.len() + 1 <= len`;
+    // `bytes` is a separate Rust allocation, so the ranges do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf.cast::<u8>(), bytes.len());
+        *buf.add(bytes.len()) = 0;
+    }
+    Ok(())
+}
+
 /// Copies the message of the last failed call on this thread into `buf`.
 ///
 /// Writes at most `len - 1` bytes and a terminating NUL (nothing when `len`

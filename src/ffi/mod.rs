@@ -22,12 +22,16 @@
 //!   came from and stay valid until it is freed.
 //! - One handle is used by one thread at a time. A streamer rejects calls
 //!   made on it while it runs a pass (from its own callback, or from another
-//!   thread) with `LS_INVALID_ARGUMENT` instead of corrupting its state.
+//!   thread) with `LS_INVALID_ARGUMENT` instead of corrupting its state;
+//!   `ls_streamer_free` from its own callback is deferred to the pass's end.
+//! - Callbacks must not unwind through the library (C++ exceptions,
+//!   `longjmp`); on CUDA the streamer's context is current while they run.
 #![allow(non_camel_case_types)]
 
 mod config;
 mod error;
 mod model;
+mod stats;
 mod streamer;
 mod tensor;
 
@@ -39,15 +43,16 @@ pub use config::{
 };
 pub use error::{ls_last_error_message, ls_result, ls_result_name};
 pub use model::{
-    ls_model, ls_model_dir, ls_model_free, ls_model_layer_bytes, ls_model_layer_num_tensors,
-    ls_model_layer_tensor, ls_model_num_files, ls_model_num_layers, ls_model_num_statics,
-    ls_model_open, ls_model_static_tensor, ls_model_total_layer_bytes, ls_tensor_info,
+    ls_model, ls_model_dir, ls_model_file_path, ls_model_free, ls_model_layer_bytes,
+    ls_model_layer_num_tensors, ls_model_layer_tensor, ls_model_num_files, ls_model_num_layers,
+    ls_model_num_statics, ls_model_open, ls_model_static_tensor, ls_model_total_layer_bytes,
+    ls_tensor_info,
 };
+pub use stats::{ls_memory_use, ls_pass_stats, ls_stage_stats};
 pub use streamer::{
-    ls_cuda_stream, ls_layer_copy_to_host, ls_layer_fn, ls_layer_weights, ls_memory_use,
-    ls_pass_stats, ls_stage_stats, ls_streamer, ls_streamer_compute_stream, ls_streamer_free,
-    ls_streamer_last_pass_stats, ls_streamer_memory, ls_streamer_new, ls_streamer_run_pass,
-    ls_tensor_view,
+    ls_cuda_stream, ls_layer_copy_to_host, ls_layer_fn, ls_layer_release_after, ls_layer_weights,
+    ls_streamer, ls_streamer_compute_stream, ls_streamer_free, ls_streamer_last_pass_stats,
+    ls_streamer_memory, ls_streamer_new, ls_streamer_run_pass, ls_tensor_view,
 };
 pub use tensor::{
     ls_streamer_load_static, ls_tensor, ls_tensor_bytes, ls_tensor_copy_to_host, ls_tensor_dtype,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::config::ls_dtype;
-use super::error::{boundary, guard, ls_result, Failure};
+use super::error::{boundary, guard, ls_result, write_c_bytes_whole, Failure};
 use crate::checkpoint::TensorInfo;
 use crate::ModelIndex;
 
@@ -298,6 +298,48 @@ pub unsafe extern "C" fn ls_model_dir(model: *const ls_model) -> *const c_char {
     guard(std::ptr::null(), || {
         // SAFETY: forwarded from this function's contract.
         unsafe { model_ref(model) }.map_or(std::ptr::null(), |m| m.meta.dir.as_ptr())
+    })
+}
+
+/// Copies the path of file `file` of the model, the file that
+/// [`ls_tensor_info::file`] names, into `buf` as a NUL-terminated string:
+/// the directory given to [`ls_model_open`] joined with the file's name
+/// (relative where that directory was).
+///
+/// The caller owns `buf` (`len` bytes). With `len` 0 (and `buf` NULL) only
+/// the length is stored: a size query. When `out_len` is not NULL it
+/// receives the path's length without the NUL; a buffer of at least
+/// `*out_len + 1` bytes holds it. A path is never truncated.
+///
+/// Returns `LS_OK`; `LS_INVALID_ARGUMENT` when `file` is not below
+/// [`ls_model_num_files`] or `buf` is too small (then `buf` holds the empty
+/// string); `LS_NULL_ARGUMENT` when `model` is NULL, or `buf` is NULL with
+/// `len` above 0.
+///
+/// # Safety
+/// `model` must be NULL or a live model; `buf` must be NULL with `len` 0 or
+/// valid for writes of `len` bytes; `out_len` must be NULL or valid for a
+/// write.
+#[no_mangle]
+pub unsafe extern "C" fn ls_model_file_path(
+    model: *const ls_model,
+    file: u32,
+    buf: *mut c_char,
+    len: usize,
+    out_len: *mut usize,
+) -> ls_result {
+    boundary(|| {
+        // SAFETY: forwarded from this function's contract.
+        let m = unsafe { model_ref(model) }.ok_or_else(|| Failure::null("model"))?;
+        let f = m.index.files().get(file as usize).ok_or_else(|| {
+            Failure::invalid(format!(
+                "file {file} is out of range: the model has {} files",
+                m.index.files().len()
+            ))
+        })?;
+        let what = format!("the path of file {file}, {}", f.path.display());
+        // SAFETY: forwarded from this function's contract.
+        unsafe { write_c_bytes_whole(f.path.as_os_str().as_bytes(), buf, len, out_len, &what) }
     })
 }
 

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use super::config::{ls_config, ls_dtype};
 use super::error::{boundary, guard, ls_result, Failure};
 use super::model::{ls_model, write_out, ModelMeta};
-use crate::pipeline::StageStats;
-use crate::streamer::{ComputeStream, MemoryUse};
-use crate::{Error, LayerStreamer, PassStats};
+use super::stats::{ls_memory_use, ls_pass_stats};
+use crate::pipeline::LayerWeights;
+use crate::streamer::ComputeStream;
+use crate::{Error, LayerStreamer};
 
 /// A `CUstream` (`void *`); NULL on the host backend.
 pub type ls_cuda_stream = *mut c_void;
@@ -55,6 +56,19 @@ pub struct ls_layer_weights {
 /// weights on the device and the stream to launch work on. `weights` and
 /// everything it points to are valid only during the call. Return 0 to go
 /// on; any other value ends the pass with `LS_CALLBACK`.
+///
+/// On CUDA the streamer's device's primary context is current on the
+/// calling thread during the call (the runtime API's device of that ordinal
+/// uses the same context).
+///
+/// The device slot holding the weights is reused once the work queued on
+/// `stream` by the time the callback returns has finished. Work queued on
+/// any other stream that reads the weights is not covered: announce it with
+/// [`ls_layer_release_after`].
+///
+/// The callback must return normally: it must not unwind through the
+/// library (a C++ exception, `longjmp`, a Rust panic); catch them inside.
+/// Unwinding or jumping across the call is undefined behaviour.
 pub type ls_layer_fn = Option<
     unsafe extern "C" fn(
         user: *mut c_void,
@@ -64,127 +78,23 @@ pub type ls_layer_fn = Option<
     ) -> c_int,
 >;
 
-/// One stage's share of a pass.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ls_stage_stats {
-    /// Bytes the stage moved.
-    pub bytes: u64,
-    /// Seconds the stage spent working.
-    pub busy_seconds: f64,
-    /// Seconds the stage spent waiting for input or for a free slot.
-    pub stalled_seconds: f64,
-    /// Layers the stage handled.
-    pub items: u64,
-}
-
-impl From<&StageStats> for ls_stage_stats {
-    fn from(s: &StageStats) -> Self {
-        ls_stage_stats {
-            bytes: s.bytes,
-            busy_seconds: s.busy.as_secs_f64(),
-            stalled_seconds: s.stalled.as_secs_f64(),
-            items: s.items as u64,
-        }
-    }
-}
-
-/// Statistics of one pass.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ls_pass_stats {
-    /// Which pass of the streamer (1 = the first; 0 = none completed yet).
-    pub pass: u64,
-    /// Wall time of the pass in seconds.
-    pub wall_seconds: f64,
-    /// Layers processed.
-    pub layers: u64,
-    /// Bytes of weights the callback received.
-    pub layer_bytes: u64,
-    /// Reader threads: disk to host slots.
-    pub read: ls_stage_stats,
-    /// Pin thread: unpinned to pinned slots.
-    pub pin: ls_stage_stats,
-    /// Host to device copies (device time).
-    pub h2d: ls_stage_stats,
-    /// The callback's work on the compute stream (device time).
-    pub compute: ls_stage_stats,
-    /// Layers served from the pinned cache.
-    pub pinned_cache_hits: u64,
-    /// Layers served from the device cache.
-    pub gpu_cache_hits: u64,
-}
-
-impl From<&PassStats> for ls_pass_stats {
-    fn from(s: &PassStats) -> Self {
-        ls_pass_stats {
-            pass: s.pass,
-            wall_seconds: s.wall.as_secs_f64(),
-            layers: s.layers as u64,
-            layer_bytes: s.layer_bytes,
-            read: (&s.read).into(),
-            pin: (&s.pin).into(),
-            h2d: (&s.h2d).into(),
-            compute: (&s.compute).into(),
-            pinned_cache_hits: s.pinned_cache_hits as u64,
-            gpu_cache_hits: s.gpu_cache_hits as u64,
-        }
-    }
-}
-
-/// What a streamer allocated.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ls_memory_use {
-    /// Size of one device slot.
-    pub gpu_slot_size: u64,
-    /// Device slots.
-    pub gpu_slots: u64,
-    /// Bytes of device cache.
-    pub gpu_cache_bytes: u64,
-    /// Layers resident on the device.
-    pub gpu_cache_layers: u64,
-    /// Size of one host slot (unpinned or pinned).
-    pub host_slot_size: u64,
-    /// Unpinned host slots.
-    pub cpu_slots: u64,
-    /// Pinned host slots.
-    pub pinned_slots: u64,
-    /// Bytes of pinned cache.
-    pub pinned_cache_bytes: u64,
-    /// Layers kept in the pinned cache.
-    pub pinned_cache_layers: u64,
-    /// Device bytes in all.
-    pub device_bytes: u64,
-    /// Pinned host bytes in all.
-    pub pinned_bytes: u64,
-}
-
-impl From<&MemoryUse> for ls_memory_use {
-    fn from(m: &MemoryUse) -> Self {
-        ls_memory_use {
-            gpu_slot_size: m.gpu_slot_size,
-            gpu_slots: m.gpu_slots as u64,
-            gpu_cache_bytes: m.gpu_cache_bytes,
-            gpu_cache_layers: m.gpu_cache_layers as u64,
-            host_slot_size: m.host_slot_size,
-            cpu_slots: m.cpu_slots as u64,
-            pinned_slots: m.pinned_slots as u64,
-            pinned_cache_bytes: m.pinned_cache_bytes,
-            pinned_cache_layers: m.pinned_cache_layers as u64,
-            device_bytes: m.device_bytes(),
-            pinned_bytes: m.pinned_bytes(),
-        }
-    }
-}
-
-/// A streamer: slots, caches, streams and open files for one model.
-/// Opaque; created by [`ls_streamer_new`], freed by [`ls_streamer_free`].
+/// A streamer: slots, caches, streams, open files and stage threads for one
+/// model. Opaque; created by [`ls_streamer_new`], freed by
+/// [`ls_streamer_free`].
+///
+/// A handle is used by one thread at a time (any thread, one after the
+/// other). Calls made on it while it runs a pass, from its own callback or
+/// from another thread, fail with `LS_INVALID_ARGUMENT` (except
+/// [`ls_streamer_free`], which is deferred); that check is a safety net, not
+/// a license to share a handle between threads.
 pub struct ls_streamer {
     /// Set while a call has the inner state: it makes a call from the
     /// streamer's own callback, or from a second thread, an error instead of
     /// a second mutable borrow.
     busy: AtomicBool,
+    /// Set by [`ls_streamer_free`] while the streamer is busy: the call that
+    /// holds it frees it when it is done.
+    free_requested: AtomicBool,
     inner: UnsafeCell<StreamerInner>,
 }
 
@@ -244,6 +154,9 @@ pub(crate) unsafe fn claim<'a>(s: *const ls_streamer) -> Result<Claim<'a>, Failu
 struct CurrentLayer {
     weights: *const ls_layer_weights,
     stream: *const ComputeStream,
+    /// The Rust view of the same layer (lifetime erased: used only during
+    /// the callback, while the `LayerWeights` it points to is alive).
+    layer: *const LayerWeights<'static>,
 }
 
 thread_local! {
@@ -255,9 +168,27 @@ thread_local! {
 struct Enter(Option<CurrentLayer>);
 
 impl Enter {
-    fn new(weights: &ls_layer_weights, stream: &ComputeStream) -> Enter {
-        Enter(CURRENT.with(|c| c.replace(Some(CurrentLayer { weights, stream }))))
+    fn new(weights: &ls_layer_weights, stream: &ComputeStream, layer: &LayerWeights<'_>) -> Enter {
+        let layer = (layer as *const LayerWeights<'_>).cast::<LayerWeights<'static>>();
+        let current = CurrentLayer {
+            weights,
+            stream,
+            layer,
+        };
+        Enter(CURRENT.with(|c| c.replace(Some(current))))
     }
+}
+
+/// The layer the running callback on this thread received as `weights`.
+fn current(weights: *const ls_layer_weights, what: &str) -> Result<CurrentLayer, Failure> {
+    CURRENT
+        .with(Cell::get)
+        .filter(|c| std::ptr::eq(c.weights, weights))
+        .ok_or_else(|| {
+            Failure::invalid(format!(
+                "{what} is only valid inside the callback that received these weights"
+            ))
+        })
 }
 
 impl Drop for Enter {
@@ -319,6 +250,7 @@ pub unsafe extern "C" fn ls_streamer_new(
             .collect();
         let s = Box::new(ls_streamer {
             busy: AtomicBool::new(false),
+            free_requested: AtomicBool::new(false),
             inner: UnsafeCell::new(StreamerInner {
                 streamer,
                 _meta: meta,
@@ -331,27 +263,61 @@ pub unsafe extern "C" fn ls_streamer_new(
     })
 }
 
-/// Frees a streamer after the device has finished with its memory; NULL is
-/// a no-op. Static tensors loaded from it stay valid. A streamer that is
-/// running a pass (a call from its own callback) is not freed: it would
-/// free the memory the pass is using.
+/// Frees a streamer after the device has finished with its memory, and
+/// joins its stage threads; NULL is a no-op. Static tensors loaded from it
+/// stay valid.
+///
+/// Called while the streamer runs a pass (from its own callback), the free
+/// is deferred: the pass goes on, and the streamer is freed when
+/// [`ls_streamer_run_pass`] returns. The handle must not be used after that.
 ///
 /// # Safety
 /// `streamer` must be NULL or a pointer from `ls_streamer_new` not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ls_streamer_free(streamer: *mut ls_streamer) {
     guard((), || {
-        // SAFETY: NULL or live, by this function's contract.
-        let Ok(claim) = (unsafe { claim(streamer) }) else {
+        if streamer.is_null() {
+            return;
+        }
+        // SAFETY: live, by this function's contract.
+        match unsafe { claim(streamer) } {
+            Ok(claim) => {
+                // The claim borrows the streamer: release it before the box goes.
+                std::mem::forget(claim);
+                // SAFETY: from Box::into_raw in ls_streamer_new, freed once by
+                // this function's contract, and not in use: the claim above
+                // succeeded, so no pass or other call holds it.
+                drop(unsafe { Box::from_raw(streamer) });
+            }
+            Err(_) => {
+                // SAFETY: live, by this function's contract; only the atomic
+                // flag is touched.
+                let s = unsafe { &*streamer };
+                // Relaxed: read by the call that holds the streamer, on this
+                // thread (the callback runs on the thread of the pass).
+                s.free_requested.store(true, Ordering::Relaxed);
+            }
+        }
+    })
+}
+
+/// Frees the streamer on drop if [`ls_streamer_free`] asked for it while a
+/// call held it. Declared before the call's claim, so it drops after it.
+struct FreeIfRequested(*mut ls_streamer);
+
+impl Drop for FreeIfRequested {
+    fn drop(&mut self) {
+        // SAFETY: `self.0` is NULL or live (the contract of the call that
+        // made this guard); the claim of that call has been released.
+        let Some(s) = (unsafe { self.0.as_ref() }) else {
             return;
         };
-        // The claim borrows the streamer: release it before the box goes.
-        std::mem::forget(claim);
-        // SAFETY: from Box::into_raw in ls_streamer_new, freed once by this
-        // function's contract, and not in use: the claim above succeeded, so
-        // no pass or other call holds it.
-        drop(unsafe { Box::from_raw(streamer) });
-    })
+        if s.free_requested.load(Ordering::Relaxed) {
+            // SAFETY: from Box::into_raw in ls_streamer_new; the caller asked
+            // for it to be freed, and the call that held it is done with it.
+            drop(unsafe { Box::from_raw(self.0) });
+        }
+    }
 }
 
 /// Runs one pass: calls `callback(user, layer, weights, stream)` for every
@@ -362,17 +328,21 @@ pub unsafe extern "C" fn ls_streamer_free(streamer: *mut ls_streamer) {
 /// message names the value and the layer. A read or CUDA error ends it with
 /// its own code. In every case the streamer stays usable for the next pass.
 /// The callback must not call functions on this streamer (they fail with
-/// `LS_INVALID_ARGUMENT`), except [`ls_layer_copy_to_host`].
+/// `LS_INVALID_ARGUMENT`), except [`ls_layer_copy_to_host`],
+/// [`ls_layer_release_after`] and [`ls_streamer_free`] (deferred until this
+/// returns: then the handle is gone).
 ///
 /// # Safety
 /// `streamer` must be NULL or a live streamer; `callback` must be safe to
-/// call with `user` and the arguments described at [`ls_layer_fn`].
+/// call with `user` and the arguments described at [`ls_layer_fn`], and must
+/// not unwind.
 #[no_mangle]
 pub unsafe extern "C" fn ls_streamer_run_pass(
     streamer: *mut ls_streamer,
     callback: ls_layer_fn,
     user: *mut c_void,
 ) -> ls_result {
+    let _free = FreeIfRequested(streamer);
     boundary(|| {
         // SAFETY: forwarded from this function's contract.
         let mut claim = unsafe { claim(streamer) }?;
@@ -385,16 +355,16 @@ pub unsafe extern "C" fn ls_streamer_run_pass(
             // Both follow the layer's tensors in file order.
             debug_assert_eq!(views.len(), w.len());
             for (v, t) in views.iter_mut().zip(w.tensors()) {
-                v.ptr = t.ptr;
-                v.dtype = t.dtype as u32;
-                v.bytes = t.bytes;
+                v.ptr = t.ptr();
+                v.dtype = t.dtype() as u32;
+                v.bytes = t.bytes();
             }
             let weights = ls_layer_weights {
                 layer: layer as u32,
                 num_tensors: views.len() as u32,
                 tensors: views.as_ptr(),
             };
-            let _current = Enter::new(&weights, stream);
+            let _current = Enter::new(&weights, stream, w);
             // SAFETY: the caller guarantees `callback` may be called with
             // `user`; `weights` and the views it points to outlive the call.
             let rc =
@@ -434,14 +404,7 @@ pub unsafe extern "C" fn ls_layer_copy_to_host(
         if dst.is_null() {
             return Err(Failure::null("dst"));
         }
-        let current = CURRENT
-            .with(Cell::get)
-            .filter(|c| std::ptr::eq(c.weights, weights))
-            .ok_or_else(|| {
-                Failure::invalid(
-                    "ls_layer_copy_to_host is only valid inside the callback that received these weights",
-                )
-            })?;
+        let current = current(weights, "ls_layer_copy_to_host")?;
         // SAFETY: `current` was set by the running callback's `Enter`, which
         // outlives the callback; `weights` and `stream` point to its live
         // stack values and views.
@@ -480,6 +443,39 @@ pub unsafe extern "C" fn ls_layer_copy_to_host(
                 s.synchronize()?;
             }
         }
+        Ok(())
+    })
+}
+
+/// Keeps the device slot of the layer being processed from being reused
+/// until the work queued on `stream` so far has finished: call it from the
+/// callback after queuing work on a stream other than the pass's that reads
+/// `weights`. A later call for the same layer replaces an earlier one (join
+/// several streams into one first). On the host backend `stream` must be
+/// NULL and the call does nothing.
+///
+/// Only valid inside the callback that received `weights` (else
+/// `LS_INVALID_ARGUMENT`).
+///
+/// # Safety
+/// `weights` must be the pointer the running callback received; `stream` a
+/// live `CUstream` of the streamer's context, or NULL.
+#[no_mangle]
+pub unsafe extern "C" fn ls_layer_release_after(
+    weights: *const ls_layer_weights,
+    stream: ls_cuda_stream,
+) -> ls_result {
+    boundary(|| {
+        if weights.is_null() {
+            return Err(Failure::null("weights"));
+        }
+        let current = current(weights, "ls_layer_release_after")?;
+        // SAFETY: set by the running callback's `Enter`, which outlives the
+        // callback; the `LayerWeights` it points to lives on the pass's stack
+        // for the whole callback.
+        let layer = unsafe { &*current.layer };
+        // SAFETY: the caller guarantees `stream` (this function's contract).
+        unsafe { layer.release_after_raw(stream.cast()) }?;
         Ok(())
     })
 }
@@ -539,3 +535,7 @@ pub unsafe extern "C" fn ls_streamer_compute_stream(
         }
     })
 }
+
+#[cfg(test)]
+#[path = "streamer_tests.rs"]
+mod tests;

@@ -18,7 +18,7 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
-use crate::llm::host::static_names;
+use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
@@ -144,7 +144,10 @@ impl CudaModel {
                 opts.max_len, MAX_ATTENTION_LEN
             )));
         }
-        let (embed, norm, head) = static_names(streamer, cfg);
+        if let Some(why) = unimplemented_on_cuda(cfg) {
+            return Err(Error::config(why));
+        }
+        let (embed, norm, head) = static_names(streamer.model(), cfg);
         let embed = streamer.load_static(&embed)?;
         let norm = streamer.load_static(&norm)?;
         let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
@@ -253,55 +256,66 @@ impl CudaModel {
             Ok(())
         })?;
         let n_out = b.out_rows.len();
-        let s = cuda_stream(streamer)?;
-        let ws = &self.ws;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        // SAFETY: rows index tokens of this pass; last holds max_batch rows and
-        // logits max_batch * vocab f32; the head is [vocab, hidden] bf16.
-        unsafe {
-            self.kernels.rms_norm(
-                s,
-                ws.x.ptr(),
-                self.norm.ptr(),
-                ws.rows.ptr(),
-                ws.last.split(),
-                n_out,
-                cfg.hidden,
-                cfg.rms_norm_eps,
-            )?;
-            let hw = self.gemm_type();
-            linear_split(
-                &mut self.blas,
-                hw,
-                ws.last.split(),
-                head.ptr(),
-                ws.logits.ptr(),
-                GemmType::F32,
-                n_out,
-                cfg.vocab,
-                cfg.hidden,
-                0.0,
-            )?;
-        }
-        s.synchronize()?;
+        self.queue_logits(cuda_stream(streamer)?, cfg, n_out)?;
+        cuda_stream(streamer)?.synchronize()?;
         if timed.is_some() {
-            let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
-            let per_token = 2.0
-                * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
-                    + cfg.q_dim() * cfg.hidden
-                    + 3 * cfg.hidden * cfg.intermediate) as f64;
-            if !matches!(self.gemm_tflops, Some((best, _)) if best > t) {
-                self.gemm_tflops = Some((t, per_token * t as f64 / (ms.max(1e-6) * 1e-3) / 1e12));
-            }
+            self.record_tflops(cfg, t)?;
         }
         let mut out = vec![0u8; n_out * cfg.vocab * 4];
-        ws.logits.copy_to_host(0, &mut out)?;
+        self.ws.logits.copy_to_host(0, &mut out)?;
         Ok(out
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect())
     }
 
+    /// Queues the final norm of the output rows and the lm_head GEMM into
+    /// `ws.logits`.
+    fn queue_logits(&mut self, s: &Stream, cfg: &ModelConfig, n_out: usize) -> Result<()> {
+        let ws = &self.ws;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let hw = self.gemm_type();
+        let (last, h) = (ws.last.split(), cfg.hidden);
+        // SAFETY: rows index tokens of this pass; last holds max_batch rows and
+        // logits max_batch * vocab f32; the head is [vocab, hidden] of the
+        // model's 16-bit dtype (shapes checked at load).
+        unsafe {
+            let (x, norm, rows) = (ws.x.ptr(), self.norm.ptr(), ws.rows.ptr());
+            let eps = cfg.rms_norm_eps;
+            self.kernels
+                .rms_norm(s, x, norm, rows, last, n_out, h, eps)?;
+            let (f, logits) = (GemmType::F32, ws.logits.ptr());
+            linear_split(
+                &mut self.blas,
+                hw,
+                last,
+                head.ptr(),
+                logits,
+                f,
+                n_out,
+                cfg.vocab,
+                h,
+                0.0,
+            )
+        }
+    }
+
+    /// Keeps the GEMM throughput of layer 0's timed work when this pass has
+    /// the most tokens so far.
+    fn record_tflops(&mut self, cfg: &ModelConfig, t: usize) -> Result<()> {
+        let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
+        let per_token = 2.0
+            * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
+                + cfg.q_dim() * cfg.hidden
+                + 3 * cfg.hidden * cfg.intermediate) as f64;
+        if !matches!(self.gemm_tflops, Some((best, _)) if best > t) {
+            self.gemm_tflops = Some((t, per_token * t as f64 / (ms.max(1e-6) * 1e-3) / 1e12));
+        }
+        Ok(())
+    }
+
+    /// One decoder layer on the compute stream: attention, then the MLP,
+    /// each added to the residual stream `ws.x`.
     fn layer(
         &mut self,
         cfg: &ModelConfig,
@@ -310,107 +324,133 @@ impl CudaModel {
         layer: usize,
         s: &Stream,
     ) -> Result<()> {
+        let w = SlotWeights {
+            w,
+            dtype: self.dtype,
+        };
+        self.attention(cfg, b, &w, layer, s)?;
+        self.mlp(cfg, b.tokens.len(), &w, s)
+    }
+
+    /// RMSNorm, the q/k/v projections, biases, RoPE and the KV-cache write,
+    /// causal attention and o_proj into the residual stream.
+    fn attention(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        w: &SlotWeights<'_, '_>,
+        layer: usize,
+        s: &Stream,
+    ) -> Result<()> {
         let t = b.tokens.len();
-        let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
-        let ws = &self.ws;
-        let dtype = self.dtype;
-        let hw = self.gemm_type();
-        let wt = |key: &str| -> Result<u64> {
-            let v = w.tensor(key)?;
-            if v.dtype != dtype {
-                return Err(Error::config(format!(
-                    "{} is {} on the device but the embedding is {dtype}; build the streamer \
-                     with LlamaModel::cuda_dtype",
-                    v.name, v.dtype
-                )));
-            }
-            Ok(v.ptr)
-        };
-        let opt = |key: &str| -> Result<u64> {
-            match w.get(key) {
-                Some(_) => wt(key),
-                None => Ok(0),
-            }
-        };
-        let blas = &mut self.blas;
-        let k = &self.kernels;
-        let (f, eps) = (GemmType::F32, cfg.rms_norm_eps);
-        let (xn, attn, act) = (ws.xn.split(), ws.attn.split(), ws.act.split());
+        let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
+        let (blas, k) = (&mut self.blas, &self.kernels);
+        let (xn, attn) = (ws.xn.split(), ws.attn.split());
         let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+        let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
-            opt("self_attn.q_proj.bias")?,
-            opt("self_attn.k_proj.bias")?,
-            opt("self_attn.v_proj.bias")?,
+            bias("self_attn.q_proj.bias")?,
+            bias("self_attn.k_proj.bias")?,
+            bias("self_attn.v_proj.bias")?,
         ];
-        // SAFETY: every weight pointer is a bf16 tensor of its projection's
-        // shape in the layer's device slot, live during this layer function;
-        // every workspace buffer was sized for max_tokens >= t tokens; the
-        // caches hold max_batch sequences of max_len positions and every
-        // (seq, pos) of the pass is within them (checked in LlamaModel::forward).
+        let (n, kv) = (cfg.heads, cfg.kv_heads);
+        let (seq, pos) = (ws.seq.ptr(), ws.pos.ptr());
+        // SAFETY: every weight pointer is a 16-bit tensor of its projection's
+        // shape (checked against config.json at load) in the layer's device
+        // slot, live during this layer function; every workspace buffer was
+        // sized for max_tokens >= t tokens; the caches hold max_batch
+        // sequences of max_len positions and every (seq, pos) of the pass is
+        // within them (checked in LlamaModel::forward).
         unsafe {
-            k.rms_norm(
-                s,
-                ws.x.ptr(),
-                wt("input_layernorm.weight")?,
-                0,
-                xn,
-                t,
-                h,
-                eps,
-            )?;
-            let q_w = wt("self_attn.q_proj.weight")?;
+            let norm = w.ptr("input_layernorm.weight")?;
+            k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
+            let q_w = w.ptr("self_attn.q_proj.weight")?;
             linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
-            let k_w = wt("self_attn.k_proj.weight")?;
+            let k_w = w.ptr("self_attn.k_proj.weight")?;
             linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
-            let v_w = wt("self_attn.v_proj.weight")?;
+            let v_w = w.ptr("self_attn.v_proj.weight")?;
             linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
+            let (q, kp, vp) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr());
+            let (cos, sin) = (self.cos.ptr(), self.sin.ptr());
+            let (hd, ml) = (cfg.head_dim, self.max_len);
             k.bias_rope_cache(
-                s,
-                ws.q.ptr(),
-                ws.k.ptr(),
-                ws.v.ptr(),
-                biases,
-                self.cos.ptr(),
-                self.sin.ptr(),
-                ws.seq.ptr(),
-                ws.pos.ptr(),
-                kc,
-                vc,
-                t,
-                cfg.heads,
-                cfg.kv_heads,
-                cfg.head_dim,
-                self.max_len,
+                s, q, kp, vp, biases, cos, sin, seq, pos, kc, vc, t, n, kv, hd, ml,
             )?;
-            k.attention(
-                s,
-                ws.q.ptr(),
-                kc,
-                vc,
-                ws.seq.ptr(),
-                ws.pos.ptr(),
-                attn,
-                t,
-                cfg.heads,
-                cfg.kv_heads,
-                cfg.head_dim,
-                self.max_len,
-            )?;
-            // o_proj and down_proj accumulate into the residual stream (beta = 1).
-            let o_w = wt("self_attn.o_proj.weight")?;
-            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
-            let post = wt("post_attention_layernorm.weight")?;
-            k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, eps)?;
-            let g_w = wt("mlp.gate_proj.weight")?;
+            k.attention(s, q, kc, vc, seq, pos, attn, t, n, kv, hd, ml)?;
+            // o_proj accumulates into the residual stream (beta = 1).
+            let o_w = w.ptr("self_attn.o_proj.weight")?;
+            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)
+        }
+    }
+
+    /// RMSNorm, gate and up projections, SwiGLU and down_proj into the
+    /// residual stream, for `t` tokens.
+    fn mlp(
+        &mut self,
+        cfg: &ModelConfig,
+        t: usize,
+        w: &SlotWeights<'_, '_>,
+        s: &Stream,
+    ) -> Result<()> {
+        let (h, inter) = (cfg.hidden, cfg.intermediate);
+        let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
+        let (blas, k) = (&mut self.blas, &self.kernels);
+        let (xn, act) = (ws.xn.split(), ws.act.split());
+        // SAFETY: as in `attention`: weights of their configured shapes in
+        // the live slot, workspaces sized for max_tokens >= t tokens.
+        unsafe {
+            let post = w.ptr("post_attention_layernorm.weight")?;
+            k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
+            let g_w = w.ptr("mlp.gate_proj.weight")?;
             linear_split(blas, hw, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
-            let u_w = wt("mlp.up_proj.weight")?;
+            let u_w = w.ptr("mlp.up_proj.weight")?;
             linear_split(blas, hw, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
             k.swiglu(s, ws.gate.ptr(), ws.up.ptr(), act, t * inter)?;
-            let d_w = wt("mlp.down_proj.weight")?;
-            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
+            // down_proj accumulates into the residual stream (beta = 1).
+            let d_w = w.ptr("mlp.down_proj.weight")?;
+            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)
         }
-        Ok(())
     }
+}
+
+/// A layer's weights in its device slot, all of the model's 16-bit dtype.
+struct SlotWeights<'a, 'w> {
+    w: &'a LayerWeights<'w>,
+    dtype: DType,
+}
+
+impl SlotWeights<'_, '_> {
+    /// The device address of tensor `key`, checking its dtype.
+    fn ptr(&self, key: &str) -> Result<u64> {
+        let v = self.w.tensor(key)?;
+        if v.dtype() != self.dtype {
+            return Err(Error::config(format!(
+                "{} is {} on the device but the embedding is {}; build the streamer \
+                 with LlamaModel::cuda_dtype",
+                v.name(),
+                v.dtype(),
+                self.dtype
+            )));
+        }
+        Ok(v.ptr())
+    }
+}
+
+/// What the CUDA forward pass does not implement that `cfg` asks for (the
+/// host backend implements it).
+pub(crate) fn unimplemented_on_cuda(cfg: &ModelConfig) -> Option<String> {
+    let key = if cfg.o_bias {
+        "attention_bias true (an o_proj bias)"
+    } else if cfg.mlp_bias {
+        "mlp_bias true"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "config.json: {key} is not implemented by the CUDA forward pass (the host backend, \
+         Device::Host, implements it)"
+    ))
 }
 
 fn cuda_stream(streamer: &LayerStreamer) -> Result<&Stream> {
@@ -418,4 +458,30 @@ fn cuda_stream(streamer: &LayerStreamer) -> Result<&Stream> {
         .compute_stream()
         .cuda()
         .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn output_and_mlp_biases_are_refused_naming_the_key() {
+        let base = json!({
+            "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32
+        });
+        let cfg = ModelConfig::from_json(&base).unwrap();
+        assert_eq!(unimplemented_on_cuda(&cfg), None);
+        for (key, words) in [
+            ("attention_bias", "attention_bias true"),
+            ("mlp_bias", "mlp_bias true"),
+        ] {
+            let mut v = base.clone();
+            v[key] = json!(true);
+            let cfg = ModelConfig::from_json(&v).unwrap();
+            let e = unimplemented_on_cuda(&cfg).unwrap();
+            assert!(e.contains(words) && e.contains("CUDA"), "{e}");
+        }
+    }
 }

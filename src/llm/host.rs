@@ -3,6 +3,7 @@
 //! the whole generation path is tested without a GPU.
 
 use crate::llm::config::ModelConfig;
+use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::ops;
 use crate::{DType, Error, LayerStreamer, LayerWeights, Result};
@@ -35,32 +36,13 @@ pub(crate) struct HostModel {
     max_len: usize,
 }
 
-/// The names of the static tensors: embedding, final norm, lm_head (None when tied).
-pub(crate) fn static_names(
-    streamer: &LayerStreamer,
-    cfg: &ModelConfig,
-) -> (String, String, Option<String>) {
-    let m = streamer.model();
-    let embed = ["model.embed_tokens.weight", "embed_tokens.weight"]
-        .into_iter()
-        .find(|n| m.tensor(n).is_some())
-        .unwrap_or("model.embed_tokens.weight");
-    let norm = ["model.norm.weight", "norm.weight"]
-        .into_iter()
-        .find(|n| m.tensor(n).is_some())
-        .unwrap_or("model.norm.weight");
-    let head = (!cfg.tie_word_embeddings && m.tensor("lm_head.weight").is_some())
-        .then(|| "lm_head.weight".to_string());
-    (embed.to_string(), norm.to_string(), head)
-}
-
 impl HostModel {
     pub(crate) fn load(
         streamer: &LayerStreamer,
         cfg: &ModelConfig,
         opts: &ModelOptions,
     ) -> Result<HostModel> {
-        let (embed, norm, head) = static_names(streamer, cfg);
+        let (embed, norm, head) = static_names(streamer.model(), cfg);
         let embed = load(streamer, &embed)?;
         let norm = load(streamer, &norm)?;
         let cache = opts.max_batch * cfg.kv_dim() * opts.max_len;
@@ -121,6 +103,7 @@ impl HostModel {
         Ok(logits)
     }
 
+    /// One decoder layer: `x` plus attention, plus the MLP.
     fn layer(
         &mut self,
         cfg: &ModelConfig,
@@ -129,67 +112,158 @@ impl HostModel {
         w: &LayerWeights<'_>,
         layer: usize,
     ) -> Result<Vec<f32>> {
-        let (h, t, hd) = (cfg.hidden, b.tokens.len(), cfg.head_dim);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
-        let f32_of = |key: &str| -> Result<Vec<f32>> {
-            let v = w.tensor(key)?;
-            ops::to_f32(host_bytes(w, key)?, v.dtype)
+        let w = Weights {
+            w,
+            cfg,
+            rows: b.tokens.len(),
         };
-        let bias = |key: &str| -> Result<Option<Vec<f32>>> {
-            match w.get(key) {
-                Some(v) => Ok(Some(ops::to_f32(host_bytes(w, key)?, v.dtype)?)),
-                None => Ok(None),
-            }
-        };
-        let lin = |key: &str, inp: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [f32], acc| {
-            let v = w.tensor(key)?;
-            ops::linear(inp, t, host_bytes(w, key)?, v.dtype, n, bias, out, acc)
-        };
-
-        let mut xn = vec![0.0; t * h];
+        let mut xn = vec![0.0; x.len()];
         ops::rms_norm(
             &x,
-            &f32_of("input_layernorm.weight")?,
+            &w.f32("input_layernorm.weight")?,
             cfg.rms_norm_eps,
             &mut xn,
         );
+        let attn = self.attention(&w, b, &xn, layer)?;
+        let o_bias = w.bias("self_attn.o_proj.bias", cfg.o_bias)?;
+        w.linear(
+            "self_attn.o_proj.weight",
+            &attn,
+            cfg.hidden,
+            o_bias.as_deref(),
+            &mut x,
+            true,
+        )?;
+
+        let post = w.f32("post_attention_layernorm.weight")?;
+        ops::rms_norm(&x, &post, cfg.rms_norm_eps, &mut xn);
+        let inter = cfg.intermediate;
+        let mut gate = vec![0.0; w.rows * inter];
+        let mut up = vec![0.0; w.rows * inter];
+        let mb = |key| w.bias(key, cfg.mlp_bias);
+        let (bg, bu, bd) = (
+            mb("mlp.gate_proj.bias")?,
+            mb("mlp.up_proj.bias")?,
+            mb("mlp.down_proj.bias")?,
+        );
+        w.linear(
+            "mlp.gate_proj.weight",
+            &xn,
+            inter,
+            bg.as_deref(),
+            &mut gate,
+            false,
+        )?;
+        w.linear(
+            "mlp.up_proj.weight",
+            &xn,
+            inter,
+            bu.as_deref(),
+            &mut up,
+            false,
+        )?;
+        ops::swiglu(&mut gate, &up);
+        w.linear(
+            "mlp.down_proj.weight",
+            &gate,
+            cfg.hidden,
+            bd.as_deref(),
+            &mut x,
+            true,
+        )?;
+        Ok(x)
+    }
+
+    /// q/k/v projections, RoPE, the KV-cache write and causal attention of
+    /// the normed `xn`; returns the heads' outputs `[tokens, q_dim]`.
+    fn attention(
+        &mut self,
+        w: &Weights<'_, '_>,
+        b: &PassBatch,
+        xn: &[f32],
+        layer: usize,
+    ) -> Result<Vec<f32>> {
+        let cfg = w.cfg;
+        let (t, hd, qd, kvd) = (w.rows, cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
         let mut q = vec![0.0; t * qd];
         let mut k = vec![0.0; t * kvd];
         let mut v = vec![0.0; t * kvd];
+        let qb = |key| w.bias(key, cfg.qkv_bias);
         let (bq, bk, bv) = (
-            bias("self_attn.q_proj.bias")?,
-            bias("self_attn.k_proj.bias")?,
-            bias("self_attn.v_proj.bias")?,
+            qb("self_attn.q_proj.bias")?,
+            qb("self_attn.k_proj.bias")?,
+            qb("self_attn.v_proj.bias")?,
         );
-        lin(
+        w.linear(
             "self_attn.q_proj.weight",
-            &xn,
+            xn,
             qd,
             bq.as_deref(),
             &mut q,
             false,
         )?;
-        lin(
+        w.linear(
             "self_attn.k_proj.weight",
-            &xn,
+            xn,
             kvd,
             bk.as_deref(),
             &mut k,
             false,
         )?;
-        lin(
+        w.linear(
             "self_attn.v_proj.weight",
-            &xn,
+            xn,
             kvd,
             bv.as_deref(),
             &mut v,
             false,
         )?;
+        self.rope_into_cache(cfg, b, &mut q, &mut k, &v, layer);
+        let (kc, vc) = (&self.k_cache[layer], &self.v_cache[layer]);
+        let slot = |s: usize, g: usize| (s * cfg.kv_heads + g) * self.max_len * hd;
+        let mut attn = vec![0.0; t * qd];
+        let mut scores = Vec::new();
+        let group = cfg.heads / cfg.kv_heads;
+        for i in 0..t {
+            let (s, p) = (b.seq[i] as usize, b.pos[i] as usize);
+            for head in 0..cfg.heads {
+                let base = slot(s, head / group);
+                let qo = i * qd + head * hd;
+                let (keys, values) = (
+                    &kc[base..base + (p + 1) * hd],
+                    &vc[base..base + (p + 1) * hd],
+                );
+                ops::attend(
+                    &q[qo..qo + hd],
+                    keys,
+                    values,
+                    p + 1,
+                    &mut scores,
+                    &mut attn[qo..qo + hd],
+                );
+            }
+        }
+        Ok(attn)
+    }
+}
+
+impl HostModel {
+    /// Rotates `q` and `k` of every token of `b` and writes `k` and `v` into
+    /// the layer's cache at the tokens' (sequence, position).
+    fn rope_into_cache(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &[f32],
+        layer: usize,
+    ) {
+        let (hd, qd, kvd) = (cfg.head_dim, cfg.q_dim(), cfg.kv_dim());
         let half = hd / 2;
         let (kc, vc) = (&mut self.k_cache[layer], &mut self.v_cache[layer]);
         let ml = self.max_len;
-        let slot = |s: usize, g: usize, p: usize| ((s * cfg.kv_heads + g) * ml + p) * hd;
-        for i in 0..t {
+        for i in 0..b.tokens.len() {
             let p = b.pos[i] as usize;
             let (c, sn) = (
                 &self.cos[p * half..(p + 1) * half],
@@ -199,50 +273,53 @@ impl HostModel {
             ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, c, sn);
             let s = b.seq[i] as usize;
             for g in 0..cfg.kv_heads {
-                let dst = slot(s, g, p);
-                kc[dst..dst + hd].copy_from_slice(&k[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
-                vc[dst..dst + hd].copy_from_slice(&v[i * kvd + g * hd..i * kvd + (g + 1) * hd]);
+                let dst = ((s * cfg.kv_heads + g) * ml + p) * hd;
+                let src = i * kvd + g * hd;
+                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
             }
         }
-        let mut attn = vec![0.0; t * qd];
-        let mut scores = Vec::new();
-        let group = cfg.heads / cfg.kv_heads;
-        for i in 0..t {
-            let (s, p) = (b.seq[i] as usize, b.pos[i] as usize);
-            for head in 0..cfg.heads {
-                let base = slot(s, head / group, 0);
-                let qo = i * qd + head * hd;
-                ops::attend(
-                    &q[qo..qo + hd],
-                    &kc[base..base + (p + 1) * hd],
-                    &vc[base..base + (p + 1) * hd],
-                    p + 1,
-                    &mut scores,
-                    &mut attn[qo..qo + hd],
-                );
-            }
-        }
-        lin("self_attn.o_proj.weight", &attn, h, None, &mut x, true)?;
+    }
+}
 
-        ops::rms_norm(
-            &x,
-            &f32_of("post_attention_layernorm.weight")?,
-            cfg.rms_norm_eps,
-            &mut xn,
-        );
-        let inter = cfg.intermediate;
-        let mut gate = vec![0.0; t * inter];
-        let mut up = vec![0.0; t * inter];
-        lin("mlp.gate_proj.weight", &xn, inter, None, &mut gate, false)?;
-        lin("mlp.up_proj.weight", &xn, inter, None, &mut up, false)?;
-        ops::swiglu(&mut gate, &up);
-        lin("mlp.down_proj.weight", &gate, h, None, &mut x, true)?;
-        Ok(x)
+/// One layer's weights as the host math reads them.
+struct Weights<'a, 'w> {
+    w: &'a LayerWeights<'w>,
+    cfg: &'a ModelConfig,
+    /// Tokens of the pass.
+    rows: usize,
+}
+
+impl Weights<'_, '_> {
+    /// Tensor `key` converted to f32.
+    fn f32(&self, key: &str) -> Result<Vec<f32>> {
+        let v = self.w.tensor(key)?;
+        ops::to_f32(host_bytes(self.w, key)?, v.dtype())
+    }
+
+    /// Bias `key` in f32 when the configuration enables it (`on`).
+    fn bias(&self, key: &str, on: bool) -> Result<Option<Vec<f32>>> {
+        on.then(|| self.f32(key)).transpose()
+    }
+
+    /// `out (+)= inp · W(key)ᵀ (+ bias)` over the pass's rows.
+    fn linear(
+        &self,
+        key: &str,
+        inp: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let v = self.w.tensor(key)?;
+        let bytes = host_bytes(self.w, key)?;
+        ops::linear(inp, self.rows, bytes, v.dtype(), n, bias, out, accumulate)
     }
 }
 
 fn host_bytes<'a>(w: &LayerWeights<'a>, key: &str) -> Result<&'a [u8]> {
     let v = w.tensor(key)?;
     w.host_bytes(&v)
-        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name)))
+        .ok_or_else(|| Error::Pipeline(format!("tensor {} has no host bytes", v.name())))
 }

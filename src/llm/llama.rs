@@ -63,6 +63,12 @@ pub struct LlamaModel {
 impl LlamaModel {
     /// Loads the embedding, final norm and lm_head through `streamer` and
     /// allocates the caches and workspaces, on the streamer's device.
+    ///
+    /// Fails, before allocating anything, when config.json asks for math the
+    /// forward pass does not implement (naming the key), when a tensor's
+    /// shape disagrees with config.json (naming the tensor, both shapes and
+    /// the keys), or when a bias or `lm_head.weight` the config calls for is
+    /// missing (or a bias it does not call for is present).
     pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
         let cfg = ModelConfig::from_model(streamer.model())?;
         if cfg.layers != streamer.model().num_layers() {
@@ -80,6 +86,10 @@ impl LlamaModel {
                 "max_batch, max_len and max_tokens must be positive: {opts:?}"
             )));
         }
+        let config_path = streamer.model().dir().join("config.json");
+        cfg.check_max_len(opts.max_len)
+            .map_err(|m| Error::model(&config_path, m))?;
+        crate::llm::layout::check(streamer.model(), &cfg)?;
         let exec = if streamer.is_host() {
             Exec::Host(HostModel::load(streamer, &cfg, &opts)?)
         } else {
@@ -132,15 +142,57 @@ impl LlamaModel {
         self.lens.iter_mut().for_each(|l| *l = 0);
     }
 
+    /// Forgets the cached tokens of sequence `seq` alone, so that its KV slot
+    /// can start a new sequence while the others go on.
+    pub fn reset_sequence(&mut self, seq: usize) -> Result<()> {
+        let n = self.lens.len();
+        let len = self.lens.get_mut(seq).ok_or_else(|| {
+            Error::Input(format!(
+                "sequence {seq} does not exist: the model was loaded for {n} sequences"
+            ))
+        })?;
+        *len = 0;
+        Ok(())
+    }
+
     /// Appends `inputs[i]` to sequence `i` and returns, for each sequence
     /// with new tokens, the logits (`vocab` f32) after its last new token;
     /// an empty vector for a sequence without new tokens. Runs one pass, or
     /// more when the tokens exceed `max_tokens`.
+    ///
+    /// A sequence's length advances only when a pass that holds its tokens
+    /// succeeds. On an error, each sequence keeps the tokens of the passes
+    /// that completed before it ([`lengths`](Self::lengths) says how many;
+    /// with one pass, none of `inputs` is kept) and the KV cache agrees with
+    /// those lengths, so the caller can resume by feeding the rest again.
     pub fn forward(
         &mut self,
         streamer: &mut LayerStreamer,
         inputs: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
+        self.check_inputs(inputs)?;
+        let mut out = vec![Vec::new(); inputs.len()];
+        let mut done = vec![0usize; inputs.len()];
+        while done.iter().zip(inputs).any(|(d, i)| *d < i.len()) {
+            let (b, taken) = self.plan_pass(inputs, &done);
+            let logits = match &mut self.exec {
+                Exec::Host(h) => h.pass(streamer, &self.cfg, &b)?,
+                Exec::Cuda(c) => c.pass(streamer, &self.cfg, &b)?,
+            };
+            // The pass succeeded: its tokens are in the KV cache.
+            for (i, n) in taken.into_iter().enumerate() {
+                done[i] += n;
+                self.lens[i] += n;
+            }
+            for (r, &s) in b.out_seqs.iter().enumerate() {
+                out[s] = logits[r * self.cfg.vocab..(r + 1) * self.cfg.vocab].to_vec();
+            }
+        }
+        Ok(out)
+    }
+
+    /// Checks the batch size, the lengths and every token id of `inputs`.
+    fn check_inputs(&self, inputs: &[&[u32]]) -> Result<()> {
         if inputs.len() > self.opts.max_batch {
             return Err(Error::Input(format!(
                 "{} sequences given but the model was loaded for at most {}",
@@ -166,38 +218,33 @@ impl LlamaModel {
                 )));
             }
         }
-        let mut out = vec![Vec::new(); inputs.len()];
-        let mut done = vec![0usize; inputs.len()];
-        while done.iter().zip(inputs).any(|(d, i)| *d < i.len()) {
-            let mut b = PassBatch::default();
-            let mut budget = self.opts.max_tokens;
-            for (i, inp) in inputs.iter().enumerate() {
-                let take = (inp.len() - done[i]).min(budget);
-                if take == 0 {
-                    continue;
-                }
-                for j in 0..take {
-                    b.tokens.push(inp[done[i] + j]);
-                    b.seq.push(i as u32);
-                    b.pos.push((self.lens[i] + j) as u32);
-                }
-                done[i] += take;
-                self.lens[i] += take;
-                budget -= take;
-                if done[i] == inp.len() {
-                    b.out_rows.push((b.tokens.len() - 1) as u32);
-                    b.out_seqs.push(i);
-                }
+        Ok(())
+    }
+
+    /// The next pass: up to `max_tokens` of the tokens not yet `done`, and
+    /// how many of each sequence's it takes.
+    fn plan_pass(&self, inputs: &[&[u32]], done: &[usize]) -> (PassBatch, Vec<usize>) {
+        let mut b = PassBatch::default();
+        let mut taken = vec![0usize; inputs.len()];
+        let mut budget = self.opts.max_tokens;
+        for (i, inp) in inputs.iter().enumerate() {
+            let take = (inp.len() - done[i]).min(budget);
+            if take == 0 {
+                continue;
             }
-            let logits = match &mut self.exec {
-                Exec::Host(h) => h.pass(streamer, &self.cfg, &b)?,
-                Exec::Cuda(c) => c.pass(streamer, &self.cfg, &b)?,
-            };
-            for (r, &s) in b.out_seqs.iter().enumerate() {
-                out[s] = logits[r * self.cfg.vocab..(r + 1) * self.cfg.vocab].to_vec();
+            for j in 0..take {
+                b.tokens.push(inp[done[i] + j]);
+                b.seq.push(i as u32);
+                b.pos.push((self.lens[i] + j) as u32);
+            }
+            taken[i] = take;
+            budget -= take;
+            if done[i] + take == inp.len() {
+                b.out_rows.push((b.tokens.len() - 1) as u32);
+                b.out_seqs.push(i);
             }
         }
-        Ok(out)
+        (b, taken)
     }
 
     /// Compute throughput of the CUDA pass with the most tokens so far: the

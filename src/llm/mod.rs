@@ -28,9 +28,11 @@ pub mod generate;
 mod gpu;
 mod gpu_kernels;
 mod host;
+pub mod layout;
 pub mod llama;
 pub mod ops;
 pub mod reference;
+pub mod rope;
 pub mod sampling;
 pub mod tokenizer;
 

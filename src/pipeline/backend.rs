@@ -247,7 +247,9 @@ impl StreamH {
                         "the device casts to bf16 only, not {from} to {to}"
                     )));
                 }
-                k.cast_to_bf16(from, src, dst, n, s)
+                // SAFETY: forwarded from the caller: both ranges hold n elements
+                // of their dtype on this stream's context.
+                unsafe { k.cast_to_bf16(from, src, dst, n, s) }
             }
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
@@ -320,6 +322,26 @@ impl EventH {
                 e.synchronize();
                 Ok(())
             }
+        }
+    }
+
+    /// Records the event on a raw CUDA stream.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the event's context, or null.
+    pub(crate) unsafe fn record_raw(&self, stream: cudarc::driver::sys::CUstream) -> Result<()> {
+        match self {
+            EventH::Cuda(e) => {
+                e.context().bind()?;
+                // SAFETY: the event is live and its context current; the
+                // caller guarantees the stream.
+                cuda::check("cuEventRecord", unsafe {
+                    cudarc::driver::sys::cuEventRecord(e.raw(), stream)
+                })
+            }
+            EventH::Host(_) => Err(Error::Pipeline(
+                "a host event cannot be recorded on a CUDA stream".into(),
+            )),
         }
     }
 

@@ -1,8 +1,14 @@
 //! The streamer's configuration: which stages run, how deep each ring is,
 //! how many reader threads, and how much memory the caches may take.
 
-use crate::io::OpenMode;
 use crate::{DType, Error, Result};
+
+mod values;
+
+pub use values::{
+    format_bytes, parse_compute_dtype, parse_count, parse_cpu_list, parse_size, parse_switch,
+    OptionText,
+};
 
 /// Where layer weights go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,96 +74,191 @@ impl Budget {
     }
 }
 
-/// Parses a byte size: a number with an optional unit (K, M, G, T; KB/MB/GB/TB
-/// are decimal, KiB/MiB/GiB/TiB binary, a bare letter is binary).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let num: f64 = num.parse().map_err(|_| {
-        Error::Input(format!(
-            "invalid size {s:?}: expected e.g. 4GB, 512MiB or 1048576"
-        ))
-    })?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kib" => 1024.0,
-        "m" | "mib" => 1024.0 * 1024.0,
-        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
-        "t" | "tib" => 1024.0f64.powi(4),
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        u => return Err(Error::Input(format!("invalid size unit {u:?} in {s:?}"))),
-    };
-    Ok((num * mult).round() as u64)
-}
-
-/// Everything that shapes a streamer. Built with
-/// [`LayerStreamerBuilder`](crate::streamer::LayerStreamerBuilder); the
-/// stage fields keep the meaning they have in the Python package this
-/// replaces: `0` switches a stage off.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StreamerConfig {
-    /// Where the weights go.
-    pub device: Device,
-    /// Compute dtype: f16 and f32 tensors are cast to it on the device.
-    /// `None` keeps each tensor's file dtype.
-    pub dtype: Option<DType>,
-    /// GPU prefetch depth: the device holds `n_gpu + 1` layer slots.
-    pub n_gpu: usize,
-    /// Pinned host slots between the readers and the transfer thread.
-    /// `0`: the transfer thread stages each layer through one pinned buffer itself.
-    pub n_cpu_pinned: usize,
-    /// Unpinned page-aligned slots the readers fill before a pin thread copies
-    /// them into pinned slots. `0` (the default): readers fill pinned slots.
-    pub n_cpu: usize,
-    /// Items the transfer thread hands to the compute side at once.
-    pub batch_gpu: usize,
-    /// Items handed from the pinned ring at once.
-    pub batch_cpu_pinned: usize,
-    /// Items handed from the CPU ring at once.
-    pub batch_cpu: usize,
-    /// Reader threads issuing `pread`s.
-    pub reader_threads: usize,
-    /// Size of one read request, a multiple of 4096.
-    pub read_chunk: u64,
-    /// How files are opened.
-    pub io_mode: OpenMode,
-    /// Layers kept pinned in host RAM across passes.
-    pub pinned_cache: Budget,
-    /// Layers kept resident on the device.
-    pub gpu_cache: Budget,
-    /// CPUs to pin the stage threads to (transfer, pin, readers, in turn).
-    pub cpu_affinity: Option<Vec<usize>>,
-    /// Show a progress bar per pass.
-    pub progress: bool,
-}
-
-impl Default for StreamerConfig {
-    fn default() -> Self {
-        StreamerConfig {
-            device: Device::Cuda(0),
-            dtype: Some(DType::BF16),
-            n_gpu: 2,
-            n_cpu_pinned: 4,
-            n_cpu: 0,
-            batch_gpu: 1,
-            batch_cpu_pinned: 1,
-            batch_cpu: 1,
-            reader_threads: 4,
-            read_chunk: 16 << 20,
-            io_mode: OpenMode::Auto,
-            pinned_cache: Budget::None,
-            gpu_cache: Budget::None,
-            cpu_affinity: None,
-            progress: false,
+/// The streamer's options, each listed once: field, type, library default,
+/// parser, documentation, command-line flag (with the command line's own
+/// default where it differs), and for the options a search varies, the
+/// tuner's parameter, its column title and the values its default grid
+/// tries. Everything else is derived from this table: [`StreamerConfig`]
+/// with its docs and defaults, [`StreamerConfig::OPTIONS`] (the command line
+/// and the tuner's child requests), the tuner's `Param` and `Candidate`, and
+/// the mapping to and from the C `ls_config` (whose struct is written out in
+/// `src/ffi/config.rs`, the one other place a new option goes).
+///
+/// Invoked with the name of a macro, it calls that macro with the table:
+/// `fixed { rows }` (not searched), `searched { rows }` (tuner axes) and
+/// `not_in_c { rows }` (options the C struct does not carry).
+macro_rules! streamer_options {
+    ($then:ident) => {
+        $then! {
+            fixed {
+                /// Where the weights go: `cuda`, `cuda:N`, or `host` (the host
+                /// backend: device memory is host memory; no GPU needed).
+                device: $crate::Device = $crate::Device::Cuda(0),
+                    parse $crate::Device::parse, flag "device";
+                /// Compute dtype (`bf16`, `f16`, `f32`): f16 and f32 tensors are cast
+                /// to it on the device; `file` (`None`) keeps each tensor's file dtype.
+                dtype: Option<$crate::DType> = Some($crate::DType::BF16),
+                    parse $crate::pipeline::config::parse_compute_dtype, flag "dtype";
+                /// How files are opened: `auto` (O_DIRECT, buffered where refused),
+                /// `direct` or `buffered`.
+                io_mode: $crate::io::OpenMode = $crate::io::OpenMode::Auto,
+                    parse $crate::io::OpenMode::parse, flag "io";
+                /// Show a progress bar per pass.
+                progress: bool = false, parse $crate::pipeline::config::parse_switch, flag "progress";
+            }
+            searched {
+                /// GPU prefetch depth: the device holds `n_gpu + 1` layer slots.
+                n_gpu: usize = 2, parse $crate::pipeline::config::parse_count, flag "n-gpu",
+                    axis NGpu "n_gpu" [1, 2, 4];
+                /// Pinned host slots between the readers and the transfer thread
+                /// (`0`: the transfer thread stages each layer through one pinned buffer).
+                n_cpu_pinned: usize = 4, parse $crate::pipeline::config::parse_count,
+                    flag "n-cpu-pinned", axis NCpuPinned "n_pin" [2, 4];
+                /// Unpinned page-aligned slots the readers fill before a pin thread
+                /// copies them into pinned slots (`0`: readers fill pinned slots).
+                n_cpu: usize = 0, parse $crate::pipeline::config::parse_count, flag "n-cpu",
+                    axis NCpu "n_cpu" [0];
+                /// Items the transfer thread hands to the compute side at once.
+                batch_gpu: usize = 1, parse $crate::pipeline::config::parse_count,
+                    flag "batch-gpu", axis BatchGpu "b_gpu" [1];
+                /// Items handed from the pinned ring at once.
+                batch_cpu_pinned: usize = 1, parse $crate::pipeline::config::parse_count,
+                    flag "batch-cpu-pinned", axis BatchCpuPinned "b_pin" [1];
+                /// Items handed from the CPU ring at once.
+                batch_cpu: usize = 1, parse $crate::pipeline::config::parse_count,
+                    flag "batch-cpu", axis BatchCpu "b_cpu" [1];
+                /// Reader threads issuing `pread`s.
+                reader_threads: usize = 4, parse $crate::pipeline::config::parse_count,
+                    flag "reader-threads", axis ReaderThreads "readers" [4, 8], cli 8;
+                /// Size of one read request, a multiple of 4096 (`16MiB`, `4M`, `8388608`).
+                read_chunk: u64 = 16 << 20, parse $crate::pipeline::config::parse_size,
+                    flag "read-chunk", axis ReadChunk "chunk" [16 << 20];
+                /// Layers kept pinned in host RAM across passes: `none`, `auto`, or a
+                /// size (`12GB`).
+                pinned_cache: $crate::Budget = $crate::Budget::None,
+                    parse $crate::Budget::parse, flag "pinned-cache",
+                    axis PinnedCache "pin_cache" [$crate::Budget::None, $crate::Budget::Auto],
+                    cli $crate::Budget::Auto;
+                /// Layers kept resident on the device: `none`, `auto`, or a size.
+                gpu_cache: $crate::Budget = $crate::Budget::None,
+                    parse $crate::Budget::parse, flag "gpu-cache",
+                    axis GpuCache "gpu_cache" [$crate::Budget::None];
+            }
+            not_in_c {
+                /// CPUs to pin the stage threads to (transfer, pin, readers, in
+                /// turn), e.g. `2,3,4,5`.
+                cpu_affinity: Option<Vec<usize>> = None,
+                    parse $crate::pipeline::config::parse_cpu_list, flag "cpu-affinity";
+            }
         }
+    };
+}
+pub(crate) use streamer_options;
+
+/// The last of its arguments: a row's command-line default where it has one.
+macro_rules! last {
+    ($first:expr) => {
+        $first
+    };
+    ($first:expr, $second:expr) => {
+        $second
+    };
+}
+
+/// Whether a group of the table is the one the tuner searches.
+macro_rules! is_searched {
+    (searched) => {
+        true
+    };
+    ($other:ident) => {
+        false
+    };
+}
+
+/// One option of [`StreamerConfig`] as text: how the command line and the
+/// tuner's child requests name, parse and print it.
+#[derive(Clone, Copy)]
+pub struct OptionSpec {
+    /// The field of [`StreamerConfig`], e.g. `io_mode`.
+    pub name: &'static str,
+    /// The command-line flag without its dashes, e.g. `io`.
+    pub flag: &'static str,
+    /// What the option does: the field's documentation.
+    pub doc: &'static str,
+    /// A flag without a value on the command line (`--progress`).
+    pub switch: bool,
+    /// Whether the tuner varies it (it is a `tuner::Param`).
+    pub searched: bool,
+    /// Parses a value and stores it; the error names the option.
+    pub set: fn(&mut StreamerConfig, &str) -> Result<()>,
+    /// The value, as text that `set` reads back.
+    pub get: fn(&StreamerConfig) -> String,
+}
+
+impl std::fmt::Debug for OptionSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OptionSpec")
+            .field("name", &self.name)
+            .field("flag", &self.flag)
+            .finish_non_exhaustive()
     }
 }
+
+macro_rules! define_config {
+    ($(
+        $group:ident { $(
+            $(#[doc = $doc:literal])*
+            $name:ident : $ty:ty = $default:expr, parse $parse:path, flag $flag:literal
+            $(, axis $variant:ident $title:literal [$($tune:expr),*])? $(, cli $cli:expr)?;
+        )* }
+    )*) => {
+        /// Everything that shapes a streamer. Built with
+        /// [`LayerStreamerBuilder`](crate::streamer::LayerStreamerBuilder); the
+        /// stage fields keep the meaning they have in the Python package this
+        /// replaces: `0` switches a stage off. Each field's default is
+        /// [`StreamerConfig::default`]'s.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct StreamerConfig {
+            $($(
+                $(#[doc = $doc])*
+                pub $name: $ty,
+            )*)*
+        }
+
+        impl Default for StreamerConfig {
+            fn default() -> Self {
+                StreamerConfig { $($($name: $default,)*)* }
+            }
+        }
+
+        impl StreamerConfig {
+            /// The defaults of the `layer-streamer` command-line tool, which
+            /// favour speed over leaving memory to other programs: the library's
+            /// defaults except 8 reader threads and an `auto` pinned cache.
+            pub fn cli_default() -> StreamerConfig {
+                StreamerConfig { $($($name: last!($default $(, $cli)?),)*)* }
+            }
+
+            /// Every option, in the order of the fields.
+            pub const OPTIONS: &'static [OptionSpec] = &[$($(OptionSpec {
+                name: stringify!($name),
+                flag: $flag,
+                doc: concat!($($doc, "\n",)*),
+                switch: <$ty as OptionText>::SWITCH,
+                searched: is_searched!($group),
+                set: |cfg, text| {
+                    cfg.$name = $parse(text).map_err(|e| {
+                        Error::Input(format!("{}: {e}", stringify!($name)))
+                    })?;
+                    Ok(())
+                },
+                get: |cfg| OptionText::text(&cfg.$name),
+            },)*)*];
+        }
+    };
+}
+
+streamer_options!(define_config);
 
 impl StreamerConfig {
     /// Checks the fields that do not depend on the model or the machine.
@@ -226,6 +327,84 @@ mod tests {
         assert_eq!(Budget::parse("auto").unwrap(), Budget::Auto);
         assert_eq!(Budget::parse("none").unwrap(), Budget::None);
         assert_eq!(Budget::parse("1MiB").unwrap(), Budget::Bytes(1 << 20));
+    }
+
+    fn random_config(rng: &mut impl rand::Rng) -> StreamerConfig {
+        let budget = |rng: &mut dyn rand::RngCore| match rng.next_u32() % 3 {
+            0 => Budget::None,
+            1 => Budget::Auto,
+            _ => Budget::Bytes(rng.next_u64() >> 8),
+        };
+        StreamerConfig {
+            device: [Device::Host, Device::Cuda(rng.gen_range(0..8))][rng.gen_range(0..2)],
+            dtype: [None, Some(DType::BF16), Some(DType::F16), Some(DType::F32)]
+                [rng.gen_range(0..4)],
+            io_mode: [
+                crate::io::OpenMode::Auto,
+                crate::io::OpenMode::Direct,
+                crate::io::OpenMode::Buffered,
+            ][rng.gen_range(0..3)],
+            progress: rng.gen(),
+            n_gpu: rng.gen_range(0..64),
+            n_cpu_pinned: rng.gen_range(0..64),
+            n_cpu: rng.gen_range(0..64),
+            batch_gpu: rng.gen_range(0..64),
+            batch_cpu_pinned: rng.gen_range(0..64),
+            batch_cpu: rng.gen_range(0..64),
+            reader_threads: rng.gen_range(0..64),
+            read_chunk: rng.gen_range(1..1 << 20) * 4096,
+            pinned_cache: budget(rng),
+            gpu_cache: budget(rng),
+            cpu_affinity: rng.gen::<bool>().then(|| {
+                (0..rng.gen_range(1..6))
+                    .map(|_| rng.gen_range(0..128))
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn every_option_reads_back_what_it_prints() {
+        let seed: u64 = std::env::var("LS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("seed {seed} (LS_SEED replays it)");
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(seed);
+        for _ in 0..200 {
+            let cfg = random_config(&mut rng);
+            let mut back = StreamerConfig::default();
+            for o in StreamerConfig::OPTIONS {
+                (o.set)(&mut back, &(o.get)(&cfg)).unwrap();
+            }
+            assert_eq!(back, cfg);
+        }
+        let names: std::collections::HashSet<_> =
+            StreamerConfig::OPTIONS.iter().map(|o| o.name).collect();
+        let flags: std::collections::HashSet<_> =
+            StreamerConfig::OPTIONS.iter().map(|o| o.flag).collect();
+        assert_eq!(names.len(), StreamerConfig::OPTIONS.len());
+        assert_eq!(flags.len(), StreamerConfig::OPTIONS.len());
+        let chunk = StreamerConfig::OPTIONS
+            .iter()
+            .find(|o| o.flag == "read-chunk")
+            .unwrap();
+        let e = (chunk.set)(&mut StreamerConfig::default(), "4 parsecs").unwrap_err();
+        assert!(e.to_string().starts_with("read_chunk: invalid size"), "{e}");
+    }
+
+    #[test]
+    fn the_tools_defaults_differ_in_readers_and_pinned_cache_only() {
+        let cli = StreamerConfig::cli_default();
+        assert_eq!((cli.reader_threads, cli.pinned_cache), (8, Budget::Auto));
+        assert_eq!(
+            StreamerConfig {
+                reader_threads: 4,
+                pinned_cache: Budget::None,
+                ..cli
+            },
+            StreamerConfig::default()
+        );
     }
 
     #[test]

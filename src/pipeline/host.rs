@@ -117,6 +117,9 @@ enum Op {
     },
     Record(HostEvent, u64),
     Wait(HostEvent, u64),
+    /// Tests: work that takes this long.
+    #[cfg(test)]
+    Delay(Duration),
     Exit,
 }
 
@@ -209,6 +212,12 @@ impl HostStream {
             dst: dst as usize,
             n,
         });
+    }
+
+    /// Queues work that takes `d` (tests: a slow kernel on another stream).
+    #[cfg(test)]
+    pub(crate) fn delay(&self, d: Duration) {
+        self.submit(Op::Delay(d));
     }
 
     pub(crate) fn record(&self, ev: &HostEvent) {
@@ -330,6 +339,8 @@ fn execute(q: &Queue, op: Op) {
         }
         Op::Record(ev, seq) => ev.complete(seq),
         Op::Wait(ev, seq) => wait_until(|| ev.reached(seq)),
+        #[cfg(test)]
+        Op::Delay(d) => std::thread::sleep(d),
         Op::Exit => {}
     }
 }

@@ -1,10 +1,15 @@
-//! The pipelined prefetch: configuration, backends, slot pools, stage threads
-//! and statistics. [`LayerStreamer`](crate::streamer::LayerStreamer) puts them
-//! together.
+//! The pipelined prefetch: configuration, placement and allocation of the
+//! slot pools, backends, stage threads, the pass that wires them, and
+//! statistics. [`LayerStreamer`](crate::streamer::LayerStreamer) builds one
+//! and runs its passes.
 
+pub(crate) mod alloc;
 mod backend;
+pub(crate) mod compute;
 pub mod config;
 pub(crate) mod host;
+pub(crate) mod pass;
+pub(crate) mod placement;
 pub(crate) mod plan;
 pub(crate) mod readers;
 pub(crate) mod resources;

@@ -2,30 +2,61 @@
 //! device slot, which tensors are cast to the compute dtype and where the
 //! casts land, and the views handed to the layer function.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::backend::EventH;
+use super::compute::ComputeStream;
 use crate::checkpoint::{Layer, ModelIndex};
-use crate::{DType, Error, Result};
+use crate::{cuda, DType, Error, Result};
 
 /// Alignment of tensors in a slot's conversion area.
 const CAST_ALIGN: u64 = 256;
 
 /// One tensor of a layer, as the layer function sees it.
+///
+/// The fields are private so that a view can only come from the layer it
+/// describes: [`LayerWeights::host_bytes`] trusts `ptr` and `bytes`.
 #[derive(Debug, Clone, Copy)]
 pub struct TensorView<'a> {
-    /// The key inside the layer, e.g. `mlp.up_proj.weight`.
-    pub key: &'a str,
-    /// The full tensor name, e.g. `model.layers.3.mlp.up_proj.weight`.
-    pub name: &'a str,
-    /// Device address of the first element (a host address on the host backend).
-    pub ptr: u64,
-    /// Element type on the device (the compute dtype for cast tensors).
-    pub dtype: DType,
-    /// Shape, outermost first.
-    pub shape: &'a [usize],
-    /// Bytes at `ptr`.
-    pub bytes: u64,
+    key: &'a str,
+    name: &'a str,
+    ptr: u64,
+    dtype: DType,
+    shape: &'a [usize],
+    bytes: u64,
 }
 
-impl TensorView<'_> {
+impl<'a> TensorView<'a> {
+    /// The key inside the layer, e.g. `mlp.up_proj.weight`.
+    pub fn key(&self) -> &'a str {
+        self.key
+    }
+
+    /// The full tensor name, e.g. `model.layers.3.mlp.up_proj.weight`.
+    pub fn name(&self) -> &'a str {
+        self.name
+    }
+
+    /// Device address of the first element (a host address on the host backend).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Element type on the device (the compute dtype for cast tensors).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape, outermost first.
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+
+    /// Bytes at [`ptr`](Self::ptr).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -153,12 +184,27 @@ fn is_float(d: DType) -> bool {
 }
 
 /// The weights of one layer, on the device, as the layer function sees them.
+///
+/// # How long the weights stay
+/// The layer's device slot is recycled once the work queued on the pass's
+/// compute stream up to the layer function's return has finished: the next
+/// copy into the slot waits for it on the device. Work the layer function
+/// queues on *another* stream is not covered; call
+/// [`release_after`](Self::release_after) (or
+/// [`release_after_cuda`](Self::release_after_cuda)) after queuing it, and
+/// the slot is not overwritten until that stream's work up to the call has
+/// finished too.
 pub struct LayerWeights<'a> {
     pub(crate) layer: usize,
     pub(crate) base: u64,
     pub(crate) plan: &'a LayerPlan,
     /// Length of the host memory at `base` on the host backend.
     pub(crate) host_len: Option<usize>,
+    /// The layer's release event; `None` where the weights cannot be held
+    /// (a device cache buffer, which is never recycled, or a test).
+    pub(crate) release: Option<&'a EventH>,
+    /// Set once the release event has been recorded on another stream.
+    pub(crate) held: AtomicBool,
 }
 
 impl<'a> LayerWeights<'a> {
@@ -205,15 +251,73 @@ impl<'a> LayerWeights<'a> {
     /// bytes live on the device.
     pub fn host_bytes(&self, view: &TensorView<'_>) -> Option<&'a [u8]> {
         let len = self.host_len?;
-        let off = view.ptr.checked_sub(self.base)? as usize;
-        if off + view.bytes as usize > len {
+        // Checked: a view of another layer (or of another streamer) must not
+        // wrap around to an in-bounds-looking range.
+        let off = usize::try_from(view.ptr.checked_sub(self.base)?).ok()?;
+        let n = usize::try_from(view.bytes).ok()?;
+        if off.checked_add(n)? > len {
             return None;
         }
         // SAFETY: on the host backend `base` is the start of a live host
         // allocation of `len` bytes (the slot), the range is inside it, and
         // the pipeline does not write the slot while this `LayerWeights`
         // (and so the layer function that holds it) is alive.
-        Some(unsafe { std::slice::from_raw_parts((view.ptr) as *const u8, view.bytes as usize) })
+        Some(unsafe { std::slice::from_raw_parts(view.ptr as *const u8, n) })
+    }
+
+    /// Keeps this layer's device slot from being overwritten until the work
+    /// queued on `stream` so far (a stream other than the pass's compute
+    /// stream) has finished. Call it after queuing work there that reads the
+    /// weights; a later call replaces an earlier one, so with several
+    /// streams, join them into one first. Without it, a slot is recycled as
+    /// soon as the compute stream's work is done.
+    pub fn release_after(&self, stream: &ComputeStream) -> Result<()> {
+        if let Some(ev) = self.release {
+            stream.inner.record(ev)?;
+            // Relaxed: read by the compute side on this thread after the
+            // layer function returns.
+            self.held.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// [`release_after`](Self::release_after) for a CUDA stream of the caller's.
+    pub fn release_after_cuda(&self, stream: &cuda::Stream) -> Result<()> {
+        match self.release {
+            Some(EventH::Cuda(ev)) => {
+                ev.record(stream)?;
+                self.held.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(EventH::Host(_)) => Err(Error::config(
+                "release_after_cuda on the host backend: there is no CUDA stream to wait for",
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// [`release_after`](Self::release_after) for a raw `CUstream`.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of the streamer's CUDA context (or null, the
+    /// legacy default stream).
+    pub(crate) unsafe fn release_after_raw(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<()> {
+        match self.release {
+            Some(ev @ EventH::Cuda(_)) => {
+                // SAFETY: forwarded from this function's contract.
+                unsafe { ev.record_raw(stream)? };
+                self.held.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Some(EventH::Host(_)) if stream.is_null() => Ok(()),
+            Some(EventH::Host(_)) => Err(Error::config(
+                "a CUDA stream was given on the host backend, which has none",
+            )),
+            None => Ok(()),
+        }
     }
 
     fn view(&self, v: &'a ViewPlan) -> TensorView<'a> {
@@ -225,5 +329,55 @@ impl<'a> LayerWeights<'a> {
             shape: &v.shape,
             bytes: v.bytes,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn empty_plan() -> LayerPlan {
+        LayerPlan {
+            copy_bytes: 0,
+            device_bytes: 0,
+            casts: Vec::new(),
+            views: Vec::new(),
+            home: Home::Stream,
+        }
+    }
+
+    fn view(ptr: u64, bytes: u64) -> TensorView<'static> {
+        TensorView {
+            key: "k",
+            name: "n",
+            ptr,
+            dtype: DType::U8,
+            shape: &[],
+            bytes,
+        }
+    }
+
+    #[test]
+    fn host_bytes_refuses_ranges_that_overflow_or_leave_the_slot() {
+        let slot = vec![0u8; 4096];
+        let plan = empty_plan();
+        let base = slot.as_ptr() as u64;
+        let w = LayerWeights {
+            layer: 0,
+            base,
+            plan: &plan,
+            host_len: Some(slot.len()),
+            release: None,
+            held: AtomicBool::new(false),
+        };
+        // `off + bytes` wraps to a small number: must not become a slice.
+        let huge = u64::MAX - 7;
+        assert!(w.host_bytes(&view(base + 16, huge)).is_none());
+        assert!(w.host_bytes(&view(base + 1, u64::MAX)).is_none());
+        assert!(w.host_bytes(&view(base - 1, 1)).is_none());
+        assert!(w.host_bytes(&view(base + 4000, 97)).is_none());
+        let ok = w.host_bytes(&view(base + 4000, 96)).unwrap();
+        assert_eq!(ok.len(), 96);
+        assert_eq!(ok.as_ptr() as u64, base + 4000);
     }
 }

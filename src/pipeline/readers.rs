@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use super::plan::Home;
 use super::resources::{Job, SlotPtr, Src};
-use super::stages::{PassCtx, StopOnUnwind};
+use super::stages::{Halt, PassCtx, StopOnUnwind};
 use super::stats::StageStats;
 use crate::checkpoint::Layer;
 use crate::ring::{Consumer, Producer, Waiter};
-use crate::Result;
+use crate::{Error, Result};
 
 /// One read request: a chunk of one of a layer's read ops.
 struct Chunk {
@@ -35,22 +35,38 @@ struct Cursor {
 
 /// The readers' shared claim state: which layer and chunk comes next, and the
 /// free destination slots. Guarded by a mutex, so the free ring has one consumer.
-pub(crate) struct Claim<'a> {
+/// It lives as long as the streamer; each pass [`start`](Claim::start)s it with
+/// that pass's ring end and [`finish`](Claim::finish)es it.
+pub(crate) struct Claim {
     next_layer: usize,
     cur: Option<Cursor>,
-    free: Consumer<'a, u32>,
+    free: Option<Consumer<'static, u32>>,
     /// Whether the destination slots are pinned (`true`) or CPU slots.
     pinned: bool,
 }
 
-impl<'a> Claim<'a> {
-    pub(crate) fn new(free: Consumer<'a, u32>, pinned: bool) -> Claim<'a> {
+impl Claim {
+    pub(crate) fn new() -> Claim {
         Claim {
             next_layer: 0,
             cur: None,
-            free,
-            pinned,
+            free: None,
+            pinned: false,
         }
+    }
+
+    /// Starts a pass: layer 0 next, free destination slots from `free`.
+    pub(crate) fn start(&mut self, free: Consumer<'static, u32>, pinned: bool) {
+        self.next_layer = 0;
+        self.cur = None;
+        self.free = Some(free);
+        self.pinned = pinned;
+    }
+
+    /// Ends a pass: drops the ring end.
+    pub(crate) fn finish(&mut self) {
+        self.free = None;
+        self.cur = None;
     }
 }
 
@@ -61,29 +77,45 @@ struct Entry {
 
 /// Layers whose chunks are being read, in layer order; completed layers are
 /// published downstream in order.
-pub(crate) struct InFlight<'a> {
+/// Like [`Claim`], it lives as long as the streamer and holds one pass's
+/// ring end at a time.
+pub(crate) struct InFlight {
     entries: VecDeque<Entry>,
-    out: Producer<'a, Job>,
+    out: Option<Producer<'static, Job>>,
     batch: usize,
     unpublished: usize,
 }
 
-impl<'a> InFlight<'a> {
-    pub(crate) fn new(out: Producer<'a, Job>, capacity: usize, batch: usize) -> InFlight<'a> {
+impl InFlight {
+    pub(crate) fn new(capacity: usize, batch: usize) -> InFlight {
         InFlight {
             entries: VecDeque::with_capacity(capacity + 1),
-            out,
+            out: None,
             batch: batch.max(1),
             unpublished: 0,
         }
     }
 
-    fn push(&mut self, ctx: &PassCtx<'_>, job: Job, remaining: usize) {
+    /// Starts a pass that publishes to `out`, handing over `batch` layers at once.
+    pub(crate) fn start(&mut self, out: Producer<'static, Job>, batch: usize) {
+        self.entries.clear();
+        self.out = Some(out);
+        self.batch = batch.max(1);
+        self.unpublished = 0;
+    }
+
+    /// Ends a pass: drops the ring end and any layer left half read.
+    pub(crate) fn finish(&mut self) {
+        self.entries.clear();
+        self.out = None;
+    }
+
+    fn push(&mut self, ctx: &PassCtx, job: Job, remaining: usize) {
         self.entries.push_back(Entry { job, remaining });
         self.drain(ctx);
     }
 
-    fn complete(&mut self, ctx: &PassCtx<'_>, layer: u32) {
+    fn complete(&mut self, ctx: &PassCtx, layer: u32) {
         if let Some(front) = self.entries.front() {
             let i = (layer - front.job.layer) as usize;
             if let Some(e) = self.entries.get_mut(i) {
@@ -93,16 +125,22 @@ impl<'a> InFlight<'a> {
         self.drain(ctx);
     }
 
-    fn drain(&mut self, ctx: &PassCtx<'_>) {
+    fn drain(&mut self, ctx: &PassCtx) {
         while self.entries.front().is_some_and(|e| e.remaining == 0) {
             let Some(e) = self.entries.pop_front() else {
                 break;
             };
             if let Src::PinnedCache(c) = e.job.src {
-                ctx.res.pinned_filled[c as usize].store(true, Ordering::Release);
+                // Release: a later pass's claim (Acquire) sees the bytes.
+                ctx.res.pinned_cache[c as usize]
+                    .filled
+                    .store(true, Ordering::Release);
             }
-            // The output ring holds one item per layer, so it never fills.
-            let _ = self.out.write(e.job);
+            // The output ring holds one item per layer, so it never fills;
+            // outside a pass (no ring end) nothing is in flight.
+            if let Some(out) = &mut self.out {
+                let _ = out.write(e.job);
+            }
             self.unpublished += 1;
             if self.unpublished >= self.batch {
                 self.flush();
@@ -114,7 +152,9 @@ impl<'a> InFlight<'a> {
     }
 
     fn flush(&mut self) {
-        self.out.publish();
+        if let Some(out) = &mut self.out {
+            out.publish();
+        }
         self.unpublished = 0;
     }
 }
@@ -127,16 +167,16 @@ fn chunks_of(layer: &Layer, chunk: u64) -> usize {
         .sum()
 }
 
-impl Claim<'_> {
+impl Claim {
     /// The next chunk to read, claiming a destination slot for a new layer
     /// when needed; `None` when every layer has been handed out.
     fn next(
         &mut self,
-        ctx: &PassCtx<'_>,
-        inflight: &Mutex<InFlight<'_>>,
+        ctx: &PassCtx,
+        inflight: &Mutex<InFlight>,
         stats: &mut StageStats,
-    ) -> Result<Option<Chunk>> {
-        let res = ctx.res;
+    ) -> Result<Option<Chunk>, Halt> {
+        let res = &ctx.res;
         loop {
             if let Some(cur) = &mut self.cur {
                 let layer = &ctx.layers()[cur.layer as usize];
@@ -169,7 +209,7 @@ impl Claim<'_> {
             self.next_layer += 1;
             let layer = i as u32;
             let (src, dest) = match res.plans[i].home {
-                Home::Gpu(g) if res.gpu_filled[g].load(Ordering::Acquire) => {
+                Home::Gpu(g) if res.gpu_cache[g].filled.load(Ordering::Acquire) => {
                     lock(inflight).push(
                         ctx,
                         Job {
@@ -180,7 +220,7 @@ impl Claim<'_> {
                     );
                     continue;
                 }
-                Home::Pinned(c) if res.pinned_filled[c].load(Ordering::Acquire) => {
+                Home::Pinned(c) if res.pinned_cache[c].filled.load(Ordering::Acquire) => {
                     lock(inflight).push(
                         ctx,
                         Job {
@@ -191,22 +231,8 @@ impl Claim<'_> {
                     );
                     continue;
                 }
-                Home::Pinned(c) => (Src::PinnedCache(c as u32), res.pinned_cache_ptrs[c]),
-                _ => {
-                    // Publish what is done before blocking on a free slot.
-                    lock(inflight).flush();
-                    let t = Instant::now();
-                    let slot = Waiter::new(&ctx.stop)
-                        .until(|| self.free.pop())
-                        .map_err(|_| ctx.stopped())?;
-                    stats.stalled += t.elapsed();
-                    if self.pinned {
-                        res.pinned_slots[slot as usize].begin_fill();
-                        (Src::Pinned(slot), res.pinned_ptrs[slot as usize])
-                    } else {
-                        (Src::Cpu(slot), res.cpu_ptrs[slot as usize])
-                    }
-                }
+                Home::Pinned(c) => (Src::PinnedCache(c as u32), res.pinned_cache[c].ptr),
+                _ => self.free_slot(ctx, inflight, stats)?,
             };
             let n = chunks_of(&ctx.layers()[i], ctx.read_chunk);
             stats.items += 1;
@@ -221,12 +247,42 @@ impl Claim<'_> {
     }
 }
 
+impl Claim {
+    /// Claims a free destination slot for a streamed layer, waiting for one.
+    fn free_slot(
+        &mut self,
+        ctx: &PassCtx,
+        inflight: &Mutex<InFlight>,
+        stats: &mut StageStats,
+    ) -> Result<(Src, SlotPtr), Halt> {
+        let res = &ctx.res;
+        let free = self
+            .free
+            .as_mut()
+            .ok_or_else(|| Error::Pipeline("the readers have no free-slot ring".into()))?;
+        // Publish what is done before blocking on a free slot.
+        lock(inflight).flush();
+        let t = Instant::now();
+        let slot = Waiter::new(&ctx.stop)
+            .until(|| free.pop())
+            .map_err(|_| Halt::Stopped)?;
+        stats.stalled += t.elapsed();
+        Ok(if self.pinned {
+            let pinned = &res.pinned_slots[slot as usize];
+            pinned.buf.begin_fill();
+            (Src::Pinned(slot), pinned.ptr)
+        } else {
+            (Src::Cpu(slot), res.cpu_slots[slot as usize].ptr)
+        })
+    }
+}
+
 fn lock<'m, T>(m: &'m Mutex<T>) -> std::sync::MutexGuard<'m, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Reads one chunk into its destination.
-fn read_chunk(ctx: &PassCtx<'_>, c: &Chunk) -> Result<()> {
+fn read_chunk(ctx: &PassCtx, c: &Chunk) -> Result<()> {
     let file = &ctx.res.files[c.file];
     // SAFETY: `dest` points into the slot claimed for this chunk's layer, which
     // this pass's reader threads own until the layer is published; chunks of a
@@ -237,11 +293,8 @@ fn read_chunk(ctx: &PassCtx<'_>, c: &Chunk) -> Result<()> {
 }
 
 /// A reader thread: claims chunks and reads them until none are left.
-pub(crate) fn reader(
-    ctx: &PassCtx<'_>,
-    claim: &Mutex<Claim<'_>>,
-    inflight: &Mutex<InFlight<'_>>,
-) -> StageStats {
+pub(crate) fn reader(ctx: &PassCtx) -> StageStats {
+    let (claim, inflight) = (&ctx.claim, &ctx.inflight);
     let _guard = StopOnUnwind(&ctx.stop);
     let mut stats = StageStats::default();
     loop {
@@ -251,8 +304,8 @@ pub(crate) fn reader(
         let chunk = match lock(claim).next(ctx, inflight, &mut stats) {
             Ok(Some(c)) => c,
             Ok(None) => break,
-            Err(e) => {
-                ctx.fail(e);
+            Err(h) => {
+                ctx.halt(h);
                 break;
             }
         };
@@ -269,7 +322,7 @@ pub(crate) fn reader(
 }
 
 /// Reads a whole layer into `dest` on the calling thread (no reader threads).
-pub(crate) fn read_layer_inline(ctx: &PassCtx<'_>, layer: usize, dest: SlotPtr) -> Result<u64> {
+pub(crate) fn read_layer_inline(ctx: &PassCtx, layer: usize, dest: SlotPtr) -> Result<u64> {
     let l = &ctx.layers()[layer];
     let mut bytes = 0;
     for r in &l.reads {

@@ -1,6 +1,7 @@
 //! Everything a streamer allocates once, at build time: open files, slots,
-//! caches, streams, events and rings. Passes borrow it; nothing here is
-//! allocated per pass or per layer.
+//! caches, streams, events and rings. Passes share it; nothing here is
+//! allocated per pass or per layer. Each slot is one value that bundles its
+//! memory, its pointer and the events and flags that guard it.
 
 use std::sync::atomic::AtomicBool;
 
@@ -48,12 +49,16 @@ pub(crate) struct Ready {
     pub(crate) dev: Dev,
 }
 
-/// A free device slot and the layer that last used it (whose compute must
-/// finish before the slot is overwritten).
+/// A free device slot and the layer that last used it (whose compute, and
+/// any work the layer function held the slot for, must finish before the
+/// slot is overwritten).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FreeSlot {
     pub(crate) slot: u32,
     pub(crate) last_layer: Option<u32>,
+    /// Whether the last layer's function held the slot past the compute
+    /// stream (its `release` event was recorded on another stream).
+    pub(crate) held: bool,
 }
 
 /// A raw pointer to slot memory that may cross threads: which thread may use
@@ -117,6 +122,7 @@ impl Rings {
             let _ = p.push(FreeSlot {
                 slot: i as u32,
                 last_layer: None,
+                held: false,
             });
         }
     }
@@ -128,8 +134,46 @@ pub(crate) struct LayerEvents {
     pub(crate) h2d_end: EventH,
     pub(crate) compute_start: EventH,
     pub(crate) compute_end: EventH,
+    /// Recorded by the layer function on a stream of its own when it queues
+    /// work there that reads the slot (see `LayerWeights::release_after`).
+    pub(crate) release: EventH,
     /// Whether this pass transferred the layer (so `h2d_*` are fresh).
     pub(crate) transferred: AtomicBool,
+    /// Whether the layer function recorded `release` this pass: the next
+    /// pass's transfers wait for it, and so does dropping the streamer.
+    pub(crate) held: AtomicBool,
+}
+
+/// An unpinned host slot (readers fill it, the pin stage copies it out).
+pub(crate) struct CpuSlot {
+    /// Owns the memory behind `ptr`.
+    pub(crate) _buf: AlignedBuf,
+    pub(crate) ptr: SlotPtr,
+}
+
+/// A pinned host slot: a ring slot, or the transfer thread's staging buffer.
+pub(crate) struct PinnedSlot {
+    /// The memory, and the generation the host backend checks copies against.
+    pub(crate) buf: PinnedBuf,
+    pub(crate) ptr: SlotPtr,
+    /// Recorded on the transfer stream after the copy that reads the slot.
+    pub(crate) done: EventH,
+}
+
+/// A pinned cache buffer: one layer, kept across passes.
+pub(crate) struct PinnedCacheEntry {
+    /// Owns the memory behind `ptr`.
+    pub(crate) _buf: PinnedBuf,
+    pub(crate) ptr: SlotPtr,
+    /// Set (Release) once the layer's bytes are in; read with Acquire.
+    pub(crate) filled: AtomicBool,
+}
+
+/// A device cache buffer: one layer, resident across passes.
+pub(crate) struct DeviceCacheEntry {
+    pub(crate) mem: DevMem,
+    /// Set (Release) once the layer's copy is queued; read with Acquire.
+    pub(crate) filled: AtomicBool,
 }
 
 /// The streamer's allocations.
@@ -138,21 +182,15 @@ pub(crate) struct Resources {
     pub(crate) model: ModelIndex,
     pub(crate) files: Vec<DirectFile>,
     pub(crate) plans: Vec<LayerPlan>,
-    pub(crate) cpu_slots: Vec<AlignedBuf>,
-    pub(crate) cpu_ptrs: Vec<SlotPtr>,
-    pub(crate) pinned_slots: Vec<PinnedBuf>,
-    pub(crate) pinned_ptrs: Vec<SlotPtr>,
-    /// Per pinned slot: recorded after the copy that reads it.
-    pub(crate) pinned_done: Vec<EventH>,
+    pub(crate) cpu_slots: Vec<CpuSlot>,
+    pub(crate) pinned_slots: Vec<PinnedSlot>,
     /// The transfer thread's own pinned buffer when there is no pinned ring.
-    pub(crate) staging: Option<(PinnedBuf, SlotPtr, EventH)>,
-    /// Owns the memory behind `pinned_cache_ptrs`.
-    pub(crate) _pinned_cache: Vec<PinnedBuf>,
-    pub(crate) pinned_cache_ptrs: Vec<SlotPtr>,
-    pub(crate) pinned_filled: Vec<AtomicBool>,
+    pub(crate) staging: Option<PinnedSlot>,
+    pub(crate) pinned_cache: Vec<PinnedCacheEntry>,
+    /// Recycled device slots (`n_gpu + 1` of them, or none when every layer
+    /// is resident).
     pub(crate) gpu_slots: Vec<DevMem>,
-    pub(crate) gpu_cache: Vec<DevMem>,
-    pub(crate) gpu_filled: Vec<AtomicBool>,
+    pub(crate) gpu_cache: Vec<DeviceCacheEntry>,
     pub(crate) events: Vec<LayerEvents>,
     pub(crate) transfer: StreamH,
 }

@@ -1,5 +1,7 @@
-//! The stage threads of a pass: readers, the pin thread, the transfer thread.
-//! The compute side runs on the caller's thread (see `streamer.rs`).
+//! The work of the stage threads in one pass: the pin stage and the transfer
+//! stage (the readers are in [`readers`](super::readers), the compute side in
+//! [`compute`](super::compute)); the threads themselves live in
+//! [`pass`](super::pass).
 //!
 //! Every blocking wait checks the pass's stop flag, so that the first error
 //! (or a panic) anywhere ends every stage promptly. Before a stage blocks it
@@ -12,29 +14,87 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::host::PinnedSource;
-use super::plan::Home;
-use super::readers::read_layer_inline;
+use super::plan::{Home, LayerPlan};
+use super::readers::{read_layer_inline, Claim, InFlight};
 use super::resources::{Dev, FreeSlot, Job, Ready, Resources, Src};
 use super::stats::StageStats;
+use super::DevMem;
 use crate::checkpoint::Layer;
 use crate::ring::{Consumer, Producer, Waiter};
 use crate::{Error, Result};
 
-/// State shared by every thread of one pass.
-pub(crate) struct PassCtx<'r> {
-    pub(crate) res: &'r Resources,
+/// Why a stage gave up: the pass was stopped (someone else recorded the
+/// reason), or this stage failed.
+#[derive(Debug)]
+pub(crate) enum Halt {
+    /// The stop flag was raised; the error, if any, is already recorded.
+    Stopped,
+    /// This stage's own error, to be recorded as the pass's.
+    Failed(Error),
+}
+
+impl From<Error> for Halt {
+    fn from(e: Error) -> Halt {
+        Halt::Failed(e)
+    }
+}
+
+/// Hand-over sizes of the stages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batches {
+    pub(crate) cpu: usize,
+    pub(crate) cpu_pinned: usize,
+    pub(crate) gpu: usize,
+}
+
+/// State shared by the stage threads and the caller's thread, for the
+/// streamer's lifetime; reset between passes.
+pub(crate) struct PassCtx {
+    pub(crate) res: Resources,
+    /// Raised by the first failure (or by the compute side when it ends
+    /// early); every wait of every stage checks it.
     pub(crate) stop: AtomicBool,
     error: Mutex<Option<Error>>,
     pub(crate) read_chunk: u64,
+    pub(crate) batches: Batches,
+    /// The reader threads' shared claim state and in-order publisher. Each
+    /// pass installs its ring ends here before the readers start and removes
+    /// them after every reader has finished.
+    pub(crate) claim: Mutex<Claim>,
+    pub(crate) inflight: Mutex<InFlight>,
+    /// Faults the pipeline's own tests inject.
+    #[cfg(test)]
+    pub(crate) faults: Faults,
 }
 
-impl<'r> PassCtx<'r> {
-    pub(crate) fn new(res: &'r Resources, read_chunk: u64) -> PassCtx<'r> {
+/// Faults injected by tests, to show that a panicking stage and a slot
+/// recycled too early are caught.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Faults {
+    /// The transfer thread panics at this layer (`usize::MAX`: never).
+    pub(crate) h2d_panic_at: std::sync::atomic::AtomicUsize,
+    /// The compute side hands each device slot back before its layer
+    /// function runs instead of after.
+    pub(crate) release_early: AtomicBool,
+}
+
+impl PassCtx {
+    pub(crate) fn new(res: Resources, read_chunk: u64, batches: Batches) -> PassCtx {
+        let layers = res.model.num_layers();
         PassCtx {
             res,
             stop: AtomicBool::new(false),
             error: Mutex::new(None),
             read_chunk,
+            batches,
+            claim: Mutex::new(Claim::new()),
+            inflight: Mutex::new(InFlight::new(layers, batches.cpu)),
+            #[cfg(test)]
+            faults: Faults {
+                h2d_panic_at: usize::MAX.into(),
+                ..Faults::default()
+            },
         }
     }
 
@@ -44,7 +104,15 @@ impl<'r> PassCtx<'r> {
         if slot.is_none() {
             *slot = Some(e);
         }
+        // Release: a stage that sees the flag also sees the recorded error.
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// Records a stage's halt: its own error, or nothing when it was stopped.
+    pub(crate) fn halt(&self, h: Halt) {
+        if let Halt::Failed(e) = h {
+            self.fail(e);
+        }
     }
 
     pub(crate) fn stop(&self) {
@@ -55,12 +123,16 @@ impl<'r> PassCtx<'r> {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    pub(crate) fn layers(&self) -> &'r [Layer] {
-        self.res.model.layers()
+    /// Clears the stop flag and any error, before a pass starts. Called by
+    /// the caller's thread while every stage thread is parked; the mailbox
+    /// hand-over that starts each stage orders it before their reads.
+    pub(crate) fn rearm(&self) {
+        self.stop.store(false, Ordering::Relaxed);
+        self.take_error();
     }
 
-    pub(crate) fn stopped(&self) -> Error {
-        Error::Pipeline("stopped".into())
+    pub(crate) fn layers(&self) -> &[Layer] {
+        self.res.model.layers()
     }
 }
 
@@ -78,7 +150,9 @@ impl Drop for StopOnUnwind<'_> {
 
 /// Pins the calling thread to one CPU of `cpus` (the `index`-th, cyclically).
 pub(crate) fn pin_thread(cpus: Option<&[usize]>, index: usize) {
-    let Some(cpus) = cpus else { return };
+    let Some(cpus) = cpus.filter(|c| !c.is_empty()) else {
+        return;
+    };
     let cpu = cpus[index % cpus.len()];
     let mut set = nix::sched::CpuSet::new();
     if set.set(cpu).is_ok() {
@@ -90,11 +164,11 @@ pub(crate) fn pin_thread(cpus: Option<&[usize]>, index: usize) {
 
 /// Waits for an item from `c`, calling `idle` between attempts; counts the wait as a stall.
 fn pop_wait<T>(
-    ctx: &PassCtx<'_>,
+    ctx: &PassCtx,
     c: &mut Consumer<'_, T>,
     stall: &mut Duration,
     mut idle: impl FnMut() -> Result<()>,
-) -> Result<T> {
+) -> Result<T, Halt> {
     if let Some(v) = c.pop() {
         return Ok(v);
     }
@@ -106,44 +180,47 @@ fn pop_wait<T>(
         }
         idle()?;
         if w.wait().is_err() {
-            break Err(ctx.stopped());
+            break Err(Halt::Stopped);
         }
     };
     *stall += t.elapsed();
     r
 }
 
-/// The pin thread: copies filled CPU slots into free pinned slots.
-pub(crate) fn pin_stage(
-    ctx: &PassCtx<'_>,
-    mut input: Consumer<'_, Job>,
-    mut cpu_free: Producer<'_, u32>,
-    mut pin_free: Consumer<'_, u32>,
-    mut out: Producer<'_, Job>,
-    batch: usize,
-) -> StageStats {
+/// The pin stage's ring ends for one pass.
+pub(crate) struct PinEnds {
+    pub(crate) input: Consumer<'static, Job>,
+    pub(crate) cpu_free: Producer<'static, u32>,
+    pub(crate) pin_free: Consumer<'static, u32>,
+    pub(crate) out: Producer<'static, Job>,
+}
+
+/// The pin stage: copies filled CPU slots into free pinned slots.
+pub(crate) fn pin_stage(ctx: &PassCtx, mut e: PinEnds) -> StageStats {
     let _guard = StopOnUnwind(&ctx.stop);
     let mut stats = StageStats::default();
-    let res = ctx.res;
-    let batch = batch.max(1);
-    let mut run = || -> Result<()> {
+    let res = &ctx.res;
+    let batch = ctx.batches.cpu_pinned.max(1);
+    let mut run = || -> Result<(), Halt> {
         for _ in 0..ctx.layers().len() {
-            out.publish();
-            let job = pop_wait(ctx, &mut input, &mut stats.stalled, || Ok(()))?;
+            e.out.publish();
+            let job = pop_wait(ctx, &mut e.input, &mut stats.stalled, || Ok(()))?;
             let src = match job.src {
                 Src::Cpu(k) => {
-                    out.publish();
-                    let j = pop_wait(ctx, &mut pin_free, &mut stats.stalled, || Ok(()))?;
+                    e.out.publish();
+                    let j = pop_wait(ctx, &mut e.pin_free, &mut stats.stalled, || Ok(()))?;
                     let t = Instant::now();
                     let len = res.plans[job.layer as usize].copy_bytes as usize;
-                    res.pinned_slots[j as usize].begin_fill();
+                    let pinned = &res.pinned_slots[j as usize];
+                    pinned.buf.begin_fill();
                     // SAFETY: this thread holds the tokens of CPU slot `k`
                     // (filled) and pinned slot `j` (free); both hold at least
-                    // `max_copy` ≥ `len` bytes and are distinct allocations.
+                    // the largest streamed layer's `copy_bytes` ≥ `len` bytes
+                    // and are distinct allocations.
                     unsafe {
                         std::ptr::copy_nonoverlapping(
-                            res.cpu_ptrs[k as usize].0,
-                            res.pinned_ptrs[j as usize].0,
+                            res.cpu_slots[k as usize].ptr.0,
+                            pinned.ptr.0,
                             len,
                         )
                     };
@@ -151,56 +228,39 @@ pub(crate) fn pin_stage(
                     stats.bytes += len as u64;
                     stats.items += 1;
                     // The free ring has room for every CPU slot.
-                    let _ = cpu_free.push(k);
+                    let _ = e.cpu_free.push(k);
                     Src::Pinned(j)
                 }
                 other => other,
             };
-            let _ = out.write(Job {
+            let _ = e.out.write(Job {
                 layer: job.layer,
                 src,
             });
-            if out.unpublished() >= batch {
-                out.publish();
+            if e.out.unpublished() >= batch {
+                e.out.publish();
             }
         }
-        out.publish();
+        e.out.publish();
         Ok(())
     };
-    if let Err(e) = run() {
-        ctx.fail(e);
+    if let Err(h) = run() {
+        ctx.halt(h);
     }
     stats
 }
 
-/// The transfer thread's rings on the host side.
-pub(crate) struct H2dInput<'a> {
+/// The transfer stage's ring ends for one pass.
+pub(crate) struct H2dEnds {
     /// Filled slots from upstream; `None` when the transfer thread reads
     /// each layer itself (no reader threads).
-    pub(crate) full: Option<Consumer<'a, Job>>,
+    pub(crate) full: Option<Consumer<'static, Job>>,
     /// Where pinned slots go back once their copy has completed.
-    pub(crate) pin_free: Option<Producer<'a, u32>>,
+    pub(crate) pin_free: Option<Producer<'static, u32>>,
     /// Where CPU slots go back once staged.
-    pub(crate) cpu_free: Option<Producer<'a, u32>>,
-}
-
-/// Returns pinned slots whose copies have completed to their free ring.
-fn return_pinned(
-    res: &Resources,
-    pending: &mut VecDeque<u32>,
-    free: &mut Option<Producer<'_, u32>>,
-) -> Result<()> {
-    if let Some(free) = free {
-        while let Some(&j) = pending.front() {
-            if !res.pinned_done[j as usize].query()? {
-                break;
-            }
-            pending.pop_front();
-            // The free ring has room for every pinned slot.
-            let _ = free.push(j);
-        }
-    }
-    Ok(())
+    pub(crate) cpu_free: Option<Producer<'static, u32>>,
+    pub(crate) gpu_free: Consumer<'static, FreeSlot>,
+    pub(crate) out: Producer<'static, Ready>,
 }
 
 /// Statistics the transfer thread gathers: its staging copies (pin) and its waits.
@@ -213,193 +273,263 @@ pub(crate) struct H2dThreadStats {
     pub(crate) items: usize,
 }
 
-/// The transfer thread.
-pub(crate) fn h2d_stage(
-    ctx: &PassCtx<'_>,
-    mut input: H2dInput<'_>,
-    mut gpu_free: Consumer<'_, FreeSlot>,
-    mut out: Producer<'_, Ready>,
-    batch: usize,
-) -> H2dThreadStats {
-    let _guard = StopOnUnwind(&ctx.stop);
-    let mut st = H2dThreadStats::default();
-    let res = ctx.res;
-    let batch = batch.max(1);
-    let kernels = res.backend.kernels();
-    // Pinned slots whose copies are in flight, oldest first.
-    let mut pending: VecDeque<u32> = VecDeque::with_capacity(res.pinned_slots.len());
-
-    let mut run = || -> Result<()> {
-        for i in 0..ctx.layers().len() {
-            out.publish();
-            let job = match &mut input.full {
-                Some(full) => pop_wait(ctx, full, &mut st.stalled, || {
-                    return_pinned(res, &mut pending, &mut input.pin_free)
-                })?,
-                None => inline_job(ctx, i, &mut st)?,
-            };
-            return_pinned(res, &mut pending, &mut input.pin_free)?;
-            let layer = job.layer as usize;
-            let plan = &res.plans[layer];
-            let (src_ptr, release): (*const u8, Release) = match job.src {
-                Src::Resident(g) => {
-                    let _ = out.write(Ready {
-                        layer: job.layer,
-                        dev: Dev::Cache(g),
-                    });
-                    if out.unpublished() >= batch {
-                        out.publish();
-                    }
-                    continue;
-                }
-                Src::Pinned(j) => (res.pinned_ptrs[j as usize].0, Release::Pinned(j)),
-                Src::PinnedCache(c) => (res.pinned_cache_ptrs[c as usize].0, Release::None),
-                Src::Staging => match &res.staging {
-                    Some((_, sptr, _)) => (sptr.0 as *const u8, Release::Staging),
-                    None => return Err(Error::Pipeline("no staging buffer".into())),
-                },
-                Src::Cpu(k) => {
-                    let Some((staging, sptr, sdone)) = &res.staging else {
-                        return Err(Error::Pipeline("no staging buffer for CPU slots".into()));
-                    };
-                    let t = Instant::now();
-                    sdone.synchronize()?;
-                    staging.begin_fill();
-                    // SAFETY: this thread holds CPU slot `k`'s token; the
-                    // staging buffer's previous copy has completed (synchronized
-                    // above); both hold at least `copy_bytes`.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            res.cpu_ptrs[k as usize].0,
-                            sptr.0,
-                            plan.copy_bytes as usize,
-                        )
-                    };
-                    st.pin.busy += t.elapsed();
-                    st.pin.bytes += plan.copy_bytes;
-                    st.pin.items += 1;
-                    if let Some(free) = &mut input.cpu_free {
-                        // The free ring has room for every CPU slot.
-                        let _ = free.push(k);
-                    }
-                    (sptr.0 as *const u8, Release::Staging)
-                }
-            };
-            let (dst, dev) = match plan.home {
-                Home::Gpu(g) => (&res.gpu_cache[g], Dev::Cache(g as u32)),
-                _ => {
-                    let free = pop_wait(ctx, &mut gpu_free, &mut st.stalled, || {
-                        return_pinned(res, &mut pending, &mut input.pin_free)
-                    })?;
-                    if let Some(last) = free.last_layer {
-                        // The slot's previous layer must be done on the compute
-                        // stream before this copy overwrites it.
-                        res.transfer
-                            .wait_event(&res.events[last as usize].compute_end)?;
-                    }
-                    (&res.gpu_slots[free.slot as usize], Dev::Slot(free.slot))
-                }
-            };
-            let ev = &res.events[layer];
-            res.transfer.record(&ev.h2d_start)?;
-            let gen = match release {
-                Release::Pinned(j) => Some((
-                    &res.pinned_slots[j as usize].gen,
-                    PinnedSource { slot: j, layer },
-                )),
-                _ => None,
-            };
-            // SAFETY: the source is pinned memory of at least `copy_bytes`
-            // (a pinned slot or cache buffer this thread holds, or the staging
-            // buffer), which is not rewritten until `pinned_done`/the staging
-            // event recorded below completes; the destination was sized to the
-            // largest layer's `device_bytes`.
-            unsafe {
-                res.transfer
-                    .copy_htod(dst, 0, src_ptr, plan.copy_bytes as usize, gen)?;
-            }
-            for c in &plan.casts {
-                // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
-                // inside `device_bytes`, which the destination holds.
-                unsafe {
-                    res.transfer.cast(
-                        kernels,
-                        c.from,
-                        c.to,
-                        dst.ptr() + c.src,
-                        dst.ptr() + c.dst,
-                        c.n,
-                    )?;
-                }
-            }
-            res.transfer.record(&ev.h2d_end)?;
-            ev.transferred.store(true, Ordering::Relaxed);
-            match release {
-                Release::Pinned(j) => {
-                    res.transfer.record(&res.pinned_done[j as usize])?;
-                    pending.push_back(j);
-                }
-                Release::Staging => {
-                    if let Some((_, _, done)) = &res.staging {
-                        res.transfer.record(done)?;
-                    }
-                }
-                Release::None => {}
-            }
-            if let (Home::Gpu(g), Dev::Cache(_)) = (plan.home, dev) {
-                res.gpu_filled[g].store(true, Ordering::Release);
-            }
-            st.bytes += plan.copy_bytes;
-            st.items += 1;
-            let _ = out.write(Ready {
-                layer: job.layer,
-                dev,
-            });
-            if out.unpublished() >= batch {
-                out.publish();
-            }
-            res.transfer.check()?;
-        }
-        out.publish();
-        Ok(())
-    };
-    if let Err(e) = run() {
-        ctx.fail(e);
-    }
-    st
+/// The transfer stage's state during one pass.
+struct H2d<'c> {
+    ctx: &'c PassCtx,
+    e: H2dEnds,
+    /// Pinned slots whose copies are in flight, oldest first.
+    pending: VecDeque<u32>,
+    st: H2dThreadStats,
 }
 
+/// What must happen to the copy's source once the copy has completed.
 enum Release {
     Pinned(u32),
     Staging,
     None,
 }
 
+/// The transfer stage: copies each layer into a device slot (or its device
+/// cache buffer) and hands it to the compute side.
+pub(crate) fn h2d_stage(ctx: &PassCtx, e: H2dEnds) -> H2dThreadStats {
+    let _guard = StopOnUnwind(&ctx.stop);
+    let mut h = H2d {
+        ctx,
+        e,
+        pending: VecDeque::with_capacity(ctx.res.pinned_slots.len()),
+        st: H2dThreadStats::default(),
+    };
+    let batch = ctx.batches.gpu.max(1);
+    let mut run = || -> Result<(), Halt> {
+        for i in 0..ctx.layers().len() {
+            h.e.out.publish();
+            #[cfg(test)]
+            if ctx.faults.h2d_panic_at.load(Ordering::Relaxed) == i {
+                panic!("injected: the transfer thread panics at layer {i}");
+            }
+            let ready = h.layer(i)?;
+            let _ = h.e.out.write(ready);
+            if h.e.out.unpublished() >= batch {
+                h.e.out.publish();
+            }
+            ctx.res.transfer.check()?;
+        }
+        h.e.out.publish();
+        Ok(())
+    };
+    if let Err(halt) = run() {
+        ctx.halt(halt);
+    }
+    h.st
+}
+
+/// Returns pinned slots whose copies have completed to their free ring.
+fn return_pinned(
+    res: &Resources,
+    pending: &mut VecDeque<u32>,
+    free: &mut Option<Producer<'static, u32>>,
+) -> Result<()> {
+    if let Some(free) = free {
+        while let Some(&j) = pending.front() {
+            if !res.pinned_slots[j as usize].done.query()? {
+                break;
+            }
+            pending.pop_front();
+            // The free ring has room for every pinned slot.
+            let _ = free.push(j);
+        }
+    }
+    Ok(())
+}
+
+impl<'c> H2d<'c> {
+    /// Moves layer `i` (the `i`-th to arrive) onto the device.
+    fn layer(&mut self, i: usize) -> Result<Ready, Halt> {
+        let ctx = self.ctx;
+        let res = &ctx.res;
+        let job = match &mut self.e.full {
+            Some(full) => pop_wait(ctx, full, &mut self.st.stalled, || {
+                return_pinned(res, &mut self.pending, &mut self.e.pin_free)
+            })?,
+            None => inline_job(ctx, i, &mut self.st)?,
+        };
+        return_pinned(res, &mut self.pending, &mut self.e.pin_free)?;
+        let plan = &res.plans[job.layer as usize];
+        let (src, release) = match job.src {
+            Src::Resident(g) => {
+                return Ok(Ready {
+                    layer: job.layer,
+                    dev: Dev::Cache(g),
+                })
+            }
+            src => self.source(src, plan)?,
+        };
+        let (dst, dev) = self.destination(plan)?;
+        self.copy(job.layer as usize, src, dst, &release)?;
+        if let (Home::Gpu(g), Dev::Cache(_)) = (plan.home, dev) {
+            // Release: a later pass's claim (Acquire) sees the layer as cached.
+            res.gpu_cache[g].filled.store(true, Ordering::Release);
+        }
+        self.st.bytes += plan.copy_bytes;
+        self.st.items += 1;
+        Ok(Ready {
+            layer: job.layer,
+            dev,
+        })
+    }
+
+    /// The host memory a layer is copied from.
+    fn source(&mut self, src: Src, plan: &LayerPlan) -> Result<(*const u8, Release)> {
+        let res = &self.ctx.res;
+        let no_staging = || Error::Pipeline("no staging buffer for CPU slots".into());
+        Ok(match src {
+            Src::Pinned(j) => (res.pinned_slots[j as usize].ptr.0, Release::Pinned(j)),
+            Src::PinnedCache(c) => (res.pinned_cache[c as usize].ptr.0, Release::None),
+            Src::Staging => {
+                let staging = res.staging.as_ref().ok_or_else(no_staging)?;
+                (staging.ptr.0 as *const u8, Release::Staging)
+            }
+            Src::Cpu(k) => {
+                let staging = res.staging.as_ref().ok_or_else(no_staging)?;
+                let t = Instant::now();
+                staging.done.synchronize()?;
+                staging.buf.begin_fill();
+                // SAFETY: this thread holds CPU slot `k`'s token; the
+                // staging buffer's previous copy has completed (synchronized
+                // above); both hold at least `copy_bytes`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        res.cpu_slots[k as usize].ptr.0,
+                        staging.ptr.0,
+                        plan.copy_bytes as usize,
+                    )
+                };
+                self.st.pin.busy += t.elapsed();
+                self.st.pin.bytes += plan.copy_bytes;
+                self.st.pin.items += 1;
+                if let Some(free) = &mut self.e.cpu_free {
+                    // The free ring has room for every CPU slot.
+                    let _ = free.push(k);
+                }
+                (staging.ptr.0 as *const u8, Release::Staging)
+            }
+            Src::Resident(_) => {
+                return Err(Error::Pipeline("a resident layer has no source".into()))
+            }
+        })
+    }
+
+    /// The device memory a layer goes to: its cache buffer, or a free slot
+    /// once everything that may still read the slot is ordered before the copy.
+    fn destination(&mut self, plan: &LayerPlan) -> Result<(&'c DevMem, Dev), Halt> {
+        let ctx = self.ctx;
+        let res = &ctx.res;
+        if let Home::Gpu(g) = plan.home {
+            return Ok((&res.gpu_cache[g].mem, Dev::Cache(g as u32)));
+        }
+        let free = pop_wait(ctx, &mut self.e.gpu_free, &mut self.st.stalled, || {
+            return_pinned(res, &mut self.pending, &mut self.e.pin_free)
+        })?;
+        if let Some(last) = free.last_layer {
+            let ev = &res.events[last as usize];
+            // The slot's previous layer must be done on the compute stream,
+            // and on the stream its function held the slot for, before this
+            // copy overwrites it.
+            res.transfer.wait_event(&ev.compute_end)?;
+            if free.held {
+                res.transfer.wait_event(&ev.release)?;
+            }
+        }
+        Ok((&res.gpu_slots[free.slot as usize], Dev::Slot(free.slot)))
+    }
+
+    /// Queues the copy of `layer` from `src` to `dst`, its casts and its
+    /// events, and the hand-back of the source once the copy is done.
+    fn copy(
+        &mut self,
+        layer: usize,
+        src: *const u8,
+        dst: &DevMem,
+        release: &Release,
+    ) -> Result<()> {
+        let res = &self.ctx.res;
+        let plan = &res.plans[layer];
+        let ev = &res.events[layer];
+        res.transfer.record(&ev.h2d_start)?;
+        let gen = match *release {
+            Release::Pinned(j) => Some((
+                &res.pinned_slots[j as usize].buf.gen,
+                PinnedSource { slot: j, layer },
+            )),
+            _ => None,
+        };
+        // SAFETY: the source is pinned memory of at least `copy_bytes` (a
+        // pinned slot or cache buffer this thread holds, or the staging
+        // buffer), which is not rewritten until the `done` event recorded
+        // below completes; the destination was sized to the largest layer's
+        // `device_bytes`, and nothing reads it any more (see `destination`).
+        unsafe {
+            res.transfer
+                .copy_htod(dst, 0, src, plan.copy_bytes as usize, gen)?;
+        }
+        let kernels = res.backend.kernels();
+        for c in &plan.casts {
+            // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
+            // inside `device_bytes`, which the destination holds.
+            unsafe {
+                res.transfer.cast(
+                    kernels,
+                    c.from,
+                    c.to,
+                    dst.ptr() + c.src,
+                    dst.ptr() + c.dst,
+                    c.n,
+                )?;
+            }
+        }
+        res.transfer.record(&ev.h2d_end)?;
+        ev.transferred.store(true, Ordering::Relaxed);
+        match *release {
+            Release::Pinned(j) => {
+                res.transfer.record(&res.pinned_slots[j as usize].done)?;
+                self.pending.push_back(j);
+            }
+            Release::Staging => {
+                if let Some(staging) = &res.staging {
+                    res.transfer.record(&staging.done)?;
+                }
+            }
+            Release::None => {}
+        }
+        Ok(())
+    }
+}
+
 /// With no reader threads: the job for layer `i`, reading it first if needed.
-fn inline_job(ctx: &PassCtx<'_>, i: usize, st: &mut H2dThreadStats) -> Result<Job> {
-    let res = ctx.res;
+fn inline_job(ctx: &PassCtx, i: usize, st: &mut H2dThreadStats) -> Result<Job> {
+    let res = &ctx.res;
     let layer = i as u32;
     let src = match res.plans[i].home {
-        Home::Gpu(g) if res.gpu_filled[g].load(Ordering::Acquire) => Src::Resident(g as u32),
-        Home::Pinned(c) if res.pinned_filled[c].load(Ordering::Acquire) => {
+        Home::Gpu(g) if res.gpu_cache[g].filled.load(Ordering::Acquire) => Src::Resident(g as u32),
+        Home::Pinned(c) if res.pinned_cache[c].filled.load(Ordering::Acquire) => {
             Src::PinnedCache(c as u32)
         }
         Home::Pinned(c) => {
             let t = Instant::now();
-            st.read.bytes += read_layer_inline(ctx, i, res.pinned_cache_ptrs[c])?;
+            st.read.bytes += read_layer_inline(ctx, i, res.pinned_cache[c].ptr)?;
             st.read.busy += t.elapsed();
             st.read.items += 1;
-            res.pinned_filled[c].store(true, Ordering::Release);
+            res.pinned_cache[c].filled.store(true, Ordering::Release);
             Src::PinnedCache(c as u32)
         }
         _ => {
-            let Some((staging, sptr, sdone)) = &res.staging else {
+            let Some(staging) = &res.staging else {
                 return Err(Error::Pipeline("no staging buffer for inline reads".into()));
             };
-            sdone.synchronize()?;
-            staging.begin_fill();
+            staging.done.synchronize()?;
+            staging.buf.begin_fill();
             let t = Instant::now();
-            st.read.bytes += read_layer_inline(ctx, i, *sptr)?;
+            st.read.bytes += read_layer_inline(ctx, i, staging.ptr)?;
             st.read.busy += t.elapsed();
             st.read.items += 1;
             Src::Staging

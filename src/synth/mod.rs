@@ -190,21 +190,10 @@ pub fn write_model_with_progress(
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, None, e))?;
     remove_stale(dir)?;
-    let esize = spec.dtype.size() as u64;
     let specs = tensor_specs(spec.arch, s, spec.tie);
-    // Shards in state-dict order: a new shard starts when the next tensor would overflow this one.
-    let mut shard_of = Vec::with_capacity(specs.len());
-    let (mut shard, mut fill) = (0usize, 0u64);
-    for (_, shape) in &specs {
-        let bytes = shape.iter().product::<usize>() as u64 * esize;
-        if fill > 0 && fill + bytes > spec.shard_size {
-            shard += 1;
-            fill = 0;
-        }
-        fill += bytes;
-        shard_of.push(shard);
-    }
-    let n_shards = shard + 1;
+    let esize = spec.dtype.size() as u64;
+    let shard_of = assign_shards(&specs, esize, spec.shard_size);
+    let n_shards = shard_of.last().map_or(1, |s| s + 1);
     let names: Vec<PathBuf> = (0..n_shards)
         .map(|i| {
             dir.join(if n_shards == 1 {
@@ -214,71 +203,8 @@ pub fn write_model_with_progress(
             })
         })
         .collect();
-    // Within a shard, tensors sorted by name, as safetensors serialises them.
-    let mut placed: Vec<Placed> = Vec::with_capacity(specs.len());
-    let mut headers = Vec::with_capacity(n_shards);
-    for sh in 0..n_shards {
-        let mut members: Vec<usize> = (0..specs.len()).filter(|&i| shard_of[i] == sh).collect();
-        members.sort_by(|&a, &b| specs[a].0.cmp(&specs[b].0));
-        let entries: Vec<(String, Vec<usize>, u64)> = members
-            .iter()
-            .map(|&i| {
-                (
-                    specs[i].0.clone(),
-                    specs[i].1.clone(),
-                    specs[i].1.iter().product::<usize>() as u64 * esize,
-                )
-            })
-            .collect();
-        let header = header_bytes(
-            Some(json!({ "format": "pt" })),
-            entries
-                .iter()
-                .map(|(n, shape, len)| (n.as_str(), spec.dtype, shape.as_slice(), *len)),
-        );
-        let mut off = header.len() as u64;
-        for &i in &members {
-            let len = specs[i].1.iter().product::<usize>() as u64 * esize;
-            placed.push(Placed {
-                id: i,
-                name: specs[i].0.clone(),
-                shape: specs[i].1.clone(),
-                shard: sh,
-                offset: off,
-            });
-            off += len;
-        }
-        headers.push((header, off));
-    }
-    let plans: Vec<ShardPlan> = names
-        .iter()
-        .zip(headers.iter())
-        .enumerate()
-        .map(|(sh, (path, (header, total)))| ShardPlan {
-            path: path.clone(),
-            header: header.clone(),
-            len: *total,
-            tensors: placed
-                .iter()
-                .filter(|p| p.shard == sh)
-                .map(|p| {
-                    let (mean, std) = if p.shape.len() == 1 {
-                        (1.0, 0.1)
-                    } else {
-                        (0.0, 1.0 / (*p.shape.last().unwrap_or(&1) as f32).sqrt())
-                    };
-                    let bytes = p.shape.iter().product::<usize>() as u64 * esize;
-                    PlacedTensor {
-                        key: tensor_key(spec.seed, p.id as u64),
-                        offset: p.offset,
-                        bytes,
-                        mean,
-                        std,
-                    }
-                })
-                .collect(),
-        })
-        .collect();
+    let (placed, headers) = place_tensors(&specs, &shard_of, n_shards, spec.dtype);
+    let plans = shard_plans(&names, &headers, &placed, spec.seed, esize);
     let threads = match spec.threads {
         // Two per CPU, so that one thread's generation overlaps another's write.
         0 => 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -290,25 +216,7 @@ pub fn write_model_with_progress(
     let bytes: u64 = headers.iter().map(|h| h.1).sum();
     let mut written = names.clone();
     if n_shards > 1 {
-        let weight_map: BTreeMap<&str, String> = placed
-            .iter()
-            .map(|p| {
-                (
-                    p.name.as_str(),
-                    names[p.shard]
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            })
-            .collect();
-        let total: u64 = specs
-            .iter()
-            .map(|(_, sh)| sh.iter().product::<usize>() as u64 * esize)
-            .sum();
-        let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
-        written.push(write_json(&dir.join(INDEX_FILE), &index)?);
+        written.push(write_weight_map(dir, &names, &placed, &specs, esize)?);
     }
     let ids = write_tokenizer(dir, spec.arch, s.vocab)?;
     written.extend(ids.files.iter().cloned());
@@ -321,6 +229,125 @@ pub fn write_model_with_progress(
         bytes,
         seconds,
     })
+}
+
+/// Each tensor's shard, in state-dict order: a new shard starts when the
+/// next tensor would overflow this one.
+fn assign_shards(specs: &[(String, Vec<usize>)], esize: u64, shard_size: u64) -> Vec<usize> {
+    let mut shard_of = Vec::with_capacity(specs.len());
+    let (mut shard, mut fill) = (0usize, 0u64);
+    for (_, shape) in specs {
+        let bytes = shape.iter().product::<usize>() as u64 * esize;
+        if fill > 0 && fill + bytes > shard_size {
+            shard += 1;
+            fill = 0;
+        }
+        fill += bytes;
+        shard_of.push(shard);
+    }
+    shard_of
+}
+
+/// Places the tensors in their shards (within a shard sorted by name, as
+/// safetensors serialises them); returns them and each shard's (header,
+/// total length).
+fn place_tensors(
+    specs: &[(String, Vec<usize>)],
+    shard_of: &[usize],
+    n_shards: usize,
+    dtype: DType,
+) -> (Vec<Placed>, Vec<(Vec<u8>, u64)>) {
+    let esize = dtype.size() as u64;
+    let bytes_of = |shape: &[usize]| shape.iter().product::<usize>() as u64 * esize;
+    let mut placed: Vec<Placed> = Vec::with_capacity(specs.len());
+    let mut headers = Vec::with_capacity(n_shards);
+    for sh in 0..n_shards {
+        let mut members: Vec<usize> = (0..specs.len()).filter(|&i| shard_of[i] == sh).collect();
+        members.sort_by(|&a, &b| specs[a].0.cmp(&specs[b].0));
+        let header = header_bytes(
+            Some(json!({ "format": "pt" })),
+            members.iter().map(|&i| {
+                let (name, shape) = &specs[i];
+                (name.as_str(), dtype, shape.as_slice(), bytes_of(shape))
+            }),
+        );
+        let mut off = header.len() as u64;
+        for &i in &members {
+            placed.push(Placed {
+                id: i,
+                name: specs[i].0.clone(),
+                shape: specs[i].1.clone(),
+                shard: sh,
+                offset: off,
+            });
+            off += bytes_of(&specs[i].1);
+        }
+        headers.push((header, off));
+    }
+    (placed, headers)
+}
+
+/// What each shard's writer generates: 1-D tensors `1 + 0.1·N(0,1)`,
+/// matrices `N(0, 1/in_features)`.
+fn shard_plans(
+    names: &[PathBuf],
+    headers: &[(Vec<u8>, u64)],
+    placed: &[Placed],
+    seed: u64,
+    esize: u64,
+) -> Vec<ShardPlan> {
+    let tensor = |p: &Placed| {
+        let (mean, std) = if p.shape.len() == 1 {
+            (1.0, 0.1)
+        } else {
+            (0.0, 1.0 / (*p.shape.last().unwrap_or(&1) as f32).sqrt())
+        };
+        PlacedTensor {
+            key: tensor_key(seed, p.id as u64),
+            offset: p.offset,
+            bytes: p.shape.iter().product::<usize>() as u64 * esize,
+            mean,
+            std,
+        }
+    };
+    names
+        .iter()
+        .zip(headers)
+        .enumerate()
+        .map(|(sh, (path, (header, total)))| ShardPlan {
+            path: path.clone(),
+            header: header.clone(),
+            len: *total,
+            tensors: placed
+                .iter()
+                .filter(|p| p.shard == sh)
+                .map(tensor)
+                .collect(),
+        })
+        .collect()
+}
+
+/// Writes `model.safetensors.index.json` for a sharded model.
+fn write_weight_map(
+    dir: &Path,
+    names: &[PathBuf],
+    placed: &[Placed],
+    specs: &[(String, Vec<usize>)],
+    esize: u64,
+) -> Result<PathBuf> {
+    let weight_map: BTreeMap<&str, String> = placed
+        .iter()
+        .map(|p| {
+            let file = names[p.shard].file_name().unwrap_or_default();
+            (p.name.as_str(), file.to_string_lossy().into_owned())
+        })
+        .collect();
+    let total: u64 = specs
+        .iter()
+        .map(|(_, sh)| sh.iter().product::<usize>() as u64 * esize)
+        .sum();
+    let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });
+    write_json(&dir.join(INDEX_FILE), &index)
 }
 
 /// Removes checkpoint files a previous run may have left, so the directory

@@ -115,38 +115,7 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
         })
         .collect();
     let byte_level = |prefix: bool| json!({ "type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": true });
-    let (bos, eos, stop, post) = match arch {
-        Arch::Qwen2 => {
-            let eot = id("<|endoftext|>");
-            (
-                eot,
-                id("<|im_end|>"),
-                vec![id("<|im_end|>"), eot],
-                byte_level(false),
-            )
-        }
-        Arch::Llama => {
-            let b = id("<|begin_of_text|>");
-            let bos_tok = json!({ "SpecialToken": { "id": "<|begin_of_text|>", "type_id": 0 } });
-            let template = json!({
-                "type": "TemplateProcessing",
-                "single": [bos_tok, { "Sequence": { "id": "A", "type_id": 0 } }],
-                "pair": [bos_tok, { "Sequence": { "id": "A", "type_id": 0 } },
-                         { "SpecialToken": { "id": "<|begin_of_text|>", "type_id": 1 } },
-                         { "Sequence": { "id": "B", "type_id": 1 } }],
-                "special_tokens": { "<|begin_of_text|>": { "id": "<|begin_of_text|>", "ids": [b], "tokens": ["<|begin_of_text|>"] } }
-            });
-            let post = json!({ "type": "Sequence", "processors": [
-                { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true },
-                template ] });
-            (
-                b,
-                id("<|eot_id|>"),
-                vec![id("<|end_of_text|>"), id("<|eot_id|>")],
-                post,
-            )
-        }
-    };
+    let (bos, eos, stop, post) = post_processor(arch, &id);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -174,22 +143,7 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
             (key, t)
         })
         .collect();
-    let config = match arch {
-        Arch::Qwen2 => json!({
-            "add_bos_token": false, "add_prefix_space": false, "added_tokens_decoder": decoder,
-            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": null,
-            "chat_template": QWEN2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": false,
-            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 4096,
-            "pad_token": "<|endoftext|>", "split_special_tokens": false,
-            "tokenizer_class": "Qwen2Tokenizer", "unk_token": null,
-        }),
-        Arch::Llama => json!({
-            "added_tokens_decoder": decoder, "bos_token": "<|begin_of_text|>",
-            "chat_template": LLAMA3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": true,
-            "eos_token": "<|eot_id|>", "model_input_names": ["input_ids", "attention_mask"],
-            "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast",
-        }),
-    };
+    let config = tokenizer_config(arch, decoder);
     let mut generation = json!({
         "bos_token_id": bos, "eos_token_id": stop, "do_sample": false,
         "transformers_version": "4.51.3",
@@ -208,6 +162,59 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
         stop,
         files,
     })
+}
+
+/// The architecture's (bos, eos, stop ids, post-processor) for special ids
+/// given by `id`.
+fn post_processor(arch: Arch, id: &dyn Fn(&str) -> u32) -> (u32, u32, Vec<u32>, Value) {
+    match arch {
+        Arch::Qwen2 => {
+            let eot = id("<|endoftext|>");
+            let post = json!({ "type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true });
+            (eot, id("<|im_end|>"), vec![id("<|im_end|>"), eot], post)
+        }
+        Arch::Llama => {
+            let b = id("<|begin_of_text|>");
+            let bos_tok = json!({ "SpecialToken": { "id": "<|begin_of_text|>", "type_id": 0 } });
+            let template = json!({
+                "type": "TemplateProcessing",
+                "single": [bos_tok, { "Sequence": { "id": "A", "type_id": 0 } }],
+                "pair": [bos_tok, { "Sequence": { "id": "A", "type_id": 0 } },
+                         { "SpecialToken": { "id": "<|begin_of_text|>", "type_id": 1 } },
+                         { "Sequence": { "id": "B", "type_id": 1 } }],
+                "special_tokens": { "<|begin_of_text|>": { "id": "<|begin_of_text|>", "ids": [b], "tokens": ["<|begin_of_text|>"] } }
+            });
+            let post = json!({ "type": "Sequence", "processors": [
+                { "type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true },
+                template ] });
+            (
+                b,
+                id("<|eot_id|>"),
+                vec![id("<|end_of_text|>"), id("<|eot_id|>")],
+                post,
+            )
+        }
+    }
+}
+
+/// tokenizer_config.json, with the added tokens' `decoder` map.
+fn tokenizer_config(arch: Arch, decoder: Map<String, Value>) -> Value {
+    match arch {
+        Arch::Qwen2 => json!({
+            "add_bos_token": false, "add_prefix_space": false, "added_tokens_decoder": decoder,
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": null,
+            "chat_template": QWEN2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": false,
+            "eos_token": "<|im_end|>", "errors": "replace", "model_max_length": 4096,
+            "pad_token": "<|endoftext|>", "split_special_tokens": false,
+            "tokenizer_class": "Qwen2Tokenizer", "unk_token": null,
+        }),
+        Arch::Llama => json!({
+            "added_tokens_decoder": decoder, "bos_token": "<|begin_of_text|>",
+            "chat_template": LLAMA3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": true,
+            "eos_token": "<|eot_id|>", "model_input_names": ["input_ids", "attention_mask"],
+            "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast",
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -90,6 +90,31 @@ struct OpenShard {
     direct: bool,
 }
 
+/// Creates shard `s` at its full length and opens its writer (`O_DIRECT`
+/// where the filesystem allows it).
+fn open_shard(s: &ShardPlan) -> Result<OpenShard> {
+    let file = File::create(&s.path).map_err(|e| Error::io("creating", &s.path, None, e))?;
+    file.set_len(s.len)
+        .map_err(|e| Error::io("sizing", &s.path, None, e))?;
+    let direct = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&s.path);
+    let (writer, direct) = match direct {
+        Ok(f) => (f, true),
+        Err(_) => (
+            file.try_clone()
+                .map_err(|e| Error::io("reopening", &s.path, None, e))?,
+            false,
+        ),
+    };
+    Ok(OpenShard {
+        file,
+        writer,
+        direct,
+    })
+}
+
 /// Writes every shard; `progress` gets the bytes of each block written.
 pub(super) fn write_shards(
     shards: &[ShardPlan],
@@ -97,29 +122,7 @@ pub(super) fn write_shards(
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
-    let mut open = Vec::with_capacity(shards.len());
-    for s in shards {
-        let file = File::create(&s.path).map_err(|e| Error::io("creating", &s.path, None, e))?;
-        file.set_len(s.len)
-            .map_err(|e| Error::io("sizing", &s.path, None, e))?;
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&s.path);
-        let (writer, direct) = match direct {
-            Ok(f) => (f, true),
-            Err(_) => (
-                file.try_clone()
-                    .map_err(|e| Error::io("reopening", &s.path, None, e))?,
-                false,
-            ),
-        };
-        open.push(OpenShard {
-            file,
-            writer,
-            direct,
-        });
-    }
+    let open = shards.iter().map(open_shard).collect::<Result<Vec<_>>>()?;
     let jobs: Vec<(usize, u64)> = shards
         .iter()
         .enumerate()

@@ -5,10 +5,12 @@
 //! JSON in [`REQUEST_ENV`]. The child writes one JSON object per line to
 //! stdout: `{"run":i,"seconds":t}` after each run (run 0 is the warm-up),
 //! then `{"done":{"runs":n,"mean_s":m}}`; or, when the configuration cannot be
-//! built or a run fails, `{"error":{"kind":k,"message":m}}` and exits with
-//! status 2. Lines that are not protocol messages (a workload's own output)
+//! built or a run fails, `{"error":{"kind":k,"cuda_code":c,"message":m}}`
+//! ([`ChildError`]) and exits with status 2. Lines that are not protocol messages (a workload's own output)
 //! are ignored by the parent.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -17,8 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::grid::Candidate;
 use super::workload::Workloads;
-use crate::io::OpenMode;
-use crate::{DType, Device, Error, ModelIndex, Result, StreamerConfig};
+use crate::{Error, ModelIndex, Result, StreamerConfig};
 
 /// Set (to `1`) in the environment of a tuner child.
 pub const CHILD_ENV: &str = "LS_TUNER_CHILD";
@@ -35,14 +36,10 @@ pub struct Request {
     pub model: PathBuf,
     /// The workload spec, `name` or `name:ARG`.
     pub workload: String,
-    /// `host` or `cuda:N`.
-    pub device: String,
-    /// Compute dtype, or `None` to keep the file dtype.
-    pub dtype: Option<String>,
-    /// `auto`, `direct` or `buffered`.
-    pub io_mode: String,
-    /// CPUs for the stage threads.
-    pub cpu_affinity: Option<Vec<usize>>,
+    /// The base configuration's options that the search does not vary
+    /// (device, dtype, I/O mode, CPU affinity), by field name, as the text
+    /// their parsers read ([`StreamerConfig::OPTIONS`]).
+    pub options: BTreeMap<String, String>,
     /// The searched parameters.
     pub config: Candidate,
     /// Runs in all, the first a warm-up.
@@ -52,7 +49,7 @@ pub struct Request {
 }
 
 impl Request {
-    /// The request for `candidate` over `base`'s device, dtype and I/O mode.
+    /// The request for `candidate` over `base`'s other options.
     pub(crate) fn new(
         model: PathBuf,
         workload: &str,
@@ -61,47 +58,33 @@ impl Request {
         runs: usize,
         sleep: Duration,
     ) -> Request {
+        let options = StreamerConfig::OPTIONS
+            .iter()
+            // A child draws no progress bar: its stderr is kept for crash reasons.
+            .filter(|o| !o.searched && !o.switch)
+            .map(|o| (o.name.to_string(), (o.get)(base)))
+            .collect();
         Request {
             model,
             workload: workload.to_string(),
-            device: base.device.to_string(),
-            dtype: base.dtype.map(|d| d.to_string()),
-            io_mode: match base.io_mode {
-                OpenMode::Auto => "auto",
-                OpenMode::Direct => "direct",
-                OpenMode::Buffered => "buffered",
-            }
-            .into(),
-            cpu_affinity: base.cpu_affinity.clone(),
+            options,
             config: candidate,
             runs,
             sleep_s: sleep.as_secs_f64(),
         }
     }
 
-    /// The streamer configuration the child builds.
+    /// The streamer configuration the child builds: the library's defaults,
+    /// the request's options, then the candidate.
     pub fn streamer_config(&self) -> Result<StreamerConfig> {
-        let dtype = match &self.dtype {
-            None => None,
-            Some(d) => Some(
-                DType::parse(d)
-                    .ok_or_else(|| Error::config(format!("unknown compute dtype {d:?}")))?,
-            ),
-        };
-        let io_mode = match self.io_mode.as_str() {
-            "auto" => OpenMode::Auto,
-            "direct" => OpenMode::Direct,
-            "buffered" => OpenMode::Buffered,
-            m => return Err(Error::config(format!("unknown I/O mode {m:?}"))),
-        };
-        let base = StreamerConfig {
-            device: Device::parse(&self.device)?,
-            dtype,
-            io_mode,
-            cpu_affinity: self.cpu_affinity.clone(),
-            progress: false,
-            ..StreamerConfig::default()
-        };
+        let mut base = StreamerConfig::default();
+        for (name, text) in &self.options {
+            let spec = StreamerConfig::OPTIONS
+                .iter()
+                .find(|o| o.name == name)
+                .ok_or_else(|| Error::Input(format!("{REQUEST_ENV}: unknown option {name:?}")))?;
+            (spec.set)(&mut base, text)?;
+        }
         Ok(self.config.apply(&base))
     }
 }
@@ -141,27 +124,81 @@ pub struct Done {
 /// An error a child reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChildError {
-    /// [`error_kind`] of the error.
-    pub kind: String,
+    /// What kind of error it is.
+    pub kind: ErrorKind,
+    /// The driver's `CUresult` value, for a CUDA error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_code: Option<u32>,
     /// The error's message.
     pub message: String,
 }
 
-/// A short, stable name for the kind of an error, as children report it:
-/// `oom` (CUDA out of memory), `limit` (a memory limit checked before
-/// allocating), `config` (an invalid configuration), `input` (a bad workload
-/// or argument), `model`, `cuda`, `io`, `layer_fn`, `pipeline`.
-pub fn error_kind(e: &Error) -> &'static str {
-    match e {
-        Error::Cuda { name, .. } if name.contains("OUT_OF_MEMORY") => "oom",
-        Error::Cuda { .. } | Error::CudaUnavailable(_) => "cuda",
-        Error::Limit { .. } => "limit",
-        Error::Config(_) => "config",
-        Error::Input(_) | Error::UnknownTensor(_) => "input",
-        Error::Model { .. } => "model",
-        Error::Io { .. } => "io",
-        Error::LayerFn { .. } => "layer_fn",
-        Error::Pipeline(_) => "pipeline",
+impl ChildError {
+    /// What a child reports for `e`.
+    pub fn of(e: &Error) -> ChildError {
+        ChildError {
+            kind: ErrorKind::of(e),
+            cuda_code: match e {
+                Error::Cuda { code, .. } => Some(*code),
+                _ => None,
+            },
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The kind of an error, as children report it: the [`Error`] variant, with
+/// CUDA's out-of-memory told apart by the driver's code. In JSON, its
+/// snake-case name: `oom`, `cuda`, `limit`, `config`, `input`, `model`,
+/// `io`, `layer_fn`, `pipeline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// CUDA ran out of memory (`CUDA_ERROR_OUT_OF_MEMORY`).
+    Oom,
+    /// Any other CUDA error, or no usable driver.
+    Cuda,
+    /// A memory limit checked before allocating ([`Error::Limit`]).
+    Limit,
+    /// An invalid configuration ([`Error::Config`]).
+    Config,
+    /// A bad workload or argument ([`Error::Input`], [`Error::UnknownTensor`]).
+    Input,
+    /// An invalid model ([`Error::Model`]).
+    Model,
+    /// A failed read ([`Error::Io`]).
+    Io,
+    /// The workload's layer function failed ([`Error::LayerFn`]).
+    LayerFn,
+    /// A pipeline stage stopped ([`Error::Pipeline`]).
+    Pipeline,
+}
+
+impl ErrorKind {
+    /// The kind of `e`.
+    pub fn of(e: &Error) -> ErrorKind {
+        const OUT_OF_MEMORY: u32 = cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY as u32;
+        match e {
+            Error::Cuda { code, .. } if *code == OUT_OF_MEMORY => ErrorKind::Oom,
+            Error::Cuda { .. } | Error::CudaUnavailable(_) => ErrorKind::Cuda,
+            Error::Limit { .. } => ErrorKind::Limit,
+            Error::Config(_) => ErrorKind::Config,
+            Error::Input(_) | Error::UnknownTensor(_) => ErrorKind::Input,
+            Error::Model { .. } => ErrorKind::Model,
+            Error::Io { .. } => ErrorKind::Io,
+            Error::LayerFn { .. } => ErrorKind::LayerFn,
+            Error::Pipeline(_) => ErrorKind::Pipeline,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The JSON name, from the one place that spells it.
+        match serde_json::to_value(self) {
+            Ok(serde_json::Value::String(s)) => f.write_str(&s),
+            _ => write!(f, "{self:?}"),
+        }
     }
 }
 
@@ -210,10 +247,7 @@ pub fn worker_main(workloads: &Workloads) {
         Ok(()) => 0,
         Err(e) => {
             emit(&Line::Error {
-                error: ChildError {
-                    kind: error_kind(&e).into(),
-                    message: e.to_string(),
-                },
+                error: ChildError::of(&e),
             });
             ERROR_EXIT
         }
@@ -275,7 +309,7 @@ mod tests {
         assert_eq!(run, r#"{"run":1,"seconds":0.5}"#);
         let err: Line =
             serde_json::from_str(r#"{"error":{"kind":"limit","message":"too big"}}"#).unwrap();
-        assert!(matches!(err, Line::Error { error } if error.kind == "limit"));
+        assert!(matches!(err, Line::Error { error } if error.kind == ErrorKind::Limit));
         let done: Line = serde_json::from_str(r#"{"done":{"runs":2,"mean_s":0.25}}"#).unwrap();
         assert!(matches!(done, Line::Done { done } if done.runs == 2));
         assert!(serde_json::from_str::<Line>(r#"{"hello":1}"#).is_err());
@@ -284,9 +318,11 @@ mod tests {
     #[test]
     fn requests_round_trip_to_the_same_config() {
         let base = StreamerConfig {
-            device: Device::Host,
+            device: crate::Device::Host,
             dtype: None,
-            io_mode: OpenMode::Buffered,
+            io_mode: crate::io::OpenMode::Buffered,
+            cpu_affinity: Some(vec![3, 1]),
+            progress: true,
             ..Default::default()
         };
         let cand = Candidate {
@@ -295,25 +331,68 @@ mod tests {
         };
         let req = Request::new("m".into(), "pass", &base, cand, 3, Duration::ZERO);
         let back: Request = serde_json::from_str(&serde_json::to_string(&req).unwrap()).unwrap();
-        assert_eq!(back.streamer_config().unwrap(), cand.apply(&base));
+        let child = back.streamer_config().unwrap();
+        assert!(!child.progress, "children draw no progress bar");
+        assert_eq!(
+            child,
+            StreamerConfig {
+                progress: false,
+                ..cand.apply(&base)
+            }
+        );
     }
 
     #[test]
-    fn error_kinds() {
-        assert_eq!(error_kind(&Error::config("x")), "config");
-        let oom = Error::Cuda {
+    fn errors_cross_as_typed_kinds_with_the_driver_code() {
+        let mut rng = rand::thread_rng();
+        // Any CUresult other than out-of-memory is a plain CUDA error.
+        let other: u32 = loop {
+            let c = rand::Rng::gen_range(&mut rng, 1..1000u32);
+            if c != 2 {
+                break c;
+            }
+        };
+        let cuda = |code: u32, name: &str| Error::Cuda {
             call: "cuMemAlloc",
-            code: 2,
-            name: "CUDA_ERROR_OUT_OF_MEMORY".into(),
-            message: "out of memory".into(),
+            code,
+            // The name does not decide the kind: the code does.
+            name: name.into(),
+            message: "m".into(),
         };
-        assert_eq!(error_kind(&oom), "oom");
-        let lim = Error::Limit {
-            what: "GPU memory".into(),
-            asked: 2,
-            available: 1,
-            hint: String::new(),
-        };
-        assert_eq!(error_kind(&lim), "limit");
+        let cases = [
+            (cuda(2, "SOMETHING_ELSE"), ErrorKind::Oom, Some(2)),
+            (
+                cuda(other, "CUDA_ERROR_OUT_OF_MEMORY"),
+                ErrorKind::Cuda,
+                Some(other),
+            ),
+            (Error::config("x"), ErrorKind::Config, None),
+            (Error::UnknownTensor("t".into()), ErrorKind::Input, None),
+            (
+                Error::Limit {
+                    what: "GPU memory".into(),
+                    asked: 2,
+                    available: 1,
+                    hint: String::new(),
+                },
+                ErrorKind::Limit,
+                None,
+            ),
+        ];
+        for (e, kind, code) in cases {
+            let line = Line::Error {
+                error: ChildError::of(&e),
+            };
+            let back: Line = serde_json::from_str(&serde_json::to_string(&line).unwrap()).unwrap();
+            let Line::Error { error } = back else {
+                panic!("{line:?} came back as another line")
+            };
+            assert_eq!((error.kind, error.cuda_code), (kind, code), "{e}");
+            assert_eq!(error.message, e.to_string());
+        }
+        let oom = serde_json::to_value(ChildError::of(&cuda(2, "x"))).unwrap();
+        assert_eq!(oom["kind"], "oom");
+        assert_eq!(oom["cuda_code"], 2);
+        assert_eq!(ErrorKind::LayerFn.to_string(), "layer_fn");
     }
 }

@@ -106,7 +106,11 @@ impl MemoryEstimate {
 
     /// Why the configuration cannot fit under `limits`, or `None` if it may.
     pub fn exceeds(&self, device: Device, limits: &MachineLimits) -> Option<String> {
-        let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        let gb = |b: u64| match b {
+            100_000_000.. => format!("{:.2} GB", b as f64 / 1e9),
+            100_000.. => format!("{:.1} MB", b as f64 / 1e6),
+            _ => format!("{b} bytes"),
+        };
         if let Some(avail) = limits.mem_available {
             let need = self.host_ram(device);
             if need > avail {

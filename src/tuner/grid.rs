@@ -1,107 +1,16 @@
 //! The search space: the streamer parameters a search varies
 //! ([`Param`]), one point in it ([`Candidate`]), and the lists of values to
-//! try for each ([`Grid`]).
+//! try for each ([`Grid`]). Parameters, their parsers and the default grid's
+//! values come from the option table in `pipeline/config.rs`.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{parse_size, Budget, StreamerConfig};
+pub use crate::pipeline::config::format_bytes;
+use crate::pipeline::config::streamer_options;
+use crate::pipeline::{Budget, StreamerConfig};
 use crate::{Error, Result};
-
-/// A parameter of [`StreamerConfig`] that a search varies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Param {
-    /// [`StreamerConfig::n_gpu`].
-    NGpu,
-    /// [`StreamerConfig::n_cpu_pinned`].
-    NCpuPinned,
-    /// [`StreamerConfig::n_cpu`].
-    NCpu,
-    /// [`StreamerConfig::batch_gpu`].
-    BatchGpu,
-    /// [`StreamerConfig::batch_cpu_pinned`].
-    BatchCpuPinned,
-    /// [`StreamerConfig::batch_cpu`].
-    BatchCpu,
-    /// [`StreamerConfig::reader_threads`].
-    ReaderThreads,
-    /// [`StreamerConfig::read_chunk`].
-    ReadChunk,
-    /// [`StreamerConfig::pinned_cache`].
-    PinnedCache,
-    /// [`StreamerConfig::gpu_cache`].
-    GpuCache,
-}
-
-impl Param {
-    /// Every parameter, in the order searches vary them.
-    pub const ALL: [Param; 10] = [
-        Param::NGpu,
-        Param::NCpuPinned,
-        Param::NCpu,
-        Param::BatchGpu,
-        Param::BatchCpuPinned,
-        Param::BatchCpu,
-        Param::ReaderThreads,
-        Param::ReadChunk,
-        Param::PinnedCache,
-        Param::GpuCache,
-    ];
-
-    /// The field's name, e.g. `n_cpu_pinned`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Param::NGpu => "n_gpu",
-            Param::NCpuPinned => "n_cpu_pinned",
-            Param::NCpu => "n_cpu",
-            Param::BatchGpu => "batch_gpu",
-            Param::BatchCpuPinned => "batch_cpu_pinned",
-            Param::BatchCpu => "batch_cpu",
-            Param::ReaderThreads => "reader_threads",
-            Param::ReadChunk => "read_chunk",
-            Param::PinnedCache => "pinned_cache",
-            Param::GpuCache => "gpu_cache",
-        }
-    }
-
-    /// A parameter by its field name (`n_cpu_pinned`) or option name (`n-cpu-pinned`).
-    pub fn from_name(s: &str) -> Option<Param> {
-        let s = s.trim().trim_start_matches("--").replace('-', "_");
-        Param::ALL.into_iter().find(|p| p.name() == s)
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// Parses one value of this parameter: a count (`off` is 0), a size for
-    /// `read_chunk` (`4MiB`), a budget for the caches (`none`, `auto`, `8GB`).
-    pub fn parse_value(self, s: &str) -> Result<Value> {
-        let s = s.trim();
-        let bad =
-            |why: String| Error::Input(format!("{}: invalid value {s:?}: {why}", self.name()));
-        match self {
-            Param::ReadChunk => parse_size(s)
-                .map(Value::Bytes)
-                .map_err(|e| bad(e.to_string())),
-            Param::PinnedCache | Param::GpuCache => Budget::parse(s)
-                .map(Value::Budget)
-                .map_err(|e| bad(e.to_string())),
-            _ if s.eq_ignore_ascii_case("off") => Ok(Value::Count(0)),
-            _ => s
-                .parse::<usize>()
-                .map(Value::Count)
-                .map_err(|_| bad("expected a count or off".into())),
-        }
-    }
-}
-
-impl fmt::Display for Param {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// One value of a [`Param`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,142 +25,193 @@ pub enum Value {
 
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Value::Count(n) => write!(f, "{n}"),
-            Value::Bytes(b) => f.write_str(&format_bytes(b)),
-            Value::Budget(Budget::None) => f.write_str("none"),
-            Value::Budget(Budget::Auto) => f.write_str("auto"),
-            Value::Budget(Budget::Bytes(b)) => f.write_str(&format_bytes(b)),
+        use crate::pipeline::config::OptionText;
+        match self {
+            Value::Count(n) => f.write_str(&n.text()),
+            Value::Bytes(b) => f.write_str(&b.text()),
+            Value::Budget(b) => f.write_str(&b.text()),
         }
     }
 }
 
-/// A byte count the way a user would type it: `16MiB`, `8GB`, `12345`.
-pub fn format_bytes(b: u64) -> String {
-    const UNITS: [(u64, &str); 6] = [
-        (1 << 40, "TiB"),
-        (1_000_000_000_000, "TB"),
-        (1 << 30, "GiB"),
-        (1_000_000_000, "GB"),
-        (1 << 20, "MiB"),
-        (1_000_000, "MB"),
-    ];
-    for (unit, name) in UNITS {
-        if b >= unit && b % unit == 0 {
-            return format!("{}{name}", b / unit);
-        }
-    }
-    if b >= 1024 && b % 1024 == 0 {
-        return format!("{}KiB", b / 1024);
-    }
-    b.to_string()
+/// The types of searched fields, and the [`Value`] each travels as.
+trait AxisValue: Sized {
+    fn into_value(self) -> Value;
+    fn from_value(v: Value) -> Option<Self>;
 }
 
-/// One point of the search space: the values of every [`Param`]. The rest of
-/// a [`StreamerConfig`] (device, dtype, I/O mode) comes from the tuner's base
-/// configuration.
-///
-/// In JSON, counts and `read_chunk` are numbers; a budget is `"none"`,
-/// `"auto"` or a number of bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Candidate {
-    /// GPU prefetch depth.
-    pub n_gpu: usize,
-    /// Pinned host slots.
-    pub n_cpu_pinned: usize,
-    /// Unpinned CPU slots.
-    pub n_cpu: usize,
-    /// Transfer batch.
-    pub batch_gpu: usize,
-    /// Pinned ring batch.
-    pub batch_cpu_pinned: usize,
-    /// CPU ring batch.
-    pub batch_cpu: usize,
-    /// Reader threads.
-    pub reader_threads: usize,
-    /// Bytes per read request.
-    pub read_chunk: u64,
-    /// Pinned cache budget.
-    #[serde(with = "budget_json")]
-    pub pinned_cache: Budget,
-    /// Device cache budget.
-    #[serde(with = "budget_json")]
-    pub gpu_cache: Budget,
+impl AxisValue for usize {
+    fn into_value(self) -> Value {
+        Value::Count(self)
+    }
+    fn from_value(v: Value) -> Option<Self> {
+        match v {
+            Value::Count(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
+impl AxisValue for u64 {
+    fn into_value(self) -> Value {
+        Value::Bytes(self)
+    }
+    fn from_value(v: Value) -> Option<Self> {
+        match v {
+            Value::Bytes(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl AxisValue for Budget {
+    fn into_value(self) -> Value {
+        Value::Budget(self)
+    }
+    fn from_value(v: Value) -> Option<Self> {
+        match v {
+            Value::Budget(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+/// [`Param`], [`Candidate`] and the [`GridBuilder`] setters, from the table's
+/// `searched` rows.
+macro_rules! define_params {
+    (
+        fixed { $($fixed:tt)* }
+        searched { $(
+            $(#[doc = $doc:literal])*
+            $name:ident : $ty:ty = $default:expr, parse $parse:path, flag $flag:literal,
+            axis $variant:ident $title:literal [$($tune:expr),*] $(, cli $cli:expr)?;
+        )* }
+        not_in_c { $($rest:tt)* }
+    ) => {
+        /// A parameter of [`StreamerConfig`] that a search varies.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Param {
+            $(
+                #[doc = concat!("[`StreamerConfig::", stringify!($name), "`].")]
+                $variant,
+            )*
+        }
+
+        impl Param {
+            /// How many parameters there are.
+            pub const COUNT: usize = [$(stringify!($name)),*].len();
+
+            /// Every parameter, in the order searches vary them.
+            pub const ALL: [Param; Param::COUNT] = [$(Param::$variant),*];
+
+            /// The field's name, e.g. `n_cpu_pinned`.
+            pub fn name(self) -> &'static str {
+                match self { $(Param::$variant => stringify!($name),)* }
+            }
+
+            /// The short column title of the report's table, e.g. `n_pin`.
+            pub fn title(self) -> &'static str {
+                match self { $(Param::$variant => $title,)* }
+            }
+
+            /// Parses one value of this parameter with the option's parser: a
+            /// count (`off` is 0), a size for `read_chunk` (`4MiB`), a budget for
+            /// the caches (`none`, `auto`, `8GB`).
+            pub fn parse_value(self, s: &str) -> Result<Value> {
+                let parsed = match self {
+                    $(Param::$variant => $parse(s.trim()).map(AxisValue::into_value),)*
+                };
+                parsed.map_err(|e| {
+                    Error::Input(format!("{}: invalid value {:?}: {e}", self.name(), s.trim()))
+                })
+            }
+
+            /// The values the default grid ([`Grid::default_search`]) tries, before
+            /// the library's and the command line's defaults are added.
+            fn suggested(self) -> Vec<Value> {
+                match self {
+                    $(Param::$variant => {
+                        let values: Vec<$ty> = vec![$($tune),*];
+                        values.into_iter().map(AxisValue::into_value).collect()
+                    })*
+                }
+            }
+        }
+
+        /// One point of the search space: the values of every [`Param`]. The
+        /// rest of a [`StreamerConfig`] (device, dtype, I/O mode) comes from
+        /// the tuner's base configuration.
+        ///
+        /// In JSON, counts and `read_chunk` are numbers; a budget is `"none"`,
+        /// `"auto"` or a number of bytes.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct Candidate {
+            $(
+                $(#[doc = $doc])*
+                pub $name: $ty,
+            )*
+        }
+
+        impl Candidate {
+            /// The searched parameters of `cfg`.
+            pub fn from_config(cfg: &StreamerConfig) -> Candidate {
+                Candidate { $($name: cfg.$name,)* }
+            }
+
+            /// `base` with this candidate's parameters.
+            pub fn apply(&self, base: &StreamerConfig) -> StreamerConfig {
+                StreamerConfig { $($name: self.$name,)* ..base.clone() }
+            }
+
+            /// The value of one parameter.
+            pub fn get(&self, p: Param) -> Value {
+                match p { $(Param::$variant => self.$name.into_value(),)* }
+            }
+
+            /// Sets one parameter; a value of the wrong kind for it is an error.
+            pub fn set(&mut self, p: Param, v: Value) -> Result<()> {
+                let wrong = || Error::Input(format!("{v:?} is not a value of {}", p.name()));
+                match p {
+                    $(Param::$variant => {
+                        self.$name = AxisValue::from_value(v).ok_or_else(wrong)?;
+                    })*
+                }
+                Ok(())
+            }
+        }
+
+        impl GridBuilder {
+            $(
+                #[doc = concat!("Values of `", stringify!($name), "` to try.")]
+                pub fn $name(self, values: impl IntoIterator<Item = $ty>) -> Self {
+                    self.values(Param::$variant, values.into_iter().map(AxisValue::into_value))
+                }
+            )*
+        }
+    };
+}
+
+streamer_options!(define_params);
+
+impl Param {
+    /// A parameter by its field name (`n_cpu_pinned`) or option name (`n-cpu-pinned`).
+    pub fn from_name(s: &str) -> Option<Param> {
+        let s = s.trim().trim_start_matches("--").replace('-', "_");
+        Param::ALL.into_iter().find(|p| p.name() == s)
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Param {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl Candidate {
-    /// The searched parameters of `cfg`.
-    pub fn from_config(cfg: &StreamerConfig) -> Candidate {
-        Candidate {
-            n_gpu: cfg.n_gpu,
-            n_cpu_pinned: cfg.n_cpu_pinned,
-            n_cpu: cfg.n_cpu,
-            batch_gpu: cfg.batch_gpu,
-            batch_cpu_pinned: cfg.batch_cpu_pinned,
-            batch_cpu: cfg.batch_cpu,
-            reader_threads: cfg.reader_threads,
-            read_chunk: cfg.read_chunk,
-            pinned_cache: cfg.pinned_cache,
-            gpu_cache: cfg.gpu_cache,
-        }
-    }
-
-    /// `base` with this candidate's parameters.
-    pub fn apply(&self, base: &StreamerConfig) -> StreamerConfig {
-        StreamerConfig {
-            n_gpu: self.n_gpu,
-            n_cpu_pinned: self.n_cpu_pinned,
-            n_cpu: self.n_cpu,
-            batch_gpu: self.batch_gpu,
-            batch_cpu_pinned: self.batch_cpu_pinned,
-            batch_cpu: self.batch_cpu,
-            reader_threads: self.reader_threads,
-            read_chunk: self.read_chunk,
-            pinned_cache: self.pinned_cache,
-            gpu_cache: self.gpu_cache,
-            ..base.clone()
-        }
-    }
-
-    /// The value of one parameter.
-    pub fn get(&self, p: Param) -> Value {
-        match p {
-            Param::NGpu => Value::Count(self.n_gpu),
-            Param::NCpuPinned => Value::Count(self.n_cpu_pinned),
-            Param::NCpu => Value::Count(self.n_cpu),
-            Param::BatchGpu => Value::Count(self.batch_gpu),
-            Param::BatchCpuPinned => Value::Count(self.batch_cpu_pinned),
-            Param::BatchCpu => Value::Count(self.batch_cpu),
-            Param::ReaderThreads => Value::Count(self.reader_threads),
-            Param::ReadChunk => Value::Bytes(self.read_chunk),
-            Param::PinnedCache => Value::Budget(self.pinned_cache),
-            Param::GpuCache => Value::Budget(self.gpu_cache),
-        }
-    }
-
-    /// Sets one parameter; a value of the wrong kind for it is an error.
-    pub fn set(&mut self, p: Param, v: Value) -> Result<()> {
-        match (p, v) {
-            (Param::NGpu, Value::Count(n)) => self.n_gpu = n,
-            (Param::NCpuPinned, Value::Count(n)) => self.n_cpu_pinned = n,
-            (Param::NCpu, Value::Count(n)) => self.n_cpu = n,
-            (Param::BatchGpu, Value::Count(n)) => self.batch_gpu = n,
-            (Param::BatchCpuPinned, Value::Count(n)) => self.batch_cpu_pinned = n,
-            (Param::BatchCpu, Value::Count(n)) => self.batch_cpu = n,
-            (Param::ReaderThreads, Value::Count(n)) => self.reader_threads = n,
-            (Param::ReadChunk, Value::Bytes(b)) => self.read_chunk = b,
-            (Param::PinnedCache, Value::Budget(b)) => self.pinned_cache = b,
-            (Param::GpuCache, Value::Budget(b)) => self.gpu_cache = b,
-            (p, v) => {
-                return Err(Error::Input(format!(
-                    "{v:?} is not a value of {}",
-                    p.name()
-                )))
-            }
-        }
-        Ok(())
-    }
-
     /// This candidate with one parameter changed.
     pub fn with(mut self, p: Param, v: Value) -> Result<Candidate> {
         self.set(p, v)?;
@@ -277,36 +237,6 @@ impl fmt::Display for Candidate {
     }
 }
 
-/// Budgets in JSON: `"none"`, `"auto"` or a number of bytes.
-mod budget_json {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use crate::pipeline::Budget;
-
-    #[derive(Serialize, Deserialize)]
-    #[serde(untagged)]
-    enum Repr {
-        Bytes(u64),
-        Word(String),
-    }
-
-    pub fn serialize<S: Serializer>(b: &Budget, s: S) -> Result<S::Ok, S::Error> {
-        match *b {
-            Budget::None => Repr::Word("none".into()),
-            Budget::Auto => Repr::Word("auto".into()),
-            Budget::Bytes(n) => Repr::Bytes(n),
-        }
-        .serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Budget, D::Error> {
-        match Repr::deserialize(d)? {
-            Repr::Bytes(n) => Ok(Budget::Bytes(n)),
-            Repr::Word(w) => Budget::parse(&w).map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 /// The values to try for each [`Param`]. A parameter with no values keeps
 /// the base configuration's value.
 ///
@@ -323,13 +253,32 @@ mod budget_json {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Grid {
-    axes: [Vec<Value>; 10],
+    axes: [Vec<Value>; Param::COUNT],
 }
 
 impl Grid {
     /// An empty grid: every parameter keeps the base value.
     pub fn builder() -> GridBuilder {
         GridBuilder::default()
+    }
+
+    /// The grid `layer-streamer tune` searches when no lists are given: for
+    /// each parameter a few values that matter on most machines, always
+    /// including the value of [`StreamerConfig::default`] and of
+    /// [`StreamerConfig::cli_default`] (so the library's and the tool's
+    /// defaults are among the candidates, e.g. both `none` and `auto` for the
+    /// pinned cache).
+    pub fn default_search() -> Grid {
+        let lib = Candidate::from_config(&StreamerConfig::default());
+        let cli = Candidate::from_config(&StreamerConfig::cli_default());
+        let mut b = Grid::builder();
+        for p in Param::ALL {
+            // The tool's default first: a fast configuration early makes
+            // the slower ones that follow end sooner.
+            let values = [cli.get(p), lib.get(p)].into_iter().chain(p.suggested());
+            b = b.values(p, values);
+        }
+        b.build()
     }
 
     /// The values given for `p` (empty: the base value).
@@ -411,48 +360,7 @@ pub struct GridBuilder {
     grid: Grid,
 }
 
-macro_rules! count_setters {
-    ($($(#[$doc:meta])* $name:ident => $param:ident;)*) => {$(
-        $(#[$doc])*
-        pub fn $name(self, values: impl IntoIterator<Item = usize>) -> Self {
-            self.values(Param::$param, values.into_iter().map(Value::Count))
-        }
-    )*};
-}
-
 impl GridBuilder {
-    count_setters! {
-        /// Values of `n_gpu`.
-        n_gpu => NGpu;
-        /// Values of `n_cpu_pinned` (0: off).
-        n_cpu_pinned => NCpuPinned;
-        /// Values of `n_cpu` (0: off).
-        n_cpu => NCpu;
-        /// Values of `batch_gpu`.
-        batch_gpu => BatchGpu;
-        /// Values of `batch_cpu_pinned`.
-        batch_cpu_pinned => BatchCpuPinned;
-        /// Values of `batch_cpu`.
-        batch_cpu => BatchCpu;
-        /// Values of `reader_threads`.
-        reader_threads => ReaderThreads;
-    }
-
-    /// Values of `read_chunk`, in bytes.
-    pub fn read_chunk(self, values: impl IntoIterator<Item = u64>) -> Self {
-        self.values(Param::ReadChunk, values.into_iter().map(Value::Bytes))
-    }
-
-    /// Values of `pinned_cache`.
-    pub fn pinned_cache(self, values: impl IntoIterator<Item = Budget>) -> Self {
-        self.values(Param::PinnedCache, values.into_iter().map(Value::Budget))
-    }
-
-    /// Values of `gpu_cache`.
-    pub fn gpu_cache(self, values: impl IntoIterator<Item = Budget>) -> Self {
-        self.values(Param::GpuCache, values.into_iter().map(Value::Budget))
-    }
-
     /// Sets `p`'s values from a command-line list (see [`Grid::parse_list`]).
     pub fn parse(self, p: Param, list: &str) -> Result<Self> {
         let values = Grid::parse_list(p, list)?;

@@ -28,10 +28,11 @@
 //! The protocol: the request is JSON in `LS_TUNER_REQUEST`; the child writes
 //! one JSON object per line to stdout, `{"run":i,"seconds":t}` after each run
 //! (run 0 is the warm-up), then `{"done":{"runs":n,"mean_s":m}}`, or
-//! `{"error":{"kind":k,"message":m}}` when the configuration fails, where
-//! `k` is one of [`error_kind`]'s names (`oom`, `limit`, `config`, `input`,
-//! `model`, `cuda`, `io`, `layer_fn`, `pipeline`). The child's
-//! stderr is kept for the reason of a crash.
+//! `{"error":{"kind":k,"cuda_code":c,"message":m}}` when the configuration
+//! fails, where `k` is an [`ErrorKind`] (`oom`, `limit`, `config`, `input`,
+//! `model`, `cuda`, `io`, `layer_fn`, `pipeline`) and `c`, present for CUDA
+//! errors, the driver's `CUresult`. The child's stderr is kept for the
+//! reason of a crash.
 //!
 //! # The JSON result
 //!
@@ -79,7 +80,7 @@ mod search;
 mod workload;
 
 pub use child::{
-    error_kind, worker_main, ChildError, Done, Line, Request, CHILD_ENV, ERROR_EXIT, REQUEST_ENV,
+    worker_main, ChildError, Done, ErrorKind, Line, Request, CHILD_ENV, ERROR_EXIT, REQUEST_ENV,
 };
 pub use estimate::{MachineLimits, MemoryEstimate};
 pub use grid::{format_bytes, Candidate, Grid, GridBuilder, Param, Value};

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::child::{ChildError, Line, Request, CHILD_ENV, REQUEST_ENV};
@@ -59,91 +60,167 @@ pub(crate) fn run_child(
     timeout: Duration,
     echo_stderr: bool,
 ) -> Result<ChildReport> {
-    let json = serde_json::to_string(req)
-        .map_err(|e| Error::Pipeline(format!("cannot serialize the child request: {e}")))?;
-    let mut child = Command::new(&cmd.exe)
-        .args(&cmd.args)
-        .env(CHILD_ENV, "1")
-        .env(REQUEST_ENV, json)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io("starting the tuner child", &cmd.exe, None, e))?;
-    let (tx, rx) = mpsc::channel::<Line>();
-    let stdout = child.stdout.take();
-    let out_reader = std::thread::spawn(move || {
-        let Some(stdout) = stdout else { return };
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Ok(msg) = serde_json::from_str::<Line>(line.trim()) {
-                if tx.send(msg).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let stderr = child.stderr.take();
-    let err_reader = std::thread::spawn(move || stderr.map(|s| tail_of(s, echo_stderr)));
+    let mut running = Running::spawn(cmd, req, echo_stderr)?;
+    let watched = running.watch(kill_above, timeout);
+    running.finish(watched, timeout)
+}
 
-    let mut report = ChildReport {
-        warmup_s: None,
-        runs: Vec::new(),
-        ending: Ending::Crashed(String::new()),
-    };
-    let mut error = None;
-    let mut done = false;
-    let mut last_line = Instant::now();
-    let killed: Option<Ending> = loop {
-        let wait = timeout.saturating_sub(last_line.elapsed());
-        match rx.recv_timeout(wait) {
-            Ok(Line::Run { run, seconds }) => {
-                last_line = Instant::now();
-                if run == 0 {
-                    report.warmup_s = Some(seconds);
-                    continue;
+/// A child being measured, and the threads reading its output.
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<Line>,
+    out_reader: JoinHandle<()>,
+    err_reader: JoinHandle<Option<String>>,
+}
+
+/// What the child reported while it was watched.
+struct Watched {
+    report: ChildReport,
+    /// The error line it reported, if any.
+    error: Option<ChildError>,
+    /// It wrote its final line.
+    done: bool,
+    /// Why it was killed, if it was.
+    killed: Option<Ending>,
+    last_line: Instant,
+}
+
+impl Running {
+    fn spawn(cmd: &ChildCommand, req: &Request, echo_stderr: bool) -> Result<Running> {
+        let json = serde_json::to_string(req)
+            .map_err(|e| Error::Pipeline(format!("cannot serialize the child request: {e}")))?;
+        let mut command = Command::new(&cmd.exe);
+        command
+            .args(&cmd.args)
+            .env(CHILD_ENV, "1")
+            .env(REQUEST_ENV, json)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        die_with_parent(&mut command);
+        let mut child = command
+            .spawn()
+            .map_err(|e| Error::io("starting the tuner child", &cmd.exe, None, e))?;
+        let (tx, lines) = mpsc::channel::<Line>();
+        let stdout = child.stdout.take();
+        let out_reader = std::thread::spawn(move || {
+            let Some(stdout) = stdout else { return };
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(msg) = serde_json::from_str::<Line>(line.trim()) {
+                    if tx.send(msg).is_err() {
+                        break;
+                    }
                 }
-                report.runs.push(seconds);
-                if let Some(best_s) = kill_above.filter(|&b| seconds > b) {
-                    break Some(Ending::Slower { best_s });
+            }
+        });
+        let stderr = child.stderr.take();
+        let err_reader = std::thread::spawn(move || stderr.map(|s| tail_of(s, echo_stderr)));
+        Ok(Running {
+            child,
+            lines,
+            out_reader,
+            err_reader,
+        })
+    }
+
+    /// Reads lines until the child is done, fails, stops writing, or must be
+    /// killed.
+    fn watch(&mut self, kill_above: Option<f64>, timeout: Duration) -> Watched {
+        let mut w = Watched {
+            report: ChildReport {
+                warmup_s: None,
+                runs: Vec::new(),
+                ending: Ending::Crashed(String::new()),
+            },
+            error: None,
+            done: false,
+            killed: None,
+            last_line: Instant::now(),
+        };
+        w.killed = loop {
+            let wait = timeout.saturating_sub(w.last_line.elapsed());
+            let line = match self.lines.recv_timeout(wait) {
+                Ok(line) => line,
+                Err(RecvTimeoutError::Timeout) => break Some(Ending::TimedOut(timeout)),
+                Err(RecvTimeoutError::Disconnected) => break None,
+            };
+            w.last_line = Instant::now();
+            match line {
+                Line::Run { run: 0, seconds } => w.report.warmup_s = Some(seconds),
+                Line::Run { seconds, .. } => {
+                    w.report.runs.push(seconds);
+                    if let Some(best_s) = kill_above.filter(|&b| seconds > b) {
+                        break Some(Ending::Slower { best_s });
+                    }
                 }
+                // Every run is in: what the child does while exiting does not
+                // change the measurement.
+                Line::Done { .. } => {
+                    w.done = true;
+                    break None;
+                }
+                Line::Error { error } => w.error = Some(error),
             }
-            Ok(Line::Done { .. }) => {
-                // Every run is in: what the child does while exiting does
-                // not change the measurement.
-                last_line = Instant::now();
-                done = true;
-                break None;
+        };
+        w
+    }
+
+    /// Ends the child (killing it if it must be), joins the readers and says
+    /// how it ended.
+    fn finish(mut self, w: Watched, timeout: Duration) -> Result<ChildReport> {
+        let status = match w.killed {
+            Some(_) => {
+                // Ending an already-exited child is not an error: it may have
+                // finished between the last line and this kill.
+                let _ = self.child.kill();
+                Some(wait(&mut self.child)?)
             }
-            Ok(Line::Error { error: e }) => {
-                last_line = Instant::now();
-                error = Some(e);
+            None => {
+                let left = timeout.saturating_sub(w.last_line.elapsed());
+                wait_with_timeout(&mut self.child, left)?
             }
-            Err(RecvTimeoutError::Timeout) => break Some(Ending::TimedOut(timeout)),
-            Err(RecvTimeoutError::Disconnected) => break None,
-        }
-    };
-    let status = match killed {
-        Some(_) => {
-            // Ending an already-exited child is not an error: it may have
-            // finished between the last line and this kill.
-            let _ = child.kill();
-            Some(wait(&mut child)?)
-        }
-        None => wait_with_timeout(&mut child, timeout.saturating_sub(last_line.elapsed()))?,
-    };
-    let _ = out_reader.join();
-    let stderr_tail = err_reader.join().ok().flatten().unwrap_or_default();
-    report.ending = match (killed, status) {
-        (Some(k), _) => k,
-        (None, _) if done => Ending::Finished,
-        (None, None) => Ending::TimedOut(timeout),
-        (None, Some(status)) => match error {
-            Some(e) => Ending::Failed(e),
-            None => Ending::Crashed(crash_reason(status, &stderr_tail)),
-        },
-    };
-    Ok(report)
+        };
+        let _ = self.out_reader.join();
+        let stderr_tail = self.err_reader.join().ok().flatten().unwrap_or_default();
+        let mut report = w.report;
+        report.ending = match (w.killed, status) {
+            (Some(k), _) => k,
+            (None, _) if w.done => Ending::Finished,
+            (None, None) => Ending::TimedOut(timeout),
+            (None, Some(status)) => match w.error {
+                Some(e) => Ending::Failed(e),
+                None => Ending::Crashed(crash_reason(status, &stderr_tail)),
+            },
+        };
+        Ok(report)
+    }
+}
+
+/// Makes the child get `SIGKILL` when the thread that starts it ends
+/// (`PR_SET_PDEATHSIG`), so that killing the tuner does not leave children
+/// running: with no one reading their output they would otherwise hold
+/// their memory (pinned RAM, VRAM) until they finish. The thread that
+/// starts a child waits for it, so it outlives the child in a normal run.
+fn die_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before `exec` and calls
+    // only `prctl` and `getppid`, both async-signal-safe; it allocates
+    // nothing (`from_raw_os_error` builds an error without allocating).
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between `fork` and `prctl`, before
+            // the death signal was armed.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 fn wait(child: &mut Child) -> Result<ExitStatus> {

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::child::ErrorKind;
 use super::grid::{Candidate, Param};
 use super::process::{ChildReport, Ending};
 
@@ -94,11 +95,13 @@ impl ConfigResult {
                 )),
             ),
             Ending::Failed(e) => {
-                let status = match e.kind.as_str() {
-                    "oom" => Status::Oom,
-                    "limit" => Status::Limit,
-                    "config" | "input" | "model" => Status::BuildFailed,
-                    _ => Status::Crashed,
+                let status = match e.kind {
+                    ErrorKind::Oom => Status::Oom,
+                    ErrorKind::Limit => Status::Limit,
+                    ErrorKind::Config | ErrorKind::Input | ErrorKind::Model => Status::BuildFailed,
+                    ErrorKind::Cuda | ErrorKind::Io | ErrorKind::LayerFn | ErrorKind::Pipeline => {
+                        Status::Crashed
+                    }
                 };
                 let what = match status {
                     Status::Oom => "OOM".to_string(),
@@ -172,20 +175,6 @@ impl TuneReport {
     }
 }
 
-/// Short column titles, in [`Param::ALL`] order.
-const TITLES: [&str; 10] = [
-    "n_gpu",
-    "n_pin",
-    "n_cpu",
-    "b_gpu",
-    "b_pin",
-    "b_cpu",
-    "readers",
-    "chunk",
-    "pin_cache",
-    "gpu_cache",
-];
-
 impl fmt::Display for TuneReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rows: Vec<Vec<String>> = self
@@ -198,18 +187,20 @@ impl fmt::Display for TuneReport {
                     .collect()
             })
             .collect();
-        let widths: Vec<usize> = (0..TITLES.len())
-            .map(|i| {
+        let widths: Vec<usize> = Param::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
                 rows.iter()
                     .map(|r| r[i].len())
-                    .chain([TITLES[i].len()])
+                    .chain([p.title().len()])
                     .max()
                     .unwrap_or(0)
             })
             .collect();
         write!(f, "  ")?;
-        for (t, w) in TITLES.iter().zip(&widths) {
-            write!(f, "{t:>w$} ")?;
+        for (p, w) in Param::ALL.iter().zip(&widths) {
+            write!(f, "{:>w$} ", p.title())?;
         }
         writeln!(f, "{:>10}  result", "mean_s")?;
         for (r, row) in self.configs.iter().zip(&rows) {

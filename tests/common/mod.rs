@@ -1,16 +1,28 @@
-//! Shared by the GPU integration tests: get a context or explain the skip.
+//! Helpers shared by the integration tests: seeded random data, scratch
+//! directories, synthetic models, the checked-in reference fixtures, and a
+//! CUDA context or the reason to skip.
+//!
+//! Every test binary that needs them declares `mod common;` and calls
+//! `common::rng`, `common::tempdir`, `common::models::…` and so on.
 #![allow(dead_code)]
+
+mod dirs;
+pub mod models;
+mod random;
+pub mod reference;
 
 use layer_streamer::cuda::{self, Context};
 use layer_streamer::Error;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
+
+// Each test binary uses some of these; the others would warn as unused.
+#[allow(unused_imports)]
+pub use dirs::{cli_binary, tempdir};
+#[allow(unused_imports)]
+pub use random::{bytes, rng, seed};
 
 /// A context on device 0, or `None` (after saying why on stderr) when this
 /// machine has no usable CUDA driver or device. With `LS_REQUIRE_GPU=1` the
 /// absence of a GPU fails the test instead. Any other error fails the test.
-pub mod models;
-
 pub fn gpu(test: &str) -> Option<Context> {
     let require = std::env::var("LS_REQUIRE_GPU").is_ok_and(|v| v == "1");
     let why = match cuda::device_count() {
@@ -24,15 +36,4 @@ pub fn gpu(test: &str) -> Option<Context> {
     }
     eprintln!("skipping {test}: {why} (set LS_REQUIRE_GPU=1 to make this a failure)");
     None
-}
-
-/// A fresh random generator; the seed is printed so that a failure can be
-/// replayed with `LS_SEED=<seed>`.
-pub fn rng(test: &str) -> StdRng {
-    let seed = match std::env::var("LS_SEED") {
-        Ok(s) => s.parse().expect("LS_SEED must be a u64"),
-        Err(_) => rand::random(),
-    };
-    eprintln!("{test}: random seed {seed} (replay with LS_SEED={seed})");
-    StdRng::seed_from_u64(seed)
 }

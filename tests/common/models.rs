@@ -1,19 +1,33 @@
-//! Random model directories for pipeline tests, and the bytes each layer must show.
-#![allow(dead_code)]
+//! Synthetic and hand-made model files for tests, and the bytes each tensor
+//! must show.
 
 use std::path::{Path, PathBuf};
 
-use layer_streamer::synth::{self, Arch, Shape, SynthSpec};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, ModelIndex};
 use rand::Rng;
 
-/// A temporary directory on a real filesystem (not tmpfs): under `target/`.
-pub fn tempdir() -> tempfile::TempDir {
-    std::fs::create_dir_all("target/test-fixtures").expect("create target/test-fixtures");
-    tempfile::Builder::new()
-        .prefix("ls-")
-        .tempdir_in("target/test-fixtures")
-        .expect("create a temporary directory")
+/// Writes a synthetic model of a named preset (`tiny`, `small`, ...).
+pub fn synth(
+    dir: &Path,
+    arch: Arch,
+    preset: &str,
+    dtype: DType,
+    tie: bool,
+    shard_size: u64,
+    seed: u64,
+) {
+    let spec = SynthSpec {
+        arch,
+        shape: Shape::preset(preset).unwrap_or_else(|| panic!("no synth preset {preset:?}")),
+        dtype,
+        tie,
+        shard_size,
+        seed,
+        threads: 2,
+    };
+    write_model(dir, &spec)
+        .unwrap_or_else(|e| panic!("writing a {preset} model to {}: {e}", dir.display()));
 }
 
 /// Writes a small random model (`layers` layers, several shards) and opens it.
@@ -40,7 +54,7 @@ pub fn small_model(dir: &Path, rng: &mut impl Rng, layers: usize, dtype: DType) 
         seed: rng.gen(),
         threads: 1,
     };
-    synth::write_model(dir, &spec).expect("write a synthetic model");
+    write_model(dir, &spec).expect("write a synthetic model");
     ModelIndex::open(dir).expect("open the synthetic model")
 }
 
@@ -67,4 +81,23 @@ pub fn read_tensor(model: &ModelIndex, info: &layer_streamer::checkpoint::Tensor
     f.read_exact_at(&mut buf, info.file_offset)
         .expect("read tensor");
     buf
+}
+
+/// Writes a safetensors file: the 8-byte header length, `header`, then `data`.
+pub fn raw_safetensors(path: &Path, header: &str, data: &[u8]) {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// The `.safetensors` files of a directory, sorted.
+pub fn shards(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    v
 }

@@ -58,70 +58,38 @@ macro_rules! say {
     ($json:expr, $($t:tt)*) => { if !$json { println!($($t)*); } };
 }
 
+/// Everything one `bench` run measured, for the JSON document.
+struct Measured {
+    disk: Vec<DiskResult>,
+    cache_note: String,
+    best_disk: Option<DiskResult>,
+    h2d: Option<lsb::H2dResult>,
+    cold: Vec<PassStats>,
+    fill: PassStats,
+    warm: Vec<PassStats>,
+    /// The per-layer compute time of the overlap passes.
+    per_layer: Duration,
+    /// The overlap passes, each with its ratio to max(transfer, compute).
+    overlap: Vec<(PassStats, f64)>,
+    memory: layer_streamer::streamer::MemoryUse,
+}
+
 /// Runs `bench`.
 pub fn run(a: Args) -> Result<()> {
     let model = ModelIndex::open(&a.model)?;
     let cfg = a.opts.config()?;
     let files = lsb::model_files(&model);
-    let bytes = model.total_layer_bytes();
-    let layers = model.num_layers();
     say!(
         a.json,
         "model {}: {} layers, {:.3} GB per pass, largest layer {:.1} MB, {} files",
         a.model.display(),
-        layers,
-        bytes as f64 / 1e9,
+        model.num_layers(),
+        model.total_layer_bytes() as f64 / 1e9,
         model.max_slot_bytes() as f64 / 1e6,
         files.len()
     );
-    let ctx = match cfg.device {
-        Device::Cuda(n) => {
-            let ctx = cuda::Context::new(n)?;
-            let (major, minor) = cuda::driver_version()?;
-            say!(
-                a.json,
-                "device cuda:{n}: {} (driver CUDA {major}.{minor})",
-                ctx.name()?
-            );
-            Some(ctx)
-        }
-        Device::Host => {
-            say!(a.json, "device: host backend (no GPU)");
-            None
-        }
-    };
-
-    // 1. The disk.
-    let mut disk: Vec<DiskResult> = Vec::new();
-    let mut cache_note = String::new();
-    if !a.skip_disk {
-        let sample = parse_size(&a.disk_sample)?.min(model.files().iter().map(|f| f.len).sum());
-        say!(
-            a.json,
-            "\ndisk: sequential read of {:.2} GB of the model's files per point",
-            sample as f64 / 1e9
-        );
-        for mode in [OpenMode::Direct, OpenMode::Buffered] {
-            for &t in &a.disk_threads {
-                for c in &a.disk_chunks {
-                    let chunk = parse_size(c)?;
-                    let dropped = lsb::drop_page_cache(&files);
-                    cache_note = dropped.describe().to_string();
-                    let r = lsb::disk_read(&files, mode, t, chunk, sample)?;
-                    say!(
-                        a.json,
-                        "  {:<8} {:>2} threads x {:>3} MiB: {:>6.2} GB/s",
-                        format!("{:?}", r.mode).to_lowercase(),
-                        t,
-                        chunk >> 20,
-                        r.gbps()
-                    );
-                    disk.push(r);
-                }
-            }
-        }
-        say!(a.json, "  ({cache_note})");
-    }
+    let ctx = open_device(cfg.device, a.json)?;
+    let (disk, cache_note) = disk_sweep(&a, &model, &files)?;
     let best_disk = disk
         .iter()
         .copied()
@@ -136,168 +104,295 @@ pub fn run(a: Args) -> Result<()> {
             b.chunk >> 20
         );
     }
-
-    // 2. Host to device.
     let h2d = match &ctx {
-        Some(ctx) => {
-            let n = (model.max_slot_bytes() as usize).clamp(64 << 20, 1 << 30);
-            let r = lsb::h2d_bandwidth(ctx, n, 5)?;
-            say!(
-                a.json,
-                "\nh2d ({} MiB copies): pinned {:.1} GB/s, pageable {:.1} GB/s",
-                n >> 20,
-                r.pinned_gbps,
-                r.pageable_gbps
-            );
-            Some(r)
-        }
+        Some(ctx) => Some(h2d_bandwidth(ctx, &model, a.json)?),
         None => None,
     };
+    let cold = cold_passes(&a, &model, &cfg, &files, best_disk)?;
+    let mut s = warm_streamer(&model, &cfg, a.json)?;
+    let (fill, warm) = warm_passes(&mut s, a.passes, h2d, a.json)?;
+    let transfer = warm.iter().map(|p| p.wall).min().unwrap_or(fill.wall);
+    let per_layer = match a.compute_ms {
+        Some(ms) => Duration::from_secs_f64(ms / 1e3),
+        None => transfer / model.num_layers().max(1) as u32,
+    };
+    let overlap = overlap_passes(&mut s, ctx.as_ref(), per_layer, transfer, a.passes, a.json)?;
+    if a.json {
+        let m = Measured {
+            disk,
+            cache_note,
+            best_disk,
+            h2d,
+            cold,
+            fill,
+            warm,
+            per_layer,
+            overlap,
+            memory: s.memory().clone(),
+        };
+        let doc = json_doc(&a, &model, &cfg, ctx.as_ref(), &m);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    Ok(())
+}
 
-    // 3. Cold passes.
-    let mut cold = Vec::new();
-    if a.cold_passes > 0 {
-        let mut s = LayerStreamer::builder(&model)
-            .config(cfg.clone())
-            .pinned_cache(Budget::None)
-            .gpu_cache(Budget::None)
-            .build()?;
-        say!(
-            a.json,
-            "\ncold passes (no cache; {}):",
-            lsb::drop_page_cache(&files).describe()
-        );
-        for _ in 0..a.cold_passes {
-            lsb::drop_page_cache(&files);
-            s.run_pass((), |(), _, _, _| Ok(()))?;
-            let st = s.last_pass_stats().clone();
-            print_pass(a.json, &st, best_disk.map(|b| ("best disk read", b.gbps())));
-            cold.push(st);
+/// A context on the CUDA device; `None` on the host backend.
+fn open_device(device: Device, json: bool) -> Result<Option<cuda::Context>> {
+    match device {
+        Device::Cuda(n) => {
+            let ctx = cuda::Context::new(n)?;
+            let (major, minor) = cuda::driver_version()?;
+            say!(
+                json,
+                "device cuda:{n}: {} (driver CUDA {major}.{minor})",
+                ctx.name()?
+            );
+            Ok(Some(ctx))
+        }
+        Device::Host => {
+            say!(json, "device: host backend (no GPU)");
+            Ok(None)
         }
     }
+}
 
-    // 4. Warm passes: weights in the pinned cache.
+/// The disk (1): every mode × reader threads × request size, page cache
+/// dropped before each point where permitted. Returns the points and what
+/// happened to the page cache.
+fn disk_sweep(
+    a: &Args,
+    model: &ModelIndex,
+    files: &[std::path::PathBuf],
+) -> Result<(Vec<DiskResult>, String)> {
+    let mut disk = Vec::new();
+    let mut cache_note = String::new();
+    if a.skip_disk {
+        return Ok((disk, cache_note));
+    }
+    let sample = parse_size(&a.disk_sample)?.min(model.files().iter().map(|f| f.len).sum());
+    say!(
+        a.json,
+        "\ndisk: sequential read of {:.2} GB of the model's files per point",
+        sample as f64 / 1e9
+    );
+    for mode in [OpenMode::Direct, OpenMode::Buffered] {
+        for &t in &a.disk_threads {
+            for c in &a.disk_chunks {
+                let chunk = parse_size(c)?;
+                cache_note = lsb::drop_page_cache(files).describe().to_string();
+                let r = lsb::disk_read(files, mode, t, chunk, sample)?;
+                say!(
+                    a.json,
+                    "  {:<8} {:>2} threads x {:>3} MiB: {:>6.2} GB/s",
+                    format!("{:?}", r.mode).to_lowercase(),
+                    t,
+                    chunk >> 20,
+                    r.gbps()
+                );
+                disk.push(r);
+            }
+        }
+    }
+    say!(a.json, "  ({cache_note})");
+    Ok((disk, cache_note))
+}
+
+/// Host to device (2), pinned and pageable.
+fn h2d_bandwidth(ctx: &cuda::Context, model: &ModelIndex, json: bool) -> Result<lsb::H2dResult> {
+    let n = (model.max_slot_bytes() as usize).clamp(64 << 20, 1 << 30);
+    let r = lsb::h2d_bandwidth(ctx, n, 5)?;
+    say!(
+        json,
+        "\nh2d ({} MiB copies): pinned {:.1} GB/s, pageable {:.1} GB/s",
+        n >> 20,
+        r.pinned_gbps,
+        r.pageable_gbps
+    );
+    Ok(r)
+}
+
+/// Cold passes (3): no cache, page cache dropped before each.
+fn cold_passes(
+    a: &Args,
+    model: &ModelIndex,
+    cfg: &layer_streamer::StreamerConfig,
+    files: &[std::path::PathBuf],
+    best_disk: Option<DiskResult>,
+) -> Result<Vec<PassStats>> {
+    let mut cold = Vec::new();
+    if a.cold_passes == 0 {
+        return Ok(cold);
+    }
+    let mut s = LayerStreamer::builder(model)
+        .config(cfg.clone())
+        .pinned_cache(Budget::None)
+        .gpu_cache(Budget::None)
+        .build()?;
+    say!(
+        a.json,
+        "\ncold passes (no cache; {}):",
+        lsb::drop_page_cache(files).describe()
+    );
+    for _ in 0..a.cold_passes {
+        lsb::drop_page_cache(files);
+        s.run_pass((), |(), _, _, _| Ok(()))?;
+        let st = s.last_pass_stats().clone();
+        print_pass(a.json, &st, best_disk.map(|b| ("best disk read", b.gbps())));
+        cold.push(st);
+    }
+    Ok(cold)
+}
+
+/// The streamer of the warm and overlap passes: the configuration's, with a
+/// pinned cache (`auto` where it has none).
+fn warm_streamer(
+    model: &ModelIndex,
+    cfg: &layer_streamer::StreamerConfig,
+    json: bool,
+) -> Result<LayerStreamer> {
     let pinned = match cfg.pinned_cache {
         Budget::None => Budget::Auto,
         b => b,
     };
-    let mut s = LayerStreamer::builder(&model)
+    let s = LayerStreamer::builder(model)
         .config(cfg.clone())
         .pinned_cache(pinned)
         .build()?;
-    let mem = s.memory().clone();
+    let mem = s.memory();
     say!(
-        a.json,
+        json,
         "\nwarm passes: {} of {} layers in the pinned cache ({:.2} GB), {} device slots of {:.1} MB ({:.2} GB of device memory)",
         mem.pinned_cache_layers,
-        layers,
+        model.num_layers(),
         mem.pinned_cache_bytes as f64 / 1e9,
         mem.gpu_slots,
         mem.gpu_slot_size as f64 / 1e6,
         mem.device_bytes() as f64 / 1e9
     );
+    Ok(s)
+}
+
+/// Warm passes (4): a pass that fills the pinned cache, then `passes` from it.
+fn warm_passes(
+    s: &mut LayerStreamer,
+    passes: usize,
+    h2d: Option<lsb::H2dResult>,
+    json: bool,
+) -> Result<(PassStats, Vec<PassStats>)> {
     s.run_pass((), |(), _, _, _| Ok(()))?;
     let fill = s.last_pass_stats().clone();
     say!(
-        a.json,
+        json,
         "  fill pass: {:.3} s, {:.2} GB/s",
         fill.wall.as_secs_f64(),
         fill.gbps()
     );
     let ceiling = h2d.map(|h| ("pinned h2d", h.pinned_gbps));
     let mut warm = Vec::new();
-    for _ in 0..a.passes {
+    for _ in 0..passes {
         s.run_pass((), |(), _, _, _| Ok(()))?;
         let st = s.last_pass_stats().clone();
-        print_pass(a.json, &st, ceiling);
+        print_pass(json, &st, ceiling);
         warm.push(st);
     }
+    Ok((fill, warm))
+}
 
-    // 5. Overlap: a set compute time per layer.
-    let transfer = warm.iter().map(|p| p.wall).min().unwrap_or(fill.wall);
-    let per_layer = match a.compute_ms {
-        Some(ms) => Duration::from_secs_f64(ms / 1e3),
-        None => transfer / layers as u32,
-    };
+/// Overlap (5): passes whose layer function keeps the compute stream busy
+/// for `per_layer`; each with its ratio to max(transfer, compute).
+fn overlap_passes(
+    s: &mut LayerStreamer,
+    ctx: Option<&cuda::Context>,
+    per_layer: Duration,
+    transfer: Duration,
+    passes: usize,
+    json: bool,
+) -> Result<Vec<(PassStats, f64)>> {
     let mut overlap = Vec::new();
-    if !per_layer.is_zero() && a.passes > 0 {
-        let spinner = match &ctx {
-            Some(c) => Some(lsb::Spinner::load(c)?),
-            None => None,
-        };
-        let compute = per_layer * layers as u32;
+    if per_layer.is_zero() || passes == 0 {
+        return Ok(overlap);
+    }
+    let spinner = ctx.map(lsb::Spinner::load).transpose()?;
+    let compute = per_layer * s.model().num_layers() as u32;
+    say!(
+        json,
+        "\noverlap passes: {:.3} ms of compute per layer ({:.3} s per pass) against {:.3} s of transfer:",
+        per_layer.as_secs_f64() * 1e3,
+        compute.as_secs_f64(),
+        transfer.as_secs_f64()
+    );
+    for _ in 0..passes {
+        s.run_pass((), |(), _, _, stream| {
+            match (&spinner, stream.cuda()) {
+                (Some(sp), Some(cs)) => sp.spin(cs, per_layer)?,
+                _ => std::thread::sleep(per_layer),
+            }
+            Ok(())
+        })?;
+        let st = s.last_pass_stats().clone();
+        let ratio = st.wall.as_secs_f64() / transfer.max(compute).as_secs_f64();
         say!(
-            a.json,
-            "\noverlap passes: {:.3} ms of compute per layer ({:.3} s per pass) against {:.3} s of transfer:",
-            per_layer.as_secs_f64() * 1e3,
-            compute.as_secs_f64(),
-            transfer.as_secs_f64()
+            json,
+            "  pass {}: {:.3} s = {:.3} x max(transfer, compute) [target <= 1.05]",
+            st.pass,
+            st.wall.as_secs_f64(),
+            ratio
         );
-        for _ in 0..a.passes {
-            s.run_pass((), |(), _, _, stream| {
-                match (&spinner, stream.cuda()) {
-                    (Some(sp), Some(cs)) => sp.spin(cs, per_layer)?,
-                    _ => std::thread::sleep(per_layer),
-                }
-                Ok(())
-            })?;
-            let st = s.last_pass_stats().clone();
-            let bound = transfer.max(compute);
-            let ratio = st.wall.as_secs_f64() / bound.as_secs_f64();
-            say!(
-                a.json,
-                "  pass {}: {:.3} s = {:.3} x max(transfer, compute) [target <= 1.05]",
-                st.pass,
-                st.wall.as_secs_f64(),
-                ratio
-            );
-            overlap.push((st, ratio));
-        }
+        overlap.push((st, ratio));
     }
+    Ok(overlap)
+}
 
-    if a.json {
-        let pass_json = |p: &PassStats, ceiling: Option<f64>| {
-            json!({
-                "pass": p.pass, "seconds": p.wall.as_secs_f64(), "gbps": p.gbps(),
-                "ratio_to_ceiling": ceiling.map(|c| p.gbps() / c),
-                "bound_by": p.bound_by().name(),
-                "read": stage_json(&p.read), "pin": stage_json(&p.pin),
-                "h2d": stage_json(&p.h2d), "compute": stage_json(&p.compute),
-                "pinned_cache_hits": p.pinned_cache_hits, "gpu_cache_hits": p.gpu_cache_hits,
-            })
-        };
-        let doc = json!({
-            "model": a.model.display().to_string(),
-            "layers": layers,
-            "bytes_per_pass": bytes,
-            "device": cfg.device.to_string(),
-            "device_name": ctx.as_ref().and_then(|c| c.name().ok()),
-            "config": format!("{cfg:?}"),
-            "disk": disk.iter().map(|d| json!({
-                "mode": format!("{:?}", d.mode).to_lowercase(), "threads": d.threads,
-                "chunk": d.chunk, "gbps": d.gbps(),
-            })).collect::<Vec<_>>(),
-            "disk_cache": cache_note,
-            "best_disk_gbps": best_disk.map(|b| b.gbps()),
-            "h2d": h2d.map(|h| json!({"bytes": h.bytes, "pinned_gbps": h.pinned_gbps, "pageable_gbps": h.pageable_gbps})),
-            "memory": {
-                "device_bytes": mem.device_bytes(), "pinned_bytes": mem.pinned_bytes(),
-                "gpu_slots": mem.gpu_slots, "gpu_slot_size": mem.gpu_slot_size,
-                "pinned_cache_layers": mem.pinned_cache_layers,
-            },
-            "cold": cold.iter().map(|p| pass_json(p, best_disk.map(|b| b.gbps()))).collect::<Vec<_>>(),
-            "fill": pass_json(&fill, None),
-            "warm": warm.iter().map(|p| pass_json(p, h2d.map(|h| h.pinned_gbps))).collect::<Vec<_>>(),
-            "overlap": overlap.iter().map(|(p, r)| {
-                let mut j = pass_json(p, None);
-                j["compute_ms_per_layer"] = json!(per_layer.as_secs_f64() * 1e3);
-                j["ratio_to_max_transfer_compute"] = json!(r);
-                j
-            }).collect::<Vec<_>>(),
-        });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-    }
-    Ok(())
+fn pass_json(p: &PassStats, ceiling: Option<f64>) -> serde_json::Value {
+    json!({
+        "pass": p.pass, "seconds": p.wall.as_secs_f64(), "gbps": p.gbps(),
+        "ratio_to_ceiling": ceiling.map(|c| p.gbps() / c),
+        "bound_by": p.bound_by().name(),
+        "read": stage_json(&p.read), "pin": stage_json(&p.pin),
+        "h2d": stage_json(&p.h2d), "compute": stage_json(&p.compute),
+        "pinned_cache_hits": p.pinned_cache_hits, "gpu_cache_hits": p.gpu_cache_hits,
+    })
+}
+
+/// The `--json` document.
+fn json_doc(
+    a: &Args,
+    model: &ModelIndex,
+    cfg: &layer_streamer::StreamerConfig,
+    ctx: Option<&cuda::Context>,
+    m: &Measured,
+) -> serde_json::Value {
+    let mem = &m.memory;
+    let best_disk_gbps = m.best_disk.map(|b| b.gbps());
+    json!({
+        "model": a.model.display().to_string(),
+        "layers": model.num_layers(),
+        "bytes_per_pass": model.total_layer_bytes(),
+        "device": cfg.device.to_string(),
+        "device_name": ctx.and_then(|c| c.name().ok()),
+        "config": format!("{cfg:?}"),
+        "disk": m.disk.iter().map(|d| json!({
+            "mode": format!("{:?}", d.mode).to_lowercase(), "threads": d.threads,
+            "chunk": d.chunk, "gbps": d.gbps(),
+        })).collect::<Vec<_>>(),
+        "disk_cache": m.cache_note,
+        "best_disk_gbps": best_disk_gbps,
+        "h2d": m.h2d.map(|h| json!({"bytes": h.bytes, "pinned_gbps": h.pinned_gbps, "pageable_gbps": h.pageable_gbps})),
+        "memory": {
+            "device_bytes": mem.device_bytes(), "pinned_bytes": mem.pinned_bytes(),
+            "gpu_slots": mem.gpu_slots, "gpu_slot_size": mem.gpu_slot_size,
+            "pinned_cache_layers": mem.pinned_cache_layers,
+        },
+        "cold": m.cold.iter().map(|p| pass_json(p, best_disk_gbps)).collect::<Vec<_>>(),
+        "fill": pass_json(&m.fill, None),
+        "warm": m.warm.iter().map(|p| pass_json(p, m.h2d.map(|h| h.pinned_gbps))).collect::<Vec<_>>(),
+        "overlap": m.overlap.iter().map(|(p, r)| {
+            let mut j = pass_json(p, None);
+            j["compute_ms_per_layer"] = json!(m.per_layer.as_secs_f64() * 1e3);
+            j["ratio_to_max_transfer_compute"] = json!(r);
+            j
+        }).collect::<Vec<_>>(),
+    })
 }
 
 fn stage_json(s: &layer_streamer::pipeline::StageStats) -> serde_json::Value {

@@ -62,7 +62,7 @@ pub fn run(a: Args) -> Result<()> {
         index.dir().display(),
         index.num_layers(),
         index.total_layer_bytes() as f64 / 1e9,
-        a.stream.opts.device
+        a.stream.opts.config.device
     );
     // Warm-up: fills the caches so the measured passes stream from them.
     let warm: Vec<u32> = (0..8).map(|i| (i * 31) % vocab).collect();

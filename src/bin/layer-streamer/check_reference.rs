@@ -65,7 +65,7 @@ pub fn run(a: Args) -> Result<()> {
         a.tolerance,
         100.0 * rep.argmax_agreement(),
         100.0 * a.min_agreement,
-        a.stream.opts.device
+        a.stream.opts.config.device
     );
     if ok {
         Ok(())

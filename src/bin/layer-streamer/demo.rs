@@ -25,42 +25,42 @@ pub struct Args {
     pub stream: StreamArgs,
 }
 
+/// The model to run: `--model`, or a synthetic one of `--preset`, written to
+/// the temporary directory once.
+fn model_dir(a: &Args) -> Result<std::path::PathBuf> {
+    if let Some(d) = &a.model {
+        return Ok(d.clone());
+    }
+    let tmp = std::env::temp_dir().join(format!("layer-streamer-demo-{}", a.preset));
+    let shape = Shape::preset(&a.preset)
+        .ok_or_else(|| layer_streamer::Error::Input(format!("unknown preset {:?}", a.preset)))?;
+    if !tmp.join("config.json").exists() {
+        eprintln!(
+            "writing a synthetic qwen2 {} model to {}",
+            a.preset,
+            tmp.display()
+        );
+        let spec = SynthSpec {
+            arch: Arch::Qwen2,
+            shape,
+            dtype: DType::BF16,
+            tie: false,
+            shard_size: 4_000_000_000,
+            seed: 0,
+            threads: 0,
+        };
+        write_model(&tmp, &spec)?;
+    }
+    Ok(tmp)
+}
+
 /// Runs `demo`.
 pub fn run(mut a: Args) -> Result<()> {
-    let tmp;
-    let dir = match &a.model {
-        Some(d) => d.clone(),
-        None => {
-            tmp = std::env::temp_dir().join(format!("layer-streamer-demo-{}", a.preset));
-            let shape = Shape::preset(&a.preset).ok_or_else(|| {
-                layer_streamer::Error::Input(format!("unknown preset {:?}", a.preset))
-            })?;
-            if !tmp.join("config.json").exists() {
-                eprintln!(
-                    "writing a synthetic qwen2 {} model to {}",
-                    a.preset,
-                    tmp.display()
-                );
-                write_model(
-                    &tmp,
-                    &SynthSpec {
-                        arch: Arch::Qwen2,
-                        shape,
-                        dtype: DType::BF16,
-                        tie: false,
-                        shard_size: 4_000_000_000,
-                        seed: 0,
-                        threads: 0,
-                    },
-                )?;
-            }
-            tmp.clone()
-        }
-    };
+    let dir = model_dir(&a)?;
     if a.stream.device()? != layer_streamer::Device::Host {
         if let Err(e) = layer_streamer::cuda::check_available() {
             eprintln!("{e}; using the host backend (f32 math on the CPU)");
-            a.stream.opts.device = "host".into();
+            a.stream.opts.config.device = layer_streamer::Device::Host;
         }
     }
     let prompt: Vec<u32> = (0..16u32).map(|i| 100 + 7 * i).collect();
@@ -90,7 +90,7 @@ pub fn run(mut a: Args) -> Result<()> {
         index.dir().display(),
         index.num_layers(),
         g.pass_bytes as f64 / 1e9,
-        a.stream.opts.device
+        a.stream.opts.config.device
     );
     println!("generated ids: {:?}", g.tokens[0]);
     crate::generate::report(&g, &streamer, model.last_gemm_tflops());

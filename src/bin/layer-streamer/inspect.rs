@@ -154,6 +154,15 @@ fn signature(l: &Layer) -> Vec<(String, String, Vec<usize>)> {
 
 fn text(index: &ModelIndex) -> String {
     let mut out = String::new();
+    files_text(&mut out, index);
+    layers_text(&mut out, index);
+    statics_text(&mut out, index);
+    extents_text(&mut out, index);
+    out
+}
+
+/// The directory, its files and the dtypes.
+fn files_text(out: &mut String, index: &ModelIndex) {
     _ = writeln!(out, "model directory {}", index.dir().display());
     _ = writeln!(out, "files:");
     for (i, f) in index.files().iter().enumerate() {
@@ -171,6 +180,10 @@ fn text(index: &ModelIndex) -> String {
     }
     let dtypes: Vec<String> = index.dtypes().iter().map(|d| d.to_string()).collect();
     _ = writeln!(out, "dtypes: {}", dtypes.join(", "));
+}
+
+/// The layers, runs of layers with the same tensors shown once.
+fn layers_text(out: &mut String, index: &ModelIndex) {
     _ = writeln!(
         out,
         "layers: {} x {}.<i>",
@@ -211,6 +224,10 @@ fn text(index: &ModelIndex) -> String {
         }
         start = end;
     }
+}
+
+/// The static tensors and the sizes a pass streams.
+fn statics_text(out: &mut String, index: &ModelIndex) {
     _ = writeln!(
         out,
         "static tensors: {} ({})",
@@ -239,8 +256,12 @@ fn text(index: &ModelIndex) -> String {
         human(index.max_slot_bytes()),
         index.max_slot_bytes()
     );
+}
+
+/// Each layer's coalesced reads.
+fn extents_text(out: &mut String, index: &ModelIndex) {
     _ = writeln!(out, "extents (file:offset+len -> slot offset):");
-    for l in layers {
+    for l in index.layers() {
         let reads: Vec<String> = l
             .reads
             .iter()
@@ -260,5 +281,4 @@ fn text(index: &ModelIndex) -> String {
             reads.join("  ")
         );
     }
-    out
 }

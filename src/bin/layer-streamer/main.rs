@@ -11,6 +11,8 @@ mod demo;
 mod generate;
 mod inspect;
 mod opts;
+#[cfg(feature = "serve")]
+mod serve;
 mod stream_args;
 mod synth;
 mod tune;
@@ -41,6 +43,9 @@ enum Command {
     CheckReference(Box<check_reference::Args>),
     /// Measure prefill and decode speed.
     BenchGenerate(Box<bench_generate::Args>),
+    /// Serve the model over an OpenAI-compatible HTTP API, batching concurrent requests.
+    #[cfg(feature = "serve")]
+    Serve(Box<serve::Args>),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +61,8 @@ fn main() -> ExitCode {
         Command::Demo(a) => demo::run(*a),
         Command::CheckReference(a) => check_reference::run(*a),
         Command::BenchGenerate(a) => bench_generate::run(*a),
+        #[cfg(feature = "serve")]
+        Command::Serve(a) => serve::run(*a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,91 +1,152 @@
-//! Streamer options shared by the subcommands that build a streamer.
+//! Streamer options shared by the subcommands that build a streamer: one
+//! flag per row of the option table ([`StreamerConfig::OPTIONS`]), named,
+//! parsed and documented there.
 
-use layer_streamer::io::OpenMode;
-use layer_streamer::pipeline::parse_size;
-use layer_streamer::{Budget, DType, Device, Error, Result, StreamerConfig};
+use clap::{Arg, ArgAction, ArgMatches, Command, FromArgMatches};
+use layer_streamer::pipeline::config::OptionSpec;
+use layer_streamer::{Result, StreamerConfig};
 
-/// How the streamer is configured from the command line.
-#[derive(clap::Args, Debug, Clone)]
+/// How the streamer is configured from the command line: the tool's defaults
+/// ([`StreamerConfig::cli_default`]) with the flags given applied.
+#[derive(Debug, Clone)]
 pub struct StreamerOpts {
-    /// Device: cuda, cuda:N, or host (the host backend: no GPU needed).
-    #[arg(long, default_value = "cuda:0")]
-    pub device: String,
-    /// Compute dtype (f16/f32 weights are cast on the device), or "file" to keep file
-    /// dtypes; the model commands choose it from the checkpoint.
-    #[arg(long, default_value = "bf16")]
-    pub dtype: String,
-    /// GPU prefetch depth: n_gpu + 1 device slots.
-    #[arg(long, default_value_t = 2)]
-    pub n_gpu: usize,
-    /// Pinned host slots (0: the transfer thread stages through one buffer).
-    #[arg(long, default_value_t = 4)]
-    pub n_cpu_pinned: usize,
-    /// Unpinned CPU slots (0: readers fill pinned slots directly).
-    #[arg(long, default_value_t = 0)]
-    pub n_cpu: usize,
-    /// Items the transfer thread hands over at once.
-    #[arg(long, default_value_t = 1)]
-    pub batch_gpu: usize,
-    /// Items handed over from the pinned ring at once.
-    #[arg(long, default_value_t = 1)]
-    pub batch_cpu_pinned: usize,
-    /// Items handed over from the CPU ring at once.
-    #[arg(long, default_value_t = 1)]
-    pub batch_cpu: usize,
-    /// Reader threads.
-    #[arg(long, default_value_t = 8)]
-    pub reader_threads: usize,
-    /// Bytes per read request.
-    #[arg(long, default_value = "16MiB")]
-    pub read_chunk: String,
-    /// How files are opened: auto (O_DIRECT, buffered where refused), direct, buffered.
-    #[arg(long, default_value = "auto")]
-    pub io: String,
-    /// Pinned-RAM cache across passes: none, auto, or a size (e.g. 12GB).
-    #[arg(long, default_value = "auto")]
-    pub pinned_cache: String,
-    /// Device-resident cache: none, auto, or a size.
-    #[arg(long, default_value = "none")]
-    pub gpu_cache: String,
-    /// CPUs to pin the stage threads to, e.g. 2,3,4,5.
-    #[arg(long, value_delimiter = ',')]
-    pub cpu_affinity: Option<Vec<usize>>,
-    /// Show a progress bar per pass.
-    #[arg(long)]
-    pub progress: bool,
+    /// The configuration the flags describe, not yet validated.
+    pub config: StreamerConfig,
 }
 
 impl StreamerOpts {
-    /// The configuration these options describe.
+    /// The configuration these options describe, validated.
     pub fn config(&self) -> Result<StreamerConfig> {
-        let cfg = StreamerConfig {
-            device: Device::parse(&self.device)?,
-            dtype: parse_compute_dtype(&self.dtype)?,
-            n_gpu: self.n_gpu,
-            n_cpu_pinned: self.n_cpu_pinned,
-            n_cpu: self.n_cpu,
-            batch_gpu: self.batch_gpu,
-            batch_cpu_pinned: self.batch_cpu_pinned,
-            batch_cpu: self.batch_cpu,
-            reader_threads: self.reader_threads,
-            read_chunk: parse_size(&self.read_chunk)?,
-            io_mode: OpenMode::parse(&self.io)?,
-            pinned_cache: Budget::parse(&self.pinned_cache)?,
-            gpu_cache: Budget::parse(&self.gpu_cache)?,
-            cpu_affinity: self.cpu_affinity.clone(),
-            progress: self.progress,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        self.config.validate()?;
+        Ok(self.config.clone())
     }
 }
 
-/// Parses a compute dtype: `bf16`, `f16`, `f32`, or `file` (keep file dtypes).
-pub fn parse_compute_dtype(s: &str) -> Result<Option<DType>> {
-    match s {
-        "file" | "none" => Ok(None),
-        s => DType::parse(s)
-            .map(Some)
-            .ok_or_else(|| Error::Input(format!("unknown dtype {s:?}: bf16, f16, f32 or file"))),
+/// The flag of one option: a switch, or a value whose parser is the table's.
+/// Values are checked when parsed, so a bad one is a usage error that names
+/// the flag.
+pub fn option_arg(o: &'static OptionSpec, default: &StreamerConfig, list: bool) -> Arg {
+    let doc: Vec<&str> = o.doc.lines().map(str::trim).collect();
+    let arg = Arg::new(o.name).long(o.flag);
+    if o.switch {
+        return arg.action(ArgAction::SetTrue).help(doc.join(" "));
+    }
+    let help = if list {
+        format!(
+            "{} Values to try, comma-separated; not listed: {}.",
+            doc.join(" "),
+            (o.get)(default)
+        )
+    } else {
+        format!("{} [default: {}]", doc.join(" "), (o.get)(default))
+    };
+    let value_name = if list { "LIST" } else { "VALUE" };
+    arg.value_name(value_name)
+        .help(help)
+        .value_parser(move |s: &str| {
+            if list {
+                return Ok::<String, String>(s.to_string());
+            }
+            let mut probe = StreamerConfig::default();
+            (o.set)(&mut probe, s).map_err(|e| e.to_string())?;
+            Ok(s.to_string())
+        })
+}
+
+/// Applies the options given on the command line to `cfg`.
+pub fn apply_options<'a>(
+    cfg: &mut StreamerConfig,
+    m: &ArgMatches,
+    options: impl IntoIterator<Item = &'a OptionSpec>,
+) -> std::result::Result<(), clap::Error> {
+    for o in options {
+        let text = if o.switch {
+            m.get_flag(o.name).then(|| "true".to_string())
+        } else {
+            m.get_one::<String>(o.name).cloned()
+        };
+        if let Some(text) = text {
+            (o.set)(cfg, &text).map_err(|e| {
+                clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{e}\n"))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+impl FromArgMatches for StreamerOpts {
+    fn from_arg_matches(m: &ArgMatches) -> std::result::Result<Self, clap::Error> {
+        let mut config = StreamerConfig::cli_default();
+        apply_options(&mut config, m, StreamerConfig::OPTIONS)?;
+        Ok(StreamerOpts { config })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> std::result::Result<(), clap::Error> {
+        apply_options(&mut self.config, m, StreamerConfig::OPTIONS)
+    }
+}
+
+impl clap::Args for StreamerOpts {
+    fn augment_args(cmd: Command) -> Command {
+        let default = StreamerConfig::cli_default();
+        StreamerConfig::OPTIONS
+            .iter()
+            .fold(cmd, |cmd, o| cmd.arg(option_arg(o, &default, false)))
+    }
+
+    fn augment_args_for_update(cmd: Command) -> Command {
+        Self::augment_args(cmd)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use layer_streamer::{Budget, Device};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: StreamerOpts,
+    }
+
+    #[test]
+    fn every_option_has_its_flag_and_the_tool_defaults() {
+        let none = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(none.opts.config, StreamerConfig::cli_default());
+        assert_eq!(none.opts.config.pinned_cache, Budget::Auto);
+        assert_eq!(none.opts.config.reader_threads, 8);
+        let cli = Cli::try_parse_from([
+            "x",
+            "--device",
+            "host",
+            "--io",
+            "buffered",
+            "--read-chunk",
+            "4M",
+            "--gpu-cache",
+            "2GB",
+            "--cpu-affinity",
+            "2,3",
+            "--n-cpu",
+            "3",
+            "--dtype",
+            "file",
+            "--progress",
+        ])
+        .unwrap();
+        let c = cli.opts.config;
+        assert_eq!(c.device, Device::Host);
+        assert_eq!(c.read_chunk, 4 << 20);
+        assert_eq!(c.gpu_cache, Budget::Bytes(2_000_000_000));
+        assert_eq!(c.cpu_affinity, Some(vec![2, 3]));
+        assert_eq!((c.n_cpu, c.dtype, c.progress), (3, None, true));
+        assert_eq!(c.io_mode, layer_streamer::io::OpenMode::Buffered);
+        let e = Cli::try_parse_from(["x", "--read-chunk", "4 parsecs"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--read-chunk") && e.contains("parsecs"), "{e}");
     }
 }

@@ -16,7 +16,7 @@ pub struct StreamArgs {
 impl StreamArgs {
     /// The parsed device.
     pub fn device(&self) -> Result<Device> {
-        Device::parse(&self.opts.device)
+        Ok(self.opts.config.device)
     }
 
     /// Builds a streamer over `index`: on CUDA in [`LlamaModel::cuda_dtype`]

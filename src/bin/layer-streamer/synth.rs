@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
+use layer_streamer::pipeline::parse_size;
 use layer_streamer::synth::{write_model_with_progress, Arch, Shape, SynthSpec};
 use layer_streamer::{DType, Error, Result};
 
@@ -23,7 +24,8 @@ pub struct Args {
     /// Tie lm_head to the embedding (no lm_head.weight is written).
     #[arg(long)]
     tie: bool,
-    /// Largest shard, e.g. 4GB, 500MB, 2GiB or a byte count; one model.safetensors if all fits.
+    /// Largest shard: 4GB, 500MB (powers of 1000), 2G or 2GiB (powers of 1024) or a byte
+    /// count; one model.safetensors if all fits.
     #[arg(long, default_value = "4GB")]
     shard_size: String,
     /// Seed of the random weights.
@@ -32,29 +34,6 @@ pub struct Args {
     /// Generator threads (0: two per CPU).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-}
-
-/// Parses a size: a byte count, or a number with KB/MB/GB (powers of 10) or KiB/MiB/GiB (of 2).
-pub fn parse_size(s: &str) -> Option<u64> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let num: f64 = num.parse().ok()?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        _ => return None,
-    };
-    let v = num * mult;
-    (1.0..1.8e19).contains(&v).then_some(v as u64)
 }
 
 /// Runs `synth`.
@@ -79,12 +58,15 @@ pub fn run(a: Args) -> Result<()> {
                 a.dtype
             ))
         })?;
-    let shard_size = parse_size(&a.shard_size).ok_or_else(|| {
-        Error::Input(format!(
-            "invalid --shard-size {:?}: expected e.g. 4GB",
-            a.shard_size
-        ))
-    })?;
+    let shard_size = parse_size(&a.shard_size)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            Error::Input(format!(
+                "invalid --shard-size {:?}: expected a positive size, e.g. 4GB (4·10⁹ bytes) or 2G (2 GiB)",
+                a.shard_size
+            ))
+        })?;
     let spec = SynthSpec {
         arch,
         shape,
@@ -127,19 +109,4 @@ pub fn run(a: Args) -> Result<()> {
         println!("  {}", f.display());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4GB"), Some(4_000_000_000));
-        assert_eq!(parse_size("2GiB"), Some(2 << 30));
-        assert_eq!(parse_size("1.5MB"), Some(1_500_000));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("0"), None);
-        assert_eq!(parse_size("4 parsecs"), None);
-    }
 }

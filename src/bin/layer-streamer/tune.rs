@@ -7,80 +7,56 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use layer_streamer::io::OpenMode;
+use layer_streamer::pipeline::config::OptionSpec;
 use layer_streamer::tuner::{Grid, Param, Strategy, TuneOptions, TuneReport, Tuner, Workloads};
-use layer_streamer::{Device, Error, Result, StreamerConfig};
+use layer_streamer::{Error, Result, StreamerConfig};
 
-const AFTER_HELP: &str = "\
-Grid lists are comma-separated; a parameter not given keeps its default. Counts take `off` for 0;
---read-chunk takes sizes (4MiB,16MiB); the caches take none, auto or a size (none,auto,8GB).
+use crate::opts::{apply_options, option_arg};
+
+/// The help after the flags: lists, workloads, how children are measured,
+/// and the JSON schema (its `<config>` fields from the option table).
+fn after_help() -> String {
+    let config: Vec<&str> = Param::ALL.iter().map(|p| p.name()).collect();
+    format!(
+        "\
+Grid lists are comma-separated. With no list at all, the default grid is searched: a few values
+of n_gpu, n_cpu_pinned, reader_threads and pinned_cache (none,auto) that always include the
+library's and this tool's defaults; once any list is given, a parameter without one keeps this
+tool's default. Counts take `off` for 0; --read-chunk takes sizes (4MiB,16MiB); the caches take
+none, auto or a size (none,auto,8GB).
 
 Workloads: pass (a pass with a no-op layer function), pass-delay:MS (each layer waits MS ms on the
 host, standing in for compute; on CUDA too it is a host sleep), prefill:N (one forward pass over
 an N-token prompt with the Qwen2/Llama model code, default 512) and decode:B (one forward pass
 decoding one token for each of B sequences, default 1).
 
-Each configuration runs in its own child process: one warm-up run, then RUNS-1 measured runs with
-SLEEP seconds between them; a child is killed as soon as a measured run is slower than the best
-mean so far, or when it reports nothing for TIMEOUT seconds. Configurations whose estimated memory
-does not fit (MemAvailable, RLIMIT_MEMLOCK, free VRAM) are pruned without running.
+Each configuration runs in its own child process, which dies with this one: one warm-up run, then
+RUNS-1 measured runs with SLEEP seconds between them; a child is killed as soon as a measured run
+is slower than the best mean so far, or when it reports nothing for TIMEOUT seconds.
+Configurations whose estimated memory does not fit (MemAvailable, RLIMIT_MEMLOCK unless the
+process holds CAP_IPC_LOCK, free VRAM) are pruned without running.
 
---json prints {strategy, workload, device, best: null|{<config>, mean_s}, configs: [{config:
+--json prints {{strategy, workload, device, best: null|{{<config>, mean_s}}, configs: [{{config:
 <config>, status: ok|slower|crashed|oom|limit|build_failed|timed_out|pruned, mean_s: f64|null,
-warmup_s: f64|null, runs: [f64], reason: string|null}], children, wall_s}, where <config> is
-{n_gpu, n_cpu_pinned, n_cpu, batch_gpu, batch_cpu_pinned, batch_cpu, reader_threads, read_chunk
-(bytes), pinned_cache, gpu_cache (\"none\"|\"auto\"|bytes)}; with --search both,
-{grid: <report>, descent: <report>}.";
+warmup_s: f64|null, runs: [f64], reason: string|null}}], children, wall_s}}, where <config> is
+{{{}}} (read_chunk in bytes; the caches \"none\"|\"auto\"|bytes); with --search both,
+{{grid: <report>, descent: <report>}}.",
+        config.join(", ")
+    )
+}
 
 /// Arguments of `tune`.
 #[derive(clap::Args)]
-#[command(after_help = AFTER_HELP)]
+#[command(after_help = after_help())]
 pub struct Args {
     /// The model directory.
     #[arg(long)]
     model: PathBuf,
-    /// Where the weights go: host or cuda:N.
-    #[arg(long, default_value = "cuda:0")]
-    device: String,
     /// What each run measures: pass, pass-delay:MS, prefill:N or decode.
     #[arg(long, default_value = "pass")]
     workload: String,
-    /// Compute dtype: bf16, f16, f32, or file (keep each tensor's dtype).
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
-    /// How files are opened: auto (O_DIRECT, buffered where refused), direct, buffered.
-    #[arg(long, default_value = "auto")]
-    io: String,
-    /// GPU prefetch depths to try, e.g. 1,2,4.
-    #[arg(long)]
-    n_gpu: Option<String>,
-    /// Pinned host slot counts to try, e.g. off,2,4.
-    #[arg(long)]
-    n_cpu_pinned: Option<String>,
-    /// Unpinned CPU slot counts to try, e.g. off,2.
-    #[arg(long)]
-    n_cpu: Option<String>,
-    /// Transfer batch sizes to try.
-    #[arg(long)]
-    batch_gpu: Option<String>,
-    /// Pinned ring batch sizes to try.
-    #[arg(long)]
-    batch_cpu_pinned: Option<String>,
-    /// CPU ring batch sizes to try.
-    #[arg(long)]
-    batch_cpu: Option<String>,
-    /// Reader thread counts to try.
-    #[arg(long)]
-    reader_threads: Option<String>,
-    /// Read request sizes to try (multiples of 4096), e.g. 4MiB,16MiB.
-    #[arg(long)]
-    read_chunk: Option<String>,
-    /// Pinned cache budgets to try, e.g. none,auto,8GB.
-    #[arg(long)]
-    pinned_cache: Option<String>,
-    /// GPU cache budgets to try, e.g. none,auto,4GB.
-    #[arg(long)]
-    gpu_cache: Option<String>,
+    #[command(flatten)]
+    space: SearchSpace,
     /// Runs per configuration, the first a discarded warm-up (at least 2).
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -104,27 +80,72 @@ pub struct Args {
     json: bool,
 }
 
-impl Args {
+/// The option table's flags as `tune` takes them: a list of values to try
+/// for each searched option, one value for the others (device, dtype, I/O
+/// mode, CPU affinity).
+#[derive(Debug, Clone)]
+struct SearchSpace {
+    /// The tool's defaults with the single-valued flags applied.
+    base: StreamerConfig,
+    /// The lists given, by parameter.
+    lists: Vec<(Param, String)>,
+}
+
+impl SearchSpace {
+    /// Options `tune` takes one value of: all but the searched ones and the
+    /// progress bar (children draw none).
+    fn fixed() -> impl Iterator<Item = &'static OptionSpec> {
+        StreamerConfig::OPTIONS
+            .iter()
+            .filter(|o| !o.searched && !o.switch)
+    }
+
+    /// The grid the lists describe, or the default grid without any.
     fn grid(&self) -> Result<Grid> {
-        let lists = [
-            (Param::NGpu, &self.n_gpu),
-            (Param::NCpuPinned, &self.n_cpu_pinned),
-            (Param::NCpu, &self.n_cpu),
-            (Param::BatchGpu, &self.batch_gpu),
-            (Param::BatchCpuPinned, &self.batch_cpu_pinned),
-            (Param::BatchCpu, &self.batch_cpu),
-            (Param::ReaderThreads, &self.reader_threads),
-            (Param::ReadChunk, &self.read_chunk),
-            (Param::PinnedCache, &self.pinned_cache),
-            (Param::GpuCache, &self.gpu_cache),
-        ];
+        if self.lists.is_empty() {
+            return Ok(Grid::default_search());
+        }
         let mut b = Grid::builder();
-        for (p, list) in lists {
-            if let Some(list) = list {
-                b = b.parse(p, list)?;
-            }
+        for (p, list) in &self.lists {
+            b = b.parse(*p, list)?;
         }
         Ok(b.build())
+    }
+}
+
+impl clap::FromArgMatches for SearchSpace {
+    fn from_arg_matches(m: &clap::ArgMatches) -> std::result::Result<Self, clap::Error> {
+        let mut base = StreamerConfig::cli_default();
+        apply_options(&mut base, m, Self::fixed())?;
+        let lists = Param::ALL
+            .into_iter()
+            .filter_map(|p| m.get_one::<String>(p.name()).map(|l| (p, l.clone())))
+            .collect();
+        Ok(SearchSpace { base, lists })
+    }
+
+    fn update_from_arg_matches(
+        &mut self,
+        m: &clap::ArgMatches,
+    ) -> std::result::Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for SearchSpace {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let default = StreamerConfig::cli_default();
+        let fixed = Self::fixed().map(|o| option_arg(o, &default, false));
+        let lists = StreamerConfig::OPTIONS
+            .iter()
+            .filter(|o| o.searched)
+            .map(|o| option_arg(o, &default, true));
+        cmd.args(fixed.chain(lists))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
     }
 }
 
@@ -145,12 +166,7 @@ pub fn run(a: Args) -> Result<()> {
             )))
         }
     };
-    let base = StreamerConfig {
-        device: Device::parse(&a.device)?,
-        dtype: crate::opts::parse_compute_dtype(&a.dtype)?,
-        io_mode: OpenMode::parse(&a.io)?,
-        ..StreamerConfig::default()
-    };
+    let base = a.space.base.clone();
     let options = TuneOptions {
         runs: a.runs,
         sleep: seconds("sleep", a.sleep)?,
@@ -159,7 +175,7 @@ pub fn run(a: Args) -> Result<()> {
         echo_child_stderr: a.verbose,
         ..TuneOptions::default()
     };
-    let grid = a.grid()?;
+    let grid = a.space.grid()?;
     let tuner = Tuner::new(&a.model, &a.workload, grid)
         .base_config(base)
         .options(options);
@@ -167,7 +183,7 @@ pub fn run(a: Args) -> Result<()> {
     eprintln!(
         "tuning {} on {} over {} ({} configurations in the grid)",
         a.workload,
-        a.device,
+        a.space.base.device,
         tuner.grid(),
         tuner.grid().len()
     );

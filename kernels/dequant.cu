@@ -1,0 +1,133 @@
+// Dequantization of ggml blocks (as GGUF stores them) into bf16, one kernel per
+// type, compiled into its own PTX module (kernels/ptx/dequant.ptx) and loaded by
+// `quant::device::DequantKernels`.
+//
+// Each thread computes one output element (grid-stride over n = blocks *
+// elements per block) from its block's scales and its packed value. Products
+// and sums are single f32 operations with round-to-nearest (__fmul_rn,
+// __fadd_rn, __fsub_rn: never contracted into an FMA) in the order of the
+// host decoder (src/quant/blocks.rs), then rounded to bf16 to nearest even, so
+// the output is bit-identical to `quant::dequantize_bf16`.
+//
+// Blocks are read byte by byte: block sizes (18, 22, 34, 210 ... bytes) leave
+// multi-byte fields unaligned.
+#include "common.cuh"
+
+__device__ __forceinline__ float f16_at(const uint8_t* b) {
+    return f16_bits_to_f32((uint16_t)(b[0] | ((uint16_t)b[1] << 8)));
+}
+
+#define DEQUANT_KERNEL(NAME, QK, BYTES, ...)                                           \
+    extern "C" __global__ void NAME(const uint8_t* __restrict__ src,                   \
+                                    uint16_t* __restrict__ dst, u64 n) {               \
+        for (u64 i = grid_thread(); i < n; i += grid_threads()) {                      \
+            const uint8_t* b = src + (i / (QK)) * (BYTES);                             \
+            const unsigned e = (unsigned)(i % (QK));                                   \
+            float x;                                                                   \
+            (void)e;                                                                   \
+            __VA_ARGS__                                                                \
+            dst[i] = f32_to_bf16_bits(x);                                              \
+        }                                                                              \
+    }
+
+DEQUANT_KERNEL(dequant_f32_bf16, 1, 4, {
+    x = __uint_as_float((uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) |
+                        ((uint32_t)b[3] << 24));
+})
+
+DEQUANT_KERNEL(dequant_f16_bf16, 1, 2, { x = f16_at(b); })
+
+// bf16 is copied as it is (a NaN keeps its payload, as on the host).
+extern "C" __global__ void dequant_bf16_bf16(const uint8_t* __restrict__ src,
+                                             uint16_t* __restrict__ dst, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        dst[i] = (uint16_t)(src[2 * i] | ((uint16_t)src[2 * i + 1] << 8));
+    }
+}
+
+// Q8_0: f16 d, 32 x i8.
+DEQUANT_KERNEL(dequant_q8_0_bf16, 32, 34, {
+    x = __fmul_rn((float)(int8_t)b[2 + e], f16_at(b));
+})
+
+// Nibble of element e (0..32) of a 16-byte Q4_x/Q5_x payload: low nibbles are
+// elements 0..16, high nibbles 16..32.
+__device__ __forceinline__ unsigned nibble32(const uint8_t* qs, unsigned e) {
+    return e < 16 ? (qs[e] & 0x0fu) : (qs[e - 16] >> 4);
+}
+
+// Fifth bit of element e from a little-endian u32 of high bits.
+__device__ __forceinline__ unsigned high_bit32(const uint8_t* qh, unsigned e) {
+    return (qh[e / 8] >> (e % 8)) & 1u;
+}
+
+// Q4_0: f16 d, 16 bytes of nibbles; x = d * (q - 8).
+DEQUANT_KERNEL(dequant_q4_0_bf16, 32, 18, {
+    x = __fmul_rn(f16_at(b), (float)((int)nibble32(b + 2, e) - 8));
+})
+
+// Q4_1: f16 d, f16 m, 16 bytes of nibbles; x = d * q + m.
+DEQUANT_KERNEL(dequant_q4_1_bf16, 32, 20, {
+    x = __fadd_rn(__fmul_rn(f16_at(b), (float)nibble32(b + 4, e)), f16_at(b + 2));
+})
+
+// Q5_0: f16 d, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * (q - 16).
+DEQUANT_KERNEL(dequant_q5_0_bf16, 32, 22, {
+    int q = (int)(nibble32(b + 6, e) | (high_bit32(b + 2, e) << 4));
+    x = __fmul_rn(f16_at(b), (float)(q - 16));
+})
+
+// Q5_1: f16 d, f16 m, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * q + m.
+DEQUANT_KERNEL(dequant_q5_1_bf16, 32, 24, {
+    unsigned q = nibble32(b + 8, e) | (high_bit32(b + 4, e) << 4);
+    x = __fadd_rn(__fmul_rn(f16_at(b), (float)q), f16_at(b + 2));
+})
+
+// Six-bit scale and min of sub-block j (0..8) from the 12 scale bytes of a
+// Q4_K/Q5_K block.
+__device__ __forceinline__ void scale_min_k4(unsigned j, const uint8_t* s, unsigned* sc,
+                                             unsigned* m) {
+    if (j < 4) {
+        *sc = s[j] & 63u;
+        *m = s[j + 4] & 63u;
+    } else {
+        *sc = (s[j + 4] & 0x0fu) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// Element e (0..256) of a K block: x = (d * sc) * q - dmin * m. The nibble
+// of element e sits in byte (e / 64) * 32 + e % 32 of qs, low for even
+// sub-blocks and high for odd ones.
+__device__ __forceinline__ float k_value(const uint8_t* b, unsigned e, unsigned q) {
+    unsigned sc, m;
+    scale_min_k4(e / 32, b + 4, &sc, &m);
+    float dl = __fmul_rn(f16_at(b), (float)sc);
+    float ml = __fmul_rn(f16_at(b + 2), (float)m);
+    return __fsub_rn(__fmul_rn(dl, (float)q), ml);
+}
+
+__device__ __forceinline__ unsigned k_nibble(const uint8_t* qs, unsigned e) {
+    unsigned j = e / 32;
+    return (qs[(j / 2) * 32 + e % 32] >> (4 * (j % 2))) & 0x0fu;
+}
+
+// Q4_K: f16 d, f16 dmin, 12 scale bytes, 128 bytes of nibbles.
+DEQUANT_KERNEL(dequant_q4_k_bf16, 256, 144, { x = k_value(b, e, k_nibble(b + 16, e)); })
+
+// Q5_K: as Q4_K with 32 bytes of fifth bits before the nibbles: bit j of byte
+// l is element l of sub-block j.
+DEQUANT_KERNEL(dequant_q5_k_bf16, 256, 176, {
+    unsigned q = k_nibble(b + 48, e) | (((b[16 + e % 32] >> (e / 32)) & 1u) << 4);
+    x = k_value(b, e, q);
+})
+
+// Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 signed scales,
+// f16 d; x = (d * scale) * (q - 32).
+DEQUANT_KERNEL(dequant_q6_k_bf16, 256, 210, {
+    unsigned half = e / 128, r = e % 128;
+    unsigned low = r < 64 ? (b[half * 64 + r] & 0x0fu) : (b[half * 64 + r - 64] >> 4);
+    unsigned high = (b[128 + half * 32 + r % 32] >> (2 * (r / 32))) & 3u;
+    float ds = __fmul_rn(f16_at(b + 208), (float)(int8_t)b[192 + e / 16]);
+    x = __fmul_rn(ds, (float)((int)(low | (high << 4)) - 32));
+})

@@ -1,0 +1,136 @@
+//! Host dequantization of whole tensors (or rows) to f32 and bf16.
+
+use half::{bf16, f16};
+
+use super::{blocks, QuantType};
+use crate::error::{Error, Result};
+
+/// A block decoder: `block_bytes` in, `block_elems` f32 out.
+type BlockFn = fn(&[u8], &mut [f32]);
+
+fn block_fn(ty: QuantType) -> Option<BlockFn> {
+    Some(match ty {
+        QuantType::Q8_0 => blocks::q8_0,
+        QuantType::Q4_0 => blocks::q4_0,
+        QuantType::Q4_1 => blocks::q4_1,
+        QuantType::Q5_0 => blocks::q5_0,
+        QuantType::Q5_1 => blocks::q5_1,
+        QuantType::Q4_K => blocks::q4_k,
+        QuantType::Q5_K => blocks::q5_k,
+        QuantType::Q6_K => blocks::q6_k,
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => return None,
+    })
+}
+
+/// Checks that `src` is whole blocks of `ty` decoding to exactly `dst_len`
+/// elements; returns the number of blocks.
+fn check_lengths(ty: QuantType, src: usize, dst_len: usize, what: &str) -> Result<usize> {
+    let bb = ty.block_bytes() as usize;
+    let be = ty.block_elems() as usize;
+    if src % bb != 0 {
+        return Err(Error::Input(format!(
+            "{what}: {src} bytes of {ty} are not whole blocks of {bb} bytes"
+        )));
+    }
+    let n = src / bb;
+    if n.checked_mul(be) != Some(dst_len) {
+        return Err(Error::Input(format!(
+            "{what}: {n} blocks of {ty} hold {} elements, the output has room for {dst_len}",
+            n.saturating_mul(be)
+        )));
+    }
+    Ok(n)
+}
+
+/// Decodes `src` (whole blocks of `ty`, as stored) into `dst`, which must hold
+/// exactly the blocks' elements. Plain types are widened exactly.
+pub fn dequantize_f32(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<()> {
+    check_lengths(ty, src.len(), dst.len(), "dequantize_f32")?;
+    match block_fn(ty) {
+        Some(f) => {
+            let bb = ty.block_bytes() as usize;
+            let be = ty.block_elems() as usize;
+            for (b, o) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)) {
+                f(b, o);
+            }
+        }
+        None => plain_to_f32(ty, src, dst),
+    }
+    Ok(())
+}
+
+/// Like [`dequantize_f32`], each value then rounded to bf16 (nearest even),
+/// exactly as the device kernels do.
+pub fn dequantize_bf16(ty: QuantType, src: &[u8], dst: &mut [bf16]) -> Result<()> {
+    check_lengths(ty, src.len(), dst.len(), "dequantize_bf16")?;
+    if ty == QuantType::BF16 {
+        for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+        }
+        return Ok(());
+    }
+    // One block at a time through a small f32 buffer: no allocation per call
+    // beyond it, no full f32 copy of the tensor.
+    let be = ty.block_elems() as usize;
+    let bb = ty.block_bytes() as usize;
+    let mut tmp = [0f32; 256];
+    for (b, o) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)) {
+        let t = &mut tmp[..be];
+        match block_fn(ty) {
+            Some(f) => f(b, t),
+            None => plain_to_f32(ty, b, t),
+        }
+        for (d, &x) in o.iter_mut().zip(t.iter()) {
+            *d = bf16::from_f32(x);
+        }
+    }
+    Ok(())
+}
+
+/// F32, F16 and BF16 bytes (little-endian) widened to f32.
+fn plain_to_f32(ty: QuantType, src: &[u8], dst: &mut [f32]) {
+    match ty {
+        QuantType::F32 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        QuantType::F16 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        QuantType::BF16 => {
+            for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+                *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        _ => unreachable!("plain_to_f32 is only called for plain types"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_that_are_not_whole_blocks_are_errors() {
+        let mut out = vec![0f32; 32];
+        let e = dequantize_f32(QuantType::Q8_0, &[0u8; 33], &mut out).unwrap_err();
+        assert!(e.to_string().contains("33 bytes of Q8_0"), "{e}");
+        let e = dequantize_f32(QuantType::Q8_0, &[0u8; 68], &mut out).unwrap_err();
+        assert!(e.to_string().contains("hold 64 elements"), "{e}");
+    }
+
+    #[test]
+    fn q8_0_is_scale_times_value() {
+        let d = f16::from_f32(0.5);
+        let mut b = d.to_bits().to_le_bytes().to_vec();
+        b.extend((0..32).map(|i| (i as i8 - 16) as u8));
+        let mut out = vec![0f32; 32];
+        dequantize_f32(QuantType::Q8_0, &b, &mut out).unwrap();
+        for (i, x) in out.iter().enumerate() {
+            assert_eq!(*x, (i as f32 - 16.0) * 0.5);
+        }
+    }
+}

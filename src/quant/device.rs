@@ -1,0 +1,118 @@
+//! Dequantization on the device: `kernels/dequant.cu`, one kernel per
+//! [`QuantType`], each writing bf16 bit-identical to
+//! [`dequantize_bf16`](super::dequantize_bf16) on the host.
+//!
+//! The PTX is its own module (built by `build.rs` like the others, or taken
+//! from the checked-in `kernels/ptx/dequant.ptx`) and is loaded into a context
+//! by [`DequantKernels::load`].
+
+use std::ffi::c_void;
+
+use super::QuantType;
+use crate::cuda::{Context, Function, Module, Stream};
+use crate::error::{Error, Result};
+
+/// PTX of `kernels/dequant.cu`.
+pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
+
+/// Threads per block of every launch.
+const BLOCK: u32 = 256;
+/// Most blocks per launch; the kernels' grid-stride loops cover the rest.
+const MAX_GRID: u64 = 132 * 16;
+
+/// The kernel entry point that dequantizes `ty` into bf16.
+pub const fn kernel_name(ty: QuantType) -> &'static str {
+    match ty {
+        QuantType::F32 => "dequant_f32_bf16",
+        QuantType::F16 => "dequant_f16_bf16",
+        QuantType::BF16 => "dequant_bf16_bf16",
+        QuantType::Q8_0 => "dequant_q8_0_bf16",
+        QuantType::Q4_0 => "dequant_q4_0_bf16",
+        QuantType::Q4_1 => "dequant_q4_1_bf16",
+        QuantType::Q5_0 => "dequant_q5_0_bf16",
+        QuantType::Q5_1 => "dequant_q5_1_bf16",
+        QuantType::Q4_K => "dequant_q4_k_bf16",
+        QuantType::Q5_K => "dequant_q5_k_bf16",
+        QuantType::Q6_K => "dequant_q6_k_bf16",
+    }
+}
+
+/// The dequantization module loaded into one context, with one kernel per type.
+#[derive(Debug)]
+pub struct DequantKernels {
+    _module: Module,
+    /// Indexed like [`QuantType::ALL`].
+    functions: Vec<Function>,
+}
+
+impl DequantKernels {
+    /// Loads [`PTX`] into `ctx` and looks up every kernel.
+    pub fn load(ctx: &Context) -> Result<DequantKernels> {
+        let module = Module::load_ptx(ctx, PTX)?;
+        let functions = QuantType::ALL
+            .into_iter()
+            .map(|t| module.function(kernel_name(t)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DequantKernels {
+            _module: module,
+            functions,
+        })
+    }
+
+    /// Queues the dequantization of `n` elements of `ty`, stored as blocks at
+    /// `src`, into `n` bf16 values at `dst`. `n` must be a multiple of the
+    /// type's block; `dst` must be 2-byte aligned. Nothing is launched for
+    /// `n == 0`. Returns without waiting.
+    ///
+    /// # Safety
+    /// `src` must be device memory of the stream's context holding
+    /// `n / ty.block_elems()` whole blocks (`ty.tensor_size(&[n])` bytes) and
+    /// `dst` device memory of that context with room for `n` bf16 values, not
+    /// overlapping `src`; both must stay allocated, and `src` unmodified and
+    /// `dst` unread by other work, until the queued kernel completes.
+    pub unsafe fn dequantize_bf16(
+        &self,
+        ty: QuantType,
+        src: u64,
+        dst: u64,
+        n: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let name = kernel_name(ty);
+        ty.tensor_size(&[n])
+            .map_err(|e| Error::Input(format!("{name}: {e}")))?;
+        if dst % 2 != 0 {
+            return Err(Error::Input(format!(
+                "{name}: dst = {dst:#x} is not 2-byte aligned"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let f = &self.functions[QuantType::ALL
+            .iter()
+            .position(|&t| t == ty)
+            .expect("ALL lists every type")];
+        let mut args = [src, dst, n];
+        let mut params: Vec<*mut c_void> =
+            args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
+        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // SAFETY: every dequant kernel takes (const uint8_t*, uint16_t*, u64),
+        // passed as three 64-bit values that `params` points to for the call;
+        // the device ranges for n elements are the caller's contract above.
+        unsafe { f.launch((grid, 1, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ptx_defines_a_kernel_for_every_type() {
+        for ty in QuantType::ALL {
+            let entry = format!(".entry {}(", kernel_name(ty));
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        }
+    }
+}
