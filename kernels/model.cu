@@ -101,7 +101,8 @@ extern "C" __global__ void swiglu_split(const float* __restrict__ gate,
 
 // For each token t (one block): adds the q/k/v biases (pointers may be 0),
 // rotates q and k by RoPE at position pos[t] (neox style: the two halves of a
-// head are the pairs), writes k and v into the f32 KV cache of sequence
+// head are the pairs; with `interleaved`, GPT-J style: neighbours are the pairs,
+// as llama.cpp stores llama q/k rows), writes k and v into the f32 KV cache of sequence
 // seq[t] at pos[t]. q stays f32 in place. Cache layout: [seq][kv_head][max_len][head_dim].
 extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* __restrict__ k,
                                            const float* __restrict__ v,
@@ -115,7 +116,7 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
                                            float* __restrict__ k_cache,
                                            float* __restrict__ v_cache, u64 tokens,
                                            u64 heads, u64 kv_heads, u64 head_dim, u64 max_len,
-                                           u64 kind) {
+                                           u64 kind, u64 interleaved) {
     const u64 half = head_dim / 2;
     for (u64 t = blockIdx.x; t < tokens; t += gridDim.x) {
         const u64 p = pos[t], s = seq[t];
@@ -124,34 +125,36 @@ extern "C" __global__ void bias_rope_cache(float* __restrict__ q, const float* _
         // q: heads * half rotation pairs.
         for (u64 i = threadIdx.x; i < heads * half; i += blockDim.x) {
             const u64 h = i / half, j = i % half;
+            const u64 ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
             float* qh = q + t * heads * head_dim + h * head_dim;
-            float a = qh[j], b = qh[j + half];
+            float a = qh[ia], b = qh[ib];
             if (bq) {
-                a += load_h(bq[h * head_dim + j], kind);
-                b += load_h(bq[h * head_dim + j + half], kind);
+                a += load_h(bq[h * head_dim + ia], kind);
+                b += load_h(bq[h * head_dim + ib], kind);
             }
-            qh[j] = a * c[j] - b * sn[j];
-            qh[j + half] = b * c[j] + a * sn[j];
+            qh[ia] = a * c[j] - b * sn[j];
+            qh[ib] = b * c[j] + a * sn[j];
         }
         for (u64 i = threadIdx.x; i < kv_heads * half; i += blockDim.x) {
             const u64 g = i / half, j = i % half;
+            const u64 ia = interleaved ? 2 * j : j, ib = interleaved ? 2 * j + 1 : j + half;
             const float* kh = k + t * kv_heads * head_dim + g * head_dim;
             const float* vh = v + t * kv_heads * head_dim + g * head_dim;
-            float a = kh[j], b = kh[j + half];
-            float va = vh[j], vb = vh[j + half];
+            float a = kh[ia], b = kh[ib];
+            float va = vh[ia], vb = vh[ib];
             if (bk) {
-                a += load_h(bk[g * head_dim + j], kind);
-                b += load_h(bk[g * head_dim + j + half], kind);
+                a += load_h(bk[g * head_dim + ia], kind);
+                b += load_h(bk[g * head_dim + ib], kind);
             }
             if (bv) {
-                va += load_h(bv[g * head_dim + j], kind);
-                vb += load_h(bv[g * head_dim + j + half], kind);
+                va += load_h(bv[g * head_dim + ia], kind);
+                vb += load_h(bv[g * head_dim + ib], kind);
             }
             const u64 base = ((s * kv_heads + g) * max_len + p) * head_dim;
-            k_cache[base + j] = a * c[j] - b * sn[j];
-            k_cache[base + j + half] = b * c[j] + a * sn[j];
-            v_cache[base + j] = va;
-            v_cache[base + j + half] = vb;
+            k_cache[base + ia] = a * c[j] - b * sn[j];
+            k_cache[base + ib] = b * c[j] + a * sn[j];
+            v_cache[base + ia] = va;
+            v_cache[base + ib] = vb;
         }
     }
 }

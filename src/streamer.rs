@@ -10,6 +10,7 @@ use crate::pipeline::pass::Pipeline;
 use crate::pipeline::placement::{self, AfterBuild, Room};
 use crate::pipeline::plan::{LayerPlan, LayerWeights};
 use crate::pipeline::{Backend, Budget, Device, PassStats, StreamerConfig};
+use crate::quant::device::DequantKernels;
 use crate::{cuda, DType, Error, Result};
 
 mod tensor;
@@ -272,6 +273,12 @@ fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Res
             cfg.dtype
                 .is_some_and(|d| d != t.dtype && t.dtype.is_castable_float())
         });
+    let needs_dequant = cfg.dtype.is_some()
+        && (plans
+            .iter()
+            .flat_map(|p| &p.casts)
+            .any(|c| c.quant.is_some())
+            || model.statics().iter().any(|t| t.quant.is_some()));
     Ok(match cfg.device {
         Device::Host => Backend::Host,
         Device::Cuda(ordinal) => {
@@ -288,7 +295,16 @@ fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Res
             } else {
                 None
             };
-            Backend::Cuda { ctx, kernels }
+            let dequant = if needs_dequant {
+                Some(Box::new(DequantKernels::load(&ctx)?))
+            } else {
+                None
+            };
+            Backend::Cuda {
+                ctx,
+                kernels,
+                dequant,
+            }
         }
     })
 }
@@ -299,6 +315,9 @@ fn statics_bytes(model: &ModelIndex, dtype: Option<DType>) -> u64 {
         .statics()
         .iter()
         .map(|t| match dtype {
+            Some(d) if t.quant.is_some() => {
+                t.shape.iter().product::<usize>() as u64 * d.size() as u64
+            }
             Some(d) if d != t.dtype && t.dtype.is_castable_float() => {
                 t.shape.iter().product::<usize>() as u64 * d.size() as u64
             }

@@ -116,7 +116,10 @@ impl<'a> Metadata<'a> {
     pub fn strings(&self, key: &str) -> Result<Vec<&'a str>> {
         let a = self.opt_array(key)?.ok_or_else(|| self.missing(key))?;
         a.iter()
-            .map(|v| v.as_str().ok_or_else(|| self.wrong(key, "an array of strings")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.wrong(key, "an array of strings"))
+            })
             .collect()
     }
 
@@ -278,7 +281,9 @@ pub fn tokenizer_json(meta: &Metadata<'_>) -> Result<Value> {
                          {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos_tok: {"id": bos_tok, "ids": [bos], "tokens": [bos_tok]}}})
         }
-        _ => json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true}),
+        _ => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true})
+        }
     };
     Ok(json!({
         "version": "1.0",
@@ -314,27 +319,56 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
-            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
-            ("blk.12.ffn_norm.weight", "model.layers.12.post_attention_layernorm.weight"),
-            ("blk.3.attn_q.weight", "model.layers.3.self_attn.q_proj.weight"),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "blk.12.ffn_norm.weight",
+                "model.layers.12.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.3.attn_q.weight",
+                "model.layers.3.self_attn.q_proj.weight",
+            ),
             ("blk.3.attn_q.bias", "model.layers.3.self_attn.q_proj.bias"),
-            ("blk.3.attn_k.weight", "model.layers.3.self_attn.k_proj.weight"),
+            (
+                "blk.3.attn_k.weight",
+                "model.layers.3.self_attn.k_proj.weight",
+            ),
             ("blk.3.attn_v.bias", "model.layers.3.self_attn.v_proj.bias"),
-            ("blk.3.attn_output.weight", "model.layers.3.self_attn.o_proj.weight"),
-            ("blk.7.ffn_gate.weight", "model.layers.7.mlp.gate_proj.weight"),
+            (
+                "blk.3.attn_output.weight",
+                "model.layers.3.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.7.ffn_gate.weight",
+                "model.layers.7.mlp.gate_proj.weight",
+            ),
             ("blk.7.ffn_up.weight", "model.layers.7.mlp.up_proj.weight"),
-            ("blk.7.ffn_down.weight", "model.layers.7.mlp.down_proj.weight"),
+            (
+                "blk.7.ffn_down.weight",
+                "model.layers.7.mlp.down_proj.weight",
+            ),
         ];
         for (g, hf) in cases {
             assert_eq!(hf_tensor_name(g).as_deref(), Some(hf), "{g}");
         }
-        for bad in ["blk.x.attn_q.weight", "blk.1.attn_q.scale", "rope_freqs.weight", "blk.1"] {
+        for bad in [
+            "blk.x.attn_q.weight",
+            "blk.1.attn_q.scale",
+            "rope_freqs.weight",
+            "blk.1",
+        ] {
             assert_eq!(hf_tensor_name(bad), None, "{bad}");
         }
     }
 
     fn meta_map(pairs: &[(&str, Value)]) -> Map<String, Value> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect()
     }
 
     #[test]
@@ -365,7 +399,10 @@ mod tests {
     fn refuses_what_it_cannot_run() {
         let mut m = meta_map(&[("general.architecture", json!("gemma3"))]);
         let e = hf_config(&Metadata::new("g.gguf", &m), true).unwrap_err();
-        assert!(e.to_string().contains("g.gguf") && e.to_string().contains("gemma3"), "{e}");
+        assert!(
+            e.to_string().contains("g.gguf") && e.to_string().contains("gemma3"),
+            "{e}"
+        );
         m.insert("general.architecture".into(), json!("llama"));
         let e = hf_config(&Metadata::new("g.gguf", &m), true).unwrap_err();
         assert!(e.to_string().contains("llama.embedding_length"), "{e}");

@@ -159,6 +159,7 @@ fn open_indexed(dir: &Path, index_path: &Path) -> Result<(Vec<ShardFile>, Vec<Te
             file: f,
             file_offset: files[f].data_offset + t.begin,
             len: t.end - t.begin,
+            quant: None,
         });
     }
     Ok((files, tensors))
@@ -190,6 +191,7 @@ fn open_unindexed(paths: &[PathBuf]) -> Result<(Vec<ShardFile>, Vec<TensorInfo>)
                 file: f,
                 file_offset: h.data_offset + t.begin,
                 len: t.end - t.begin,
+                quant: None,
             });
         }
         files.push(ShardFile {

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::DType;
 
+pub(crate) mod gguf;
 pub mod gguf_hf;
 mod header;
 mod index;
@@ -62,8 +63,11 @@ pub struct TensorInfo {
     pub file: usize,
     /// Absolute offset of its first byte in the file.
     pub file_offset: u64,
-    /// Its length in bytes (elements × dtype size).
+    /// Its length in bytes (elements × dtype size, or whole blocks of `quant`).
     pub len: u64,
+    /// The ggml block type of a tensor stored quantized (GGUF); `dtype` is
+    /// then [`DType::U8`]. `None` for plain element types.
+    pub quant: Option<crate::quant::QuantType>,
 }
 
 impl TensorInfo {
@@ -135,6 +139,19 @@ pub struct ModelIndex {
     statics: Vec<TensorInfo>,
     by_name: HashMap<String, TensorRef>,
     config: Option<serde_json::Value>,
+    embedded: Option<Embedded>,
+}
+
+/// What a single-file checkpoint (GGUF) carries beside its tensors.
+#[derive(Debug, Clone)]
+pub(crate) struct Embedded {
+    /// `tokenizer.json`'s contents, built from the file's vocabulary.
+    pub(crate) tokenizer: Option<serde_json::Value>,
+    /// The chat template, with the text of the BOS and EOS tokens it may use.
+    pub(crate) chat_template: Option<(String, String, String)>,
+    /// Whether the q/k projection rows are stored in llama.cpp's order for
+    /// interleaved RoPE (llama-architecture GGUF files).
+    pub(crate) rope_interleaved: bool,
 }
 
 impl ModelIndex {
@@ -143,8 +160,17 @@ impl ModelIndex {
     /// it; plus `config.json` where present. Every header is validated
     /// against its file; errors are [`crate::Error::Model`] naming the file
     /// and tensor.
+    ///
+    /// A `*.gguf` file (or a split set's part, or a directory holding a GGUF
+    /// model and no safetensors) opens as the same index: tensors under their
+    /// Hugging Face names with their stored types, `config.json` and the
+    /// tokenizer made from its metadata.
     pub fn open(dir: impl AsRef<Path>) -> crate::Result<ModelIndex> {
-        index::open(dir.as_ref())
+        let path = dir.as_ref();
+        if gguf::is_gguf(path) {
+            return gguf::open(path);
+        }
+        index::open(path)
     }
 
     /// Builds an index from explicit parts (files, data offsets, tensors and
@@ -179,6 +205,7 @@ impl ModelIndex {
             statics,
             by_name,
             config,
+            embedded: None,
         })
     }
 
@@ -220,7 +247,27 @@ impl ModelIndex {
         }
     }
 
-    /// `config.json`, where the directory has one.
+    /// `tokenizer.json` built from the checkpoint itself (a GGUF file's
+    /// vocabulary); `None` for a directory, whose `tokenizer.json` is a file.
+    pub fn embedded_tokenizer(&self) -> Option<&serde_json::Value> {
+        self.embedded.as_ref()?.tokenizer.as_ref()
+    }
+
+    /// The chat template the checkpoint itself carries (GGUF
+    /// `tokenizer.chat_template`), with the text of its BOS and EOS tokens.
+    pub fn embedded_chat_template(&self) -> Option<(&str, &str, &str)> {
+        let (t, b, e) = self.embedded.as_ref()?.chat_template.as_ref()?;
+        Some((t, b, e))
+    }
+
+    /// Whether the q/k projections are stored for interleaved (GPT-J style)
+    /// RoPE, as llama.cpp permutes them in llama-architecture GGUF files.
+    pub fn rope_interleaved(&self) -> bool {
+        self.embedded.as_ref().is_some_and(|e| e.rope_interleaved)
+    }
+
+    /// `config.json`, where the directory has one (for a GGUF file, the
+    /// one its metadata describes).
     pub fn config(&self) -> Option<&serde_json::Value> {
         self.config.as_ref()
     }

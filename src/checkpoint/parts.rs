@@ -157,6 +157,7 @@ fn place_tensor(name: &str, t: &PartTensor, files: &[ShardFile]) -> Result<Tenso
         file: t.file,
         file_offset: start,
         len,
+        quant: None,
     })
 }
 

@@ -50,7 +50,16 @@ fn token_text(v: Option<&Value>) -> String {
 impl ChatTemplate {
     /// The template of `DIR/tokenizer_config.json` (or `DIR/chat_template.jinja`),
     /// `None` when the model has none.
+    ///
+    /// For a GGUF model (a `*.gguf` path, or a directory holding one), the
+    /// template in its metadata.
     pub fn from_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
+        if crate::checkpoint::gguf::is_gguf(dir) {
+            let index = crate::ModelIndex::open(dir)?;
+            if index.embedded_chat_template().is_some() {
+                return ChatTemplate::for_model(&index);
+            }
+        }
         let path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&path) {
             Ok(t) => serde_json::from_str(&t)
@@ -72,6 +81,15 @@ impl ChatTemplate {
             bos_token: token_text(cfg.get("bos_token")),
             eos_token: token_text(cfg.get("eos_token")),
         }))
+    }
+
+    /// The template of the model in `index`: the one the checkpoint carries
+    /// (GGUF `tokenizer.chat_template`), else [`from_dir`](Self::from_dir).
+    pub fn for_model(index: &crate::ModelIndex) -> Result<Option<ChatTemplate>> {
+        match index.embedded_chat_template() {
+            Some((source, bos, eos)) => Ok(Some(ChatTemplate::new(source, bos, eos))),
+            None => ChatTemplate::from_dir(index.dir()),
+        }
     }
 
     /// A template from its source.

@@ -71,6 +71,10 @@ pub struct ModelConfig {
     /// `sliding_window` and `max_window_layers`, or `layer_types`): the
     /// window. Not implemented: the model refuses a `max_len` past it.
     pub sliding_window: Option<usize>,
+    /// RoPE pairs neighbouring elements of a head (GPT-J style) instead of
+    /// its two halves: the q/k rows of a llama-architecture GGUF file are
+    /// stored in that order ([`ModelIndex::rope_interleaved`]).
+    pub rope_interleaved: bool,
 }
 
 impl ModelConfig {
@@ -82,6 +86,7 @@ impl ModelConfig {
             .config()
             .ok_or_else(|| Error::model(&path, "config.json is missing or unreadable"))?;
         let mut cfg = ModelConfig::from_json(v).map_err(|m| Error::model(&path, m))?;
+        cfg.rope_interleaved = index.rope_interleaved();
         let gen_path = index.dir().join("generation_config.json");
         if let Ok(text) = std::fs::read_to_string(&gen_path) {
             if let Ok(g) = serde_json::from_str::<Value>(&text) {
@@ -132,6 +137,7 @@ impl ModelConfig {
                 sliding_window(v, layers)?
             },
             model_type,
+            rope_interleaved: false,
         })
     }
 

@@ -375,7 +375,23 @@ impl CudaModel {
             let (cos, sin) = (self.cos.ptr(), self.sin.ptr());
             let (hd, ml) = (cfg.head_dim, self.max_len);
             k.bias_rope_cache(
-                s, q, kp, vp, biases, cos, sin, seq, pos, kc, vc, t, n, kv, hd, ml,
+                s,
+                q,
+                kp,
+                vp,
+                biases,
+                cos,
+                sin,
+                seq,
+                pos,
+                kc,
+                vc,
+                t,
+                n,
+                kv,
+                hd,
+                ml,
+                cfg.rope_interleaved,
             )?;
             k.attention(s, q, kc, vc, seq, pos, attn, t, n, kv, hd, ml)?;
             // o_proj accumulates into the residual stream (beta = 1).

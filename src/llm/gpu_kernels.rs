@@ -228,6 +228,7 @@ impl ModelKernels {
         kv_heads: usize,
         head_dim: usize,
         max_len: usize,
+        interleaved: bool,
     ) -> Result<()> {
         launch(
             &self.bias_rope,
@@ -254,6 +255,7 @@ impl ModelKernels {
                 Arg::U(head_dim as u64),
                 Arg::U(max_len as u64),
                 Arg::U(self.kind),
+                Arg::U(interleaved as u64),
             ],
         )
     }

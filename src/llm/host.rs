@@ -6,19 +6,20 @@ use crate::llm::config::ModelConfig;
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::ops;
-use crate::{DType, Error, LayerStreamer, LayerWeights, Result};
+use crate::quant::QuantType;
+use crate::{Error, LayerStreamer, LayerWeights, Result};
 
 /// A static tensor's bytes on the host.
 struct HostTensor {
     bytes: Vec<u8>,
-    dtype: DType,
+    ty: QuantType,
 }
 
 fn load(streamer: &LayerStreamer, name: &str) -> Result<HostTensor> {
     let t = streamer.load_static(name)?;
     Ok(HostTensor {
         bytes: t.to_host()?,
-        dtype: t.dtype(),
+        ty: ops::weight_type(t.dtype(), t.quant())?,
     })
 }
 
@@ -48,7 +49,7 @@ impl HostModel {
         let cache = opts.max_batch * cfg.kv_dim() * opts.max_len;
         let (cos, sin) = cfg.rope_tables(opts.max_len);
         Ok(HostModel {
-            norm: ops::to_f32(&norm.bytes, norm.dtype)?,
+            norm: ops::to_f32(&norm.bytes, norm.ty)?,
             lm_head: head.map(|h| load(streamer, &h)).transpose()?,
             embed,
             k_cache: vec![vec![0.0; cache]; cfg.layers],
@@ -68,16 +69,21 @@ impl HostModel {
         b: &PassBatch,
     ) -> Result<Vec<f32>> {
         let (h, t) = (cfg.hidden, b.tokens.len());
-        let esize = self.embed.dtype.size();
+        let row_bytes = self
+            .embed
+            .ty
+            .row_bytes(h as u64)
+            .map_err(|e| Error::Input(format!("embedding rows of {h}: {e}")))?
+            as usize;
         let mut x = vec![0.0f32; t * h];
         for (row, &tok) in x.chunks_exact_mut(h).zip(&b.tokens) {
-            let off = tok as usize * h * esize;
+            let off = tok as usize * row_bytes;
             let bytes = self
                 .embed
                 .bytes
-                .get(off..off + h * esize)
+                .get(off..off + row_bytes)
                 .ok_or_else(|| Error::Input(format!("token {tok} is outside the embedding")))?;
-            ops::to_f32_into(bytes, self.embed.dtype, row)?;
+            ops::to_f32_into(bytes, self.embed.ty, row)?;
         }
         let me = &mut *self;
         let x = streamer.run_pass(x, |x, w, layer, _| me.layer(cfg, b, x, w, layer))?;
@@ -94,7 +100,7 @@ impl HostModel {
             &normed,
             b.out_rows.len(),
             &head.bytes,
-            head.dtype,
+            head.ty,
             cfg.vocab,
             None,
             &mut logits,
@@ -269,8 +275,20 @@ impl HostModel {
                 &self.cos[p * half..(p + 1) * half],
                 &self.sin[p * half..(p + 1) * half],
             );
-            ops::rope(&mut q[i * qd..(i + 1) * qd], hd, c, sn);
-            ops::rope(&mut k[i * kvd..(i + 1) * kvd], hd, c, sn);
+            ops::rope(
+                &mut q[i * qd..(i + 1) * qd],
+                hd,
+                c,
+                sn,
+                cfg.rope_interleaved,
+            );
+            ops::rope(
+                &mut k[i * kvd..(i + 1) * kvd],
+                hd,
+                c,
+                sn,
+                cfg.rope_interleaved,
+            );
             let s = b.seq[i] as usize;
             for g in 0..cfg.kv_heads {
                 let dst = ((s * cfg.kv_heads + g) * ml + p) * hd;
@@ -294,7 +312,10 @@ impl Weights<'_, '_> {
     /// Tensor `key` converted to f32.
     fn f32(&self, key: &str) -> Result<Vec<f32>> {
         let v = self.w.tensor(key)?;
-        ops::to_f32(host_bytes(self.w, key)?, v.dtype())
+        ops::to_f32(
+            host_bytes(self.w, key)?,
+            ops::weight_type(v.dtype(), v.quant())?,
+        )
     }
 
     /// Bias `key` in f32 when the configuration enables it (`on`).
@@ -314,7 +335,8 @@ impl Weights<'_, '_> {
     ) -> Result<()> {
         let v = self.w.tensor(key)?;
         let bytes = host_bytes(self.w, key)?;
-        ops::linear(inp, self.rows, bytes, v.dtype(), n, bias, out, accumulate)
+        let ty = ops::weight_type(v.dtype(), v.quant())?;
+        ops::linear(inp, self.rows, bytes, ty, n, bias, out, accumulate)
     }
 }
 

@@ -1,48 +1,42 @@
 //! The forward pass's math on the host, in f32: what the host backend runs,
 //! and a second reference for the CUDA kernels.
 
-use half::{bf16, f16};
-
+use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
-/// Converts little-endian `bytes` of `dtype` (bf16, f16 or f32) to f32, into `out`.
-pub fn to_f32_into(bytes: &[u8], dtype: DType, out: &mut [f32]) -> Result<()> {
-    let n = out.len();
-    if bytes.len() != n * dtype.size() {
+/// The element type the host math reads a weight in: its block type when
+/// stored quantized, else its plain float type (bf16, f16 or f32).
+pub fn weight_type(dtype: DType, quant: Option<QuantType>) -> Result<QuantType> {
+    match quant.or_else(|| QuantType::from_dtype(dtype)) {
+        Some(t) => Ok(t),
+        None => Err(Error::Input(format!(
+            "weights of dtype {dtype} are not supported (bf16, f16, f32 or ggml blocks)"
+        ))),
+    }
+}
+
+/// Converts little-endian `bytes` of `ty` (a float type or ggml blocks) to
+/// f32, into `out`.
+pub fn to_f32_into(bytes: &[u8], ty: QuantType, out: &mut [f32]) -> Result<()> {
+    let n = out.len() as u64;
+    let want = ty
+        .tensor_size(&[n])
+        .map_err(|e| Error::Input(format!("{n} elements of {ty}: {e}")))?
+        .1;
+    if bytes.len() as u64 != want {
         return Err(Error::Input(format!(
-            "{} bytes of {dtype} are not {n} elements",
+            "{} bytes of {ty} are not {n} elements",
             bytes.len()
         )));
     }
-    match dtype {
-        DType::BF16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        DType::F16 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-            }
-        }
-        DType::F32 => {
-            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        other => {
-            return Err(Error::Input(format!(
-                "weights of dtype {other} are not supported (bf16, f16 or f32)"
-            )))
-        }
-    }
-    Ok(())
+    crate::quant::dequantize_f32(ty, bytes, out)
 }
 
 /// Converts a whole tensor to f32.
-pub fn to_f32(bytes: &[u8], dtype: DType) -> Result<Vec<f32>> {
-    let mut out = vec![0.0; bytes.len() / dtype.size().max(1)];
-    to_f32_into(bytes, dtype, &mut out)?;
+pub fn to_f32(bytes: &[u8], ty: QuantType) -> Result<Vec<f32>> {
+    let blocks = bytes.len() as u64 / ty.block_bytes();
+    let mut out = vec![0.0; (blocks * ty.block_elems()) as usize];
+    to_f32_into(bytes, ty, &mut out)?;
     Ok(out)
 }
 
@@ -54,7 +48,7 @@ pub fn linear(
     x: &[f32],
     rows: usize,
     w: &[u8],
-    w_dtype: DType,
+    w_ty: QuantType,
     n_out: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
@@ -63,13 +57,13 @@ pub fn linear(
     let Some(k) = x.len().checked_div(rows) else {
         return Ok(());
     };
-    if w.len() != n_out * k * w_dtype.size() || y.len() < rows * n_out {
+    let row_bytes = w_ty.row_bytes(k as u64).map_or(usize::MAX, |b| b as usize);
+    if Some(w.len()) != row_bytes.checked_mul(n_out) || y.len() < rows * n_out {
         return Err(Error::Input(format!(
-            "linear: weight of {} bytes does not match [{n_out}, {k}] {w_dtype}, or output too small",
+            "linear: weight of {} bytes does not match [{n_out}, {k}] {w_ty}, or output too small",
             w.len()
         )));
     }
-    let row_bytes = k * w_dtype.size();
     // Output rows split over a few threads; each converts its weight rows
     // to f32 once and dots them with every input row.
     let threads = std::thread::available_parallelism()
@@ -89,7 +83,7 @@ pub fn linear(
                     out.resize((hi - lo) * rows, 0.0);
                     let mut wrow = vec![0.0f32; k];
                     for n in lo..hi {
-                        to_f32_into(&w[n * row_bytes..(n + 1) * row_bytes], w_dtype, &mut wrow)?;
+                        to_f32_into(&w[n * row_bytes..(n + 1) * row_bytes], w_ty, &mut wrow)?;
                         let b = bias.map_or(0.0, |b| b[n]);
                         for r in 0..rows {
                             out[(n - lo) * rows + r] = dot(&x[r * k..(r + 1) * k], &wrow) + b;
@@ -149,14 +143,20 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// Rotates every head of one token's `x` (`heads * head_dim` wide) in place
 /// by the angles of one position (`cos`/`sin` rows of `head_dim / 2`),
 /// as transformers' `rotate_half` does: the first and second halves of a head
-/// form the pairs.
-pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32]) {
+/// form the pairs; with `interleaved`, neighbouring elements do (GPT-J style,
+/// the order llama.cpp stores llama q/k rows in).
+pub fn rope(x: &mut [f32], head_dim: usize, cos: &[f32], sin: &[f32], interleaved: bool) {
     let half = head_dim / 2;
     for h in x.chunks_exact_mut(head_dim) {
         for i in 0..half {
-            let (a, b) = (h[i], h[i + half]);
-            h[i] = a * cos[i] - b * sin[i];
-            h[i + half] = b * cos[i] + a * sin[i];
+            let (ia, ib) = if interleaved {
+                (2 * i, 2 * i + 1)
+            } else {
+                (i, i + half)
+            };
+            let (a, b) = (h[ia], h[ib]);
+            h[ia] = a * cos[i] - b * sin[i];
+            h[ib] = b * cos[i] + a * sin[i];
         }
     }
 }
@@ -205,7 +205,7 @@ mod tests {
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut y = vec![1.0; rows * n];
-        linear(&x, rows, &bytes, DType::F32, n, None, &mut y, true).unwrap();
+        linear(&x, rows, &bytes, QuantType::F32, n, None, &mut y, true).unwrap();
         for r in 0..rows {
             for o in 0..n {
                 let want: f32 = 1.0 + (0..k).map(|i| x[r * k + i] * w[o * k + i]).sum::<f32>();
@@ -218,10 +218,10 @@ mod tests {
     fn rope_at_zero_is_identity_and_keeps_norms() {
         let mut x: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let before = x.clone();
-        rope(&mut x, 8, &[1.0; 4], &[0.0; 4]);
+        rope(&mut x, 8, &[1.0; 4], &[0.0; 4], false);
         assert_eq!(x, before);
         let a = 0.3f32;
-        rope(&mut x, 8, &[a.cos(); 4], &[a.sin(); 4]);
+        rope(&mut x, 8, &[a.cos(); 4], &[a.sin(); 4], false);
         let n0: f32 = before.iter().map(|v| v * v).sum();
         let n1: f32 = x.iter().map(|v| v * v).sum();
         assert!((n0 - n1).abs() < 1e-3);

@@ -11,8 +11,29 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads `DIR/tokenizer.json`.
+    /// The tokenizer of the model in `index`: the one the checkpoint carries
+    /// (a GGUF file's vocabulary), else `tokenizer.json` in its directory.
+    pub fn for_model(index: &crate::ModelIndex) -> Result<Tokenizer> {
+        let Some(json) = index.embedded_tokenizer() else {
+            return Tokenizer::from_dir(index.dir());
+        };
+        let bytes = serde_json::to_vec(json).map_err(|e| Error::Input(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
+            let file = index.files().first().map(|f| f.path.display().to_string());
+            Error::Input(format!(
+                "{}: cannot build the tokenizer from tokenizer.ggml.*: {e}",
+                file.unwrap_or_default()
+            ))
+        })?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Loads `DIR/tokenizer.json`; for a GGUF model (a `*.gguf` path, or a
+    /// directory holding one), the vocabulary in its metadata.
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
+        if crate::checkpoint::gguf::is_gguf(dir) {
+            return Tokenizer::for_model(&crate::ModelIndex::open(dir)?);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::model(

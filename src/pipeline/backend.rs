@@ -12,6 +12,8 @@ use super::host::{CopyGuard, HostEvent, HostStream, PinnedSource};
 use crate::cuda::{self, Context, DeviceBuffer, HostRegistration};
 use crate::io::AlignedBuf;
 use crate::kernels::Kernels;
+use crate::quant::device::DequantKernels;
+use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
 /// The backend a streamer was built on.
@@ -19,6 +21,8 @@ pub(crate) enum Backend {
     Cuda {
         ctx: Context,
         kernels: Option<Kernels>,
+        /// Loaded when the model has block-quantized tensors.
+        dequant: Option<Box<DequantKernels>>,
     },
     Host,
 }
@@ -80,6 +84,14 @@ impl Backend {
             buf,
             gen: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// The dequantization kernels, where the model needs them (CUDA).
+    pub(crate) fn dequant_kernels(&self) -> Option<&DequantKernels> {
+        match self {
+            Backend::Cuda { dequant, .. } => dequant.as_deref(),
+            Backend::Host => None,
+        }
     }
 
     pub(crate) fn kernels(&self) -> Option<&Kernels> {
@@ -254,6 +266,36 @@ impl StreamH {
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
                 unsafe { s.cast(from, to, src, dst, n) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the dequantization of `n` elements stored as `ty` blocks at
+    /// `src` into `n` bf16 values at `dst`.
+    ///
+    /// # Safety
+    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` bf16
+    /// values, both device memory of this stream's backend that stay valid
+    /// until the work completes.
+    pub(crate) unsafe fn dequant(
+        &self,
+        kernels: Option<&DequantKernels>,
+        ty: QuantType,
+        src: u64,
+        dst: u64,
+        n: usize,
+    ) -> Result<()> {
+        match self {
+            StreamH::Cuda(s) => {
+                let k = kernels
+                    .ok_or_else(|| Error::Pipeline("dequantization kernels not loaded".into()))?;
+                // SAFETY: forwarded from the caller.
+                unsafe { k.dequantize_bf16(ty, src, dst, n as u64, s) }
+            }
+            StreamH::Host(s) => {
+                // SAFETY: forwarded from the caller.
+                unsafe { s.dequant(ty, src, dst, n) };
                 Ok(())
             }
         }

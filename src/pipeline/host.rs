@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 
+use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
 /// An event of the host backend.
@@ -111,6 +112,12 @@ enum Op {
     Cast {
         from: DType,
         to: DType,
+        src: usize,
+        dst: usize,
+        n: usize,
+    },
+    Dequant {
+        ty: QuantType,
         src: usize,
         dst: usize,
         n: usize,
@@ -208,6 +215,20 @@ impl HostStream {
         self.submit(Op::Cast {
             from,
             to,
+            src: src as usize,
+            dst: dst as usize,
+            n,
+        });
+    }
+
+    /// Queues the dequantization of `n` elements of `ty` blocks into bf16.
+    ///
+    /// # Safety
+    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` bf16
+    /// values, valid until the op has run (as for [`copy`](Self::copy)).
+    pub(crate) unsafe fn dequant(&self, ty: QuantType, src: u64, dst: u64, n: usize) {
+        self.submit(Op::Dequant {
+            ty,
             src: src as usize,
             dst: dst as usize,
             n,
@@ -337,12 +358,36 @@ fn execute(q: &Queue, op: Op) {
                 violation(q, e);
             }
         }
+        Op::Dequant { ty, src, dst, n } => {
+            if let Err(e) = host_dequant(ty, src, dst, n) {
+                violation(q, e);
+            }
+        }
         Op::Record(ev, seq) => ev.complete(seq),
         Op::Wait(ev, seq) => wait_until(|| ev.reached(seq)),
         #[cfg(test)]
         Op::Delay(d) => std::thread::sleep(d),
         Op::Exit => {}
     }
+}
+
+fn host_dequant(ty: QuantType, src: usize, dst: usize, n: usize) -> Result<(), String> {
+    let len = ty
+        .tensor_size(&[n as u64])
+        .map_err(|e| format!("dequantizing {n} elements of {ty}: {e}"))?
+        .1 as usize;
+    // SAFETY: the issuer guarantees `src` holds `len` bytes and `dst` room
+    // for `n` bf16 values, live and not written by anyone else until this op
+    // has run (see `HostStream::dequant`); bf16 needs 2-byte alignment, which
+    // the plan's conversion area (256-aligned offsets in a page-aligned
+    // slot) provides.
+    let (blocks, out) = unsafe {
+        (
+            std::slice::from_raw_parts(src as *const u8, len),
+            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n),
+        )
+    };
+    crate::quant::dequantize_bf16(ty, blocks, out).map_err(|e| e.to_string())
 }
 
 fn host_cast(from: DType, to: DType, src: usize, dst: usize, n: usize) -> Result<(), String> {

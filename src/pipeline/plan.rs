@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::backend::EventH;
 use super::compute::ComputeStream;
 use crate::checkpoint::{Layer, ModelIndex};
+use crate::quant::QuantType;
 use crate::{cuda, DType, Error, Result};
 
 /// Alignment of tensors in a slot's conversion area.
@@ -24,9 +25,19 @@ pub struct TensorView<'a> {
     dtype: DType,
     shape: &'a [usize],
     bytes: u64,
+    quant: Option<QuantType>,
 }
 
 impl<'a> TensorView<'a> {
+    /// The ggml block type of a tensor handed over as stored blocks (a
+    /// quantized GGUF tensor with the streamer in file dtypes): `dtype` is
+    /// then [`DType::U8`], `shape` the logical shape and `bytes` the blocks'
+    /// size. `None` for plain element types, and for quantized tensors
+    /// dequantized on the device into the compute dtype.
+    pub fn quant(&self) -> Option<QuantType> {
+        self.quant
+    }
+
     /// The key inside the layer, e.g. `mlp.up_proj.weight`.
     pub fn key(&self) -> &'a str {
         self.key
@@ -66,6 +77,9 @@ impl<'a> TensorView<'a> {
 /// A cast of one tensor inside a slot.
 #[derive(Debug, Clone)]
 pub(crate) struct CastOp {
+    /// The block type when this is a dequantization (into bf16); `from` is
+    /// then the stored byte type.
+    pub(crate) quant: Option<QuantType>,
     pub(crate) from: DType,
     pub(crate) to: DType,
     /// Offset of the raw tensor in the slot.
@@ -83,6 +97,7 @@ pub(crate) struct ViewPlan {
     pub(crate) dtype: DType,
     pub(crate) shape: Vec<usize>,
     pub(crate) bytes: u64,
+    pub(crate) quant: Option<QuantType>,
 }
 
 /// Where a layer lives between passes.
@@ -119,9 +134,19 @@ impl LayerPlan {
         let mut views = Vec::with_capacity(layer.tensors.len());
         for t in &layer.tensors {
             let info = &t.info;
-            let target = match dtype {
-                Some(d) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
-                Some(d) if d != info.dtype && is_float(info.dtype) => {
+            let target = match (dtype, info.quant) {
+                (Some(DType::BF16), Some(_)) => Some(DType::BF16),
+                (Some(d), Some(q)) => {
+                    return Err(Error::config(format!(
+                        "tensor {} of {} is {q} blocks, which dequantize to bf16 only, not \
+                         the compute dtype {d}",
+                        info.name,
+                        model.files()[info.file].path.display(),
+                    )))
+                }
+                (None, Some(_)) => None,
+                (Some(d), None) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
+                (Some(d), None) if d != info.dtype && is_float(info.dtype) => {
                     return Err(Error::config(format!(
                         "tensor {} of {} is {}, which cannot be cast to the compute dtype {d}",
                         info.name,
@@ -136,6 +161,7 @@ impl LayerPlan {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
                     casts.push(CastOp {
+                        quant: info.quant,
                         from: info.dtype,
                         to,
                         src: t.slot_offset,
@@ -149,6 +175,7 @@ impl LayerPlan {
                         dtype: to,
                         shape: info.shape.clone(),
                         bytes: out_bytes,
+                        quant: None,
                     });
                     conv += out_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
                 }
@@ -159,6 +186,7 @@ impl LayerPlan {
                     dtype: info.dtype,
                     shape: info.shape.clone(),
                     bytes: info.len,
+                    quant: info.quant,
                 }),
             }
         }
@@ -328,6 +356,7 @@ impl<'a> LayerWeights<'a> {
             dtype: v.dtype,
             shape: &v.shape,
             bytes: v.bytes,
+            quant: v.quant,
         }
     }
 }
@@ -354,6 +383,7 @@ mod tests {
             dtype: DType::U8,
             shape: &[],
             bytes,
+            quant: None,
         }
     }
 

@@ -474,17 +474,19 @@ impl<'c> H2d<'c> {
         }
         let kernels = res.backend.kernels();
         for c in &plan.casts {
+            let (src, out) = (dst.ptr() + c.src, dst.ptr() + c.dst);
             // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
-            // inside `device_bytes`, which the destination holds.
+            // inside `device_bytes`, which the destination holds: the stored
+            // tensor (`n` elements, or `n` elements' blocks) at `src`, its
+            // conversion at `dst`.
             unsafe {
-                res.transfer.cast(
-                    kernels,
-                    c.from,
-                    c.to,
-                    dst.ptr() + c.src,
-                    dst.ptr() + c.dst,
-                    c.n,
-                )?;
+                match c.quant {
+                    Some(q) => {
+                        let dq = res.backend.dequant_kernels();
+                        res.transfer.dequant(dq, q, src, out, c.n)?
+                    }
+                    None => res.transfer.cast(kernels, c.from, c.to, src, out, c.n)?,
+                }
             }
         }
         res.transfer.record(&ev.h2d_end)?;

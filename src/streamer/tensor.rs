@@ -3,6 +3,7 @@
 use crate::io::AlignedBuf;
 use crate::pipeline::resources::Resources;
 use crate::pipeline::{DevMem, StreamH};
+use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
 /// A tensor that stays on the device for the streamer's lifetime (or as long
@@ -13,6 +14,7 @@ pub struct DeviceTensor {
     dtype: DType,
     shape: Vec<usize>,
     bytes: u64,
+    quant: Option<QuantType>,
 }
 
 impl DeviceTensor {
@@ -41,6 +43,13 @@ impl DeviceTensor {
         self.bytes
     }
 
+    /// The ggml block type when the tensor is kept as stored blocks (a
+    /// quantized GGUF tensor loaded in file dtypes); see
+    /// [`TensorView::quant`](crate::TensorView::quant).
+    pub fn quant(&self) -> Option<QuantType> {
+        self.quant
+    }
+
     /// Copies the tensor back to the host.
     pub fn to_host(&self) -> Result<Vec<u8>> {
         let mut out = vec![0u8; self.bytes as usize];
@@ -64,8 +73,15 @@ pub(crate) fn load_static(
     let mut scratch = AlignedBuf::new(len + 2 * file.block_size())?;
     let bytes = file.read_range(info.file_offset, len, &mut scratch)?;
     let n: usize = info.shape.iter().product();
-    let cast_to = match dtype {
-        Some(d) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
+    let cast_to = match (dtype, info.quant) {
+        (Some(DType::BF16), Some(_)) => Some(DType::BF16),
+        (Some(d), Some(q)) => {
+            return Err(Error::config(format!(
+                "tensor {name} is {q} blocks, which dequantize to bf16 only, not the compute \
+                 dtype {d}"
+            )))
+        }
+        (Some(d), None) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
         _ => None,
     };
     let (mem, out_dtype, out_bytes) = match cast_to {
@@ -73,6 +89,21 @@ pub(crate) fn load_static(
             let mut mem = res.backend.alloc(len, name.to_string())?;
             mem.write(0, bytes)?;
             (mem, info.dtype, info.len)
+        }
+        Some(to) if info.quant.is_some() => {
+            let mut raw = res.backend.alloc(len, format!("{name} (stored blocks)"))?;
+            raw.write(0, bytes)?;
+            let out_bytes = (n * to.size()) as u64;
+            let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
+            let q = info.quant.unwrap_or(QuantType::F32);
+            // SAFETY: `raw` holds the tensor's `len` bytes of `q` blocks for
+            // `n` elements and `mem` room for `n` bf16 values; both live
+            // until the synchronize below.
+            unsafe {
+                stream.dequant(res.backend.dequant_kernels(), q, raw.ptr(), mem.ptr(), n)?;
+            }
+            stream.synchronize()?;
+            (mem, to, out_bytes)
         }
         Some(to) => {
             let mut raw = res.backend.alloc(len, format!("{name} (file dtype)"))?;
@@ -101,5 +132,6 @@ pub(crate) fn load_static(
         dtype: out_dtype,
         shape: info.shape.clone(),
         bytes: out_bytes,
+        quant: if cast_to.is_some() { None } else { info.quant },
     })
 }

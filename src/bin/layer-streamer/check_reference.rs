@@ -12,8 +12,12 @@ use crate::stream_args::{open_model, StreamArgs};
 /// Arguments of `check-reference`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model directory with reference.json and reference_logits.f32.
+    /// A directory with reference.json and reference_logits.f32 (and the
+    /// model, unless --model names it).
     pub dir: PathBuf,
+    /// The model, when it is not in DIR: a directory or a GGUF file.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Sequences run together: the reference's, plus shorter ones checked
     /// against themselves run alone.
     #[arg(long, default_value_t = 1)]
@@ -37,7 +41,8 @@ pub fn run(a: Args) -> Result<()> {
         max_len: len,
         max_tokens: len * a.batch.max(1),
     };
-    let (_index, mut streamer, mut model) = open_model(&a.dir, &a.stream, opts)?;
+    let path = a.model.as_deref().unwrap_or(&a.dir);
+    let (_index, mut streamer, mut model) = open_model(path, &a.stream, opts)?;
     if model.config().vocab != reference.vocab {
         return Err(Error::Input(format!(
             "the reference has a vocabulary of {} but the model {}",
