@@ -81,7 +81,7 @@ create_exception!(
 );
 
 /// The Python exception for a Rust error: its class, the Rust message, and
-/// `kind` set to [`layer_streamer::tuner::error_kind`].
+/// `kind` set to [`layer_streamer::tuner::ErrorKind`].
 pub fn to_py(e: Error) -> PyErr {
     let msg = e.to_string();
     let err = match &e {
@@ -97,7 +97,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Input(_) => InputError::new_err(msg),
         _ => LayerStreamerError::new_err(msg),
     };
-    let kind = layer_streamer::tuner::error_kind(&e);
+    let kind = layer_streamer::tuner::ErrorKind::of(&e).to_string();
     Python::attach(|py| {
         // Best effort: an exception instance always takes a new attribute.
         let _ = err.value(py).setattr("kind", kind);

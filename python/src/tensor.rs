@@ -45,12 +45,16 @@ impl Desc {
     /// reads a `TensorView`.)
     pub(crate) fn of_view(v: &TensorView<'_>) -> Desc {
         Desc {
-            ptr: v.ptr,
-            shape: v.shape.to_vec(),
-            dtype: v.dtype,
-            bytes: v.bytes,
-            name: v.name.to_string(),
-            key: Some(v.key.to_string()),
+            ptr: v.ptr(),
+            shape: match v.quant() {
+                // Stored blocks travel as their bytes: a flat u8 array.
+                Some(_) => vec![v.bytes() as usize],
+                None => v.shape().to_vec(),
+            },
+            dtype: v.dtype(),
+            bytes: v.bytes(),
+            name: v.name().to_string(),
+            key: Some(v.key().to_string()),
         }
     }
 

@@ -71,6 +71,15 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The stored type's name: the ggml block type of a quantized tensor
+    /// (`q4_k`), else the dtype (`bf16`).
+    pub fn stored_type(&self) -> String {
+        match self.quant {
+            Some(q) => q.to_string(),
+            None => self.dtype.to_string(),
+        }
+    }
+
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()

@@ -61,6 +61,9 @@ struct RingHome {
 // SAFETY: `RingHome` owns the rings (a `Box` turned into a pointer); `Rings`
 // is `Send`, and the pointer is only dereferenced by its owner.
 unsafe impl Send for RingHome {}
+// SAFETY: through `&RingHome` nothing reaches the rings: the pointer is
+// dereferenced only in `wire` (`&mut self`) and in `drop`.
+unsafe impl Sync for RingHome {}
 
 impl RingHome {
     fn new(res: &Resources) -> RingHome {

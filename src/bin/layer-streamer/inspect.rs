@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn static_json(t: &TensorInfo) -> Value {
-    json!({ "name": t.name, "dtype": t.dtype.to_string(), "shape": t.shape, "file": t.file,
+    json!({ "name": t.name, "dtype": t.stored_type(), "shape": t.shape, "file": t.file,
             "file_offset": t.file_offset, "len": t.len })
 }
 
@@ -85,7 +85,7 @@ fn to_json(index: &ModelIndex) -> Value {
                 .tensors
                 .iter()
                 .map(|t| {
-                    json!({ "key": t.key, "name": t.info.name, "dtype": t.info.dtype.to_string(),
+                    json!({ "key": t.key, "name": t.info.name, "dtype": t.info.stored_type(),
                             "shape": t.info.shape, "file": t.info.file, "file_offset": t.info.file_offset,
                             "len": t.info.len, "slot_offset": t.slot_offset })
                 })
@@ -140,13 +140,7 @@ fn signature(l: &Layer) -> Vec<(String, String, Vec<usize>)> {
     let mut s: Vec<_> = l
         .tensors
         .iter()
-        .map(|t| {
-            (
-                t.key.clone(),
-                t.info.dtype.to_string(),
-                t.info.shape.clone(),
-            )
-        })
+        .map(|t| (t.key.clone(), t.info.stored_type(), t.info.shape.clone()))
         .collect();
     s.sort();
     s
@@ -217,7 +211,7 @@ fn layers_text(out: &mut String, index: &ModelIndex) {
                 out,
                 "    {:<40} {:<5} {:<16} {}",
                 t.key,
-                t.info.dtype.to_string(),
+                t.info.stored_type(),
                 format!("{:?}", t.info.shape),
                 human(t.info.len)
             );
@@ -239,7 +233,7 @@ fn statics_text(out: &mut String, index: &ModelIndex) {
             out,
             "  {:<44} {:<5} {:<16} {}",
             t.name,
-            t.dtype.to_string(),
+            t.stored_type(),
             format!("{:?}", t.shape),
             human(t.len)
         );
