@@ -337,3 +337,15 @@ fn progress_bar(layers: usize, pass: u64) -> indicatif::ProgressBar {
     pb.set_message(pass.to_string());
     pb
 }
+
+#[cfg(test)]
+mod tests {
+    /// The Python binding and servers share a streamer across threads
+    /// (`&LayerStreamer` in a thread that released the GIL): it must stay
+    /// `Send + Sync`.
+    #[test]
+    fn streamer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::LayerStreamer>();
+    }
+}
