@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::DType;
 
-pub(crate) mod gguf;
+mod gguf;
 pub mod gguf_hf;
 mod header;
 mod index;

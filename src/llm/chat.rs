@@ -50,16 +50,8 @@ fn token_text(v: Option<&Value>) -> String {
 impl ChatTemplate {
     /// The template of `DIR/tokenizer_config.json` (or `DIR/chat_template.jinja`),
     /// `None` when the model has none.
-    ///
-    /// For a GGUF model (a `*.gguf` path, or a directory holding one), the
-    /// template in its metadata.
+    /// (A GGUF model's template: [`for_model`](Self::for_model).)
     pub fn from_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
-        if crate::checkpoint::gguf::is_gguf(dir) {
-            let index = crate::ModelIndex::open(dir)?;
-            if index.embedded_chat_template().is_some() {
-                return ChatTemplate::for_model(&index);
-            }
-        }
         let path = dir.join("tokenizer_config.json");
         let cfg: Value = match std::fs::read_to_string(&path) {
             Ok(t) => serde_json::from_str(&t)

@@ -28,12 +28,8 @@ impl Tokenizer {
         Ok(Tokenizer { inner })
     }
 
-    /// Loads `DIR/tokenizer.json`; for a GGUF model (a `*.gguf` path, or a
-    /// directory holding one), the vocabulary in its metadata.
+    /// Loads `DIR/tokenizer.json` (a GGUF model's vocabulary: [`for_model`](Self::for_model)).
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
-        if crate::checkpoint::gguf::is_gguf(dir) {
-            return Tokenizer::for_model(&crate::ModelIndex::open(dir)?);
-        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(Error::model(

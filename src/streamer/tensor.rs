@@ -90,37 +90,31 @@ pub(crate) fn load_static(
             mem.write(0, bytes)?;
             (mem, info.dtype, info.len)
         }
-        Some(to) if info.quant.is_some() => {
-            let mut raw = res.backend.alloc(len, format!("{name} (stored blocks)"))?;
-            raw.write(0, bytes)?;
-            let out_bytes = (n * to.size()) as u64;
-            let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
-            let q = info.quant.unwrap_or(QuantType::F32);
-            // SAFETY: `raw` holds the tensor's `len` bytes of `q` blocks for
-            // `n` elements and `mem` room for `n` bf16 values; both live
-            // until the synchronize below.
-            unsafe {
-                stream.dequant(res.backend.dequant_kernels(), q, raw.ptr(), mem.ptr(), n)?;
-            }
-            stream.synchronize()?;
-            (mem, to, out_bytes)
-        }
         Some(to) => {
-            let mut raw = res.backend.alloc(len, format!("{name} (file dtype)"))?;
+            let what = if info.quant.is_some() {
+                "stored blocks"
+            } else {
+                "file dtype"
+            };
+            let mut raw = res.backend.alloc(len, format!("{name} ({what})"))?;
             raw.write(0, bytes)?;
             let out_bytes = (n * to.size()) as u64;
             let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
-            // SAFETY: `raw` holds `n` elements of the file dtype and `mem`
-            // `n` elements of `to`; both live until the synchronize below.
+            // SAFETY: `raw` holds the tensor's `len` stored bytes (`n`
+            // elements of the file dtype, or `q` blocks for `n` elements) and
+            // `mem` room for `n` elements of `to`; both live until the
+            // synchronize below.
             unsafe {
-                stream.cast(
-                    res.backend.kernels(),
-                    info.dtype,
-                    to,
-                    raw.ptr(),
-                    mem.ptr(),
-                    n,
-                )?;
+                match info.quant {
+                    Some(q) => {
+                        let dq = res.backend.dequant_kernels();
+                        stream.dequant(dq, q, raw.ptr(), mem.ptr(), n)?
+                    }
+                    None => {
+                        let k = res.backend.kernels();
+                        stream.cast(k, info.dtype, to, raw.ptr(), mem.ptr(), n)?
+                    }
+                }
             }
             stream.synchronize()?;
             (mem, to, out_bytes)

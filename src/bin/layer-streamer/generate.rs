@@ -7,9 +7,9 @@ use layer_streamer::llm::{
     generate, ChatTemplate, GenerateParams, Generation, Message, ModelOptions, SamplingParams,
     TextStream, Tokenizer,
 };
-use layer_streamer::{Error, LayerStreamer, Result};
+use layer_streamer::{Error, LayerStreamer, ModelIndex, Result};
 
-use crate::stream_args::{open_model, parse_ids, StreamArgs};
+use crate::stream_args::{load_model, parse_ids, StreamArgs};
 
 /// Arguments of `generate`.
 #[derive(clap::Args)]
@@ -58,16 +58,16 @@ pub struct Args {
 }
 
 /// Token ids of every prompt the arguments describe.
-pub fn prompts(a: &Args) -> Result<(Vec<Vec<u32>>, Option<Tokenizer>)> {
+pub fn prompts(a: &Args, index: &ModelIndex) -> Result<(Vec<Vec<u32>>, Option<Tokenizer>)> {
     if let Some(ids) = &a.prompt_ids {
-        let tok = Tokenizer::from_dir(&a.model).ok();
+        let tok = Tokenizer::for_model(index).ok();
         return Ok((vec![parse_ids(ids)?], tok));
     }
-    let tok = Tokenizer::from_dir(&a.model)?;
+    let tok = Tokenizer::for_model(index)?;
     let template = if a.raw {
         None
     } else {
-        ChatTemplate::from_dir(&a.model)?
+        ChatTemplate::for_model(index)?
     };
     let render = |user: &str| -> Result<Vec<u32>> {
         let mut msgs = Vec::new();
@@ -127,7 +127,8 @@ pub fn report(g: &Generation, streamer: &LayerStreamer, tflops: Option<f64>) {
 
 /// Runs `generate`.
 pub fn run(a: Args) -> Result<()> {
-    let (prompts, tok) = prompts(&a)?;
+    let index = ModelIndex::open(&a.model)?;
+    let (prompts, tok) = prompts(&a, &index)?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let max_len = a.max_len.unwrap_or(longest + a.max_new_tokens);
     if longest > max_len {
@@ -140,7 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         max_len,
         max_tokens: a.max_tokens.max(prompts.len()),
     };
-    let (_index, mut streamer, mut model) = open_model(&a.model, &a.stream, opts)?;
+    let (_index, mut streamer, mut model) = load_model(index, &a.stream, opts)?;
     let params = GenerateParams {
         max_new_tokens: a.max_new_tokens,
         sampling: SamplingParams {

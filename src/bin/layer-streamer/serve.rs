@@ -7,9 +7,9 @@ use std::time::Duration;
 use layer_streamer::llm::{ChatTemplate, ModelOptions, Tokenizer};
 use layer_streamer::pipeline::parse_size;
 use layer_streamer::serve::{serve, ServeOptions};
-use layer_streamer::{Error, Result};
+use layer_streamer::{Error, ModelIndex, Result};
 
-use crate::stream_args::{open_model, StreamArgs};
+use crate::stream_args::{load_model, StreamArgs};
 
 /// The environment variable that may hold the API key.
 const API_KEY_VAR: &str = "LS_API_KEY";
@@ -89,8 +89,9 @@ pub fn run(a: Args) -> Result<()> {
         max_body_bytes: usize::try_from(max_body).unwrap_or(usize::MAX),
         shutdown_grace: Duration::from_secs_f64(a.shutdown_grace),
     };
-    let tokenizer = Tokenizer::from_dir(&a.model)?;
-    let template = ChatTemplate::from_dir(&a.model)?;
+    let index = ModelIndex::open(&a.model)?;
+    let tokenizer = Tokenizer::for_model(&index)?;
+    let template = ChatTemplate::for_model(&index)?;
     let sizes = ModelOptions {
         max_batch: a.max_batch,
         max_len: a.max_len,
@@ -102,9 +103,9 @@ pub fn run(a: Args) -> Result<()> {
         a.max_batch,
         a.max_len
     );
-    let (model, stream) = (a.model, a.stream);
+    let stream = a.stream;
     serve(opts, tokenizer, template, move || {
-        let (_index, streamer, model) = open_model(&model, &stream, sizes)?;
+        let (_index, streamer, model) = load_model(index, &stream, sizes)?;
         Ok((streamer, model))
     })
 }

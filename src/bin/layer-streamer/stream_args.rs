@@ -40,7 +40,15 @@ pub fn open_model(
     args: &StreamArgs,
     opts: ModelOptions,
 ) -> Result<(ModelIndex, LayerStreamer, LlamaModel)> {
-    let index = ModelIndex::open(dir)?;
+    load_model(ModelIndex::open(dir)?, args, opts)
+}
+
+/// Builds the streamer over an opened `index` and loads the model for these sizes.
+pub fn load_model(
+    index: ModelIndex,
+    args: &StreamArgs,
+    opts: ModelOptions,
+) -> Result<(ModelIndex, LayerStreamer, LlamaModel)> {
     // Check the architecture before anything is allocated.
     layer_streamer::llm::ModelConfig::from_model(&index)?;
     let streamer = args.build(&index)?;
