@@ -64,6 +64,7 @@ fn main() -> Result<()> {
             max_batch: 1,
             max_len: prompt.len() + max_new_tokens,
             max_tokens: prompt.len(),
+            ..ModelOptions::default()
         },
     )?;
     let params = GenerateParams {

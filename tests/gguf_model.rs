@@ -89,6 +89,7 @@ fn logits_match_transformers_and_the_answer_is_paris() {
         max_batch: 1,
         max_len: len.max(64),
         max_tokens: len.max(64),
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&streamer, opts).unwrap();
     let rep = check(&mut model, &mut streamer, &reference, 1).unwrap();

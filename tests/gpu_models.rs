@@ -29,6 +29,7 @@ fn logits(
         max_batch: prompts.len(),
         max_len: 64,
         max_tokens: 128,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     teacher_forced(&mut model, &mut s, prompts, forced).unwrap()

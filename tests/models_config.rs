@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use layer_streamer::llm::reference::rel_l2;
-use layer_streamer::llm::{LlamaModel, ModelOptions};
+use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
 use layer_streamer::{Device, LayerStreamer, ModelIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -162,6 +162,7 @@ const OPTS: ModelOptions = ModelOptions {
     max_batch: 1,
     max_len: 16,
     max_tokens: 16,
+    precision: Precision::Fast,
 };
 
 /// Loads the model in `dir`, expecting an error whose text has every word.

@@ -53,6 +53,7 @@ fn matches_hf(arch: Arch, tie: bool, name: &str) {
         max_batch: 3,
         max_len: len,
         max_tokens: 3 * len,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let rep = check(&mut model, &mut s, &reference, 3).unwrap();
@@ -90,6 +91,7 @@ fn kv_cache_decode_equals_full_prefill_and_chunking_changes_nothing() {
         max_batch: 1,
         max_len: 16,
         max_tokens: 16,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let full = model.forward(&mut s, &[&ids]).unwrap().remove(0);
@@ -167,6 +169,7 @@ fn generation_is_deterministic_and_batches_agree() {
         max_batch: 3,
         max_len: 16,
         max_tokens: 32,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let params = GenerateParams {
@@ -220,6 +223,7 @@ fn bad_input_is_explained() {
         max_batch: 1,
         max_len: 8,
         max_tokens: 8,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let long: Vec<u32> = (0..9).collect();
@@ -291,6 +295,7 @@ fn a_failed_pass_leaves_lengths_and_cache_consistent() {
         max_batch: 1,
         max_len: 16,
         max_tokens: 16,
+        ..ModelOptions::default()
     };
     let mut whole = LlamaModel::load(&s, opts).unwrap();
     let want = whole.forward(&mut s, &[&ids]).unwrap().remove(0);

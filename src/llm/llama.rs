@@ -16,6 +16,8 @@ pub struct ModelOptions {
     /// Most tokens one pass processes (all sequences together); longer
     /// prefills are split over several passes.
     pub max_tokens: usize,
+    /// How the GEMM inputs and the KV cache are rounded (see [`Precision`]).
+    pub precision: Precision,
 }
 
 impl Default for ModelOptions {
@@ -24,8 +26,22 @@ impl Default for ModelOptions {
             max_batch: 1,
             max_len: 2048,
             max_tokens: 2048,
+            precision: Precision::Fast,
         }
     }
+}
+
+/// The arithmetic of the CUDA forward pass (the host backend computes in f32
+/// either way).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// bf16 (or f16) activations into the GEMMs with f32 accumulation, an f32
+    /// residual stream and a 16-bit KV cache, as serving engines run.
+    #[default]
+    Fast,
+    /// Each GEMM input split into two 16-bit halves (about 16 mantissa bits)
+    /// and an f32 KV cache: closer to an f32 reference, twice the GEMM work.
+    Exact,
 }
 
 /// The tokens of one pass, packed: every participating sequence's new

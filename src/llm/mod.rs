@@ -39,6 +39,6 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, Message};
 pub use config::ModelConfig;
 pub use generate::{generate, GenerateParams, Generation};
-pub use llama::{LlamaModel, ModelOptions};
+pub use llama::{LlamaModel, ModelOptions, Precision};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -21,7 +21,7 @@
 //! serve(opts, tokenizer, template, move || {
 //!     let index = ModelIndex::open(&dir)?;
 //!     let streamer = LayerStreamer::builder(&index).device(Device::Cuda(0)).build()?;
-//!     let sizes = ModelOptions { max_batch: 32, max_len: 4096, max_tokens: 512 };
+//!     let sizes = ModelOptions { max_batch: 32, max_len: 4096, max_tokens: 512, ..ModelOptions::default() };
 //!     let model = LlamaModel::load(&streamer, sizes)?;
 //!     Ok((streamer, model))
 //! })

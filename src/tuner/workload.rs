@@ -264,6 +264,7 @@ impl Workload for Generation {
             max_batch: batch,
             max_len,
             max_tokens: max_len.max(batch),
+            ..ModelOptions::default()
         };
         let mut m = LlamaModel::load(&s, opts)?;
         let vocab = m.config().vocab.max(1);

@@ -136,6 +136,7 @@ pub fn cases(dir: &Path, rng: &mut StdRng, max_len: usize, device: Device) -> Ve
         max_batch: 1,
         max_len,
         max_tokens: max_len,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&streamer, opts).unwrap();
     let tok = Tokenizer::from_dir(dir).unwrap();

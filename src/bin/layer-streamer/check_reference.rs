@@ -40,6 +40,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.batch.max(1),
         max_len: len,
         max_tokens: len * a.batch.max(1),
+        ..ModelOptions::default()
     };
     let path = a.model.as_deref().unwrap_or(&a.dir);
     let (_index, mut streamer, mut model) = open_model(path, &a.stream, opts)?;
