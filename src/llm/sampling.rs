@@ -220,4 +220,60 @@ mod tests {
             assert!(s.sample(&l) >= 97);
         }
     }
+
+    /// What choosing tokens on the host costs per row at a 7B vocabulary
+    /// (152 064): the scheduler used to pay it serially for every row of
+    /// every pass, after copying the row's logits to the host. Prints the
+    /// times; asserts only that every pick is admissible.
+    #[test]
+    fn host_sampling_time_per_row_at_a_7b_vocabulary() {
+        let mut rng = rand::thread_rng();
+        let vocab = 152_064;
+        let rows: Vec<Vec<f32>> = (0..8)
+            .map(|_| (0..vocab).map(|_| rng.gen_range(-12.0..12.0)).collect())
+            .collect();
+        let rules = [
+            ("greedy", TokenDraw::greedy()),
+            (
+                "T 0.7, top-k 50",
+                TokenDraw {
+                    temperature: 0.7,
+                    top_k: 50,
+                    top_p: 1.0,
+                    uniform: 0.0,
+                },
+            ),
+            (
+                "T 0.7, top-p 0.9",
+                TokenDraw {
+                    temperature: 0.7,
+                    top_k: 0,
+                    top_p: 0.9,
+                    uniform: 0.0,
+                },
+            ),
+        ];
+        for (name, rule) in rules {
+            let t0 = std::time::Instant::now();
+            for row in &rows {
+                let copy = row.to_vec();
+                let d = TokenDraw {
+                    uniform: rng.gen(),
+                    ..rule
+                };
+                let id = sample_draw(&copy, &d) as usize;
+                assert!(id < vocab);
+                if rule.top_k > 0 {
+                    let above = copy.iter().filter(|&&v| v > copy[id]).count();
+                    assert!(above < rule.top_k, "{name}: {above} logits above the pick");
+                }
+            }
+            let per_row = t0.elapsed().as_secs_f64() / rows.len() as f64;
+            eprintln!(
+                "host sampling, {name}: {:.3} ms per row, {:.1} ms for 64 rows",
+                per_row * 1e3,
+                per_row * 64e3
+            );
+        }
+    }
 }
