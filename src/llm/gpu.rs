@@ -263,7 +263,9 @@ impl CudaModel {
                 draws.len()
             )));
         }
-        self.ws.specs.copy_from_host(0, &spec_bytes(draws, cfg.vocab))?;
+        self.ws
+            .specs
+            .copy_from_host(0, &spec_bytes(draws, cfg.vocab))?;
         let timed = self.queue_pass(streamer, cfg, b)?;
         let ws = &self.ws;
         // SAFETY: logits holds n_out <= max_batch rows of vocab f32s written

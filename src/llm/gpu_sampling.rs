@@ -120,7 +120,16 @@ pub fn sample_on_device(
     let d_ids = DeviceBuffer::alloc(ctx, rows * 4)?;
     // SAFETY: the three buffers hold rows * vocab f32s, rows specs and rows
     // u32s, and live until the synchronize below.
-    unsafe { kernel.launch(&stream, d_logits.ptr(), d_specs.ptr(), d_ids.ptr(), rows, vocab)? };
+    unsafe {
+        kernel.launch(
+            &stream,
+            d_logits.ptr(),
+            d_specs.ptr(),
+            d_ids.ptr(),
+            rows,
+            vocab,
+        )?
+    };
     stream.synchronize()?;
     let mut ids = vec![0u8; rows * 4];
     d_ids.copy_to_host(0, &mut ids)?;

@@ -40,7 +40,7 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, Message};
 pub use config::ModelConfig;
 pub use generate::{generate, GenerateParams, Generation};
-pub use llama::{LlamaModel, ModelOptions, Precision};
 pub use gpu_sampling::sample_on_device;
+pub use llama::{LlamaModel, ModelOptions, Precision};
 pub use sampling::{sample_draw, Sampler, SamplingParams, TokenDraw};
 pub use tokenizer::{TextStream, Tokenizer};

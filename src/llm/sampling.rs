@@ -63,9 +63,10 @@ impl TokenDraw {
         }
     }
 
-    /// Whether the rule is the argmax (no draw needed).
+    /// Whether the rule is the argmax (no draw needed): a temperature of 0
+    /// or below, or NaN.
     pub fn is_greedy(&self) -> bool {
-        !(self.temperature > 0.0)
+        self.temperature.is_nan() || self.temperature <= 0.0
     }
 }
 

@@ -357,9 +357,7 @@ impl Scheduler {
         let draws = self.plan_draws(&inputs);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let t0 = Instant::now();
-        let result = self
-            .model
-            .forward_sample(&mut self.streamer, &refs, &draws);
+        let result = self.model.forward_sample(&mut self.streamer, &refs, &draws);
         let seqs = inputs.iter().filter(|i| !i.is_empty()).count();
         let tokens = inputs.iter().map(Vec::len).sum();
         self.metrics.record_pass(t0.elapsed(), seqs, tokens);
