@@ -353,6 +353,7 @@ impl Scheduler {
     /// One pass, then a token for every sequence whose input is complete,
     /// chosen where the logits are (on the device with CUDA).
     fn step(&mut self) {
+        let start = Instant::now();
         let inputs = self.plan_pass();
         let draws = self.plan_draws(&inputs);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
@@ -360,7 +361,8 @@ impl Scheduler {
         let result = self.model.forward_sample(&mut self.streamer, &refs, &draws);
         let seqs = inputs.iter().filter(|i| !i.is_empty()).count();
         let tokens = inputs.iter().map(Vec::len).sum();
-        self.metrics.record_pass(t0.elapsed(), seqs, tokens);
+        let pass = t0.elapsed();
+        self.metrics.record_pass(pass, seqs, tokens);
         let ids = match result {
             Ok(ids) => ids,
             Err(e) => return self.fail_all(&e),
@@ -376,6 +378,8 @@ impl Scheduler {
                 self.take_token(i, id);
             }
         }
+        self.metrics
+            .record_pass_host(start.elapsed().saturating_sub(pass));
     }
 
     /// Hands sequence `i` its new token `id`, and retires it when done.
