@@ -480,3 +480,113 @@ pub fn spawn(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llm::ModelOptions;
+    use crate::synth::{write_model, Arch, Shape, SynthSpec};
+    use crate::{Device, ModelIndex};
+    use rand::Rng;
+
+    /// The scheduler's own time around each pass on the host backend, next
+    /// to the passes': prints both, and checks that every job got its
+    /// tokens and that the counters add up.
+    #[test]
+    fn the_scheduler_adds_little_time_around_a_pass() {
+        let mut rng = rand::thread_rng();
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            arch: Arch::Qwen2,
+            shape: Shape::preset("tiny").unwrap(),
+            dtype: crate::DType::BF16,
+            tie: rng.gen_bool(0.5),
+            shard_size: 4_000_000_000,
+            seed: rng.gen(),
+            threads: 1,
+        };
+        write_model(dir.path(), &spec).unwrap();
+        let path = dir.path().to_path_buf();
+        let batch = 8;
+        let load = move || {
+            let index = ModelIndex::open(&path)?;
+            let s = LayerStreamer::builder(&index)
+                .device(Device::Host)
+                .file_dtype()
+                .reader_threads(1)
+                .build()?;
+            let opts = ModelOptions {
+                max_batch: batch,
+                max_len: 64,
+                max_tokens: 64,
+                ..ModelOptions::default()
+            };
+            let model = LlamaModel::load(&s, opts)?;
+            Ok((s, model))
+        };
+        let metrics = Arc::new(Metrics::default());
+        let (handle, limits, thread) = spawn(load, 2 * batch, metrics.clone()).unwrap();
+        let new_tokens = 12;
+        let receivers: Vec<_> = (0..2 * batch)
+            .map(|i| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let prompt = (0..rng.gen_range(1..30))
+                    .map(|_| rng.gen_range(0..limits.vocab as u32))
+                    .collect();
+                let job = Job {
+                    id: format!("job-{i}"),
+                    prompt,
+                    max_new_tokens: new_tokens,
+                    sampling: SamplingSpec {
+                        temperature: rng.gen_range(0.0..1.5),
+                        top_p: rng.gen_range(0.5..1.0),
+                        top_k: rng.gen_range(0..50),
+                        seed: rng.gen(),
+                    },
+                    stop_ids: Vec::new(),
+                    events: tx,
+                    arrived: Instant::now(),
+                };
+                handle.submit(job).unwrap();
+                rx
+            })
+            .collect();
+        for mut rx in receivers {
+            let mut tokens = 0;
+            loop {
+                match rx.blocking_recv() {
+                    Some(Event::Token(id)) => {
+                        assert!((id as usize) < limits.vocab);
+                        tokens += 1;
+                    }
+                    Some(Event::Finished(reason)) => {
+                        assert_eq!(reason, FinishReason::Length);
+                        break;
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            assert_eq!(tokens, new_tokens);
+        }
+        handle.drain();
+        thread.join().unwrap();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let passes = get(&metrics.passes);
+        let (pass_us, host_us) = (get(&metrics.pass_us), get(&metrics.pass_host_us));
+        assert_eq!(
+            get(&metrics.generated_tokens),
+            (2 * batch * new_tokens) as u64
+        );
+        assert!(passes >= new_tokens as u64, "{passes} passes");
+        eprintln!(
+            "scheduler on the host backend, {passes} passes of up to {batch} sequences: \
+             pass {:.3} ms, scheduler around it {:.1} us per pass",
+            pass_us as f64 / passes as f64 / 1e3,
+            host_us as f64 / passes as f64
+        );
+        assert!(
+            host_us < pass_us,
+            "{host_us} us around passes of {pass_us} us"
+        );
+    }
+}
