@@ -17,7 +17,6 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde_json::{json, Value};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_layer-streamer");
 pub const MODEL: &str = "tiny-test";
 
 /// A server process, killed if a test fails before it exits.
@@ -38,7 +37,9 @@ impl Drop for Server {
 impl Server {
     /// Starts `serve` on a free loopback port and waits for its address.
     pub fn start(model: &Path, key: &str, device: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(BIN)
+        // The staged copy where the test runs on another machine.
+        let bin = crate::common::cli_binary().expect("the layer-streamer binary");
+        let mut child = Command::new(bin)
             .arg("serve")
             .arg("--model")
             .arg(model)
