@@ -26,6 +26,7 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 mod gpu;
+mod gpu_gemm;
 mod gpu_kernels;
 mod host;
 pub mod layout;
