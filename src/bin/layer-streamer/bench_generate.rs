@@ -48,7 +48,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: max_b,
         max_len: a.prompt_len + a.new_tokens,
         max_tokens: a.max_tokens.max(max_b),
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     let (index, mut streamer, mut model) = open_model(&a.model, &a.stream, opts)?;
     let vocab = model.config().vocab as u32;
