@@ -21,6 +21,7 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
+use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::{ModelKernels, MAX_ATTENTION_LEN};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
@@ -62,12 +63,10 @@ pub(crate) struct CudaModel {
     ws: Workspace,
     max_len: usize,
     timing: (Event, Event),
+    /// Pinned staging of each pass's inputs and logits.
+    io: PassIo,
     /// (tokens, TFLOP/s) of the pass with the most tokens so far.
     gemm_tflops: Option<(usize, f64)>,
-}
-
-fn bytes_of(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -158,6 +157,7 @@ impl CudaModel {
             ws,
             max_len: opts.max_len,
             timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
+            io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
         })
     }
@@ -174,20 +174,20 @@ impl CudaModel {
         self.gemm_tflops.map(|(_, t)| t)
     }
 
+    /// Runs one pass and returns the logits of `b.out_rows`, one vector
+    /// each.
     pub(crate) fn pass(
         &mut self,
         streamer: &mut LayerStreamer,
         cfg: &ModelConfig,
         b: &PassBatch,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<Vec<f32>>> {
         let t = b.tokens.len();
-        let ws = &self.ws;
-        ws.ids.copy_from_host(0, &bytes_of(&b.tokens))?;
-        ws.seq.copy_from_host(0, &bytes_of(&b.seq))?;
-        ws.pos.copy_from_host(0, &bytes_of(&b.pos))?;
-        ws.rows.copy_from_host(0, &bytes_of(&b.out_rows))?;
         {
             let s = cuda_stream(streamer)?;
+            let ws = &self.ws;
+            let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
+            self.io.upload(s, b, dst)?;
             self.blas.set_stream(s)?;
             // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
             // checked against vocab; ids and x are sized for max_tokens >= t.
@@ -213,17 +213,15 @@ impl CudaModel {
             Ok(())
         })?;
         let n_out = b.out_rows.len();
-        self.queue_logits(cuda_stream(streamer)?, cfg, n_out)?;
-        cuda_stream(streamer)?.synchronize()?;
+        let s = cuda_stream(streamer)?;
+        self.queue_logits(s, cfg, n_out)?;
+        let rows = self
+            .io
+            .download(s, self.ws.logits.ptr(), n_out, cfg.vocab)?;
         if timed.is_some() {
             self.record_tflops(cfg, t)?;
         }
-        let mut out = vec![0u8; n_out * cfg.vocab * 4];
-        self.ws.logits.copy_to_host(0, &mut out)?;
-        Ok(out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(rows)
     }
 
     /// Queues the final norm of the output rows and the lm_head GEMM into

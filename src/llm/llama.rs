@@ -223,8 +223,13 @@ impl LlamaModel {
         let mut done = vec![0usize; inputs.len()];
         while done.iter().zip(inputs).any(|(d, i)| *d < i.len()) {
             let (b, taken) = self.plan_pass(inputs, &done);
-            let logits = match &mut self.exec {
-                Exec::Host(h) => h.pass(streamer, &self.cfg, &b)?,
+            let rows = match &mut self.exec {
+                Exec::Host(h) => {
+                    let flat = h.pass(streamer, &self.cfg, &b)?;
+                    let vocab = self.cfg.vocab.max(1);
+                    flat.chunks_exact(vocab).map(<[f32]>::to_vec).collect()
+                }
+                // Rows straight from the pinned logits, one copy each.
                 Exec::Cuda(c) => c.pass(streamer, &self.cfg, &b)?,
             };
             // The pass succeeded: its tokens are in the KV cache.
@@ -232,8 +237,8 @@ impl LlamaModel {
                 done[i] += n;
                 self.lens[i] += n;
             }
-            for (r, &s) in b.out_seqs.iter().enumerate() {
-                out[s] = logits[r * self.cfg.vocab..(r + 1) * self.cfg.vocab].to_vec();
+            for (row, &s) in rows.into_iter().zip(&b.out_seqs) {
+                out[s] = row;
             }
         }
         Ok(out)

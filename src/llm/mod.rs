@@ -27,6 +27,7 @@ pub mod config;
 pub mod generate;
 mod gpu;
 mod gpu_gemm;
+mod gpu_io;
 mod gpu_kernels;
 mod host;
 pub mod layout;
