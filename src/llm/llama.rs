@@ -47,6 +47,9 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Every precision, fastest first.
+    pub const ALL: [Precision; 2] = [Precision::Fast, Precision::Exact];
+
     /// The name `--precision` takes.
     pub fn name(self) -> &'static str {
         match self {
