@@ -1,11 +1,11 @@
 // The kernels of the Qwen2/Llama forward pass (src/models/gpu.rs): embedding
 // gather, RMSNorm, bias + RoPE + KV-cache write, causal attention against the
 // KV cache, SwiGLU. The residual stream and attention math are f32; the KV
-// cache is 16-bit. GEMM inputs are written as two 16-bit matrices, hi = h(x) and
+// cache is 16-bit. GEMM inputs are written as hi = h(x) and, in precision exact,
 // lo = h(x - hi), whose products with a weight add up to x's with about twice
 // the mantissa bits of one (16 instead of 8 for bf16): bf16 rounding of activations is what moves
-// logits (and their argmax) away from an f32 reference, and the second GEMM
-// costs little next to the transfer of the weights.
+// logits (and their argmax) away from an f32 reference. Precision fast passes
+// a null lo and runs one GEMM on hi.
 //
 // Every pointer parameter is a device address and every count a 64-bit
 // integer; the only other parameters are f32 scalars (eps, scale).
