@@ -1,11 +1,11 @@
 // The kernels of the Qwen2/Llama forward pass (src/models/gpu.rs): embedding
 // gather, RMSNorm, bias + RoPE + KV-cache write, causal attention against the
 // KV cache, SwiGLU. The residual stream and attention math are f32; the KV
-// cache is 16-bit. GEMM inputs are written as two 16-bit matrices, hi = h(x) and
+// cache is 16-bit. GEMM inputs are written as hi = h(x) and, in precision exact,
 // lo = h(x - hi), whose products with a weight add up to x's with about twice
 // the mantissa bits of one (16 instead of 8 for bf16): bf16 rounding of activations is what moves
-// logits (and their argmax) away from an f32 reference, and the second GEMM
-// costs little next to the transfer of the weights.
+// logits (and their argmax) away from an f32 reference. Precision fast passes
+// a null lo and runs one GEMM on hi.
 //
 // Every pointer parameter is a device address and every count a 64-bit
 // integer; the only other parameters are f32 scalars (eps, scale).
@@ -21,11 +21,12 @@ __device__ __forceinline__ uint16_t to_h(float x, u64 kind) {
     return kind ? __half_as_ushort(__float2half_rn(x)) : f32_to_bf16_bits(x);
 }
 
-// Writes x as the pair (hi, lo) described above.
+// Writes x as the pair (hi, lo) described above. A null lo (precision
+// `fast`) keeps hi alone: x rounded to 16 bits, one GEMM.
 __device__ __forceinline__ void store_split(float x, uint16_t* hi, uint16_t* lo, u64 i, u64 kind) {
     const uint16_t h = to_h(x, kind);
     hi[i] = h;
-    lo[i] = to_h(x - load_h(h, kind), kind);
+    if (lo) lo[i] = to_h(x - load_h(h, kind), kind);
 }
 
 // Block-wide sum of one value per thread (blockDim.x a multiple of 32, <= 1024);
@@ -88,14 +89,21 @@ extern "C" __global__ void rms_norm_split(const float* __restrict__ x,
     }
 }
 
-// (hi, lo)[i] = split(silu(gate[i]) * up[i]) for n f32 elements.
+// (hi, lo)[r * cols + c] = split(silu(gate[r * stride + c]) * up[r * stride + c])
+// for rows x cols f32 elements. Separate gate and up matrices have stride ==
+// cols; the output of one GEMM over the fused [gate | up] weight is read with
+// up = gate + cols and stride == 2 * cols.
 extern "C" __global__ void swiglu_split(const float* __restrict__ gate,
                                         const float* __restrict__ up, uint16_t* __restrict__ hi,
-                                        uint16_t* __restrict__ lo, u64 n, u64 kind) {
+                                        uint16_t* __restrict__ lo, u64 rows, u64 cols,
+                                        u64 stride, u64 kind) {
+    const u64 n = rows * cols;
     for (u64 i = grid_thread(); i < n; i += grid_threads()) {
-        const float g = gate[i];
+        const u64 r = i / cols;
+        const u64 src = r * stride + (i - r * cols);
+        const float g = gate[src];
         // expf, not __expf: the fast intrinsic loses accuracy for large |x|.
-        store_split(g / (1.0f + expf(-g)) * up[i], hi, lo, i, kind);
+        store_split(g / (1.0f + expf(-g)) * up[src], hi, lo, i, kind);
     }
 }
 

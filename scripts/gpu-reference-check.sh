@@ -4,17 +4,32 @@
 # For each combination of architecture, preset, checkpoint dtype and tied
 # embeddings, writes a random model with reference logits
 # (.gpu/hf_reference.py, transformers in float32 on the GPU) and checks
-# `layer-streamer check-reference` on cuda:0 (with a batch of three), and on
-# the host backend for the tiny preset. Prints a summary table; exits non-zero
-# if any check fails. Logs go to $OUT (or a temporary directory).
+# `layer-streamer check-reference` on cuda:0 (with a batch of three) in each
+# precision (fast: 16-bit GEMM inputs; exact: split GEMM inputs), and on the
+# host backend for the tiny preset. Prints a summary table with each check's
+# worst relative L2 error and argmax agreement; exits non-zero if any check
+# fails. Logs go to $OUT (or a temporary directory).
 #
-#   bash scripts/gpu-reference-check.sh
+#   bash scripts/gpu-reference-check.sh [--precision fast|exact|both]
 #
 # Environment: LS (the binary, default .gpu/bin/layer-streamer), PYTHON (a
 # python3 with torch and transformers), HF_REF (default .gpu/hf_reference.py),
 # WORK (where the models go, default a temporary directory).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PRECISIONS="fast exact"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --precision)
+            case "${2:-}" in
+                fast | exact) PRECISIONS=$2 ;;
+                both) PRECISIONS="fast exact" ;;
+                *) echo "gpu-reference-check: --precision takes fast, exact or both, not '${2:-}'" >&2; exit 2 ;;
+            esac
+            shift 2 ;;
+        *) echo "gpu-reference-check: unknown argument '$1' (usage: [--precision fast|exact|both])" >&2; exit 2 ;;
+    esac
+done
 LS=${LS:-.gpu/bin/layer-streamer}
 HF_REF=${HF_REF:-.gpu/hf_reference.py}
 if [ -z "${PYTHON:-}" ]; then
@@ -53,20 +68,25 @@ for combo in "${COMBOS[@]}"; do
         failed=1
         continue
     fi
-    devices="cuda:0"
-    [ "$preset" = tiny ] && devices="cuda:0 host"
-    for dev in $devices; do
-        log="$LOGS/$name.${dev/:/}.log"
+    runs=()
+    for p in $PRECISIONS; do runs+=("cuda:0 $p"); done
+    # The host backend computes in f32 whatever the precision.
+    [ "$preset" = tiny ] && runs+=("host -")
+    for run in "${runs[@]}"; do
+        read -r dev prec <<<"$run"
+        log="$LOGS/$name.${dev/:/}.$prec.log"
         batch=3
-        "$LS" check-reference "$dir" --device "$dev" --batch "$batch" >"$log" 2>&1
+        pflag=()
+        [ "$prec" != - ] && pflag=(--precision "$prec")
+        "$LS" check-reference "$dir" --device "$dev" --batch "$batch" "${pflag[@]}" >"$log" 2>&1
         rc=$?
         line=$(grep -E '^(PASS|FAIL)' "$log" | tail -1)
         [ -z "$line" ] && line="ERROR: $(grep -m1 -i error "$log")"
         [ $rc -ne 0 ] && failed=1
-        summary+=("$(printf '%-34s %-8s %s' "$name" "$dev" "$line")")
+        summary+=("$(printf '%-34s %-8s %-6s %s' "$name" "$dev" "$prec" "$line")")
     done
 done
 echo
-printf '%-34s %-8s %s\n' "model" "device" "result"
+printf '%-34s %-8s %-6s %s\n' "model" "device" "prec" "result"
 printf '%s\n' "${summary[@]}" | tee "$LOGS/summary.txt"
 exit $failed

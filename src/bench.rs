@@ -1,7 +1,8 @@
 //! Measuring the ceilings a pass is judged against, on the machine at hand:
 //! the disk's best sequential read of the model's files, and the host-to-device
-//! bandwidth from pinned and pageable memory. Also a kernel that occupies the
-//! compute stream for a set time, standing in for a layer's compute.
+//! bandwidth from pinned and pageable memory, and the bf16 GEMM throughput of
+//! cuBLAS. Also a kernel that occupies the compute stream for a set time,
+//! standing in for a layer's compute.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -204,6 +205,50 @@ pub fn h2d_bandwidth(ctx: &Context, bytes: usize, reps: usize) -> Result<H2dResu
         pinned_gbps,
         pageable_gbps,
     })
+}
+
+/// The bf16 GEMM throughput of cuBLAS (f32 accumulation, bf16 output) at a
+/// square size `n`, in TFLOP/s: the best of `reps` timed products after one
+/// untimed one (which lets cuBLAS choose its kernel). Needs `3 · n² · 2`
+/// bytes of device memory.
+pub fn gemm_peak_tflops(ctx: &Context, n: usize, reps: usize) -> Result<f64> {
+    use crate::cuda::cublas::{Cublas, GemmType};
+    if n == 0 {
+        return Err(Error::Input(
+            "gemm_peak_tflops: the matrix size must be positive".into(),
+        ));
+    }
+    let bytes = n
+        .checked_mul(n)
+        .and_then(|e| e.checked_mul(2))
+        .ok_or_else(|| Error::Input(format!("gemm_peak_tflops: {n}² bf16 overflows")))?;
+    let stream = Stream::new(ctx)?;
+    let mut blas = Cublas::new(ctx)?;
+    blas.set_stream(&stream)?;
+    let (a, b, c) = (
+        DeviceBuffer::alloc(ctx, bytes)?,
+        DeviceBuffer::alloc(ctx, bytes)?,
+        DeviceBuffer::alloc(ctx, bytes)?,
+    );
+    // 0x3c3c is bf16 0.0115: finite, normal operands of a steady magnitude.
+    a.memset_async(0x3c, &stream)?;
+    b.memset_async(0x3c, &stream)?;
+    let (start, end) = (Event::new(ctx, true)?, Event::new(ctx, true)?);
+    let bf = GemmType::BF16;
+    let mut best = 0f64;
+    for rep in 0..=reps.max(1) {
+        start.record(&stream)?;
+        // SAFETY: a, b and c are n × n bf16 matrices of this context, alive
+        // until the synchronize below.
+        unsafe { blas.linear(a.ptr(), b.ptr(), bf, c.ptr(), bf, n, n, n, 0.0)? };
+        end.record(&stream)?;
+        end.synchronize()?;
+        let s = f64::from(Event::elapsed_ms(&start, &end)?) / 1e3;
+        if rep > 0 {
+            best = best.max(2.0 * (n as f64).powi(3) / s.max(1e-9) / 1e12);
+        }
+    }
+    Ok(best)
 }
 
 /// A kernel that keeps a stream busy for a set time.

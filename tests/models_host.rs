@@ -322,3 +322,39 @@ fn a_failed_pass_leaves_lengths_and_cache_consistent() {
     let e = rel_l2(&got, &want);
     assert!(e < 1e-5, "resumed vs uninterrupted: rel_l2 {e}");
 }
+
+#[test]
+fn the_host_backend_computes_the_same_logits_in_either_precision() {
+    let mut rng = common::rng("the_host_backend_computes_the_same_logits_in_either_precision");
+    let dir = common::tempdir();
+    synth(dir.path(), Arch::Qwen2, false, rng.gen(), DType::BF16);
+    let index = ModelIndex::open(dir.path()).unwrap();
+    let vocab = Shape::preset("tiny").unwrap().vocab as u32;
+    let prompts: Vec<Vec<u32>> = (0..2)
+        .map(|_| {
+            (0..rng.gen_range(2..9))
+                .map(|_| rng.gen_range(0..vocab))
+                .collect()
+        })
+        .collect();
+    let forced: Vec<Vec<u32>> = (0..2)
+        .map(|_| (0..3).map(|_| rng.gen_range(0..vocab)).collect())
+        .collect();
+    let run = |precision| {
+        let mut s = streamer(&index);
+        let opts = ModelOptions {
+            max_batch: 2,
+            max_len: 16,
+            max_tokens: 32,
+            precision,
+        };
+        let mut model = LlamaModel::load(&s, opts).unwrap();
+        assert_eq!(model.options().precision, precision);
+        teacher_forced(&mut model, &mut s, &prompts, &forced).unwrap()
+    };
+    let fast = run(layer_streamer::llm::Precision::Fast);
+    let exact = run(layer_streamer::llm::Precision::Exact);
+    assert!(!fast.is_empty() && fast.iter().flatten().all(|r| r.len() == vocab as usize));
+    // Bit for bit: the host computes in f32 whatever the precision.
+    assert_eq!(fast, exact);
+}

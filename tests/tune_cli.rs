@@ -141,7 +141,7 @@ fn prefill_and_decode_workloads_run_the_model() {
         return;
     };
     let model = tiny_model();
-    for workload in ["prefill:16", "decode:3"] {
+    for workload in ["prefill:16", "decode:3", "decode:2:exact"] {
         let out = tune(
             bin,
             model.path(),

@@ -3,14 +3,17 @@
 //! for every projection, the kernels of `kernels/model.cu` for the rest.
 //!
 //! The residual stream stays f32 on the device. GEMM inputs (RMSNorm,
-//! attention and SwiGLU outputs) are written as two 16-bit matrices `hi + lo`
-//! and multiplied with two GEMMs, which keeps about 16 mantissa bits of each
-//! activation: plain bf16 activations move the logits of small random models
-//! enough to flip argmaxes against an f32 reference, and the second GEMM is
-//! cheap next to the weights' transfer. The q/k/v projections write f32,
-//! which RoPE rotates before k and v go into the f32 KV cache (a 16-bit cache
-//! alone moves the logits by about 1e-3, enough to flip near-tied argmaxes); o_proj and
-//! down_proj accumulate straight into the residual stream (beta = 1). Every buffer is allocated once in
+//! attention and SwiGLU outputs) are 16-bit: in [`Fast`](crate::llm::Precision::Fast) each is
+//! rounded once and multiplied with one GEMM, as serving engines do; in
+//! [`Exact`](crate::llm::Precision::Exact) each is written as two 16-bit matrices `hi + lo` and
+//! multiplied with two GEMMs, which keeps about 16 mantissa bits of each
+//! activation (plain bf16 activations move the logits of small random models
+//! enough to flip near-tied argmaxes against an f32 reference). The q/k/v
+//! projections write f32, which RoPE rotates before k and v go into the KV
+//! cache. The gate and up projections are one GEMM when the slot holds them
+//! as one matrix. o_proj and down_proj accumulate straight into the residual
+//! stream (beta = 1), so the residual add costs no kernel. Every buffer is
+//! allocated once in
 //! [`CudaModel::load`]; a pass queues all of its work on the compute stream
 //! and synchronizes once, to read the logits (or, when the tokens are chosen
 //! on the device, only their ids).
@@ -18,59 +21,14 @@
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::config::ModelConfig;
-use crate::llm::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
+use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
+use crate::llm::gpu_io::PassIo;
+use crate::llm::gpu_kernels::{ModelKernels, MAX_ATTENTION_LEN};
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::sampling::TokenDraw;
-use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
-
-/// A split GEMM input (see `kernels/model.cu`): two 16-bit buffers.
-struct SplitBuf {
-    hi: DeviceBuffer,
-    lo: DeviceBuffer,
-}
-
-impl SplitBuf {
-    fn new(ctx: &crate::cuda::Context, elems: usize) -> Result<SplitBuf> {
-        Ok(SplitBuf {
-            hi: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
-            lo: DeviceBuffer::alloc(ctx, (elems * 2).max(4))?,
-        })
-    }
-
-    fn split(&self) -> Split {
-        Split {
-            hi: self.hi.ptr(),
-            lo: self.lo.ptr(),
-        }
-    }
-}
-
-/// `Y (+)= (hi + lo) · Wᵀ` as two GEMMs, the second accumulating; `x`'s
-/// halves and `w` are of type `xw`.
-///
-/// # Safety
-/// As for [`Cublas::linear`], for both halves of `x`.
-#[allow(clippy::too_many_arguments)]
-unsafe fn linear_split(
-    blas: &mut Cublas,
-    xw: GemmType,
-    x: Split,
-    w: u64,
-    y: u64,
-    yt: GemmType,
-    rows: usize,
-    n: usize,
-    k: usize,
-    beta: f32,
-) -> Result<()> {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        blas.linear(x.hi, w, xw, y, yt, rows, n, k, beta)?;
-        blas.linear(x.lo, w, xw, y, yt, rows, n, k, 1.0)
-    }
-}
+use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result, TensorView};
 
 /// Device buffers of one pass, sized for `max_tokens` tokens.
 struct Workspace {
@@ -80,8 +38,9 @@ struct Workspace {
     k: DeviceBuffer,
     v: DeviceBuffer,
     attn: SplitBuf,
-    gate: DeviceBuffer,
-    up: DeviceBuffer,
+    /// `[t, 2 * inter]` f32: `[gate | up]` rows from one fused GEMM, or the
+    /// gate matrix `[t, inter]` followed by the up matrix.
+    gate_up: DeviceBuffer,
     act: SplitBuf,
     last: SplitBuf,
     logits: DeviceBuffer,
@@ -112,12 +71,10 @@ pub(crate) struct CudaModel {
     ws: Workspace,
     max_len: usize,
     timing: (Event, Event),
+    /// Pinned staging of each pass's inputs and logits.
+    io: PassIo,
     /// (tokens, TFLOP/s) of the pass with the most tokens so far.
     gemm_tflops: Option<(usize, f64)>,
-}
-
-fn bytes_of(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -164,7 +121,7 @@ impl CudaModel {
         if let Some(h) = &lm_head {
             need_dtype(h, dtype)?;
         }
-        let (t, b) = (opts.max_tokens, opts.max_batch);
+        let (t, b, p) = (opts.max_tokens, opts.max_batch, opts.precision);
         let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
         let cache_bytes = b * cfg.kv_dim() * opts.max_len * 4;
         let (cos, sin) = cfg.rope_tables(opts.max_len);
@@ -174,15 +131,14 @@ impl CudaModel {
         sin_d.copy_from_host(0, &f32_bytes(&sin))?;
         let ws = Workspace {
             x: alloc(t * cfg.hidden * 4)?,
-            xn: SplitBuf::new(ctx, t * cfg.hidden)?,
+            xn: SplitBuf::new(ctx, t * cfg.hidden, p)?,
             q: alloc(t * cfg.q_dim() * 4)?,
             k: alloc(t * cfg.kv_dim() * 4)?,
             v: alloc(t * cfg.kv_dim() * 4)?,
-            attn: SplitBuf::new(ctx, t * cfg.q_dim())?,
-            gate: alloc(t * cfg.intermediate * 4)?,
-            up: alloc(t * cfg.intermediate * 4)?,
-            act: SplitBuf::new(ctx, t * cfg.intermediate)?,
-            last: SplitBuf::new(ctx, b * cfg.hidden)?,
+            attn: SplitBuf::new(ctx, t * cfg.q_dim(), p)?,
+            gate_up: alloc(t * 2 * cfg.intermediate * 4)?,
+            act: SplitBuf::new(ctx, t * cfg.intermediate, p)?,
+            last: SplitBuf::new(ctx, b * cfg.hidden, p)?,
             logits: alloc(b * cfg.vocab * 4)?,
             ids: alloc(t * 4)?,
             seq: alloc(t * 4)?,
@@ -212,6 +168,7 @@ impl CudaModel {
             ws,
             max_len: opts.max_len,
             timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
+            io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
         })
     }
@@ -228,22 +185,23 @@ impl CudaModel {
         self.gemm_tflops.map(|(_, t)| t)
     }
 
-    /// One pass over every layer for the tokens of `b`; returns the logits of
-    /// its output rows, `[out_rows, vocab]`.
+    /// Runs one pass and returns the logits of `b.out_rows`, one vector
+    /// each.
     pub(crate) fn pass(
         &mut self,
         streamer: &mut LayerStreamer,
         cfg: &ModelConfig,
         b: &PassBatch,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<Vec<f32>>> {
         let timed = self.queue_pass(streamer, cfg, b)?;
-        self.finish_pass(streamer, cfg, b, timed)?;
-        let mut out = vec![0u8; b.out_rows.len() * cfg.vocab * 4];
-        self.ws.logits.copy_to_host(0, &mut out)?;
-        Ok(out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        let s = cuda_stream(streamer)?;
+        let rows = self
+            .io
+            .download(s, self.ws.logits.ptr(), b.out_rows.len(), cfg.vocab)?;
+        if timed {
+            self.record_tflops(cfg, b.tokens.len())?;
+        }
+        Ok(rows)
     }
 
     /// One pass like [`pass`](Self::pass), then the token `draws[r]` picks
@@ -297,13 +255,11 @@ impl CudaModel {
         b: &PassBatch,
     ) -> Result<bool> {
         let t = b.tokens.len();
-        let ws = &self.ws;
-        ws.ids.copy_from_host(0, &bytes_of(&b.tokens))?;
-        ws.seq.copy_from_host(0, &bytes_of(&b.seq))?;
-        ws.pos.copy_from_host(0, &bytes_of(&b.pos))?;
-        ws.rows.copy_from_host(0, &bytes_of(&b.out_rows))?;
         {
             let s = cuda_stream(streamer)?;
+            let ws = &self.ws;
+            let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
+            self.io.upload(s, b, dst)?;
             self.blas.set_stream(s)?;
             // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
             // checked against vocab; ids and x are sized for max_tokens >= t.
@@ -481,8 +437,9 @@ impl CudaModel {
         }
     }
 
-    /// RMSNorm, gate and up projections, SwiGLU and down_proj into the
-    /// residual stream, for `t` tokens.
+    /// RMSNorm, gate and up projections (one GEMM when the slot holds them
+    /// as one matrix, see [`gate_up_adjacent`]), SwiGLU and down_proj into
+    /// the residual stream, for `t` tokens.
     fn mlp(
         &mut self,
         cfg: &ModelConfig,
@@ -493,17 +450,27 @@ impl CudaModel {
         let (h, inter) = (cfg.hidden, cfg.intermediate);
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
-        let (xn, act) = (ws.xn.split(), ws.act.split());
+        let (xn, act, gu) = (ws.xn.split(), ws.act.split(), ws.gate_up.ptr());
+        let (g_w, u_w) = (
+            w.view("mlp.gate_proj.weight")?,
+            w.view("mlp.up_proj.weight")?,
+        );
         // SAFETY: as in `attention`: weights of their configured shapes in
-        // the live slot, workspaces sized for max_tokens >= t tokens.
+        // the live slot (gate and up as one [2 * inter, h] matrix when
+        // adjacent), workspaces sized for max_tokens >= t tokens (gate_up
+        // holds t * 2 * inter f32s either way).
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
-            let g_w = w.ptr("mlp.gate_proj.weight")?;
-            linear_split(blas, hw, xn, g_w, ws.gate.ptr(), f, t, inter, h, 0.0)?;
-            let u_w = w.ptr("mlp.up_proj.weight")?;
-            linear_split(blas, hw, xn, u_w, ws.up.ptr(), f, t, inter, h, 0.0)?;
-            k.swiglu(s, ws.gate.ptr(), ws.up.ptr(), act, t * inter)?;
+            if gate_up_adjacent(&g_w, &u_w) {
+                linear_split(blas, hw, xn, g_w.ptr(), gu, f, t, 2 * inter, h, 0.0)?;
+                k.swiglu(s, gu, gu + 4 * inter as u64, act, t, inter, 2 * inter)?;
+            } else {
+                let up = gu + 4 * (t * inter) as u64;
+                linear_split(blas, hw, xn, g_w.ptr(), gu, f, t, inter, h, 0.0)?;
+                linear_split(blas, hw, xn, u_w.ptr(), up, f, t, inter, h, 0.0)?;
+                k.swiglu(s, gu, up, act, t, inter, inter)?;
+            }
             // down_proj accumulates into the residual stream (beta = 1).
             let d_w = w.ptr("mlp.down_proj.weight")?;
             linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)
@@ -520,6 +487,11 @@ struct SlotWeights<'a, 'w> {
 impl SlotWeights<'_, '_> {
     /// The device address of tensor `key`, checking its dtype.
     fn ptr(&self, key: &str) -> Result<u64> {
+        self.view(key).map(|v| v.ptr())
+    }
+
+    /// Tensor `key`, checking its dtype.
+    fn view(&self, key: &str) -> Result<TensorView<'_>> {
         let v = self.w.tensor(key)?;
         if v.dtype() != self.dtype {
             return Err(Error::config(format!(
@@ -530,7 +502,7 @@ impl SlotWeights<'_, '_> {
                 self.dtype
             )));
         }
-        Ok(v.ptr())
+        Ok(v)
     }
 }
 

@@ -16,10 +16,12 @@ enum Arg {
     F(f32),
 }
 
-/// A GEMM input stored as two 16-bit matrices of the same shape, `hi + lo`.
+/// A GEMM input stored as two 16-bit matrices of the same shape, `hi + lo`
+/// (precision exact), or as `hi` alone with `lo == 0` (precision fast).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Split {
     pub(crate) hi: u64,
+    /// 0 when the input is `hi` alone.
     pub(crate) lo: u64,
 }
 
@@ -139,7 +141,7 @@ impl ModelKernels {
     ///
     /// # Safety
     /// `x` covers every selected row, `w` `hidden` 16-bit values, `rows` `n_rows`
-    /// u32s (or 0), `hi` and `lo` `n_rows * hidden` bf16s each.
+    /// u32s (or 0), `hi` (and `lo` unless 0) `n_rows * hidden` 16-bit values.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn rms_norm(
         &self,
@@ -172,19 +174,28 @@ impl ModelKernels {
         )
     }
 
-    /// `split(silu(gate) * up)` for `n` f32 elements.
+    /// `split(silu(gate) * up)` for `rows × cols` f32 elements, row `r` of
+    /// `gate` and `up` starting `r * stride` elements in: `stride == cols`
+    /// for separate matrices, `up = gate + 4 * cols` and `stride == 2 * cols`
+    /// for the `[t, gate | up]` output of a fused projection.
     ///
     /// # Safety
-    /// `gate` and `up` hold `n` f32s, `out`'s halves `n` 16-bit values each.
+    /// `gate` and `up` hold `(rows - 1) * stride + cols` f32s each, `out.hi`
+    /// (and `out.lo` unless 0) `rows * cols` 16-bit values.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn swiglu(
         &self,
         s: &Stream,
         gate: u64,
         up: u64,
         out: Split,
-        n: usize,
+        rows: usize,
+        cols: usize,
+        stride: usize,
     ) -> Result<()> {
-        let blocks = n.div_ceil(ROW_BLOCK as usize).clamp(1, 132 * 16);
+        let blocks = (rows * cols)
+            .div_ceil(ROW_BLOCK as usize)
+            .clamp(1, 132 * 16);
         launch(
             &self.swiglu,
             (blocks as u32, 1),
@@ -196,7 +207,9 @@ impl ModelKernels {
                 Arg::U(up),
                 Arg::U(out.hi),
                 Arg::U(out.lo),
-                Arg::U(n as u64),
+                Arg::U(rows as u64),
+                Arg::U(cols as u64),
+                Arg::U(stride as u64),
                 Arg::U(self.kind),
             ],
         )

@@ -32,8 +32,10 @@ impl Default for ModelOptions {
     }
 }
 
-/// The arithmetic of the CUDA forward pass (the host backend computes in f32
-/// either way).
+/// The arithmetic of the CUDA forward pass. The host backend ignores it: it
+/// computes in f32 either way.
+///
+/// Parsed from and printed as `fast` / `exact` (the `--precision` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Precision {
     /// bf16 (or f16) activations into the GEMMs with f32 accumulation, an f32
@@ -43,6 +45,39 @@ pub enum Precision {
     /// Each GEMM input split into two 16-bit halves (about 16 mantissa bits)
     /// and an f32 KV cache: closer to an f32 reference, twice the GEMM work.
     Exact,
+}
+
+impl Precision {
+    /// Every precision, fastest first.
+    pub const ALL: [Precision; 2] = [Precision::Fast, Precision::Exact];
+
+    /// The name `--precision` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fast => "fast",
+            Precision::Exact => "exact",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Precision> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "fast" => Ok(Precision::Fast),
+            "exact" => Ok(Precision::Exact),
+            _ => Err(Error::Input(format!(
+                "invalid precision {s:?}: expected fast or exact"
+            ))),
+        }
+    }
 }
 
 /// The tokens of one pass, packed: every participating sequence's new
@@ -191,12 +226,18 @@ impl LlamaModel {
         let mut out = vec![Vec::new(); inputs.len()];
         let vocab = self.cfg.vocab;
         self.run_passes(streamer, inputs, None, |exec, streamer, cfg, b| {
-            let logits = match exec {
-                Exec::Host(h) => h.pass(streamer, cfg, b)?,
+            let rows: Vec<Vec<f32>> = match exec {
+                Exec::Host(h) => {
+                    let flat = h.pass(streamer, cfg, b)?;
+                    flat.chunks_exact(vocab.max(1))
+                        .map(<[f32]>::to_vec)
+                        .collect()
+                }
+                // Rows straight from the pinned logits, one copy each.
                 Exec::Cuda(c) => c.pass(streamer, cfg, b)?,
             };
-            for (r, &s) in b.out_seqs.iter().enumerate() {
-                out[s] = logits[r * vocab..(r + 1) * vocab].to_vec();
+            for (row, &s) in rows.into_iter().zip(&b.out_seqs) {
+                out[s] = row;
             }
             Ok(())
         })?;
@@ -337,6 +378,29 @@ impl LlamaModel {
         match &self.exec {
             Exec::Cuda(c) => c.last_gemm_tflops(),
             Exec::Host(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precision_parses_its_names_and_refuses_others_naming_them() {
+        for p in [Precision::Fast, Precision::Exact] {
+            assert_eq!(p.to_string().parse::<Precision>().unwrap(), p);
+            assert_eq!(p.name().to_uppercase().parse::<Precision>().unwrap(), p);
+        }
+        assert_eq!(ModelOptions::default().precision, Precision::Fast);
+        for bad in ["", "bf16", "fastest"] {
+            let e = bad.parse::<Precision>().unwrap_err();
+            assert!(matches!(e, Error::Input(_)), "{e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains(&format!("{bad:?}")) && m.contains("fast or exact"),
+                "{m}"
+            );
         }
     }
 }

@@ -26,6 +26,8 @@ pub mod chat;
 pub mod config;
 pub mod generate;
 mod gpu;
+mod gpu_gemm;
+mod gpu_io;
 mod gpu_kernels;
 mod gpu_sampling;
 mod host;

@@ -73,6 +73,10 @@ impl Workloads {
     ///   with the built-in Qwen2/Llama model code.
     /// - `decode:B`: one forward pass decoding one token for each of `B`
     ///   sequences (default 1); the sequences restart every 255 tokens.
+    ///
+    /// Both model workloads take the CUDA pass's precision after the count,
+    /// `prefill:N:exact` or `decode:B:fast` (default fast; see
+    /// [`Precision`](crate::llm::Precision)).
     pub fn builtin() -> Workloads {
         let mut w = Workloads::new();
         w.register_workload("pass", PassWorkload { delay: false });
@@ -207,9 +211,9 @@ impl Workload for PassWorkload {
     }
 }
 
-/// `prefill:N` (one pass over an `N`-token prompt) and `decode[:B]` (one
-/// pass that decodes one token for each of `B` sequences, default 1), with
-/// the built-in Qwen2/Llama model code.
+/// `prefill:N[:PRECISION]` (one pass over an `N`-token prompt) and
+/// `decode[:B[:PRECISION]]` (one pass that decodes one token for each of `B`
+/// sequences, default 1), with the built-in Qwen2/Llama model code.
 struct Generation(GenKind);
 
 #[derive(Clone, Copy, PartialEq)]
@@ -219,6 +223,22 @@ enum GenKind {
 }
 
 impl Generation {
+    /// The count and the precision of `arg` (`N` or `N:PRECISION`).
+    fn parse(&self, arg: Option<&str>) -> Result<(usize, crate::llm::Precision)> {
+        let Some((n, p)) = arg.and_then(|a| a.split_once(':')) else {
+            return Ok((self.count(arg)?, crate::llm::Precision::default()));
+        };
+        let name = if self.0 == GenKind::Prefill {
+            "prefill"
+        } else {
+            "decode"
+        };
+        let precision = p
+            .parse()
+            .map_err(|e| Error::Input(format!("workload {name}:{n}:{p}: {e}")))?;
+        Ok((self.count(Some(n))?, precision))
+    }
+
     fn count(&self, arg: Option<&str>) -> Result<usize> {
         let (name, default) = match self.0 {
             GenKind::Prefill => ("prefill", 512),
@@ -248,7 +268,7 @@ impl Workload for Generation {
         arg: Option<&str>,
     ) -> Result<RunFn<'m>> {
         use crate::llm::{LlamaModel, ModelOptions};
-        let n = self.count(arg)?;
+        let (n, precision) = self.parse(arg)?;
         let mut cfg = cfg.clone();
         if matches!(cfg.device, crate::Device::Cuda(_)) {
             cfg.dtype = Some(LlamaModel::cuda_dtype(model));
@@ -264,7 +284,7 @@ impl Workload for Generation {
             max_batch: batch,
             max_len,
             max_tokens: max_len.max(batch),
-            ..ModelOptions::default()
+            precision,
         };
         let mut m = LlamaModel::load(&s, opts)?;
         let vocab = m.config().vocab.max(1);
@@ -295,7 +315,7 @@ impl Workload for Generation {
     }
 
     fn check(&self, arg: Option<&str>) -> Result<()> {
-        self.count(arg).map(drop)
+        self.parse(arg).map(drop)
     }
 }
 
@@ -317,6 +337,20 @@ mod tests {
         let e = w.check("prefill:lots").unwrap_err().to_string();
         assert!(e.contains("positive number of tokens"), "{e}");
         let e = w.check("decode:0").unwrap_err().to_string();
+        assert!(e.contains("positive number of sequences"), "{e}");
+        for p in crate::llm::Precision::ALL {
+            let g = Generation(GenKind::Decode);
+            assert_eq!(g.parse(Some(&format!("8:{p}"))).unwrap(), (8, p));
+            w.check(&format!("prefill:64:{p}")).unwrap();
+        }
+        let g = Generation(GenKind::Prefill);
+        assert_eq!(g.parse(Some("64")).unwrap().1, crate::llm::Precision::Fast);
+        let e = w.check("prefill:64:double").unwrap_err().to_string();
+        assert!(
+            e.contains("prefill:64:double") && e.contains("fast or exact"),
+            "{e}"
+        );
+        let e = w.check("decode:0:exact").unwrap_err().to_string();
         assert!(e.contains("positive number of sequences"), "{e}");
         let e = w.check("train").unwrap_err().to_string();
         assert!(

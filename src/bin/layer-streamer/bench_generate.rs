@@ -1,22 +1,39 @@
 //! `layer-streamer bench-generate`: prefill and decode speed for given
-//! prompt lengths and batch sizes, on random prompts.
+//! prompt lengths and batch sizes, on random prompts, each batch next to the
+//! ceilings it is judged against.
 //!
-//! Columns: `prefill_TFLOP/s` is the projections' FLOPs of every prompt token
-//! through every layer (two per multiply-add; attention and lm_head not
-//! counted) over the prefill's wall time; `xfer_bound_s` is a pass's bytes at
-//! the host-to-device rate the last pass measured, and `bound_tok/s` the
-//! decode rate that allows; `layer_TFLOP/s` is the same FLOP count for one
-//! layer over that layer's device time, timed on the latest pass with the
-//! most tokens. Each batch size's prefill runs once unmeasured first (a new
-//! shape's first GEMMs pay for cuBLAS choosing its kernels), so the table
-//! shows the steady state.
+//! First table. `prefill_TFLOP/s` is the projections' FLOPs of every prompt
+//! token through every layer (two per multiply-add; attention and lm_head
+//! not counted) over the prefill's wall time; `xfer_bound_s` is the bytes a
+//! decode pass copies host to device at the pinned H2D bandwidth measured in
+//! this run (on the host backend: the rate the last pass measured), and
+//! `bound_tok/s` the decode rate that allows; `layer_TFLOP/s` is the
+//! projections' FLOP count for one layer over that layer's device time,
+//! timed on the latest pass with the most tokens.
+//!
+//! Second table (`bounds`): the decode rate against the transfer bound
+//! (`bound_tok/s` above) and the compute bound (the model's FLOPs per decode
+//! token, projections, lm_head and attention over the mean context, at the
+//! bf16 GEMM peak cuBLAS reaches in this run at a large square size), which
+//! of the two limits the batch and the share of it reached; the prefill's
+//! model FLOPs (causal attention and the lm_head row included) per second
+//! next to that peak.
+//!
+//! Each batch size's prefill runs once unmeasured first (a new shape's first
+//! GEMMs pay for cuBLAS choosing its kernels), so the tables show the steady
+//! state.
 
 use std::path::PathBuf;
 
-use layer_streamer::llm::{generate, GenerateParams, ModelOptions};
-use layer_streamer::Result;
+use layer_streamer::llm::{generate, GenerateParams, ModelConfig, ModelOptions};
+use layer_streamer::{LayerStreamer, Result};
 
 use crate::stream_args::{open_model, parse_list, StreamArgs};
+
+/// Square size of the GEMM whose throughput is the compute ceiling.
+const PEAK_GEMM_N: usize = 8192;
+/// Bytes of each copy that measures the pinned H2D bandwidth.
+const H2D_PROBE_BYTES: usize = 256 << 20;
 
 /// Arguments of `bench-generate`.
 #[derive(clap::Args)]
@@ -30,7 +47,7 @@ pub struct Args {
     /// New tokens per sequence.
     #[arg(long, default_value_t = 16)]
     pub new_tokens: usize,
-    /// Batch sizes to measure, comma-separated.
+    /// Batch sizes to measure, comma-separated (e.g. 1,8,32,128,256).
     #[arg(long, default_value = "1,8")]
     pub batch: String,
     /// Most tokens per pass.
@@ -38,6 +55,98 @@ pub struct Args {
     pub max_tokens: usize,
     #[command(flatten)]
     pub stream: StreamArgs,
+}
+
+/// FLOPs of one token through the model with `ctx` positions to attend to:
+/// the projections, the lm_head, and per layer `q·kᵀ` and `p·v` over `ctx`
+/// keys (two FLOPs per multiply-add).
+pub fn token_flops(cfg: &ModelConfig, ctx: f64) -> f64 {
+    let attention = 4.0 * (cfg.layers * cfg.q_dim()) as f64 * ctx;
+    cfg.projection_flops_per_token() + 2.0 * (cfg.hidden * cfg.vocab) as f64 + attention
+}
+
+/// Model FLOPs of prefilling `batch` prompts of `len` tokens: every token's
+/// projections, causal attention (token `i` attends to `i + 1` positions),
+/// and one lm_head row per sequence (the pass computes logits only there).
+pub fn prefill_flops(cfg: &ModelConfig, batch: usize, len: usize) -> f64 {
+    let n = len as f64;
+    let per_seq = n * cfg.projection_flops_per_token()
+        + 4.0 * (cfg.layers * cfg.q_dim()) as f64 * n * (n + 1.0) / 2.0
+        + 2.0 * (cfg.hidden * cfg.vocab) as f64;
+    batch as f64 * per_seq
+}
+
+/// Decode rates (tokens/s over the batch) that the transfer alone and the
+/// compute alone allow.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bounds {
+    /// The batch's tokens per pass over the time to copy a pass's bytes.
+    pub transfer: f64,
+    /// Tokens per second at the GEMM peak; `None` where it was not measured.
+    pub compute: Option<f64>,
+}
+
+impl Bounds {
+    /// The bounds of a decode pass of `batch` tokens that copies
+    /// `pass_bytes` at `h2d_bytes_per_s` and costs `token_flops` per token,
+    /// on a device that reaches `peak_flops_per_s` (when measured).
+    pub fn new(
+        batch: usize,
+        pass_bytes: f64,
+        h2d_bytes_per_s: f64,
+        token_flops: f64,
+        peak_flops_per_s: Option<f64>,
+    ) -> Bounds {
+        // `count` units of `work` each per `work / rate` seconds.
+        let per_s = |count: f64, work: f64, rate: f64| {
+            if work <= 0.0 {
+                f64::INFINITY
+            } else {
+                count * rate / work
+            }
+        };
+        Bounds {
+            // One pass copies the layers once for the whole batch.
+            transfer: per_s(batch as f64, pass_bytes, h2d_bytes_per_s),
+            // Every token costs its own FLOPs, whatever the batch.
+            compute: peak_flops_per_s.map(|p| per_s(1.0, token_flops, p)),
+        }
+    }
+
+    /// The lower bound and its name (`transfer` or `compute`).
+    pub fn limit(&self) -> (&'static str, f64) {
+        match self.compute {
+            Some(c) if c < self.transfer => ("compute", c),
+            _ => ("transfer", self.transfer),
+        }
+    }
+
+    /// `tokens_per_s` as a share of the lower bound.
+    pub fn share(&self, tokens_per_s: f64) -> f64 {
+        tokens_per_s / self.limit().1
+    }
+}
+
+/// The ceilings of this run: the bf16 GEMM peak (FLOP/s) and the pinned H2D
+/// bandwidth (bytes/s) of the streamer's GPU; `None` each on the host
+/// backend or where it could not be measured (said on stderr).
+fn measure_ceilings(streamer: &LayerStreamer) -> (Option<f64>, Option<f64>) {
+    let Some(ctx) = streamer.context() else {
+        return (None, None);
+    };
+    let peak = layer_streamer::bench::gemm_peak_tflops(ctx, PEAK_GEMM_N, 10)
+        .map(|t| t * 1e12)
+        .map_err(|e| eprintln!("the GEMM peak was not measured: {e}"))
+        .ok();
+    let h2d = layer_streamer::bench::h2d_bandwidth(ctx, H2D_PROBE_BYTES, 5)
+        .map(|r| r.pinned_gbps * 1e9)
+        .map_err(|e| eprintln!("the pinned H2D bandwidth was not measured: {e}"))
+        .ok();
+    (peak, h2d)
+}
+
+fn fmt_opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("-".to_string(), |x| format!("{x:.digits$}"))
 }
 
 /// Runs `bench-generate`.
@@ -48,7 +157,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: max_b,
         max_len: a.prompt_len + a.new_tokens,
         max_tokens: a.max_tokens.max(max_b),
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     let (index, mut streamer, mut model) = open_model(&a.model, &a.stream, opts)?;
     let vocab = model.config().vocab as u32;
@@ -59,11 +168,18 @@ pub fn run(a: Args) -> Result<()> {
         stop_ids: Vec::new(),
     };
     println!(
-        "{}: {} layers, {:.2} GB per pass, device {}",
+        "{}: {} layers, {:.2} GB per pass, device {}, precision {}",
         a.model.display(),
         index.num_layers(),
         index.total_layer_bytes() as f64 / 1e9,
-        a.stream.opts.config.device
+        a.stream.opts.config.device,
+        a.stream.precision
+    );
+    let (peak, pinned_h2d) = measure_ceilings(&streamer);
+    println!(
+        "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
+        fmt_opt(peak.map(|p| p / 1e12), 1),
+        fmt_opt(pinned_h2d.map(|b| b / 1e9), 2)
     );
     // Warm-up: fills the caches so the measured passes stream from them.
     let warm: Vec<u32> = (0..8).map(|i| (i * 31) % vocab).collect();
@@ -75,6 +191,10 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "batch  prompt  prefill_s  prefill_tok/s  prefill_TFLOP/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  layer_TFLOP/s"
     );
+    let mut bounds_rows = Vec::with_capacity(batches.len());
+    let cfg = model.config().clone();
+    // Decode tokens attend to the prompt plus, on average, half the new ones.
+    let decode_flops = token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0);
     for &b in &batches {
         let prompts: Vec<Vec<u32>> = (0..b)
             .map(|s| {
@@ -87,28 +207,189 @@ pub fn run(a: Args) -> Result<()> {
         // run the same prefill once before measuring the steady state.
         generate(&mut model, &mut streamer, &prompts, &short, |_, _| Ok(()))?;
         let g = generate(&mut model, &mut streamer, &prompts, &params, |_, _| Ok(()))?;
-        // What the transfer alone allows: a pass's bytes at the host-to-device
-        // rate the last pass measured.
+        // The bytes the last (decode) pass copied to the device, at the
+        // pinned H2D bandwidth (or, without one, the rate that pass saw).
         let st = streamer.last_pass_stats();
-        let h2d_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
-        let bound_s = g.pass_bytes as f64 / h2d_rate.max(1.0);
+        let pass_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
+        let h2d_rate = pinned_h2d.unwrap_or(pass_rate).max(1.0);
+        let bounds = Bounds::new(b, st.h2d.bytes as f64, h2d_rate, decode_flops, peak);
+        let bound_s = st.h2d.bytes as f64 / h2d_rate;
+        let prefill_s = g.prefill.as_secs_f64().max(1e-9);
+        let decode = g.decode_tokens_per_s();
         println!(
             "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>15.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
             a.prompt_len,
             g.prefill.as_secs_f64(),
-            g.prompt_tokens as f64 / g.prefill.as_secs_f64().max(1e-9),
-            model.config().projection_flops_per_token() * g.prompt_tokens as f64
-                / g.prefill.as_secs_f64().max(1e-9)
-                / 1e12,
-            g.decode_tokens_per_s(),
+            g.prompt_tokens as f64 / prefill_s,
+            cfg.projection_flops_per_token() * g.prompt_tokens as f64 / prefill_s / 1e12,
+            decode,
             g.decode_gb_per_s(),
             bound_s,
-            b as f64 / bound_s.max(1e-9),
-            model
-                .last_gemm_tflops()
-                .map_or("-".to_string(), |t| format!("{t:.1}"))
+            bounds.transfer,
+            fmt_opt(model.last_gemm_tflops(), 1)
         );
+        let (at, _) = bounds.limit();
+        let prefill_tflops = prefill_flops(&cfg, b, a.prompt_len) / prefill_s / 1e12;
+        bounds_rows.push(format!(
+            "{b:>5}  {decode:>12.2}  {:>16.2}  {:>19}  {at:>8}  {:>7.1}%  {prefill_tflops:>21.2}  {:>17}  {:>7}",
+            bounds.transfer,
+            fmt_opt(bounds.compute, 2),
+            100.0 * bounds.share(decode),
+            fmt_opt(peak.map(|p| p / 1e12), 1),
+            peak.map_or("-".to_string(), |p| format!(
+                "{:.1}%",
+                100.0 * prefill_tflops * 1e12 / p
+            )),
+        ));
     }
+    println!("bounds:");
+    println!(
+        "batch  decode_tok/s  xfer_bound_tok/s  compute_bound_tok/s     bound  of_bound  prefill_model_TFLOP/s  gemm_peak_TFLOP/s  of_peak"
+    );
+    bounds_rows.iter().for_each(|r| println!("{r}"));
     println!("last pass: {}", streamer.last_pass_stats());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use layer_streamer::llm::layout::layer_tensors;
+    use layer_streamer::llm::Precision;
+    use rand::{Rng, SeedableRng};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn rng(test: &str) -> rand::rngs::StdRng {
+        let seed = std::env::var("LS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("{test}: seed {seed} (LS_SEED replays)");
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
+    fn random_config(rng: &mut impl Rng) -> ModelConfig {
+        let heads = rng.gen_range(1..9usize);
+        let kv_heads = [1, heads][rng.gen_range(0..2)];
+        let head_dim = 2 * rng.gen_range(1..33usize);
+        let v = serde_json::json!({
+            "model_type": "llama",
+            "hidden_size": heads * head_dim,
+            "intermediate_size": rng.gen_range(1..500),
+            "num_hidden_layers": rng.gen_range(1..6),
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "vocab_size": rng.gen_range(2..3000),
+        });
+        ModelConfig::from_json(&v).unwrap()
+    }
+
+    #[test]
+    fn batches_and_precision_parse_and_bad_values_name_the_flag() {
+        let mut rng = rng("batches_and_precision_parse_and_bad_values_name_the_flag");
+        let batches: Vec<usize> = (0..rng.gen_range(1..6))
+            .map(|_| rng.gen_range(1..300))
+            .collect();
+        let list = batches
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let cli = Cli::try_parse_from([
+            "x",
+            "--model",
+            "m",
+            "--batch",
+            &list,
+            "--precision",
+            "exact",
+        ])
+        .unwrap();
+        assert_eq!(parse_list(&cli.args.batch, "batch size").unwrap(), batches);
+        assert_eq!(cli.args.stream.precision, Precision::Exact);
+        let cli = Cli::try_parse_from(["x", "--model", "m"]).unwrap();
+        assert_eq!(cli.args.stream.precision, Precision::Fast);
+        let e = Cli::try_parse_from(["x", "--model", "m", "--precision", "double"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--precision") && e.contains("double"), "{e}");
+        let e = parse_list(&format!("{list},0"), "batch size").unwrap_err();
+        assert!(e.to_string().contains("batch size \"0\""), "{e}");
+    }
+
+    #[test]
+    fn token_flops_count_every_weight_and_the_attention() {
+        let mut rng = rng("token_flops_count_every_weight_and_the_attention");
+        for _ in 0..20 {
+            let cfg = random_config(&mut rng);
+            // Every matrix of a layer once (two FLOPs per weight), counted
+            // from the tensor list rather than the formula.
+            let per_layer: usize = layer_tensors(&cfg)
+                .iter()
+                .filter(|t| t.shape.len() == 2)
+                .map(|t| t.shape[0] * t.shape[1])
+                .sum();
+            let weights = 2.0 * (per_layer * cfg.layers + cfg.hidden * cfg.vocab) as f64;
+            let ctx = rng.gen_range(1..5000) as f64;
+            let attn = 2.0 * 2.0 * (cfg.layers * cfg.heads * cfg.head_dim) as f64 * ctx;
+            let got = token_flops(&cfg, ctx);
+            assert!(
+                (got - weights - attn).abs() <= 1e-9 * got,
+                "{got} vs {weights} + {attn}"
+            );
+            // Prefill: the tokens' sum over positions 1..=len, one lm_head row.
+            let (b, len) = (rng.gen_range(1..10), rng.gen_range(1..300));
+            let head = 2.0 * (cfg.hidden * cfg.vocab) as f64;
+            let want: f64 = (1..=len)
+                .map(|p| token_flops(&cfg, p as f64) - head)
+                .sum::<f64>()
+                + head;
+            let got = prefill_flops(&cfg, b, len);
+            let want = want * b as f64;
+            assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_the_batch_over_each_resource_time_and_the_lower_one_limits() {
+        let mut rng = rng("bounds_are_the_batch_over_each_resource_time_and_the_lower_one_limits");
+        for _ in 0..100 {
+            let b = rng.gen_range(1..512usize);
+            let bytes = rng.gen_range(1e6..1e11);
+            let rate = rng.gen_range(1e9..1e11);
+            let flops = rng.gen_range(1e6..1e12);
+            let peak = rng.gen_range(1e12..1e15);
+            let x = Bounds::new(b, bytes, rate, flops, Some(peak));
+            // Transfer: one pass of `bytes` yields b tokens.
+            assert!((x.transfer * bytes / rate - b as f64).abs() < 1e-6 * b as f64);
+            // Compute: b tokens of `flops` each take b·flops/peak seconds.
+            let c = x.compute.unwrap();
+            assert!((c * flops / peak - 1.0).abs() < 1e-9, "{c}");
+            let (at, lim) = x.limit();
+            assert_eq!(lim, x.transfer.min(c));
+            assert_eq!(
+                at,
+                if c < x.transfer {
+                    "compute"
+                } else {
+                    "transfer"
+                }
+            );
+            let tok = rng.gen_range(0.0..lim);
+            assert!((x.share(tok) - tok / lim).abs() < 1e-12);
+            // Without a measured peak only the transfer bounds.
+            let t = Bounds::new(b, bytes, rate, flops, None);
+            assert_eq!((t.limit().0, t.limit().1), ("transfer", x.transfer));
+        }
+        // Nothing to copy: the transfer does not bound.
+        let x = Bounds::new(4, 0.0, 1e9, 1e9, Some(1e12));
+        assert_eq!(x.limit(), ("compute", 1e3));
+    }
 }

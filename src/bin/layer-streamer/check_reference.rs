@@ -40,7 +40,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.batch.max(1),
         max_len: len,
         max_tokens: len * a.batch.max(1),
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     let path = a.model.as_deref().unwrap_or(&a.dir);
     let (_index, mut streamer, mut model) = open_model(path, &a.stream, opts)?;
@@ -64,14 +64,15 @@ pub fn run(a: Args) -> Result<()> {
     }
     let ok = rep.passed(a.tolerance, a.min_agreement);
     println!(
-        "{} {}: max rel_l2 {:.3e} (tolerance {:.1e}), argmax agreement {:.1}% (need {:.0}%), device {}",
+        "{} {}: max rel_l2 {:.3e} (tolerance {:.1e}), argmax agreement {:.1}% (need {:.0}%), device {}, precision {}",
         if ok { "PASS" } else { "FAIL" },
         a.dir.display(),
         rep.max_rel_l2(),
         a.tolerance,
         100.0 * rep.argmax_agreement(),
         100.0 * a.min_agreement,
-        a.stream.opts.config.device
+        a.stream.opts.config.device,
+        a.stream.precision
     );
     if ok {
         Ok(())

@@ -68,7 +68,7 @@ pub fn run(mut a: Args) -> Result<()> {
         max_batch: 1,
         max_len: prompt.len() + a.new_tokens,
         max_tokens: prompt.len(),
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     let (index, mut streamer, mut model) = open_model(&dir, &a.stream, opts)?;
     let params = GenerateParams {

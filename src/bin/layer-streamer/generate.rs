@@ -140,7 +140,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: prompts.len(),
         max_len,
         max_tokens: a.max_tokens.max(prompts.len()),
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     let (_index, mut streamer, mut model) = load_model(index, &a.stream, opts)?;
     let params = GenerateParams {

@@ -96,7 +96,7 @@ pub fn run(a: Args) -> Result<()> {
         max_batch: a.max_batch,
         max_len: a.max_len,
         max_tokens: a.max_tokens_per_pass,
-        ..ModelOptions::default()
+        precision: a.stream.precision,
     };
     eprintln!(
         "serve: loading {} for {} sequences of up to {} tokens",

@@ -1,6 +1,6 @@
 //! Streamer options shared by the model commands.
 
-use layer_streamer::llm::{LlamaModel, ModelOptions};
+use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
 use layer_streamer::{Device, Error, LayerStreamer, ModelIndex, Result};
 
 use crate::opts::StreamerOpts;
@@ -11,6 +11,15 @@ use crate::opts::StreamerOpts;
 pub struct StreamArgs {
     #[command(flatten)]
     pub opts: StreamerOpts,
+    /// Arithmetic of the CUDA forward pass: fast (each GEMM input rounded to
+    /// 16 bits, one GEMM) or exact (split into two 16-bit halves, two GEMMs).
+    /// The host backend computes in f32 either way.
+    #[arg(long, default_value = "fast", value_parser = parse_precision)]
+    pub precision: Precision,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 impl StreamArgs {

@@ -28,7 +28,8 @@ none, auto or a size (none,auto,8GB).
 Workloads: pass (a pass with a no-op layer function), pass-delay:MS (each layer waits MS ms on the
 host, standing in for compute; on CUDA too it is a host sleep), prefill:N (one forward pass over
 an N-token prompt with the Qwen2/Llama model code, default 512) and decode:B (one forward pass
-decoding one token for each of B sequences, default 1).
+decoding one token for each of B sequences, default 1); both take the CUDA pass's precision after
+the count (prefill:512:exact, decode:8:fast; default fast).
 
 Each configuration runs in its own child process, which dies with this one: one warm-up run, then
 RUNS-1 measured runs with SLEEP seconds between them; a child is killed as soon as a measured run
@@ -52,7 +53,8 @@ pub struct Args {
     /// The model directory.
     #[arg(long)]
     model: PathBuf,
-    /// What each run measures: pass, pass-delay:MS, prefill:N or decode.
+    /// What each run measures: pass, pass-delay:MS, prefill:N[:PRECISION] or
+    /// decode[:B[:PRECISION]].
     #[arg(long, default_value = "pass")]
     workload: String,
     #[command(flatten)]

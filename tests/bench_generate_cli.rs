@@ -1,0 +1,115 @@
+//! `layer-streamer bench-generate` on the host backend, through the built
+//! binary: every batch gets a row in both tables, the host has no GEMM peak
+//! (so the transfer is the bound), and a bad `--precision` is a usage error.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::DType;
+use rand::Rng;
+
+mod common;
+
+const BIN: &str = env!("CARGO_BIN_EXE_layer-streamer");
+
+fn bench(model: &Path, extra: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["bench-generate", "--device", "host", "--model"])
+        .arg(model)
+        .args(extra)
+        .output()
+        .expect("run layer-streamer bench-generate")
+}
+
+#[test]
+fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
+    let test = "every_batch_gets_its_bounds_and_the_host_is_transfer_bound";
+    if !Path::new(BIN).exists() {
+        eprintln!("skipping {test}: the layer-streamer binary is not at {BIN}");
+        return;
+    }
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let spec = SynthSpec {
+        arch: Arch::Qwen2,
+        shape: Shape {
+            hidden: 64,
+            intermediate: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 300,
+        },
+        dtype: DType::BF16,
+        tie: true,
+        shard_size: 1 << 30,
+        seed: rng.gen(),
+        threads: 1,
+    };
+    write_model(dir.path(), &spec).unwrap();
+    let mut batches: Vec<usize> = (0..3).map(|_| rng.gen_range(1..5)).collect();
+    batches.dedup();
+    let list = batches
+        .iter()
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = bench(
+        dir.path(),
+        &[
+            "--batch",
+            &list,
+            "--prompt-len",
+            "5",
+            "--new-tokens",
+            "3",
+            "--precision",
+            "exact",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("precision exact"), "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    let table = |header: &str| -> Vec<Vec<&str>> {
+        let at = lines
+            .iter()
+            .position(|l| l.starts_with(header))
+            .unwrap_or_else(|| panic!("no table {header:?}:\n{text}"));
+        lines[at + 1..]
+            .iter()
+            .take(batches.len())
+            .map(|l| l.split_whitespace().collect())
+            .collect()
+    };
+    let first = table("batch  prompt  prefill_s");
+    let bounds = table("batch  decode_tok/s  xfer_bound_tok/s");
+    for ((b, row), brow) in batches.iter().zip(&first).zip(&bounds) {
+        assert_eq!(row[0], b.to_string(), "{text}");
+        assert_eq!(brow[0], b.to_string(), "{text}");
+        let num = |s: &str| s.trim_end_matches('%').parse::<f64>().unwrap();
+        // The decode rate and the transfer bound agree between the tables.
+        assert_eq!(row[5], brow[1], "{text}");
+        assert_eq!(row[8], brow[2], "{text}");
+        assert!(num(brow[1]) > 0.0 && num(brow[2]) > 0.0, "{text}");
+        // No GEMM peak on the host: no compute bound, the transfer bounds.
+        assert_eq!((brow[3], brow[4]), ("-", "transfer"), "{text}");
+        let share = num(brow[5]) / 100.0;
+        assert!(
+            (share - num(brow[1]) / num(brow[2])).abs() < 0.01 + 0.01 * share,
+            "{text}"
+        );
+        assert_eq!((brow[7], brow[8]), ("-", "-"), "{text}");
+    }
+    let bad = bench(dir.path(), &["--precision", "double"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("--precision") && err.contains("double"),
+        "{err}"
+    );
+}
