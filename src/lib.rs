@@ -52,6 +52,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

@@ -1,0 +1,121 @@
+//! One thread's share of a product: output rows `r0..r1` for every token,
+//! dispatched to the kernels of one [`Isa`].
+
+use super::{HostMatrix, Isa};
+use crate::quant::{self, QuantType};
+
+/// Tokens that share one read of a weight row.
+const TOKEN_BLOCK: usize = 4;
+
+/// Elements of a quantized row decoded at a time: one K-quant block, eight
+/// 32-element blocks; small enough to stay in L1.
+const TILE: usize = 256;
+
+/// Writes `y[t * w.rows() + r]` for `r` in `rows` and every token `t` of `x`
+/// (`tokens` rows of `w.cols()` floats) through `put(t, r, value)`.
+///
+/// `isa` must be available on this CPU ([`Isa::is_available`]); the pool
+/// checks that once when it is built.
+pub(super) fn rows_into(
+    isa: Isa,
+    w: &HostMatrix<'_>,
+    x: &[f32],
+    tokens: usize,
+    rows: std::ops::Range<usize>,
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let k = w.cols();
+    debug_assert!(isa.is_available() && x.len() == tokens * k);
+    for r in rows {
+        let row = w.row(r);
+        let mut t0 = 0;
+        while t0 < tokens {
+            let n = (tokens - t0).min(TOKEN_BLOCK);
+            let x_at = |j: usize| &x[(t0 + j) * k..(t0 + j + 1) * k];
+            match n {
+                1 => emit(&mut put, t0, r, dot(isa, w.ty(), row, &[x_at(0)])),
+                2 => emit(&mut put, t0, r, dot(isa, w.ty(), row, &[x_at(0), x_at(1)])),
+                3 => emit(
+                    &mut put,
+                    t0,
+                    r,
+                    dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2)]),
+                ),
+                _ => emit(
+                    &mut put,
+                    t0,
+                    r,
+                    dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2), x_at(3)]),
+                ),
+            }
+            t0 += n;
+        }
+    }
+}
+
+fn emit<const N: usize>(put: &mut impl FnMut(usize, usize, f32), t0: usize, r: usize, v: [f32; N]) {
+    for (j, v) in v.into_iter().enumerate() {
+        put(t0 + j, r, v);
+    }
+}
+
+/// One stored row against `N` token rows.
+fn dot<const N: usize>(isa: Isa, ty: QuantType, row: &[u8], xs: &[&[f32]; N]) -> [f32; N] {
+    if !ty.is_quantized() {
+        return plain(isa, ty, row, xs);
+    }
+    // Decode a tile of the row into L1, then run the f32 kernel over it.
+    let (be, bb) = (ty.block_elems() as usize, ty.block_bytes() as usize);
+    let tile_blocks = (TILE / be).max(1);
+    let mut buf = [0f32; TILE];
+    let mut acc = [0f32; N];
+    for (i, blocks) in row.chunks(tile_blocks * bb).enumerate() {
+        let n = blocks.len() / bb * be;
+        let tile = &mut buf[..n];
+        if let Err(e) = quant::dequantize_f32(ty, blocks, tile) {
+            // HostMatrix::new checked that rows are whole blocks.
+            unreachable!("a row of a checked {ty} matrix: {e}");
+        }
+        let at = i * tile_blocks * be;
+        let xt: [&[f32]; N] = std::array::from_fn(|j| &xs[j][at..at + n]);
+        let part = plain(isa, QuantType::F32, bytemuck::cast_slice(tile), &xt);
+        for (a, p) in acc.iter_mut().zip(part) {
+            *a += p;
+        }
+    }
+    acc
+}
+
+/// A row of F32, F16 or BF16 against `N` token rows.
+fn plain<const N: usize>(isa: Isa, ty: QuantType, w: &[u8], xs: &[&[f32]; N]) -> [f32; N] {
+    match isa {
+        Isa::Scalar => super::scalar::plain(ty, w, xs),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            use super::x86::{plain_avx2, tag, BF16, F16, F32};
+            // SAFETY: `isa` is available (checked when the pool was built) and
+            // `w` is one row of `xs[t].len()` elements of `ty` (HostMatrix).
+            unsafe {
+                match tag(ty) {
+                    F32 => plain_avx2::<F32, N>(w, xs),
+                    F16 => plain_avx2::<F16, N>(w, xs),
+                    _ => plain_avx2::<BF16, N>(w, xs),
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => {
+            use super::x86::{plain_avx512, tag, BF16, F16, F32};
+            // SAFETY: as for AVX2.
+            unsafe {
+                match tag(ty) {
+                    F32 => plain_avx512::<F32, N>(w, xs),
+                    F16 => plain_avx512::<F16, N>(w, xs),
+                    _ => plain_avx512::<BF16, N>(w, xs),
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Avx2 | Isa::Avx512 => super::scalar::plain(ty, w, xs),
+    }
+}
