@@ -31,7 +31,9 @@
 //! # Ok(()) }
 //! ```
 
+pub mod calibrate;
 mod kernels;
+pub mod plan;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
