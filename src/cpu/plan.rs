@@ -21,6 +21,8 @@
 //! VRAM budget for resident layers. [`plan_split`] finds the resident count
 //! and the shares together.
 
+use super::calibrate::CpuRates;
+use crate::checkpoint::ModelIndex;
 use crate::error::{Error, Result};
 
 /// The cost of one layer at the batch size at hand.
@@ -173,6 +175,26 @@ pub fn plan_split(inp: &SplitInputs) -> Result<SplitPlan> {
         resident,
         layer_s,
     })
+}
+
+/// The cost of every layer of `model` at the batch `rates` was measured at,
+/// with `gpu_s(layer)` the GPU's time for the whole layer at that batch.
+pub fn layer_costs(
+    model: &ModelIndex,
+    rates: &CpuRates,
+    gpu_s: impl Fn(usize) -> f64,
+) -> Result<Vec<LayerCost>> {
+    model
+        .layers()
+        .iter()
+        .map(|l| {
+            Ok(LayerCost {
+                bytes: l.data_bytes,
+                cpu_s: rates.layer_seconds(model, l)?,
+                gpu_s: gpu_s(l.index),
+            })
+        })
+        .collect()
 }
 
 /// Rows of a tensor of `rows` rows that the CPU computes at share `s`,
