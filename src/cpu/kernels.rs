@@ -72,10 +72,7 @@ fn dot<const N: usize>(isa: Isa, ty: QuantType, row: &[u8], xs: &[&[f32]; N]) ->
     for (i, blocks) in row.chunks(tile_blocks * bb).enumerate() {
         let n = blocks.len() / bb * be;
         let tile = &mut buf[..n];
-        if let Err(e) = quant::dequantize_f32(ty, blocks, tile) {
-            // HostMatrix::new checked that rows are whole blocks.
-            unreachable!("a row of a checked {ty} matrix: {e}");
-        }
+        decode(isa, ty, blocks, tile);
         let at = i * tile_blocks * be;
         let xt: [&[f32]; N] = std::array::from_fn(|j| &xs[j][at..at + n]);
         let part = plain(isa, QuantType::F32, bytemuck::cast_slice(tile), &xt);
@@ -84,6 +81,25 @@ fn dot<const N: usize>(isa: Isa, ty: QuantType, row: &[u8], xs: &[&[f32]; N]) ->
         }
     }
     acc
+}
+
+/// Decodes whole blocks of `ty` into `out` (exactly their elements), with
+/// the vector decoder where `isa` has one: the same bits either way.
+pub(super) fn decode(isa: Isa, ty: QuantType, blocks: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && super::x86_decode::has_decoder(ty) {
+        debug_assert!(isa.is_available());
+        // SAFETY: AVX-512F machines have AVX2, FMA and F16C too, and `isa`
+        // is available (checked when the pool was built); `blocks` are whole
+        // blocks whose elements `out` holds (the tile of a checked row).
+        unsafe { super::x86_decode::decode(ty, blocks, out) };
+        return;
+    }
+    let _ = isa;
+    if let Err(e) = quant::dequantize_f32(ty, blocks, out) {
+        // HostMatrix::new checked that rows are whole blocks.
+        unreachable!("a row of a checked {ty} matrix: {e}");
+    }
 }
 
 /// A row of F32, F16 or BF16 against `N` token rows.
@@ -117,5 +133,49 @@ fn plain<const N: usize>(isa: Isa, ty: QuantType, w: &[u8], xs: &[&[f32]; N]) ->
         }
         #[cfg(not(target_arch = "x86_64"))]
         Isa::Avx2 | Isa::Avx512 => super::scalar::plain(ty, w, xs),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    #[test]
+    fn vector_decoders_write_the_dequantizers_bits() {
+        let seed: u64 = std::env::var("LS_SEED")
+            .map(|s| s.parse().expect("LS_SEED must be a u64"))
+            .unwrap_or_else(|_| rand::random());
+        eprintln!("random seed {seed} (replay with LS_SEED={seed})");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        for ty in QuantType::ALL.into_iter().filter(|t| t.is_quantized()) {
+            let (bb, be) = (ty.block_bytes() as usize, ty.block_elems() as usize);
+            let n = rng.gen_range(1..9);
+            let mut src = vec![0u8; n * bb];
+            rng.fill(&mut src[..]);
+            // No NaN or infinite f16 fields: clear a random bit of any
+            // all-ones exponent (the fields sit at 0, 2 or 208).
+            for b in src.chunks_exact_mut(bb) {
+                for at in [0, 2, 208].into_iter().filter(|&a| a + 1 < bb) {
+                    if b[at + 1] & 0x7c == 0x7c {
+                        b[at + 1] &= !(4 << rng.gen_range(0..5));
+                    }
+                }
+            }
+            let mut want = vec![0f32; n * be];
+            quant::dequantize_f32(ty, &src, &mut want).unwrap();
+            for isa in Isa::ALL.into_iter().filter(|i| i.is_available()) {
+                let mut got = vec![f32::NAN; n * be];
+                decode(isa, ty, &src, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{ty} on {isa}: element {i}: {g} vs {w}"
+                    );
+                }
+            }
+        }
     }
 }

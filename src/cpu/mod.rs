@@ -38,6 +38,8 @@ mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_decode;
 
 pub use pool::{CpuPool, CpuPoolOptions};
 
