@@ -8,6 +8,10 @@
 //!
 //! AVX512_BF16's `vdpbf16ps` would need the activations rounded to bf16; the
 //! widening path keeps them f32 and is bound by memory bandwidth anyway.
+//!
+//! The AVX-512 intrinsics are stable in `std::arch` since Rust 1.89, later
+//! than the crate's declared `rust-version`; the lint that says so is allowed
+//! on those functions alone.
 
 use std::arch::x86_64::*;
 
@@ -59,9 +63,12 @@ unsafe fn load8<const TY: u8>(p: *const u8) -> __m256 {
 }
 
 /// Horizontal sum of eight lanes.
+///
+/// # Safety
+/// The CPU has AVX2.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum8(v: __m256) -> f32 {
+unsafe fn hsum8(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -109,7 +116,9 @@ pub(super) unsafe fn plain_avx2<const TY: u8, const N: usize>(
     }
     let mut out = [0f32; N];
     for ((o, a), x) in out.iter_mut().zip(&acc).zip(xs) {
-        *o = hsum8(_mm256_add_ps(a[0], a[1])) + tail::<TY>(&w[i * es..], &x[i..]);
+        // SAFETY: this function's caller guarantees AVX2.
+        let s = unsafe { hsum8(_mm256_add_ps(a[0], a[1])) };
+        *o = s + tail::<TY>(&w[i * es..], &x[i..]);
     }
     out
 }
@@ -121,6 +130,7 @@ pub(super) unsafe fn plain_avx2<const TY: u8, const N: usize>(
 /// readable bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::incompatible_msrv)]
 unsafe fn load16<const TY: u8>(p: *const u8) -> __m512 {
     // SAFETY: the caller guarantees the bytes are readable; every load here
     // is unaligned.
@@ -141,6 +151,7 @@ unsafe fn load16<const TY: u8>(p: *const u8) -> __m512 {
 /// The CPU has AVX-512F, AVX2, FMA and F16C ([`super::Isa::Avx512`] is
 /// available); `w.len() == xs[t].len() * elem_size(TY)` for every `t`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+#[allow(clippy::incompatible_msrv)]
 pub(super) unsafe fn plain_avx512<const TY: u8, const N: usize>(
     w: &[u8],
     xs: &[&[f32]; N],

@@ -81,7 +81,10 @@ unsafe fn put16_u8(q: __m128i, a: Affine, out: *mut f32) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn decode(ty: QuantType, src: &[u8], dst: &mut [f32]) {
     let (bb, be) = (ty.block_bytes() as usize, ty.block_elems() as usize);
-    debug_assert!(src.len() % bb == 0 && src.len() / bb * be == dst.len());
+    debug_assert_eq!(
+        (src.len() / bb * bb, src.len() / bb * be),
+        (src.len(), dst.len())
+    );
     for (b, o) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)) {
         let out = o.as_mut_ptr();
         // SAFETY: `b` is one whole block of `ty` and `o` its `be` elements;
