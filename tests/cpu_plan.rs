@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use layer_streamer::cpu::calibrate::CpuRates;
+use layer_streamer::cpu::calibrate::{calibrate, CpuRates};
 use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions, HostMatrix, Isa};
 use layer_streamer::quant::{self, QuantType};
@@ -133,4 +133,35 @@ fn smollm2_blocks_multiply_like_their_dequantized_values() {
         plan.shares
     );
     assert!(plan.pass_s < plan.gpu_only_pass_s);
+}
+
+#[test]
+fn calibration_measures_each_type_it_is_asked_for() {
+    let pool = CpuPool::new(&CpuPoolOptions {
+        threads: Some(2),
+        ..Default::default()
+    })
+    .unwrap();
+    let types = [QuantType::BF16, QuantType::Q4_K];
+    let rates = calibrate(&pool, &types, 3, 1 << 20, 1).unwrap();
+    assert_eq!(rates.tokens, 3);
+    assert!(rates.read_bps.is_finite() && rates.read_bps > 0.0);
+    for ty in types {
+        let r = rates.rate(ty).unwrap();
+        assert!(r.is_finite() && r > 0.0, "{ty}: {r}");
+    }
+    let s = rates
+        .seconds(&[(QuantType::BF16, 1000), (QuantType::Q4_K, 500)])
+        .unwrap();
+    let want = 1000.0 / rates.rate(QuantType::BF16).unwrap()
+        + 500.0 / rates.rate(QuantType::Q4_K).unwrap();
+    assert!((s - want).abs() <= 1e-12 * want);
+    let e = rates.rate(QuantType::Q8_0).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no CPU rate for Q8_0: calibrated [\"BF16\", \"Q4_K\"]"),
+        "{e}"
+    );
+    let e = calibrate(&pool, &types, 0, 1 << 20, 1).unwrap_err();
+    assert!(e.to_string().contains("tokens is 0"), "{e}");
 }
