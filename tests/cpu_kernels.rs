@@ -78,7 +78,9 @@ fn plain_types_match_f64_on_every_isa() {
                 let tokens = rng.gen_range(1..10);
                 check(&pool, &mut rng, ty, rows, k, tokens);
             }
-            check(&pool, &mut rng, ty, 67, 4096, 1);
+            let tokens = rng.gen_range(1..10);
+            let k = 4096 + 8 * rng.gen_range(0..64);
+            check(&pool, &mut rng, ty, 67, k, tokens);
         }
     }
 }
@@ -116,6 +118,13 @@ fn every_token_count_uses_the_right_rows() {
     for pool in pools() {
         for tokens in 1..=9 {
             check(&pool, &mut rng, QuantType::BF16, 13, 40, tokens);
+            // Rows longer than the stretch several tokens share at a time.
+            check(&pool, &mut rng, QuantType::BF16, 5, 1100, tokens);
+            // No inputs: every output is an empty sum.
+            let m = HostMatrix::new(QuantType::BF16, &[], 3, 0).unwrap();
+            let mut y = vec![f32::NAN; 3 * tokens];
+            pool.matmul(&m, &[], tokens, &mut y).unwrap();
+            assert!(y.iter().all(|&v| v == 0.0), "{y:?}");
         }
     }
 }

@@ -11,8 +11,16 @@ const TOKEN_BLOCK: usize = 4;
 /// 32-element blocks; small enough to stay in L1.
 const TILE: usize = 256;
 
+/// Elements of a row multiplied at a time when several tokens share it: the
+/// tokens' stretches of `x` (4 × 2 KiB per group) stay in L1 across the rows
+/// of a task instead of streaming from L2 for every row. A multiple of every
+/// block size and of [`TILE`].
+const K_BLOCK: usize = 512;
+
 /// Writes `y[t * w.rows() + r]` for `r` in `rows` and every token `t` of `x`
-/// (`tokens` rows of `w.cols()` floats) through `put(t, r, value)`.
+/// (`tokens` rows of `w.cols()` floats) through `put(t, r, value, add)`:
+/// with `add`, the value is a further partial sum to add to the element,
+/// else the element's first.
 ///
 /// `isa` must be available on this CPU ([`Isa::is_available`]); the pool
 /// checks that once when it is built.
@@ -22,40 +30,46 @@ pub(super) fn rows_into(
     x: &[f32],
     tokens: usize,
     rows: std::ops::Range<usize>,
-    mut put: impl FnMut(usize, usize, f32),
+    mut put: impl FnMut(usize, usize, f32, bool),
 ) {
     let k = w.cols();
     debug_assert!(isa.is_available() && x.len() == tokens * k);
-    for r in rows {
-        let row = w.row(r);
-        let mut t0 = 0;
-        while t0 < tokens {
-            let n = (tokens - t0).min(TOKEN_BLOCK);
-            let x_at = |j: usize| &x[(t0 + j) * k..(t0 + j + 1) * k];
-            match n {
-                1 => emit(&mut put, t0, r, dot(isa, w.ty(), row, &[x_at(0)])),
-                2 => emit(&mut put, t0, r, dot(isa, w.ty(), row, &[x_at(0), x_at(1)])),
-                3 => emit(
-                    &mut put,
-                    t0,
-                    r,
-                    dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2)]),
-                ),
-                _ => emit(
-                    &mut put,
-                    t0,
-                    r,
-                    dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2), x_at(3)]),
-                ),
+    // One token reads each weight once whatever the order: whole rows.
+    let kb = if tokens > 1 { K_BLOCK } else { k.max(1) };
+    let (be, bb) = (w.ty().block_elems() as usize, w.ty().block_bytes() as usize);
+    let mut k0 = 0;
+    loop {
+        let n = kb.min(k - k0);
+        let bytes = k0 / be * bb..(k0 + n) / be * bb;
+        for r in rows.clone() {
+            let row = &w.row(r)[bytes.clone()];
+            let mut t0 = 0;
+            while t0 < tokens {
+                let g = (tokens - t0).min(TOKEN_BLOCK);
+                let x_at = |j: usize| &x[(t0 + j) * k + k0..(t0 + j) * k + k0 + n];
+                let mut emit = |v: &[f32]| {
+                    for (j, &v) in v.iter().enumerate() {
+                        put(t0 + j, r, v, k0 > 0);
+                    }
+                };
+                match g {
+                    1 => emit(&dot(isa, w.ty(), row, &[x_at(0)])),
+                    2 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1)])),
+                    3 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2)])),
+                    _ => emit(&dot(
+                        isa,
+                        w.ty(),
+                        row,
+                        &[x_at(0), x_at(1), x_at(2), x_at(3)],
+                    )),
+                }
+                t0 += g;
             }
-            t0 += n;
         }
-    }
-}
-
-fn emit<const N: usize>(put: &mut impl FnMut(usize, usize, f32), t0: usize, r: usize, v: [f32; N]) {
-    for (j, v) in v.into_iter().enumerate() {
-        put(t0 + j, r, v);
+        k0 += n;
+        if k0 >= k {
+            break;
+        }
     }
 }
 

@@ -171,13 +171,14 @@ impl CpuPool {
         self.pool.install(|| {
             (0..rows.div_ceil(chunk)).into_par_iter().for_each(|c| {
                 let r = c * chunk..((c + 1) * chunk).min(rows);
-                kernels::rows_into(isa, w, x, tokens, r, |t, r, v| {
+                kernels::rows_into(isa, w, x, tokens, r, |t, r, v, add| {
+                    let p = out.at(t * rows + r);
                     // SAFETY: t < tokens and r < rows, so the index is inside
                     // `y` (tokens × rows floats, checked above), which
-                    // outlives `install`. Task `c` writes only rows of its
-                    // own range, so no two tasks write the same element and
-                    // nothing reads `y` until every task is done.
-                    unsafe { out.at(t * rows + r).write(v) }
+                    // outlives `install`. Task `c` reads and writes only
+                    // rows of its own range, so no two tasks touch the same
+                    // element, and `add` comes only after a first write.
+                    unsafe { p.write(if add { p.read() + v } else { v }) }
                 });
             })
         });
@@ -185,7 +186,7 @@ impl CpuPool {
     }
 }
 
-/// The output of [`CpuPool::matmul`], shared by tasks that write disjoint rows.
+/// The output of [`CpuPool::matmul`], shared by tasks that own disjoint rows.
 #[derive(Clone, Copy)]
 struct OutRows(*mut f32);
 
@@ -197,9 +198,9 @@ impl OutRows {
     }
 }
 
-// SAFETY: the pointer is only written, at indices that the tasks of one
-// `matmul` partition between them (see the write's SAFETY comment).
+// SAFETY: the pointer is only used at indices that the tasks of one
+// `matmul` partition between them (see the access's SAFETY comment).
 unsafe impl Send for OutRows {}
-// SAFETY: as for Send: no element is written by two threads or read at all
-// while the tasks run.
+// SAFETY: as for Send: no element is touched by two threads, and the caller
+// reads `y` only after every task is done.
 unsafe impl Sync for OutRows {}
