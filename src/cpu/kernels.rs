@@ -17,6 +17,9 @@ const TILE: usize = 256;
 /// block size and of [`TILE`].
 const K_BLOCK: usize = 512;
 
+/// Rows that go through their stretches together.
+const ROW_BLOCK: usize = 16;
+
 /// Writes `y[t * w.rows() + r]` for `r` in `rows` and every token `t` of `x`
 /// (`tokens` rows of `w.cols()` floats) through `put(t, r, value, add)`:
 /// with `add`, the value is a further partial sum to add to the element,
@@ -37,39 +40,46 @@ pub(super) fn rows_into(
     // One token reads each weight once whatever the order: whole rows.
     let kb = if tokens > 1 { K_BLOCK } else { k.max(1) };
     let (be, bb) = (w.ty().block_elems() as usize, w.ty().block_bytes() as usize);
-    let mut k0 = 0;
-    loop {
-        let n = kb.min(k - k0);
-        let bytes = k0 / be * bb..(k0 + n) / be * bb;
-        for r in rows.clone() {
-            let row = &w.row(r)[bytes.clone()];
-            let mut t0 = 0;
-            while t0 < tokens {
-                let g = (tokens - t0).min(TOKEN_BLOCK);
-                let x_at = |j: usize| &x[(t0 + j) * k + k0..(t0 + j) * k + k0 + n];
-                let mut emit = |v: &[f32]| {
-                    for (j, &v) in v.iter().enumerate() {
-                        put(t0 + j, r, v, k0 > 0);
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        // A few rows at a time: each streams through memory in order while
+        // the tokens' stretches of `x` are reused from L1.
+        let block = r0..(r0 + ROW_BLOCK).min(rows.end);
+        let mut k0 = 0;
+        loop {
+            let n = kb.min(k - k0);
+            let bytes = k0 / be * bb..(k0 + n) / be * bb;
+            for r in block.clone() {
+                let row = &w.row(r)[bytes.clone()];
+                let mut t0 = 0;
+                while t0 < tokens {
+                    let g = (tokens - t0).min(TOKEN_BLOCK);
+                    let x_at = |j: usize| &x[(t0 + j) * k + k0..(t0 + j) * k + k0 + n];
+                    let mut emit = |v: &[f32]| {
+                        for (j, &v) in v.iter().enumerate() {
+                            put(t0 + j, r, v, k0 > 0);
+                        }
+                    };
+                    match g {
+                        1 => emit(&dot(isa, w.ty(), row, &[x_at(0)])),
+                        2 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1)])),
+                        3 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2)])),
+                        _ => emit(&dot(
+                            isa,
+                            w.ty(),
+                            row,
+                            &[x_at(0), x_at(1), x_at(2), x_at(3)],
+                        )),
                     }
-                };
-                match g {
-                    1 => emit(&dot(isa, w.ty(), row, &[x_at(0)])),
-                    2 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1)])),
-                    3 => emit(&dot(isa, w.ty(), row, &[x_at(0), x_at(1), x_at(2)])),
-                    _ => emit(&dot(
-                        isa,
-                        w.ty(),
-                        row,
-                        &[x_at(0), x_at(1), x_at(2), x_at(3)],
-                    )),
+                    t0 += g;
                 }
-                t0 += g;
+            }
+            k0 += n;
+            if k0 >= k {
+                break;
             }
         }
-        k0 += n;
-        if k0 >= k {
-            break;
-        }
+        r0 = block.end;
     }
 }
 
