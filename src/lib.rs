@@ -43,7 +43,8 @@
 //! The modules, from the bottom up: [`cuda`] (the driver API), [`kernels`]
 //! (PTX and launchers), [`io`] (aligned buffers, `O_DIRECT` reads), [`checkpoint`]
 //! (model directories, read plans), [`synth`] (synthetic models), [`ring`] (the SPSC
-//! ring), [`pipeline`] (configuration, stages, statistics), [`streamer`]
+//! ring), [`cpu`] (the CPU share of a layer: kernels, pool, split planner),
+//! [`pipeline`] (configuration, stages, statistics), [`streamer`]
 //! ([`LayerStreamer`]), [`tuner`] (configuration search), [`bench`]
 //! (ceilings), [`ffi`] (the C ABI).
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -52,6 +53,7 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod cpu;
 pub mod cuda;
 pub mod dtype;
 pub mod error;

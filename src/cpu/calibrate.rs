@@ -1,0 +1,174 @@
+//! A short measurement of the CPU side: GB/s of stored weights per type at a
+//! batch size, next to the memory read bandwidth of the same threads. The
+//! planner ([`super::plan`]) turns these into per-layer times.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+use super::{CpuPool, HostMatrix};
+use crate::checkpoint::{Layer, ModelIndex};
+use crate::error::{Error, Result};
+use crate::quant::{self, QuantType};
+
+/// Elements per row of the matrices measured (a 7B model's hidden size).
+pub const CALIBRATION_COLS: usize = 4096;
+
+/// What [`calibrate`] measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuRates {
+    /// Tokens per product.
+    pub tokens: usize,
+    /// Bytes of stored weights per second, per type.
+    pub by_type: Vec<(QuantType, f64)>,
+    /// Bytes per second a streaming sum reads on the same threads.
+    pub read_bps: f64,
+}
+
+impl CpuRates {
+    /// Bytes per second for `ty`, or an error naming the type when it was
+    /// not measured.
+    pub fn rate(&self, ty: QuantType) -> Result<f64> {
+        self.by_type
+            .iter()
+            .find(|(t, _)| *t == ty)
+            .map(|(_, r)| *r)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no CPU rate for {ty}: calibrated {:?}",
+                    self.by_type
+                        .iter()
+                        .map(|(t, _)| t.name())
+                        .collect::<Vec<_>>()
+                ))
+            })
+    }
+
+    /// Seconds the CPU takes for tensors of these stored types and bytes.
+    pub fn seconds(&self, tensors: &[(QuantType, u64)]) -> Result<f64> {
+        tensors
+            .iter()
+            .map(|&(ty, bytes)| Ok(bytes as f64 / self.rate(ty)?))
+            .sum()
+    }
+
+    /// Seconds the CPU takes for the whole of a layer's matrices (its 2-D
+    /// tensors; norms and biases stay with the GPU side). An error names a
+    /// tensor whose stored type has no rate or no CPU kernel.
+    pub fn layer_seconds(&self, model: &ModelIndex, layer: &Layer) -> Result<f64> {
+        let mut total = 0.0;
+        for t in layer.tensors.iter().filter(|t| t.info.shape.len() == 2) {
+            let info = &t.info;
+            let ty = info
+                .quant
+                .or_else(|| QuantType::from_dtype(info.dtype))
+                .ok_or_else(|| {
+                    Error::Config(format!(
+                        "tensor {} of {} is {}, which the CPU kernels do not read",
+                        info.name,
+                        model.files()[info.file].path.display(),
+                        info.dtype
+                    ))
+                })?;
+            total += info.len as f64
+                / self
+                    .rate(ty)
+                    .map_err(|e| Error::Config(format!("tensor {}: {e}", info.name)))?;
+        }
+        Ok(total)
+    }
+}
+
+/// Best of `reps` runs of `f`, in seconds.
+fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Bytes per second of a streaming sum over `bytes` bytes on the pool's threads.
+pub fn measure_read(pool: &CpuPool, bytes: usize, reps: usize) -> f64 {
+    let buf: Vec<u64> = (0..(bytes / 8).max(1) as u64).collect();
+    let secs = best(reps, || {
+        let s: u64 = pool.install(|| {
+            buf.par_chunks(1 << 16)
+                .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+                .reduce(|| 0, u64::wrapping_add)
+        });
+        black_box(s);
+        Ok(())
+    })
+    .unwrap_or(f64::INFINITY);
+    (buf.len() * 8) as f64 / secs
+}
+
+/// A matrix of about `bytes` bytes of `ty` with rows of
+/// [`CALIBRATION_COLS`]: one random stretch of rows, quantized once and
+/// repeated. Returns the bytes and the row count.
+pub fn random_matrix(ty: QuantType, bytes: usize, rng: &mut impl Rng) -> Result<(Vec<u8>, usize)> {
+    let row_bytes =
+        ty.row_bytes(CALIBRATION_COLS as u64)
+            .map_err(|e| Error::Input(format!("calibration matrix: {e}")))? as usize;
+    let seed_rows = ((1 << 20) / row_bytes).max(1);
+    let src: Vec<f32> = (0..seed_rows * CALIBRATION_COLS)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let seed = quant::quantize(ty, &src)?;
+    let rows = (bytes / row_bytes).max(1);
+    let mut out = Vec::with_capacity(rows * row_bytes);
+    while out.len() < rows * row_bytes {
+        let n = (rows * row_bytes - out.len()).min(seed.len());
+        out.extend_from_slice(&seed[..n]);
+    }
+    Ok((out, rows))
+}
+
+/// Bytes per second of stored `ty` weights in products with `tokens` tokens,
+/// over a matrix of about `bytes` bytes (make it larger than the caches).
+pub fn measure_type(
+    pool: &CpuPool,
+    ty: QuantType,
+    bytes: usize,
+    tokens: usize,
+    reps: usize,
+) -> Result<f64> {
+    let mut rng = rand::rngs::SmallRng::from_entropy();
+    let (w, rows) = random_matrix(ty, bytes, &mut rng)?;
+    let m = HostMatrix::new(ty, &w, rows, CALIBRATION_COLS)?;
+    let x: Vec<f32> = (0..tokens * CALIBRATION_COLS)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let mut y = vec![0f32; tokens * rows];
+    let secs = best(reps, || pool.matmul(&m, &x, tokens, &mut y))?;
+    black_box(&y);
+    Ok(w.len() as f64 / secs)
+}
+
+/// Measures each of `types` at `tokens` tokens over matrices of about
+/// `bytes` bytes, best of `reps`, and the read bandwidth over twice that.
+pub fn calibrate(
+    pool: &CpuPool,
+    types: &[QuantType],
+    tokens: usize,
+    bytes: usize,
+    reps: usize,
+) -> Result<CpuRates> {
+    if tokens == 0 {
+        return Err(Error::Input("calibrate: tokens is 0".into()));
+    }
+    let by_type = types
+        .iter()
+        .map(|&ty| Ok((ty, measure_type(pool, ty, bytes, tokens, reps)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(CpuRates {
+        tokens,
+        by_type,
+        read_bps: measure_read(pool, bytes.saturating_mul(2), reps),
+    })
+}

@@ -1,0 +1,165 @@
+//! The CPU share of a layer: matrix products `y[t, rows] = x[t, k] · W[rows, k]ᵀ`
+//! computed from weights in host memory (the pinned cache or the file pages),
+//! on a thread pool pinned to cores the stage threads do not use.
+//!
+//! Weights stay in their stored type: bf16, f16 and f32 rows are widened to
+//! f32 in registers; rows of ggml block types are decoded a tile (256
+//! elements) at a time into an L1-resident buffer by the crate's host
+//! dequantizer and multiplied there, so a row is never materialized in f32.
+//! Activations stay f32 on every path (no rounding of `x` to bf16 or int8):
+//! the split must change only where sums happen, not what is summed. All
+//! accumulation is in f32, in eight or more independent lanes per row.
+//!
+//! The instruction set is chosen at run time ([`Isa::best`]): AVX-512F,
+//! AVX2 with FMA and F16C, or portable scalar code (the only path on other
+//! architectures). [`CpuPool::with_isa`] forces one, which is how the tests
+//! check every path against an f64 reference.
+//!
+//! ```
+//! use layer_streamer::cpu::{CpuPool, CpuPoolOptions, HostMatrix};
+//! use layer_streamer::quant::QuantType;
+//!
+//! # fn main() -> layer_streamer::Result<()> {
+//! let (rows, k) = (3, 4);
+//! let w: Vec<u8> = (0..rows * k).flat_map(|i| half::bf16::from_f32(i as f32).to_le_bytes()).collect();
+//! let w = HostMatrix::new(QuantType::BF16, &w, rows, k)?;
+//! let pool = CpuPool::new(&CpuPoolOptions { threads: Some(2), ..Default::default() })?;
+//! let x = [1.0f32, 0.0, 0.0, 1.0]; // one token
+//! let mut y = [0f32; 3];
+//! pool.matmul(&w, &x, 1, &mut y)?;
+//! assert_eq!(y, [3.0, 11.0, 19.0]);
+//! # Ok(()) }
+//! ```
+
+pub mod calibrate;
+mod kernels;
+pub mod plan;
+mod pool;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_decode;
+
+pub use pool::{CpuPool, CpuPoolOptions};
+
+use crate::error::{Error, Result};
+use crate::quant::QuantType;
+
+/// The instruction set a kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust, eight f32 accumulators per row; every architecture.
+    Scalar,
+    /// x86-64 AVX2 with FMA and F16C: 8 lanes.
+    Avx2,
+    /// x86-64 AVX-512F: 16 lanes.
+    Avx512,
+}
+
+impl Isa {
+    /// Every instruction set, portable first.
+    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+
+    /// Whether this CPU runs it (checked at run time).
+    pub fn is_available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 | Isa::Avx512 => false,
+        }
+    }
+
+    /// The widest instruction set this CPU runs.
+    pub fn best() -> Isa {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .find(|i| i.is_available())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    /// Its name: `scalar`, `avx2`, `avx512`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512 => "avx512",
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A row-major weight matrix in host memory, in its stored type: `rows` rows
+/// of `cols` elements, each row `ty.row_bytes(cols)` bytes, rows back to back
+/// (a contiguous range of a tensor's rows, as the streamer hands them out).
+#[derive(Debug, Clone, Copy)]
+pub struct HostMatrix<'a> {
+    ty: QuantType,
+    bytes: &'a [u8],
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl<'a> HostMatrix<'a> {
+    /// Views `bytes` as `rows × cols` elements of `ty`: an error unless `cols`
+    /// is whole blocks of `ty` and `bytes` is exactly the matrix.
+    pub fn new(ty: QuantType, bytes: &'a [u8], rows: usize, cols: usize) -> Result<Self> {
+        let row_bytes = ty
+            .row_bytes(cols as u64)
+            .map_err(|e| Error::Input(format!("a {rows}×{cols} {ty} matrix: {e}")))?;
+        let want = (row_bytes as usize).checked_mul(rows);
+        if want != Some(bytes.len()) {
+            return Err(Error::Input(format!(
+                "a {rows}×{cols} {ty} matrix takes {} bytes, {} were given",
+                want.map_or_else(|| "more than 2^64".to_string(), |w| w.to_string()),
+                bytes.len()
+            )));
+        }
+        Ok(HostMatrix {
+            ty,
+            bytes,
+            rows,
+            cols,
+            row_bytes: row_bytes as usize,
+        })
+    }
+
+    /// The stored type.
+    pub fn ty(&self) -> QuantType {
+        self.ty
+    }
+
+    /// Rows (outputs).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Elements per row (inputs).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The stored bytes.
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The stored bytes of row `r`.
+    fn row(&self, r: usize) -> &'a [u8] {
+        &self.bytes[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+}
