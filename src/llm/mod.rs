@@ -22,12 +22,14 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
 mod gpu;
 mod gpu_kernels;
 mod host;
+mod kv_cache;
 pub mod layout;
 pub mod llama;
 pub mod ops;
