@@ -28,7 +28,7 @@
 
 pub(crate) mod plan;
 
-pub use plan::AttentionShape;
+pub use plan::{AttentionShape, PREFILL_MIN_TOKENS};
 
 use crate::cuda::{Context, DeviceBuffer, Function, Module, Stream};
 use crate::llm::gpu_kernels::{launch, Arg};
@@ -246,7 +246,7 @@ impl Attention {
                 Arg::U(p.prefill_heads as u64), Arg::F(scale), Arg::U(self.kind),
             ];
             let grid = (n as u32, (sh.kv_heads * chunks) as u32);
-            launch(f, grid, (PREFILL_ROWS * 2) as u32, 0, s, &args)?;
+            launch(f, grid, (PREFILL_ROWS / 16 * 32) as u32, 0, s, &args)?;
         }
         let n = p.split_tokens.len();
         if n == 0 {
@@ -291,6 +291,13 @@ impl Attention {
     /// Tokens of the prepared plan.
     pub fn prepared_tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// Whether runs of [`PREFILL_MIN_TOKENS`] or more tokens of one sequence
+    /// go to the tensor-core prefill kernel (a 16-bit cache and head_dim 64
+    /// or 128); the split-KV kernel takes every other token.
+    pub fn tensor_cores(&self) -> bool {
+        self.prefill.is_some()
     }
 }
 

@@ -11,7 +11,7 @@ pub(crate) const PREFILL_ROWS: usize = 64;
 /// Shorter runs (decode steps) leave most of its 64-row tile empty and have
 /// too few blocks to spread a long cache over the GPU; the split-KV kernel
 /// takes them.
-pub(crate) const PREFILL_MIN_TOKENS: usize = 8;
+pub const PREFILL_MIN_TOKENS: usize = 8;
 /// Warps of a split-KV block (kernels/attention.cu `SK_WARPS`).
 pub(crate) const SPLIT_WARPS: usize = 4;
 /// Most q heads one split-KV block handles (`SK_MAX_HEADS`).
