@@ -409,3 +409,187 @@ fn long_decode_matches_f64_reference() {
         }
     }
 }
+
+/// Adds the bias to `x` and rotates it by (cos, sin) per pair, neox halves
+/// or interleaved neighbours; `bias` holds 16-bit values of `w`.
+fn rope_ref(
+    x: &[f32],
+    bias: &[u16],
+    w: DType,
+    cs: (&[f32], &[f32]),
+    interleaved: bool,
+) -> Vec<f64> {
+    let hd = x.len();
+    let half = hd / 2;
+    let mut out = vec![0.0; hd];
+    for j in 0..half {
+        let (ia, ib) = if interleaved {
+            (2 * j, 2 * j + 1)
+        } else {
+            (j, j + half)
+        };
+        let a = x[ia] as f64 + half_to_f64(bias[ia], w);
+        let b = x[ib] as f64 + half_to_f64(bias[ib], w);
+        let (c, s) = (cs.0[j] as f64, cs.1[j] as f64);
+        out[ia] = a * c - b * s;
+        out[ib] = b * c + a * s;
+    }
+    out
+}
+
+#[test]
+fn cache_write_adds_biases_rotates_and_stores_in_the_cache_dtype() {
+    let Some(g) = gpu("cache_write_adds_biases_rotates_and_stores_in_the_cache_dtype") else {
+        return;
+    };
+    let mut rng = common::rng("cache_write_adds_biases_rotates_and_stores_in_the_cache_dtype");
+    let s = shape(4, 2, 64, 3, 50);
+    let c = Case::new("cache write", s, &[(2, 10, 5), (0, 0, 3), (1, 49, 1)]);
+    let (t, hd, half) = (c.seq.len(), s.head_dim, s.head_dim / 2);
+    for &(w, cache) in DTYPES {
+        for interleaved in [false, true] {
+            let q: Vec<f32> = (0..t * s.heads * hd)
+                .map(|_| rng.gen_range(-2.0..2.0))
+                .collect();
+            let kv: Vec<Vec<f32>> = (0..2)
+                .map(|_| {
+                    (0..t * s.kv_heads * hd)
+                        .map(|_| rng.gen_range(-2.0..2.0))
+                        .collect()
+                })
+                .collect();
+            let bias = |n: usize, rng: &mut rand::rngs::StdRng| -> Vec<u16> {
+                (0..n)
+                    .map(|_| random_cache(rng, 1, w).1)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect()
+            };
+            let (bq, bk, bv) = (
+                bias(s.heads * hd, &mut rng),
+                bias(s.kv_heads * hd, &mut rng),
+                bias(s.kv_heads * hd, &mut rng),
+            );
+            let angles: Vec<f32> = (0..s.max_len * half)
+                .map(|_| rng.gen_range(-3.2..3.2))
+                .collect();
+            let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+            let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+            let u16b = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+            let cache_bytes = s.max_seqs * s.kv_heads * s.max_len * hd * cache.size();
+            let d = [
+                g.upload(&f32_bytes(&q)),
+                g.upload(&f32_bytes(&kv[0])),
+                g.upload(&f32_bytes(&kv[1])),
+                g.upload(&u16b(&bq)),
+                g.upload(&u16b(&bk)),
+                g.upload(&u16b(&bv)),
+                g.upload(&f32_bytes(&cos)),
+                g.upload(&f32_bytes(&sin)),
+                g.upload(&u32_bytes(&c.seq)),
+                g.upload(&u32_bytes(&c.pos)),
+                g.upload(&vec![SENTINEL; cache_bytes]),
+                g.upload(&vec![SENTINEL; cache_bytes]),
+            ];
+            let attn = Attention::new(&g.ctx, w, cache, s, t).unwrap();
+            let p = |i: usize| d[i].ptr();
+            // SAFETY: every buffer holds what write_cache documents for t
+            // tokens of shape s and lives past the reads, which synchronize.
+            unsafe {
+                attn.write_cache(
+                    &g.stream,
+                    p(0),
+                    p(1),
+                    p(2),
+                    [p(3), p(4), p(5)],
+                    (p(6), p(7)),
+                    p(8),
+                    p(9),
+                    (p(10), p(11)),
+                    t,
+                    interleaved,
+                )
+            }
+            .unwrap();
+            let q_out: Vec<f32> = g
+                .read(&d[0])
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let caches = [g.read(&d[10]), g.read(&d[11])];
+            let what = format!("{w} out, {cache} cache, interleaved {interleaved}");
+            let (u, es) = match cache {
+                DType::F32 => (1e-6, 4),
+                DType::F16 => (2f64.powi(-11), 2),
+                _ => (2f64.powi(-8), 2),
+            };
+            let mut written = vec![false; cache_bytes / es];
+            for tok in 0..t {
+                let p0 = c.pos[tok] as usize;
+                let cs = (
+                    &cos[p0 * half..(p0 + 1) * half],
+                    &sin[p0 * half..(p0 + 1) * half],
+                );
+                for h in 0..s.heads {
+                    let r = (tok * s.heads + h) * hd;
+                    let want =
+                        rope_ref(&q[r..r + hd], &bq[h * hd..(h + 1) * hd], w, cs, interleaved);
+                    for (i, wv) in want.iter().enumerate() {
+                        let got = q_out[r + i] as f64;
+                        assert!(
+                            (got - wv).abs() <= 1e-5 * (1.0 + wv.abs()),
+                            "{what}: q token {tok} head {h} dim {i}: {got} vs {wv}"
+                        );
+                    }
+                }
+                for gi in 0..s.kv_heads {
+                    let r = (tok * s.kv_heads + gi) * hd;
+                    let row = ((c.seq[tok] as usize * s.kv_heads + gi) * s.max_len + p0) * hd;
+                    let wants = [
+                        rope_ref(
+                            &kv[0][r..r + hd],
+                            &bk[gi * hd..(gi + 1) * hd],
+                            w,
+                            cs,
+                            interleaved,
+                        ),
+                        // v: bias only (a rotation by angle 0).
+                        rope_ref(
+                            &kv[1][r..r + hd],
+                            &bv[gi * hd..(gi + 1) * hd],
+                            w,
+                            (&[1.0; 64][..half], &[0.0; 64][..half]),
+                            interleaved,
+                        ),
+                    ];
+                    for (which, want) in wants.iter().enumerate() {
+                        for (i, wv) in want.iter().enumerate() {
+                            let e = row + i;
+                            written[e] = true;
+                            let b = &caches[which][e * es..(e + 1) * es];
+                            let got = match cache {
+                                DType::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+                                _ => half_to_f64(u16::from_le_bytes([b[0], b[1]]), cache),
+                            };
+                            assert!(
+                                (got - wv).abs() <= u * wv.abs() + 1e-5,
+                                "{what}: {} cache token {tok} kv head {gi} dim {i}: {got} vs {wv}",
+                                ["k", "v"][which]
+                            );
+                        }
+                    }
+                }
+            }
+            for (which, bytes) in caches.iter().enumerate() {
+                for (e, ok) in written.iter().enumerate() {
+                    if !ok {
+                        assert!(
+                            bytes[e * es..(e + 1) * es].iter().all(|&b| b == SENTINEL),
+                            "{what}: {} cache element {e} written but no token is there",
+                            ["k", "v"][which]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
