@@ -26,18 +26,17 @@
 //! # Ok(()) }
 //! ```
 
+mod launch;
 pub(crate) mod plan;
 
 pub use plan::{AttentionShape, PREFILL_MIN_TOKENS};
 
 use crate::cuda::{Context, DeviceBuffer, Function, Module, Stream};
-use crate::llm::gpu_kernels::{launch, Arg};
+use crate::llm::gpu_kernels::launch;
 use crate::llm::Precision;
 use crate::{DType, Error, Result};
-use plan::{Plan, MAX_SPLITS, PREFILL_ROWS, SPLIT_WARPS};
-
-/// Threads per block of the cache write and combine kernels.
-const ROW_BLOCK: u32 = 128;
+use launch::Kernel;
+use plan::{Plan, MAX_SPLITS};
 
 /// The dtype of the KV cache for weights of `weights` (bf16 or f16):
 /// the weights' own 16-bit type in [`Precision::Fast`], f32 in
@@ -195,19 +194,14 @@ impl Attention {
         tokens: usize,
         interleaved: bool,
     ) -> Result<()> {
-        let sh = &self.shape;
-        let grid = tokens.clamp(1, 65535) as u32;
-        #[rustfmt::skip]
-        let args = [
-            Arg::U(q), Arg::U(k), Arg::U(v),
-            Arg::U(biases[0]), Arg::U(biases[1]), Arg::U(biases[2]),
-            Arg::U(rope.0), Arg::U(rope.1), Arg::U(seq), Arg::U(pos),
-            Arg::U(caches.0), Arg::U(caches.1),
-            Arg::U(tokens as u64), Arg::U(sh.heads as u64), Arg::U(sh.kv_heads as u64),
-            Arg::U(sh.head_dim as u64), Arg::U(sh.max_len as u64),
-            Arg::U(self.kind), Arg::U(self.ckind), Arg::U(interleaved as u64),
+        let io = [
+            q, k, v, biases[0], biases[1], biases[2], rope.0, rope.1, seq, pos, caches.0, caches.1,
         ];
-        launch(&self.cache_write, (grid, 1), ROW_BLOCK, 0, s, &args)
+        let kinds = (self.kind, self.ckind);
+        self.launch(
+            s,
+            launch::cache_write(&self.shape, io, tokens, kinds, interleaved),
+        )
     }
 
     /// Causal attention of the prepared tokens against the caches, into
@@ -233,59 +227,36 @@ impl Attention {
         hi: u64,
         lo: u64,
     ) -> Result<()> {
-        let sh = &self.shape;
-        let scale = 1.0 / (sh.head_dim as f32).sqrt();
-        let p = &self.plan;
-        if let (Some(f), n @ 1..) = (&self.prefill, p.prefill_len()) {
-            let chunks = sh.group().div_ceil(p.prefill_heads);
-            #[rustfmt::skip]
-            let args = [
-                Arg::U(q), Arg::U(k_cache), Arg::U(v_cache), Arg::U(seq), Arg::U(pos),
-                Arg::U(self.items.ptr()), Arg::U(hi), Arg::U(lo),
-                Arg::U(sh.heads as u64), Arg::U(sh.kv_heads as u64), Arg::U(sh.max_len as u64),
-                Arg::U(p.prefill_heads as u64), Arg::F(scale), Arg::U(self.kind),
-            ];
-            let grid = (n as u32, (sh.kv_heads * chunks) as u32);
-            launch(f, grid, (PREFILL_ROWS / 16 * 32) as u32, 0, s, &args)?;
+        let x = launch::Ptrs {
+            q,
+            k_cache,
+            v_cache,
+            seq,
+            pos,
+            items: self.items.ptr(),
+            split_tokens: self.items.ptr() + self.split_offset() as u64,
+            partial: self.partial.ptr(),
+            hi,
+            lo,
+        };
+        let kinds = (self.kind, self.ckind);
+        for l in launch::attention(&self.shape, &self.plan, &x, kinds) {
+            self.launch(s, l)?;
         }
-        let n = p.split_tokens.len();
-        if n == 0 {
-            return Ok(());
-        }
-        let l = p.split;
-        let tokens = self.items.ptr() + self.split_offset() as u64;
-        let shared = plan::split_shared_bytes(l.heads_per_block, sh.head_dim) as u32;
-        #[rustfmt::skip]
-        let args = [
-            Arg::U(q), Arg::U(k_cache), Arg::U(v_cache), Arg::U(seq), Arg::U(pos),
-            Arg::U(tokens), Arg::U(self.partial.ptr()),
-            Arg::U(sh.heads as u64), Arg::U(sh.kv_heads as u64), Arg::U(sh.head_dim as u64),
-            Arg::U(sh.max_len as u64), Arg::U(l.heads_per_block as u64),
-            Arg::U(l.chunk_len as u64), Arg::F(scale), Arg::U(self.ckind),
-        ];
-        let grid = ((n * sh.kv_heads * l.head_chunks) as u32, l.splits as u32);
-        launch(
-            &self.split,
-            grid,
-            (SPLIT_WARPS * 32) as u32,
-            shared,
-            s,
-            &args,
-        )?;
-        #[rustfmt::skip]
-        let args = [
-            Arg::U(self.partial.ptr()), Arg::U(tokens), Arg::U(hi), Arg::U(lo),
-            Arg::U(sh.heads as u64), Arg::U(sh.head_dim as u64), Arg::U(l.splits as u64),
-            Arg::U(self.kind),
-        ];
-        launch(
-            &self.combine,
-            ((n * sh.heads) as u32, 1),
-            ROW_BLOCK,
-            0,
-            s,
-            &args,
-        )
+        Ok(())
+    }
+
+    /// Queues `l` with its kernel.
+    fn launch(&self, s: &Stream, l: launch::Launch) -> Result<()> {
+        let f = match l.kernel {
+            Kernel::CacheWrite => &self.cache_write,
+            Kernel::Prefill => self.prefill.as_ref().ok_or_else(|| {
+                Error::Pipeline("a prefill launch without a prefill kernel".into())
+            })?,
+            Kernel::Split => &self.split,
+            Kernel::Combine => &self.combine,
+        };
+        launch(f, l.grid, l.block, l.shared, s, &l.args)
     }
 
     /// Tokens of the prepared plan.
