@@ -4,7 +4,7 @@
 //! whose partial results a small kernel combines.
 //!
 //! A 16-bit cache (bf16, or f16 for f16 models) serves the prefill kernel for
-//! runs of at least [`plan::PREFILL_MIN_TOKENS`] tokens of one sequence when
+//! runs of at least [`PREFILL_MIN_TOKENS`] tokens of one sequence when
 //! head_dim is 64 or 128; the split-KV kernel takes the other tokens, and every
 //! token of an f32 cache (rounding K and V to 16 bits for the tensor cores
 //! would undo what the f32 cache is for). The split-KV kernel spreads one
