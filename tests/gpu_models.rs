@@ -1,7 +1,8 @@
 //! The CUDA forward pass against the host backend's, on a GPU: every
 //! architecture variant of the tiny preset, bf16 and f16 checkpoints, a
-//! batch of three of mixed lengths, in both precisions. Skips without a
-//! driver unless `LS_REQUIRE_GPU=1`.
+//! batch of three of mixed lengths, in both precisions (a 16-bit and an f32
+//! KV cache), and a long prompt fed in chunks through the tensor-core
+//! prefill. Skips without a driver unless `LS_REQUIRE_GPU=1`.
 
 use std::path::Path;
 
@@ -17,7 +18,7 @@ mod common;
 fn logits(
     dir: &Path,
     device: Device,
-    precision: Precision,
+    opts: ModelOptions,
     prompts: &[Vec<u32>],
     forced: &[Vec<u32>],
 ) -> Vec<Vec<Vec<f32>>> {
@@ -29,12 +30,6 @@ fn logits(
         b.dtype(LlamaModel::cuda_dtype(&index))
     };
     let mut s = b.build().unwrap();
-    let opts = ModelOptions {
-        max_batch: prompts.len(),
-        max_len: 64,
-        max_tokens: 128,
-        precision,
-    };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     teacher_forced(&mut model, &mut s, prompts, forced).unwrap()
 }
@@ -82,26 +77,17 @@ fn cuda_forward_matches_the_host_backend_in_both_precisions() {
         (Arch::Qwen2, true, DType::F16),
         (Arch::Llama, false, DType::F16),
     ] {
-        let dir = common::tempdir();
-        let spec = SynthSpec {
-            arch,
-            shape: Shape::preset("tiny").unwrap(),
-            dtype,
-            tie,
-            shard_size: 4_000_000_000,
-            seed,
-            threads: 2,
+        let dir = tiny_model(arch, tie, dtype, seed);
+        let mut opts = ModelOptions {
+            max_batch: prompts.len(),
+            max_len: 64,
+            max_tokens: 128,
+            precision: Precision::Exact,
         };
-        write_model(dir.path(), &spec).unwrap();
-        let host = logits(
-            dir.path(),
-            Device::Host,
-            Precision::Exact,
-            &prompts,
-            &forced,
-        );
+        let host = logits(dir.path(), Device::Host, opts, &prompts, &forced);
         for precision in [Precision::Exact, Precision::Fast] {
-            let gpu = logits(dir.path(), Device::Cuda(0), precision, &prompts, &forced);
+            opts.precision = precision;
+            let gpu = logits(dir.path(), Device::Cuda(0), opts, &prompts, &forced);
             let (worst, agree) = compare(&gpu, &host);
             let (tol, min_agree) = tolerance(precision);
             eprintln!(
@@ -118,5 +104,55 @@ fn cuda_forward_matches_the_host_backend_in_both_precisions() {
                 "{arch:?} tie={tie} {dtype} {precision}: {agree}"
             );
         }
+    }
+}
+
+fn tiny_model(arch: Arch, tie: bool, dtype: DType, seed: u64) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    let spec = SynthSpec {
+        arch,
+        shape: Shape::preset("tiny").unwrap(),
+        dtype,
+        tie,
+        shard_size: 4_000_000_000,
+        seed,
+        threads: 2,
+    };
+    write_model(dir.path(), &spec).unwrap();
+    dir
+}
+
+/// A 700-token prompt next to a short one, fed 256 tokens per pass: prefill
+/// chunks over a cached prefix, many key tiles, then decode steps.
+#[test]
+fn long_prompt_in_chunks_matches_the_host_backend() {
+    let test = "long_prompt_in_chunks_matches_the_host_backend";
+    if common::gpu(test).is_none() {
+        return;
+    }
+    let mut rng = common::rng(test);
+    let vocab = Shape::preset("tiny").unwrap().vocab as u32;
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
+    let prompts = vec![ids(700), ids(5)];
+    let forced: Vec<Vec<u32>> = (0..2).map(|_| ids(4)).collect();
+    let dir = tiny_model(Arch::Llama, false, DType::BF16, rng.gen());
+    let mut opts = ModelOptions {
+        max_batch: 2,
+        max_len: 800,
+        max_tokens: 256,
+        precision: Precision::Exact,
+    };
+    let host = logits(dir.path(), Device::Host, opts, &prompts, &forced);
+    for precision in [Precision::Exact, Precision::Fast] {
+        opts.precision = precision;
+        let gpu = logits(dir.path(), Device::Cuda(0), opts, &prompts, &forced);
+        let (worst, agree) = compare(&gpu, &host);
+        let (tol, min_agree) = tolerance(precision);
+        eprintln!(
+            "700-token prompt {precision}: worst rel_l2 {worst:.3e}, argmax agreement {:.1}%",
+            100.0 * agree
+        );
+        assert!(worst < tol, "700-token prompt {precision}: {worst}");
+        assert!(agree >= min_agree, "700-token prompt {precision}: {agree}");
     }
 }

@@ -10,7 +10,9 @@
 //! activation (plain bf16 activations move the logits of small random models
 //! enough to flip near-tied argmaxes against an f32 reference). The q/k/v
 //! projections write f32, which RoPE rotates before k and v go into the KV
-//! cache. The gate and up projections are one GEMM when the slot holds them
+//! cache (16-bit with `Fast`; f32 with `Exact`, since a 16-bit cache alone
+//! moves the logits by about 1e-3; see [`attention`](crate::llm::attention)).
+//! The gate and up projections are one GEMM when the slot holds them
 //! as one matrix. o_proj and down_proj accumulate straight into the residual
 //! stream (beta = 1), so the residual add costs no kernel. Every buffer is
 //! allocated once in
@@ -20,11 +22,13 @@
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
+use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
-use crate::llm::gpu_kernels::{ModelKernels, MAX_ATTENTION_LEN};
+use crate::llm::gpu_kernels::ModelKernels;
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
+use crate::llm::kv_cache::KvCache;
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::sampling::TokenDraw;
@@ -64,12 +68,11 @@ pub(crate) struct CudaModel {
     embed: DeviceTensor,
     norm: DeviceTensor,
     lm_head: Option<DeviceTensor>,
-    k_cache: Vec<DeviceBuffer>,
-    v_cache: Vec<DeviceBuffer>,
+    attn: Attention,
+    kv: KvCache,
     cos: DeviceBuffer,
     sin: DeviceBuffer,
     ws: Workspace,
-    max_len: usize,
     timing: (Event, Event),
     /// Pinned staging of each pass's inputs and logits.
     io: PassIo,
@@ -103,12 +106,6 @@ impl CudaModel {
         let ctx = streamer
             .context()
             .ok_or_else(|| Error::Pipeline("the CUDA model needs a CUDA streamer".into()))?;
-        if opts.max_len > MAX_ATTENTION_LEN {
-            return Err(Error::Input(format!(
-                "maximum length {} exceeds the {} positions the attention kernel supports",
-                opts.max_len, MAX_ATTENTION_LEN
-            )));
-        }
         if let Some(why) = unimplemented_on_cuda(cfg) {
             return Err(Error::config(why));
         }
@@ -123,7 +120,6 @@ impl CudaModel {
         }
         let (t, b, p) = (opts.max_tokens, opts.max_batch, opts.precision);
         let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
-        let cache_bytes = b * cfg.kv_dim() * opts.max_len * 4;
         let (cos, sin) = cfg.rope_tables(opts.max_len);
         let cos_d = alloc(cos.len() * 4)?;
         cos_d.copy_from_host(0, &f32_bytes(&cos))?;
@@ -147,12 +143,17 @@ impl CudaModel {
             specs: alloc(b * SPEC_BYTES)?,
             out_ids: alloc(b * 4)?,
         };
-        let mut k_cache = Vec::with_capacity(cfg.layers);
-        let mut v_cache = Vec::with_capacity(cfg.layers);
-        for _ in 0..cfg.layers {
-            k_cache.push(alloc(cache_bytes)?);
-            v_cache.push(alloc(cache_bytes)?);
-        }
+        let shape = AttentionShape {
+            heads: cfg.heads,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+            max_seqs: b,
+            max_len: opts.max_len,
+        };
+        let cache_dtype = kv_cache_dtype(dtype, opts.precision);
+        let attn = Attention::new(ctx, dtype, cache_dtype, shape, t)?;
+        // Every other buffer is allocated: the free memory counts them.
+        let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
         Ok(CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
             sampling: SamplingKernel::load(ctx)?,
@@ -161,12 +162,11 @@ impl CudaModel {
             embed,
             norm,
             lm_head,
-            k_cache,
-            v_cache,
+            attn,
+            kv,
             cos: cos_d,
             sin: sin_d,
             ws,
-            max_len: opts.max_len,
             timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
             io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
@@ -255,6 +255,7 @@ impl CudaModel {
         b: &PassBatch,
     ) -> Result<bool> {
         let t = b.tokens.len();
+        self.attn.prepare(&b.seq, &b.pos)?;
         {
             let s = cuda_stream(streamer)?;
             let ws = &self.ws;
@@ -384,14 +385,13 @@ impl CudaModel {
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, attn) = (ws.xn.split(), ws.attn.split());
-        let (kc, vc) = (self.k_cache[layer].ptr(), self.v_cache[layer].ptr());
+        let (kc, vc) = self.kv.layer(layer);
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
             bias("self_attn.k_proj.bias")?,
             bias("self_attn.v_proj.bias")?,
         ];
-        let (n, kv) = (cfg.heads, cfg.kv_heads);
         let (seq, pos) = (ws.seq.ptr(), ws.pos.ptr());
         // SAFETY: every weight pointer is a 16-bit tensor of its projection's
         // shape (checked against config.json at load) in the layer's device
@@ -409,28 +409,11 @@ impl CudaModel {
             let v_w = w.ptr("self_attn.v_proj.weight")?;
             linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
             let (q, kp, vp) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr());
-            let (cos, sin) = (self.cos.ptr(), self.sin.ptr());
-            let (hd, ml) = (cfg.head_dim, self.max_len);
-            k.bias_rope_cache(
-                s,
-                q,
-                kp,
-                vp,
-                biases,
-                cos,
-                sin,
-                seq,
-                pos,
-                kc,
-                vc,
-                t,
-                n,
-                kv,
-                hd,
-                ml,
-                cfg.rope_interleaved,
-            )?;
-            k.attention(s, q, kc, vc, seq, pos, attn, t, n, kv, hd, ml)?;
+            let rope = (self.cos.ptr(), self.sin.ptr());
+            let a = &self.attn;
+            let il = cfg.rope_interleaved;
+            a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
+            a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
             // o_proj accumulates into the residual stream (beta = 1).
             let o_w = w.ptr("self_attn.o_proj.weight")?;
             linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)

@@ -11,7 +11,7 @@ use crate::{DType, Error, Result};
 
 /// One kernel argument (the kernels take 64-bit values and f32 scalars).
 #[derive(Clone, Copy)]
-enum Arg {
+pub(crate) enum Arg {
     U(u64),
     F(f32),
 }
@@ -33,23 +33,12 @@ pub(crate) struct ModelKernels {
     embed: Function,
     rms_norm: Function,
     swiglu: Function,
-    bias_rope: Function,
-    attention: Function,
 }
 
 /// Threads per block of the row kernels.
 const ROW_BLOCK: u32 = 256;
-/// Threads per block of the attention kernel.
-const ATTN_BLOCK: u32 = 128;
-/// Dynamic shared memory a block may use without opting in.
-const MAX_SHARED: usize = 48 * 1024;
-/// Static shared memory of the attention kernel (q and the reduction).
-const ATTN_STATIC_SHARED: usize = 512 * 4 + 32 * 4;
-
-/// The longest sequence the attention kernel's shared-memory scores allow.
-pub(crate) const MAX_ATTENTION_LEN: usize = (MAX_SHARED - ATTN_STATIC_SHARED) / 4;
-
-fn launch(
+/// Queues `f` with one-dimensional blocks of `block` threads.
+pub(crate) fn launch(
     f: &Function,
     grid: (u32, u32),
     block: u32,
@@ -65,8 +54,8 @@ fn launch(
             Arg::F(v) => (v as *mut f32).cast(),
         })
         .collect();
-    // SAFETY: every kernel of model.cu takes exactly the parameters its
-    // launcher below passes, in order (pointers and counts as 64-bit values,
+    // SAFETY: every kernel of model.cu and attention.cu takes exactly the
+    // parameters its launcher passes, in order (pointers and counts as 64-bit values,
     // scalars as f32); `params` points into `vals`, alive for the call; the
     // device ranges are the launcher's caller's contract.
     unsafe { f.launch((grid.0, grid.1, 1), (block, 1, 1), shared, s, &mut params) }
@@ -99,8 +88,6 @@ impl ModelKernels {
             embed: module.function("embed_gather")?,
             rms_norm: module.function("rms_norm_split")?,
             swiglu: module.function("swiglu_split")?,
-            bias_rope: module.function("bias_rope_cache")?,
-            attention: module.function("attention_causal")?,
             _module: module,
         })
     }
@@ -210,117 +197,6 @@ impl ModelKernels {
                 Arg::U(rows as u64),
                 Arg::U(cols as u64),
                 Arg::U(stride as u64),
-                Arg::U(self.kind),
-            ],
-        )
-    }
-
-    /// Biases, RoPE and the KV-cache write for `tokens` tokens (see model.cu).
-    ///
-    /// # Safety
-    /// `q` is `tokens * heads * head_dim` f32, `k`/`v` `tokens * kv_heads *
-    /// head_dim` f32; biases 0 or of the projection widths (bf16); `cos`/`sin`
-    /// cover every position in `pos`; `seq`/`pos` `tokens` u32s within the
-    /// caches of `[seqs][kv_heads][max_len][head_dim]` bf16.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn bias_rope_cache(
-        &self,
-        s: &Stream,
-        q: u64,
-        k: u64,
-        v: u64,
-        biases: [u64; 3],
-        cos: u64,
-        sin: u64,
-        seq: u64,
-        pos: u64,
-        k_cache: u64,
-        v_cache: u64,
-        tokens: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        max_len: usize,
-        interleaved: bool,
-    ) -> Result<()> {
-        launch(
-            &self.bias_rope,
-            (grid(tokens), 1),
-            ROW_BLOCK,
-            0,
-            s,
-            &[
-                Arg::U(q),
-                Arg::U(k),
-                Arg::U(v),
-                Arg::U(biases[0]),
-                Arg::U(biases[1]),
-                Arg::U(biases[2]),
-                Arg::U(cos),
-                Arg::U(sin),
-                Arg::U(seq),
-                Arg::U(pos),
-                Arg::U(k_cache),
-                Arg::U(v_cache),
-                Arg::U(tokens as u64),
-                Arg::U(heads as u64),
-                Arg::U(kv_heads as u64),
-                Arg::U(head_dim as u64),
-                Arg::U(max_len as u64),
-                Arg::U(self.kind),
-                Arg::U(interleaved as u64),
-            ],
-        )
-    }
-
-    /// Causal attention of every (token, head) against the KV cache, into
-    /// the split bf16 `out [tokens, heads * head_dim]`.
-    ///
-    /// # Safety
-    /// As for [`bias_rope_cache`](Self::bias_rope_cache), with the caches
-    /// filled up to each token's position; `max_len <= MAX_ATTENTION_LEN`.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn attention(
-        &self,
-        s: &Stream,
-        q: u64,
-        k_cache: u64,
-        v_cache: u64,
-        seq: u64,
-        pos: u64,
-        out: Split,
-        tokens: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        max_len: usize,
-    ) -> Result<()> {
-        if max_len > MAX_ATTENTION_LEN || head_dim > 512 || tokens > 65535 {
-            return Err(Error::Input(format!(
-                "attention kernel limits: max_len {max_len} (at most {MAX_ATTENTION_LEN}), head_dim {head_dim} (512), tokens {tokens} (65535)"
-            )));
-        }
-        let scale = 1.0 / (head_dim as f32).sqrt();
-        launch(
-            &self.attention,
-            (heads as u32, tokens as u32),
-            ATTN_BLOCK,
-            (max_len * 4) as u32,
-            s,
-            &[
-                Arg::U(q),
-                Arg::U(k_cache),
-                Arg::U(v_cache),
-                Arg::U(seq),
-                Arg::U(pos),
-                Arg::U(out.hi),
-                Arg::U(out.lo),
-                Arg::U(tokens as u64),
-                Arg::U(heads as u64),
-                Arg::U(kv_heads as u64),
-                Arg::U(head_dim as u64),
-                Arg::U(max_len as u64),
-                Arg::F(scale),
                 Arg::U(self.kind),
             ],
         )

@@ -120,7 +120,9 @@ impl LlamaModel {
     /// forward pass does not implement (naming the key), when a tensor's
     /// shape disagrees with config.json (naming the tensor, both shapes and
     /// the keys), or when a bias or `lm_head.weight` the config calls for is
-    /// missing (or a bias it does not call for is present).
+    /// missing (or a bias it does not call for is present). On CUDA, fails
+    /// with [`Error::Limit`] (naming the cache's sizes and the free memory)
+    /// when the KV cache does not fit next to the streamer's slots.
     pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
         let cfg = ModelConfig::from_model(streamer.model())?;
         if cfg.layers != streamer.model().num_layers() {

@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod attention;
 pub mod chat;
 pub mod config;
 pub mod generate;
@@ -31,6 +32,7 @@ mod gpu_io;
 mod gpu_kernels;
 mod gpu_sampling;
 mod host;
+mod kv_cache;
 pub mod layout;
 pub mod llama;
 pub mod ops;
