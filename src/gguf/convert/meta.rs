@@ -19,17 +19,22 @@ pub const TARGET_TYPES: [QuantType; 5] = [
     QuantType::Q6_K,
 ];
 
-/// `general.file_type` (llama.cpp's `llama_ftype`) of a file quantized to
-/// `ty` by this converter: Q4_K files keep the embedding and output in Q6_K,
-/// which llama.cpp calls Q4_K_M.
-pub(super) fn file_type(ty: QuantType) -> u32 {
+/// `general.file_type` (llama.cpp's `llama_ftype`) of a file whose matrices
+/// are `ty` by [`tensor_type`]'s rule: with the embedding and output in
+/// Q6_K, a Q4_K file is what llama.cpp calls Q4_K_M (Q5_K: Q5_K_M).
+pub fn file_type(ty: QuantType) -> u32 {
     match ty {
+        QuantType::F32 => 0,
+        QuantType::F16 => 1,
         QuantType::Q4_0 => 2,
         QuantType::Q4_1 => 3,
         QuantType::Q8_0 => 7,
+        QuantType::Q5_0 => 8,
+        QuantType::Q5_1 => 9,
         QuantType::Q4_K => 15,
+        QuantType::Q5_K => 17,
         QuantType::Q6_K => 18,
-        _ => 0,
+        QuantType::BF16 => 32,
     }
 }
 
@@ -42,11 +47,7 @@ pub(super) fn file_type(ty: QuantType) -> u32 {
 /// the output: they are the tensors most sensitive to rounding. A row that is
 /// not whole blocks falls back as llama.cpp's quantizer does: Q4_K to Q5_0,
 /// Q6_K to Q8_0, and a 32-element type to F16.
-pub(super) fn tensor_type(
-    base: QuantType,
-    name: &str,
-    dims: &[u64],
-) -> (QuantType, Option<String>) {
+pub fn tensor_type(base: QuantType, name: &str, dims: &[u64]) -> (QuantType, Option<String>) {
     if dims.len() <= 1 {
         return (QuantType::F32, None);
     }
@@ -82,8 +83,9 @@ pub(super) fn carried_over(key: &str) -> bool {
     ) && !key.starts_with("split.")
 }
 
-/// The Hugging Face `config.json` keys that become `<arch>.*` metadata.
-pub(super) fn arch_metadata(
+/// The Hugging Face `config.json` keys that become `<arch>.*` metadata
+/// (`path` names the config in errors).
+pub fn arch_metadata(
     path: &Path,
     arch: &str,
     cfg: &Map<String, Value>,

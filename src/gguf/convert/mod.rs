@@ -40,8 +40,10 @@ mod meta;
 mod rows;
 mod vocab;
 
-pub use meta::TARGET_TYPES;
+pub use meta::arch_metadata;
+pub use meta::{file_type, tensor_type, TARGET_TYPES};
 use rows::RowShape;
+pub use vocab::{tokenizer_metadata_of, TokenizerJson};
 
 /// Elements converted at once per tensor (64 MiB of f32).
 const CHUNK_ELEMS: u64 = 16 << 20;
@@ -131,10 +133,7 @@ pub fn quantize_to_gguf(
     for (k, v) in metadata(src, &index, arch, from_gguf)? {
         w.metadata(k, v)?;
     }
-    w.metadata(
-        "general.file_type",
-        MetaValue::U32(meta::file_type(opts.ty)),
-    )?;
+    w.metadata("general.file_type", MetaValue::U32(file_type(opts.ty)))?;
     w.metadata("general.quantization_version", MetaValue::U32(2))?;
     for p in &plan {
         w.tensor(&p.out.name, p.out.ty, &p.out.dims)?;

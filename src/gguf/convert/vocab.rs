@@ -43,18 +43,54 @@ pub(super) fn tokenizer_metadata(
     let tok = read_json(dir, "tokenizer.json")?.ok_or_else(|| {
         Error::model(&path, "missing: the GGUF file needs the model's vocabulary")
     })?;
+    let tok_cfg = read_json(dir, "tokenizer_config.json")?.unwrap_or(Value::Null);
+    let template = chat_template(&tok_cfg)
+        .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+    let files = TokenizerJson {
+        path: &path,
+        tokenizer: &tok,
+        tokenizer_config: &tok_cfg,
+        config,
+    };
+    tokenizer_metadata_of(&files, template, vocab_size)
+}
+
+/// A Hugging Face tokenizer as JSON values.
+pub struct TokenizerJson<'a> {
+    /// Where `tokenizer.json` is (named in errors).
+    pub path: &'a Path,
+    /// `tokenizer.json`.
+    pub tokenizer: &'a Value,
+    /// `tokenizer_config.json` (`Null` when absent).
+    pub tokenizer_config: &'a Value,
+    /// `config.json` (special token ids where the tokenizer config has none).
+    pub config: &'a Value,
+}
+
+/// [`tokenizer_metadata`] of a tokenizer held in memory, with its chat
+/// template.
+pub fn tokenizer_metadata_of(
+    files: &TokenizerJson<'_>,
+    template: Option<String>,
+    vocab_size: usize,
+) -> Result<Vec<(String, MetaValue)>> {
+    let (path, tok, tok_cfg, config) = (
+        files.path,
+        files.tokenizer,
+        files.tokenizer_config,
+        files.config,
+    );
     let model = &tok["model"];
     let byte_level = tok["pre_tokenizer"].to_string().contains("\"ByteLevel\"");
     if model["type"] != "BPE" || !byte_level || model["byte_fallback"] == true {
         return Err(Error::model(
-            &path,
+            path,
             "only byte-level BPE vocabularies (model BPE with a ByteLevel pre-tokenizer, \
              llama.cpp's \"gpt2\") can be written to GGUF",
         ));
     }
-    let (tokens, types) = vocab(&path, &tok, vocab_size)?;
-    let merges = merges(&path, &model["merges"])?;
-    let tok_cfg = read_json(dir, "tokenizer_config.json")?.unwrap_or(Value::Null);
+    let (tokens, types) = vocab(path, tok, vocab_size)?;
+    let merges = merges(path, &model["merges"])?;
     let id_of = |text: &str| tokens.iter().position(|t| t == text).map(|i| i as u32);
     let special = |key: &str, cfg_key: &str| -> Option<u32> {
         token_text(tok_cfg.get(key))
@@ -95,7 +131,7 @@ pub(super) fn tokenizer_metadata(
         "tokenizer.ggml.add_bos_token".into(),
         MetaValue::Bool(add_bos && bos.is_some()),
     ));
-    if let Some(t) = chat_template(dir, &tok_cfg) {
+    if let Some(t) = template {
         meta.push(("tokenizer.chat_template".into(), str_value(&t)));
     }
     Ok(meta)
@@ -219,9 +255,9 @@ fn first_id(v: Option<&Value>) -> Option<u32> {
     .and_then(|id| u32::try_from(id).ok())
 }
 
-/// The chat template: `tokenizer_config.json`'s (a string, or the "default"
-/// of a list), else `chat_template.jinja`.
-fn chat_template(dir: &Path, tok_cfg: &Value) -> Option<String> {
+/// The chat template of `tokenizer_config.json`: a string, or the "default"
+/// of a list.
+fn chat_template(tok_cfg: &Value) -> Option<String> {
     match tok_cfg.get("chat_template") {
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Array(a)) => a
@@ -229,6 +265,6 @@ fn chat_template(dir: &Path, tok_cfg: &Value) -> Option<String> {
             .find(|t| t["name"] == "default")
             .and_then(|t| t["template"].as_str())
             .map(str::to_string),
-        _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        _ => None,
     }
 }
