@@ -397,7 +397,7 @@ fn a_gguf_source_requantizes_with_its_metadata() {
     let prompt: Vec<u32> = (0..12)
         .map(|_| rng.gen_range(0..shape.vocab as u32))
         .collect();
-    let want = logits(&src, &[prompt.clone()]);
+    let want = logits(&src, std::slice::from_ref(&prompt));
     let got = logits(&q4, &[prompt]);
     let err = rel_l2(&got[0], &want[0]);
     assert!(

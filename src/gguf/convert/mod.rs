@@ -24,7 +24,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -295,11 +295,12 @@ fn write_data(
     let (mut buf, mut x) = (Vec::new(), Vec::new());
     for p in plan {
         let src = &index.files()[p.info.file].path;
-        if !files.contains_key(&p.info.file) {
-            let f = File::open(src).map_err(|e| Error::io("opening", src, None, e))?;
-            files.insert(p.info.file, f);
-        }
-        let file = &files[&p.info.file];
+        let file = match files.entry(p.info.file) {
+            Entry::Occupied(f) => f.into_mut(),
+            Entry::Vacant(v) => {
+                v.insert(File::open(src).map_err(|e| Error::io("opening", src, None, e))?)
+            }
+        };
         let cols = p.shape.cols as usize;
         // 1-D tensors are one row; a llama bias is interleaved as a column.
         let (icols, step) = match (p.interleave, p.out.dims.len()) {

@@ -99,7 +99,7 @@ pub fn tokenizer_metadata_of(
     };
     let mut meta = vec![
         ("tokenizer.ggml.model".to_string(), str_value("gpt2")),
-        ("tokenizer.ggml.pre".into(), str_value(pre_name(&tok))),
+        ("tokenizer.ggml.pre".into(), str_value(pre_name(tok))),
         (
             "tokenizer.ggml.tokens".into(),
             MetaValue::strings(tokens.iter().cloned()),
