@@ -155,27 +155,54 @@ pub(super) fn quantize_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::{Rng, SeedableRng};
 
+    fn rng() -> rand::rngs::StdRng {
+        let seed: u64 = std::env::var("LS_SEED")
+            .map(|s| s.parse().expect("LS_SEED must be a u64"))
+            .unwrap_or_else(|_| rand::random());
+        eprintln!("random seed {seed} (replay with LS_SEED={seed})");
+        rand::rngs::StdRng::seed_from_u64(seed)
+    }
+
+    /// Row `h·d + j·d/2 + i` of a head moves to `h·d + 2i + j`: each half's
+    /// rows interleave, whole rows move, and nothing crosses heads.
     #[test]
     fn interleaving_pairs_the_halves_of_each_head() {
-        // Two heads of 4 rows, 3 columns: row r holds r in every column.
-        let mut x: Vec<f32> = (0..8).flat_map(|r| [r as f32; 3]).collect();
-        interleave_heads(&mut x, 4, 3);
-        let rows: Vec<f32> = x.chunks(3).map(|r| r[0]).collect();
-        assert_eq!(rows, [0.0, 2.0, 1.0, 3.0, 4.0, 6.0, 5.0, 7.0]);
+        let mut rng = rng();
+        let (heads, d, cols) = (
+            rng.gen_range(1..5),
+            2 * rng.gen_range(1..9),
+            rng.gen_range(1..6),
+        );
+        let x: Vec<f32> = (0..heads * d * cols).map(|_| rng.gen()).collect();
+        let mut y = x.clone();
+        interleave_heads(&mut y, d, cols);
+        for h in 0..heads {
+            for j in 0..2 {
+                for i in 0..d / 2 {
+                    let from = (h * d + j * d / 2 + i) * cols;
+                    let to = (h * d + 2 * i + j) * cols;
+                    assert_eq!(
+                        y[to..to + cols],
+                        x[from..from + cols],
+                        "head {h} j {j} i {i}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
     fn threaded_quantization_equals_one_thread() {
-        let x: Vec<f32> = (0..256 * 7)
-            .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        let one = quant::quantize(QuantType::Q4_K, &x).unwrap();
-        for threads in [2, 3, 8] {
-            assert_eq!(
-                quantize_rows(QuantType::Q4_K, &x, 256, threads).unwrap(),
-                one
-            );
+        let mut rng = rng();
+        let rows = rng.gen_range(1..12);
+        let x: Vec<f32> = (0..256 * rows).map(|_| rng.gen_range(-1.0..1.0)).collect();
+        for ty in [QuantType::Q4_K, QuantType::Q8_0, QuantType::Q6_K] {
+            let one = quant::quantize(ty, &x).unwrap();
+            for threads in [2, 3, 8] {
+                assert_eq!(quantize_rows(ty, &x, 256, threads).unwrap(), one, "{ty}");
+            }
         }
     }
 }
