@@ -80,6 +80,11 @@ impl<'a> Metadata<'a> {
         Metadata { file, map }
     }
 
+    /// The file's name, for error messages.
+    pub fn file(&self) -> &'a str {
+        self.file
+    }
+
     /// A key's value, if present.
     pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key)
@@ -239,7 +244,7 @@ fn rope_scaling(meta: &Metadata<'_>, arch: &str) -> Result<Option<Value>> {
 }
 
 /// The token strings of the vocabulary and their GGUF token types.
-fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
+pub(super) fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let types = match meta.opt_array("tokenizer.ggml.token_type")? {
         None => vec![1; tokens.len()],
@@ -260,7 +265,7 @@ fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
-fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+pub(super) fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
     tokens
         .iter()
         .zip(types)
@@ -276,13 +281,17 @@ fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
 }
 
 /// The `tokenizer.json` of a GGUF file's `tokenizer.ggml.*` vocabulary
-/// (`gpt2`: byte-level BPE with its merges).
+/// (`gpt2`: byte-level BPE with its merges; `llama`: SentencePiece, see
+/// [`super::gguf_spm`]).
 pub fn tokenizer_json(meta: &Metadata<'_>) -> Result<Value> {
     let model = meta.str("tokenizer.ggml.model")?;
+    if model == "llama" {
+        return super::gguf_spm::spm_tokenizer_json(meta);
+    }
     if model != "gpt2" {
         return Err(Error::Input(format!(
-            "{}: tokenizer.ggml.model {model:?} is not supported (byte-level BPE, \"gpt2\", is); \
-             give token ids instead",
+            "{}: tokenizer.ggml.model {model:?} is not supported (byte-level BPE, \"gpt2\", \
+             and SentencePiece, \"llama\", are); give token ids instead",
             meta.file
         )));
     }

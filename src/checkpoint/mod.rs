@@ -26,6 +26,7 @@ use crate::DType;
 
 mod gguf;
 pub mod gguf_hf;
+mod gguf_spm;
 mod header;
 mod index;
 mod layers;
