@@ -3,24 +3,25 @@
 //! reads in the `gguf` Python package (an independent reader) with the
 //! tensor types and metadata llama.cpp expects; its tokenizer encodes like
 //! the source's; a GGUF source converts too; bad sources are explained.
-//! `synth --format gguf`: random quantized files that read and run.
 
 mod common;
+#[path = "common/gguf_tools.rs"]
+mod gguf_tools;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use gguf_tools::{describe, expected_type, logits, random_text, read_json};
 use layer_streamer::gguf::convert::{
     quantize_to_gguf, QuantizeOptions, QuantizeReport, TARGET_TYPES,
 };
 use layer_streamer::gguf::GgufFile;
 use layer_streamer::llm::reference::rel_l2;
-use layer_streamer::llm::{LlamaModel, ModelOptions, Tokenizer};
+use layer_streamer::llm::Tokenizer;
 use layer_streamer::quant::QuantType;
-use layer_streamer::synth::{write_gguf, write_model, Arch, Shape, SynthGgufSpec, SynthSpec};
-use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::{DType, ModelIndex};
 use rand::Rng;
-use serde_json::Value;
 
 /// A small model whose widths are whole Q4_K blocks, except (at random) the
 /// MLP's, which are whole 32-blocks only: that tensor must fall back.
@@ -56,26 +57,6 @@ fn quantize(src: &Path, dst: &Path, ty: QuantType) -> QuantizeReport {
         "progress ends at the total: {last:?}"
     );
     report
-}
-
-/// The last position's logits of each prompt, on the host backend.
-fn logits(model: &Path, prompts: &[Vec<u32>]) -> Vec<Vec<f32>> {
-    let index = ModelIndex::open(model).unwrap();
-    let mut s = LayerStreamer::builder(&index)
-        .device(Device::Host)
-        .file_dtype()
-        .reader_threads(1)
-        .build()
-        .unwrap();
-    let opts = ModelOptions {
-        max_batch: prompts.len(),
-        max_len: 32,
-        max_tokens: 64,
-        ..ModelOptions::default()
-    };
-    let mut m = LlamaModel::load(&s, opts).unwrap();
-    let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    m.forward(&mut s, &inputs).unwrap()
 }
 
 /// Largest rel-L2 of the quantized model's last logits against the
@@ -135,62 +116,6 @@ fn quantized_models_run_close_to_their_source() {
             assert_eq!(report.arch, arch.model_type());
         }
     }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// What the `gguf` Python package reads from `path` (scripts/gguf_reference.py
-/// in the venv of `scripts/test-env python`).
-fn describe(path: &Path) -> Value {
-    let env = Command::new("bash")
-        .arg(root().join("scripts/test-env"))
-        .arg("python")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        env.status.success(),
-        "{}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8(env.stdout).unwrap();
-    let out = Command::new(python.trim())
-        .arg(root().join("scripts/gguf_reference.py"))
-        .arg("describe")
-        .arg(path)
-        .output()
-        .expect("running gguf_reference.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("describe prints JSON")
-}
-
-fn read_json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-/// The type each tensor must have in a file of `base`, by the documented rule.
-fn expected_type(base: QuantType, name: &str, dims: &[u64]) -> QuantType {
-    if dims.len() == 1 {
-        return QuantType::F32;
-    }
-    let mut ty = match name {
-        "token_embd.weight" | "output.weight" if base != QuantType::Q8_0 => QuantType::Q6_K,
-        _ => base,
-    };
-    if dims[0] % ty.block_elems() != 0 {
-        ty = match ty {
-            QuantType::Q4_K => QuantType::Q5_0,
-            QuantType::Q5_K => QuantType::Q5_1,
-            QuantType::Q6_K => QuantType::Q8_0,
-            _ => QuantType::F16,
-        };
-    }
-    ty
 }
 
 #[test]
@@ -283,45 +208,6 @@ fn the_gguf_package_reads_the_types_and_metadata_llama_cpp_expects() {
             report.notes
         );
     }
-}
-
-/// Texts of words, numbers, punctuation, non-ASCII letters, emoji, control
-/// characters and special-token markup, drawn at random.
-fn random_text(rng: &mut impl Rng, specials: &[&str]) -> String {
-    let pieces = [
-        "the",
-        " quick",
-        "Hello",
-        " world",
-        "42",
-        "3.14",
-        "\n",
-        "  ",
-        "\t",
-        "naïve",
-        " café",
-        "中文",
-        "日本語",
-        "😀",
-        "🦀",
-        "Ω",
-        "ß",
-        "!",
-        "?",
-        "'s",
-        " don't",
-        "\u{0007}",
-        "é",
-    ];
-    let mut s = String::new();
-    for _ in 0..rng.gen_range(1..30) {
-        if rng.gen_bool(0.1) {
-            s.push_str(specials[rng.gen_range(0..specials.len())]);
-        } else {
-            s.push_str(pieces[rng.gen_range(0..pieces.len())]);
-        }
-    }
-    s
 }
 
 #[test]
@@ -491,112 +377,4 @@ fn the_command_line_quantizes_and_refuses_unknown_types() {
         stderr.contains("--type \"q3_k\"") && stderr.contains("q8_0"),
         "{stderr}"
     );
-}
-
-/// `synth --format gguf`: random blocks of every block type in the file,
-/// read the same by our parser and the `gguf` package, runnable (finite
-/// logits), with the synthetic tokenizer in its metadata; a seed gives the
-/// same bytes and another seed others.
-#[test]
-fn synthetic_gguf_models_of_every_block_type_read_and_run() {
-    let mut rng = common::rng("synthetic_gguf_models_of_every_block_type");
-    let dir = common::tempdir();
-    let block_types = QuantType::ALL.into_iter().filter(|t| t.is_quantized());
-    for ty in block_types {
-        let arch = if rng.gen_bool(0.5) {
-            Arch::Llama
-        } else {
-            Arch::Qwen2
-        };
-        let spec = SynthGgufSpec {
-            arch,
-            shape: Shape {
-                hidden: 256,
-                intermediate: if rng.gen_bool(0.5) { 512 } else { 544 },
-                layers: 2,
-                heads: 4,
-                kv_heads: 2,
-                vocab: 384,
-            },
-            ty,
-            tie: rng.gen_bool(0.5),
-            seed: rng.gen(),
-        };
-        let path = dir.path().join(format!("{ty}.gguf"));
-        let mut last = (0, 0);
-        write_gguf(&path, &spec, &mut |d, t| last = (d, t)).unwrap();
-        assert!(last.0 == last.1 && last.1 > 0, "{last:?}");
-        let f = GgufFile::open(&path).unwrap();
-        let py = describe(&path);
-        let theirs = py["tensors"].as_array().unwrap();
-        assert_eq!(f.tensors.len(), theirs.len());
-        for (t, p) in f.tensors.iter().zip(theirs) {
-            assert_eq!(
-                t.ty,
-                expected_type(ty, &t.name, &t.dims),
-                "{ty}: {}",
-                t.name
-            );
-            assert_eq!(
-                (p["name"].as_str(), &p["type"]),
-                (Some(t.name.as_str()), &t.ty.ggml_type_id().into())
-            );
-        }
-        assert_eq!(f.architecture(), Some(arch.model_type()));
-        let prompt: Vec<u32> = (0..6).map(|_| rng.gen_range(0..384)).collect();
-        let out = logits(&path, &[prompt]);
-        assert!(
-            out[0].iter().all(|x| x.is_finite()),
-            "{ty}: logits not finite"
-        );
-        // The tokenizer is the synthetic one.
-        let tok_dir = dir.path().join(format!("tok-{ty}"));
-        std::fs::create_dir_all(&tok_dir).unwrap();
-        layer_streamer::synth::write_tokenizer(&tok_dir, arch, 384).unwrap();
-        let want = Tokenizer::from_dir(&tok_dir).unwrap();
-        let got = Tokenizer::for_model(&ModelIndex::open(&path).unwrap()).unwrap();
-        let text = random_text(&mut rng, &["<|im_end|>"]);
-        assert_eq!(
-            got.encode(&text, true).unwrap(),
-            want.encode(&text, true).unwrap()
-        );
-        // Deterministic in the seed.
-        let again = dir.path().join("again.gguf");
-        write_gguf(&again, &spec, &mut |_, _| {}).unwrap();
-        assert!(
-            std::fs::read(&again).unwrap() == std::fs::read(&path).unwrap(),
-            "{ty}"
-        );
-        let other = SynthGgufSpec {
-            seed: spec.seed ^ 1,
-            ..spec.clone()
-        };
-        write_gguf(&again, &other, &mut |_, _| {}).unwrap();
-        assert!(
-            std::fs::read(&again).unwrap() != std::fs::read(&path).unwrap(),
-            "{ty}"
-        );
-    }
-}
-
-#[test]
-fn the_70b_preset_has_llama_3_70b_shapes() {
-    let s = Shape::preset("70b").unwrap();
-    let want = (8192, 28672, 80, 64, 8, 128256);
-    assert_eq!(
-        (
-            s.hidden,
-            s.intermediate,
-            s.layers,
-            s.heads,
-            s.kv_heads,
-            s.vocab
-        ),
-        want
-    );
-    // Every matrix is whole Q4_K blocks, as in the real model's Q4_K_M files.
-    for (name, shape) in layer_streamer::synth::tensor_specs(Arch::Llama, &s, false) {
-        let row = *shape.last().unwrap() as u64;
-        assert_eq!(row % 256, 0, "{name}");
-    }
 }
