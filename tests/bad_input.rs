@@ -324,7 +324,7 @@ fn the_cli_exits_non_zero_naming_the_file() {
         "synth",
         dir.path().join("m").to_str().unwrap(),
         "--preset",
-        "70b",
+        "405b",
     ]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--preset"));

@@ -374,3 +374,80 @@ fn random_corruptions_never_panic() {
         assert!(extents.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
     }
 }
+
+/// A well-formed file of an architecture this crate does not run: opening
+/// it as a model, or quantizing from it, names the file and the key.
+#[test]
+fn an_unsupported_architecture_is_refused_by_name() {
+    let mut rng = common::rng("an_unsupported_architecture_is_refused_by_name");
+    let dir = common::tempdir();
+    let arch = ["gemma3", "phi3", "mamba", "bert"][rng.gen_range(0..4)];
+    let path = dir.path().join("other.gguf");
+    let mut w = GgufWriter::new();
+    w.metadata("general.architecture", MetaValue::String(arch.into()))
+        .unwrap();
+    w.metadata(format!("{arch}.block_count"), MetaValue::U32(1))
+        .unwrap();
+    w.tensor("token_embd.weight", QuantType::Q8_0, &[32, 4])
+        .unwrap();
+    w.tensor("blk.0.attn_norm.weight", QuantType::F32, &[32])
+        .unwrap();
+    let embd = quant::quantize(QuantType::Q8_0, &[0.5; 128]).unwrap();
+    let mut out = w.create(&path).unwrap();
+    out.write_tensor(&embd).unwrap();
+    out.write_tensor(&[0u8; 128]).unwrap();
+    out.finish().unwrap();
+    let want = format!("general.architecture \"{arch}\" is not supported");
+    let e = layer_streamer::ModelIndex::open(&path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other.gguf") && e.contains(&want), "{e}");
+    let opts = layer_streamer::gguf::convert::QuantizeOptions {
+        ty: QuantType::Q4_K,
+        threads: 1,
+    };
+    let dst = dir.path().join("out.gguf");
+    let e = layer_streamer::gguf::convert::quantize_to_gguf(&path, &dst, &opts, &mut |_, _| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("other.gguf") && e.contains(&want), "{e}");
+    assert!(!dst.exists());
+}
+
+/// A tensor written in parts: parts that add up write the same file as one
+/// write; a part past the tensor's size, or a tensor left short, is an error
+/// naming the tensor.
+#[test]
+fn tensor_parts_must_add_up() {
+    let mut rng = common::rng("tensor_parts_must_add_up");
+    let dir = common::tempdir();
+    let rows = rng.gen_range(2..20u64);
+    let data = common::bytes(&mut rng, (rows * 34) as usize);
+    let header = || {
+        let mut w = GgufWriter::new();
+        w.tensor("t", QuantType::Q8_0, &[32, rows]).unwrap();
+        w
+    };
+    let (one, parts) = (dir.path().join("one.gguf"), dir.path().join("parts.gguf"));
+    let mut out = header().create(&one).unwrap();
+    out.write_tensor(&data).unwrap();
+    out.finish().unwrap();
+    let mut out = header().create(&parts).unwrap();
+    let cut = rng.gen_range(1..data.len());
+    out.write_tensor_part(&data[..cut]).unwrap();
+    let e = out.write_tensor(&data).unwrap_err().to_string();
+    assert!(
+        e.contains("tensor t") && e.contains("written in parts"),
+        "{e}"
+    );
+    out.write_tensor_part(&data[cut..]).unwrap();
+    out.finish().unwrap();
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&parts).unwrap());
+
+    let mut out = header().create(&parts).unwrap();
+    out.write_tensor_part(&data[..cut]).unwrap();
+    let e = out.write_tensor_part(&data).unwrap_err().to_string();
+    assert!(e.contains("tensor t") && e.contains("left to write"), "{e}");
+    let e = out.finish().unwrap_err().to_string();
+    assert!(e.contains("tensor t was declared but not written"), "{e}");
+}

@@ -11,15 +11,33 @@ use crate::{Error, Result};
 /// Architectures whose GGUF files this crate runs.
 pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2"];
 
+/// Whole-model tensors: (GGUF name, Hugging Face name).
+const STATIC_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+
+/// Per-layer tensors: (GGUF stem after `blk.N.`, Hugging Face stem after
+/// `model.layers.N.`), each with a `.weight` or `.bias` suffix.
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
 /// The Hugging Face name of a GGUF tensor (`blk.3.attn_q.weight` →
 /// `model.layers.3.self_attn.q_proj.weight`); `None` for a name this crate
 /// does not know.
 pub fn hf_tensor_name(gguf: &str) -> Option<String> {
-    match gguf {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((_, hf)) = STATIC_NAMES.iter().find(|(g, _)| *g == gguf) {
+        return Some(hf.to_string());
     }
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, key) = rest.split_once('.')?;
@@ -28,19 +46,26 @@ pub fn hf_tensor_name(gguf: &str) -> Option<String> {
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let hf = match stem {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == stem)?;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The llama.cpp name of a Hugging Face tensor
+/// (`model.layers.3.self_attn.q_proj.weight` → `blk.3.attn_q.weight`), the
+/// inverse of [`hf_tensor_name`]; `None` for a name without one.
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = STATIC_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some(g.to_string());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, key) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (stem, suffix) = key.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == stem)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 /// Reads GGUF metadata keys for one file, naming the file in every error.
@@ -53,6 +78,11 @@ impl<'a> Metadata<'a> {
     /// Metadata `map` of the GGUF file `file` (used in error messages).
     pub fn new(file: &'a str, map: &'a Map<String, Value>) -> Metadata<'a> {
         Metadata { file, map }
+    }
+
+    /// The file's name, for error messages.
+    pub fn file(&self) -> &'a str {
+        self.file
     }
 
     /// A key's value, if present.
@@ -214,7 +244,7 @@ fn rope_scaling(meta: &Metadata<'_>, arch: &str) -> Result<Option<Value>> {
 }
 
 /// The token strings of the vocabulary and their GGUF token types.
-fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
+pub(super) fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let types = match meta.opt_array("tokenizer.ggml.token_type")? {
         None => vec![1; tokens.len()],
@@ -235,7 +265,7 @@ fn vocab<'a>(meta: &Metadata<'a>) -> Result<(Vec<&'a str>, Vec<i64>)> {
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
 
-fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
+pub(super) fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
     tokens
         .iter()
         .zip(types)
@@ -251,13 +281,17 @@ fn added_tokens(tokens: &[&str], types: &[i64]) -> Vec<Value> {
 }
 
 /// The `tokenizer.json` of a GGUF file's `tokenizer.ggml.*` vocabulary
-/// (`gpt2`: byte-level BPE with its merges).
+/// (`gpt2`: byte-level BPE with its merges; `llama`: SentencePiece, see
+/// [`super::gguf_spm`]).
 pub fn tokenizer_json(meta: &Metadata<'_>) -> Result<Value> {
     let model = meta.str("tokenizer.ggml.model")?;
+    if model == "llama" {
+        return super::gguf_spm::spm_tokenizer_json(meta);
+    }
     if model != "gpt2" {
         return Err(Error::Input(format!(
-            "{}: tokenizer.ggml.model {model:?} is not supported (byte-level BPE, \"gpt2\", is); \
-             give token ids instead",
+            "{}: tokenizer.ggml.model {model:?} is not supported (byte-level BPE, \"gpt2\", \
+             and SentencePiece, \"llama\", are); give token ids instead",
             meta.file
         )));
     }
@@ -353,6 +387,14 @@ mod tests {
         ];
         for (g, hf) in cases {
             assert_eq!(hf_tensor_name(g).as_deref(), Some(hf), "{g}");
+            assert_eq!(gguf_tensor_name(hf).as_deref(), Some(g), "{hf}");
+        }
+        for bad in [
+            "model.layers.x.self_attn.q_proj.weight",
+            "model.layers.1.self_attn.rotary_emb.inv_freq",
+            "model.embed_tokens",
+        ] {
+            assert_eq!(gguf_tensor_name(bad), None, "{bad}");
         }
         for bad in [
             "blk.x.attn_q.weight",

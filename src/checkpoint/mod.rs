@@ -26,11 +26,13 @@ use crate::DType;
 
 mod gguf;
 pub mod gguf_hf;
+mod gguf_spm;
 mod header;
 mod index;
 mod layers;
 mod parts;
 
+pub(crate) use gguf::is_gguf;
 pub use header::{parse_header_bytes, read_header, HeaderTensor, ShardHeader, MAX_HEADER_BYTES};
 pub use index::{parse_index_json, INDEX_FILE, SINGLE_FILE};
 pub use layers::{discover_layers, plan_reads, LayerStructure};

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
 
+pub mod convert;
 mod model;
 mod parse;
 mod split;

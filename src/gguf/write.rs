@@ -158,6 +158,7 @@ impl GgufWriter {
             out,
             written: header.len() as u64,
             next: 0,
+            partial: 0,
             header: self,
         })
     }
@@ -170,7 +171,10 @@ pub struct GgufDataWriter {
     path: PathBuf,
     out: BufWriter<File>,
     written: u64,
+    /// Index of the tensor being written.
     next: usize,
+    /// Bytes of tensor `next` already written (less than its length).
+    partial: u64,
     header: GgufWriter,
 }
 
@@ -183,16 +187,36 @@ impl GgufDataWriter {
     /// Writes the data of the next declared tensor (exactly its size in
     /// bytes) and pads it to the alignment.
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
-        let t = self.header.tensors.get(self.next).ok_or_else(|| {
-            Error::Input(format!(
-                "{}: all {} declared tensors are already written",
-                self.path.display(),
-                self.header.tensors.len()
-            ))
-        })?;
-        if data.len() as u64 != t.len {
+        let t = self.current()?;
+        if self.partial != 0 || data.len() as u64 != t.len {
             return Err(Error::Input(format!(
-                "{}: tensor {} ({} {:?}) takes {} bytes, got {}",
+                "{}: tensor {} ({} {:?}) takes {} bytes, got {}{}",
+                self.path.display(),
+                t.name,
+                t.ty,
+                t.dims,
+                t.len,
+                data.len(),
+                if self.partial != 0 {
+                    format!(" after {} written in parts", self.partial)
+                } else {
+                    String::new()
+                }
+            )));
+        }
+        self.write_tensor_part(data)
+    }
+
+    /// Writes the next `data.len()` bytes of the current tensor: a tensor
+    /// may arrive in several parts (rows at a time) whose lengths add up to
+    /// its size; the last part pads it to the alignment and moves on to the
+    /// next tensor.
+    pub fn write_tensor_part(&mut self, data: &[u8]) -> Result<()> {
+        let t = self.current()?.clone();
+        let left = t.len - self.partial;
+        if data.len() as u64 > left {
+            return Err(Error::Input(format!(
+                "{}: tensor {} ({} {:?}) has {left} of its {} bytes left to write, got {}",
                 self.path.display(),
                 t.name,
                 t.ty,
@@ -201,11 +225,16 @@ impl GgufDataWriter {
                 data.len()
             )));
         }
-        let padded = (t.len).next_multiple_of(self.header.alignment) as usize;
+        let done = data.len() as u64 == left;
+        let pad = if done {
+            (t.len.next_multiple_of(self.header.alignment) - t.len) as usize
+        } else {
+            0
+        };
         let at = self.written;
         self.out
             .write_all(data)
-            .and_then(|()| self.out.write_all(&vec![0u8; padded - data.len()]))
+            .and_then(|()| self.out.write_all(&vec![0u8; pad]))
             .map_err(|e| {
                 Error::io(
                     format!("writing tensor {} to", t.name),
@@ -214,18 +243,34 @@ impl GgufDataWriter {
                     e,
                 )
             })?;
-        self.written += padded as u64;
-        self.next += 1;
+        self.written += (data.len() + pad) as u64;
+        self.partial += data.len() as u64;
+        if done {
+            self.partial = 0;
+            self.next += 1;
+        }
         Ok(())
+    }
+
+    fn current(&self) -> Result<&GgufTensor> {
+        self.header.tensors.get(self.next).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: all {} declared tensors are already written",
+                self.path.display(),
+                self.header.tensors.len()
+            ))
+        })
     }
 
     /// Checks that every declared tensor was written and flushes the file.
     pub fn finish(self) -> Result<()> {
         if let Some(t) = self.header.tensors.get(self.next) {
             return Err(Error::Input(format!(
-                "{}: tensor {} was declared but not written",
+                "{}: tensor {} was declared but not written ({} of {} bytes)",
                 self.path.display(),
-                t.name
+                t.name,
+                self.partial,
+                t.len
             )));
         }
         let file = self

@@ -18,12 +18,16 @@ use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
 pub use weights::{fill_normal, tensor_key};
 use weights::{write_shards, PlacedTensor, ShardPlan};
 
+mod gguf;
 mod tokenizer;
 mod weights;
 
+pub use gguf::{write_gguf, SynthGgufSpec};
+
 use crate::{DType, Error, Result};
 pub use tokenizer::{
-    byte_to_unicode, write_tokenizer, SpecialIds, LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
+    byte_to_unicode, tokenizer_files, write_tokenizer, SpecialIds, TokenizerFiles,
+    LLAMA3_CHAT_TEMPLATE, QWEN2_CHAT_TEMPLATE,
 };
 
 /// Model architecture of a synthetic model.
@@ -72,13 +76,18 @@ pub struct Shape {
 }
 
 impl Shape {
-    /// A named preset: `tiny`, `small`, `1.5b` or `7b`.
+    /// The names of the presets.
+    pub const PRESETS: [&'static str; 5] = ["tiny", "small", "1.5b", "7b", "70b"];
+
+    /// A named preset: `tiny`, `small`, `1.5b`, `7b` (Qwen2 shapes) or `70b`
+    /// (Llama 3 70B shapes).
     pub fn preset(name: &str) -> Option<Shape> {
         let (hidden, intermediate, layers, heads, kv_heads, vocab) = match name {
             "tiny" => (256, 704, 3, 4, 2, 1024),
             "small" => (1024, 2816, 8, 16, 4, 8192),
             "1.5b" => (1536, 8960, 28, 12, 2, 151936),
             "7b" => (3584, 18944, 28, 28, 4, 152064),
+            "70b" => (8192, 28672, 80, 64, 8, 128256),
             _ => return None,
         };
         Some(Shape {
@@ -183,11 +192,7 @@ pub fn write_model_with_progress(
         )));
     }
     let s = &spec.shape;
-    if s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
-        return Err(Error::Input(format!(
-            "inconsistent shape {s:?}: heads must divide hidden and kv_heads heads"
-        )));
-    }
+    check_shape(s)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io("creating directory", dir, None, e))?;
     remove_stale(dir)?;
     let specs = tensor_specs(spec.arch, s, spec.tie);
@@ -229,6 +234,16 @@ pub fn write_model_with_progress(
         bytes,
         seconds,
     })
+}
+
+/// Heads must divide the width and key/value heads the heads.
+fn check_shape(s: &Shape) -> Result<()> {
+    if s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
+        return Err(Error::Input(format!(
+            "inconsistent shape {s:?}: heads must divide hidden and kv_heads heads"
+        )));
+    }
+    Ok(())
 }
 
 /// Each tensor's shard, in state-dict order: a new shard starts when the

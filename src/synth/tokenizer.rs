@@ -87,9 +87,42 @@ fn merges(count: usize) -> Vec<(String, String)> {
     out
 }
 
+/// A synthetic tokenizer's files as JSON values, and its special ids.
+#[derive(Debug, Clone)]
+pub struct TokenizerFiles {
+    /// `tokenizer.json`.
+    pub tokenizer: Value,
+    /// `tokenizer_config.json` (with the chat template).
+    pub config: Value,
+    /// `generation_config.json`.
+    pub generation: Value,
+    /// Beginning of sequence.
+    pub bos: u32,
+    /// End of a turn: config.json's `eos_token_id`.
+    pub eos: u32,
+    /// Every token that ends generation.
+    pub stop: Vec<u32>,
+}
+
 /// Writes `tokenizer.json`, `tokenizer_config.json` and
 /// `generation_config.json` for a vocabulary of `vocab` ids.
 pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialIds> {
+    let t = tokenizer_files(arch, vocab)?;
+    let files = vec![
+        write_json(&dir.join("tokenizer.json"), &t.tokenizer)?,
+        write_json(&dir.join("tokenizer_config.json"), &t.config)?,
+        write_json(&dir.join("generation_config.json"), &t.generation)?,
+    ];
+    Ok(SpecialIds {
+        bos: t.bos,
+        eos: t.eos,
+        stop: t.stop,
+        files,
+    })
+}
+
+/// The tokenizer files of a vocabulary of `vocab` ids for `arch`.
+pub fn tokenizer_files(arch: Arch, vocab: usize) -> Result<TokenizerFiles> {
     let special = specials(arch);
     if vocab < 256 + special.len() || vocab > u32::MAX as usize {
         return Err(Error::Input(format!(
@@ -151,16 +184,13 @@ pub fn write_tokenizer(dir: &Path, arch: Arch, vocab: usize) -> Result<SpecialId
     if arch == Arch::Qwen2 {
         generation["pad_token_id"] = json!(bos);
     }
-    let files = vec![
-        write_json(&dir.join("tokenizer.json"), &tokenizer)?,
-        write_json(&dir.join("tokenizer_config.json"), &config)?,
-        write_json(&dir.join("generation_config.json"), &generation)?,
-    ];
-    Ok(SpecialIds {
+    Ok(TokenizerFiles {
+        tokenizer,
+        config,
+        generation,
         bos,
         eos,
         stop,
-        files,
     })
 }
 
