@@ -479,13 +479,16 @@ impl<'c> H2d<'c> {
             // inside `device_bytes`, which the destination holds: the stored
             // tensor (`n` elements, or `n` elements' blocks) at `src`, its
             // conversion at `dst`.
+            // An FP8 weight's scale tensor is at its own offset in the same slot.
             unsafe {
-                match c.quant {
-                    Some(q) => {
-                        let dq = res.backend.dequant_kernels();
-                        res.transfer.dequant(dq, q, src, out, c.n)?
+                let dq = res.backend.dequant_kernels();
+                match (c.quant, &c.fp8) {
+                    (Some(q), _) => res.transfer.dequant(dq, q, src, out, c.n)?,
+                    (None, Some((l, scale))) => {
+                        res.transfer
+                            .dequant_fp8(dq, l, src, dst.ptr() + scale, out)?
                     }
-                    None => res.transfer.cast(kernels, c.from, c.to, src, out, c.n)?,
+                    (None, None) => res.transfer.cast(kernels, c.from, c.to, src, out, c.n)?,
                 }
             }
         }
