@@ -57,9 +57,11 @@ fn scheme(path: &Path, config: Option<&Value>) -> Result<Option<Scheme>> {
     match method {
         "fp8" => {
             let block = qc.get("weight_block_size").ok_or_else(|| {
-                bad("quant_method \"fp8\" without weight_block_size: per-tensor fp8 \
+                bad(
+                    "quant_method \"fp8\" without weight_block_size: per-tensor fp8 \
                      checkpoints are not supported (block scales of [128, 128] are)"
-                    .into())
+                        .into(),
+                )
             })?;
             check_block(block).map_err(|m| bad(format!("weight_block_size {m}")))?;
             Ok(Some(Scheme::BlockFp8))

@@ -205,7 +205,11 @@ impl LayerPlan {
 /// The dtype a tensor is converted to on the device for the compute dtype
 /// `dtype`, or `None` when it travels as stored. Block-quantized and FP8
 /// weights dequantize to bf16 only.
-fn cast_target(model: &ModelIndex, info: &TensorInfo, dtype: Option<DType>) -> Result<Option<DType>> {
+fn cast_target(
+    model: &ModelIndex,
+    info: &TensorInfo,
+    dtype: Option<DType>,
+) -> Result<Option<DType>> {
     let file = || model.files()[info.file].path.display();
     let stored = if info.quant.is_some() || info.scale.is_some() {
         Some(info.stored_type())
@@ -238,7 +242,11 @@ fn cast_target(model: &ModelIndex, info: &TensorInfo, dtype: Option<DType>) -> R
 
 /// An FP8 weight's decode and the slot offset of its scale tensor, which
 /// must be a tensor of the same layer; `None` for other tensors.
-fn fp8_source(model: &ModelIndex, layer: &Layer, t: &LayerTensor) -> Result<Option<(Fp8Layout, u64)>> {
+fn fp8_source(
+    model: &ModelIndex,
+    layer: &Layer,
+    t: &LayerTensor,
+) -> Result<Option<(Fp8Layout, u64)>> {
     let Some(scale) = &t.info.scale else {
         return Ok(None);
     };

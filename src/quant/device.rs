@@ -10,9 +10,9 @@ use std::ffi::c_void;
 
 use super::fp8::Fp8Layout;
 use super::QuantType;
-use crate::DType;
 use crate::cuda::{Context, Function, Module, Stream};
 use crate::error::{Error, Result};
+use crate::DType;
 
 /// PTX of `kernels/dequant.cu`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
@@ -180,7 +180,10 @@ impl DequantKernels {
         // SAFETY: dequant_fp8_bf16 takes eight 64-bit values (three pointers,
         // four sizes, the format flags), which `params` points to for the
         // call; the device ranges are the caller's contract above.
-        unsafe { self.fp8.launch((gx, gy, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
+        unsafe {
+            self.fp8
+                .launch((gx, gy, 1), (BLOCK, 1, 1), 0, stream, &mut params)
+        }
     }
 }
 

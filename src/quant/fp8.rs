@@ -159,13 +159,7 @@ impl Fp8Layout {
                 "an FP8 weight must be a matrix, not of shape {shape:?}"
             )));
         };
-        Fp8Layout::new(
-            format,
-            rows as u64,
-            cols as u64,
-            scale.dtype,
-            scale.layout,
-        )
+        Fp8Layout::new(format, rows as u64, cols as u64, scale.dtype, scale.layout)
     }
 
     /// Number of weight elements (and bytes).
@@ -196,8 +190,9 @@ impl Fp8Layout {
                 let b = &scales[4 * i..4 * i + 4];
                 f32::from_le_bytes([b[0], b[1], b[2], b[3]])
             }
-            DType::BF16 => bf16::from_bits(u16::from_le_bytes([scales[2 * i], scales[2 * i + 1]]))
-                .to_f32(),
+            DType::BF16 => {
+                bf16::from_bits(u16::from_le_bytes([scales[2 * i], scales[2 * i + 1]])).to_f32()
+            }
             _ => f16::from_bits(u16::from_le_bytes([scales[2 * i], scales[2 * i + 1]])).to_f32(),
         }
     }

@@ -11,6 +11,7 @@ mod demo;
 mod generate;
 mod inspect;
 mod opts;
+mod quantize;
 #[cfg(feature = "serve")]
 mod serve;
 mod stream_args;
@@ -33,6 +34,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
+    /// Write a quantized copy of a model (FP8 safetensors).
+    Quantize(quantize::Args),
     /// Find the fastest streamer configuration for a workload (one child process per configuration).
     Tune(Box<tune::Args>),
     /// Generate text with a Qwen2/Llama model.
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Bench(a) => bench::run(*a),
         Command::Inspect(a) => inspect::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Quantize(a) => quantize::run(a),
         Command::Tune(a) => tune::run(*a),
         Command::Generate(a) => generate::run(*a),
         Command::Demo(a) => demo::run(*a),
