@@ -146,7 +146,11 @@ fn dequantization_is_bit_exact_against_ml_dtypes() {
                 std::fs::write(path("w"), &weights).unwrap();
                 std::fs::write(path("s"), &scales).unwrap();
                 let (tr, tc) = l.tile();
-                let fmt = if format == DType::F8E4M3 { "e4m3" } else { "e5m2" };
+                let fmt = if format == DType::F8E4M3 {
+                    "e4m3"
+                } else {
+                    "e5m2"
+                };
                 let sdt = match scale_dtype {
                     DType::F32 => "f32",
                     DType::BF16 => "bf16",
