@@ -242,6 +242,9 @@ typedef struct {
   uint64_t pinned_cache_hits;
   // Layers served from the device cache.
   uint64_t gpu_cache_hits;
+  // Device time in seconds of the casts and dequantization on their own
+  // stream (overlapping `h2d`); 0 when the model needs none.
+  double convert_seconds;
 } ls_pass_stats;
 
 // What a streamer allocated.

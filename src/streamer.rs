@@ -261,7 +261,7 @@ impl Drop for LayerStreamer {
         // Nothing may still be copying into or reading from memory that is
         // about to be freed.
         let _ = self.compute.inner.synchronize();
-        let _ = self.pipeline.res().transfer.synchronize();
+        let _ = self.pipeline.res().synchronize_transfers();
         let _ = self.pipeline.wait_held();
     }
 }

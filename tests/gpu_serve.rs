@@ -1,25 +1,28 @@
-//! `layer-streamer serve` on CUDA: through the official `openai` client,
-//! every completion, alone or among 16 concurrent clients with prompts fed
-//! in chunks, must carry exactly the greedy tokens `generate` gives for its
-//! prompt alone on the same device. Skips without a GPU
-//! (`LS_REQUIRE_GPU=1` makes that a failure).
+//! `layer-streamer serve` on CUDA, through a plain HTTP client in Rust (the
+//! GPU machine has no Python `openai` package; tests/serve_openai.rs runs the
+//! official client against the host backend): every completion, alone or
+//! among 16 concurrent clients with prompts fed in chunks, must carry
+//! exactly the greedy tokens `generate` gives for its prompt alone on the
+//! same device. Skips without a GPU (`LS_REQUIRE_GPU=1` makes that a
+//! failure).
 #![cfg(feature = "serve")]
 
 use std::time::Duration;
 
 use layer_streamer::Device;
 use rand::Rng;
-use serde_json::json;
 
 mod common;
 #[path = "serve/harness.rs"]
 mod harness;
+#[path = "serve/http_client.rs"]
+mod http_client;
 
-use harness::{cases, run_client, sigterm, synth, Server, MODEL};
+use harness::{cases, sigterm, synth, Server, MODEL};
 
 #[test]
-fn openai_client_against_a_cuda_server() {
-    let test = "openai_client_against_a_cuda_server";
+fn http_clients_against_a_cuda_server() {
+    let test = "http_clients_against_a_cuda_server";
     let Some(ctx) = common::gpu(test) else {
         return;
     };
@@ -43,11 +46,8 @@ fn openai_client_against_a_cuda_server() {
             "48",
         ],
     );
-    let cfg = json!({
-        "base_url": server.base_url, "api_key": key, "model": MODEL, "max_len": max_len,
-        "cases": cases, "pid": server.pid(),
-    });
-    run_client("functional", &cfg, dir.path());
+    let client = http_client::Client::new(&server.base_url, &key, MODEL);
+    http_client::functional(&client, &cases);
     sigterm(server.pid());
     let status = server.wait(Duration::from_secs(60));
     assert!(status.success(), "the server stopped by SIGTERM: {status}");

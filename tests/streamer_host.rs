@@ -184,32 +184,39 @@ fn f16_and_f32_weights_are_cast_to_bf16() {
             .dtype(DType::BF16)
             .build()
             .unwrap();
-        s.run_pass((), |(), w, layer, _| {
-            for (key, raw) in &expected[layer] {
-                let v = w.tensor(key)?;
-                assert_eq!(v.dtype(), DType::BF16);
-                let got = w.host_bytes(&v).unwrap();
-                let want: Vec<u8> = match dtype {
-                    DType::F16 => raw
-                        .chunks_exact(2)
-                        .flat_map(|c| {
-                            let x = f16::from_le_bytes([c[0], c[1]]);
-                            bf16::from_f32(x.to_f32()).to_le_bytes()
-                        })
-                        .collect(),
-                    _ => raw
-                        .chunks_exact(4)
-                        .flat_map(|c| {
-                            bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                                .to_le_bytes()
-                        })
-                        .collect(),
-                };
-                assert!(got == &want[..], "layer {layer} {key}: cast bytes differ");
-            }
-            Ok(())
-        })
-        .unwrap();
+        // Several passes: the casts run on a stream of their own while the
+        // next layers' copies reuse the slots.
+        for _ in 0..3 {
+            s.run_pass((), |(), w, layer, _| {
+                for (key, raw) in &expected[layer] {
+                    let v = w.tensor(key)?;
+                    assert_eq!(v.dtype(), DType::BF16);
+                    let got = w.host_bytes(&v).unwrap();
+                    let want: Vec<u8> = match dtype {
+                        DType::F16 => raw
+                            .chunks_exact(2)
+                            .flat_map(|c| {
+                                let x = f16::from_le_bytes([c[0], c[1]]);
+                                bf16::from_f32(x.to_f32()).to_le_bytes()
+                            })
+                            .collect(),
+                        _ => raw
+                            .chunks_exact(4)
+                            .flat_map(|c| {
+                                bf16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                                    .to_le_bytes()
+                            })
+                            .collect(),
+                    };
+                    assert!(got == &want[..], "layer {layer} {key}: cast bytes differ");
+                }
+                Ok(())
+            })
+            .unwrap();
+            let st = s.last_pass_stats();
+            assert_eq!(st.h2d.items, expected.len());
+            assert!(!st.convert.is_zero(), "the casts ran on their own stream");
+        }
         // Statics are cast the same way.
         let name = &model.statics()[0].name;
         let t = s.load_static(name).unwrap();

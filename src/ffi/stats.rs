@@ -53,6 +53,9 @@ pub struct ls_pass_stats {
     pub pinned_cache_hits: u64,
     /// Layers served from the device cache.
     pub gpu_cache_hits: u64,
+    /// Device time in seconds of the casts and dequantization on their own
+    /// stream (overlapping `h2d`); 0 when the model needs none.
+    pub convert_seconds: f64,
 }
 
 impl From<&PassStats> for ls_pass_stats {
@@ -68,6 +71,7 @@ impl From<&PassStats> for ls_pass_stats {
             compute: (&s.compute).into(),
             pinned_cache_hits: s.pinned_cache_hits as u64,
             gpu_cache_hits: s.gpu_cache_hits as u64,
+            convert_seconds: s.convert.as_secs_f64(),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::llm::llama::LlamaModel;
-use crate::llm::sampling::{Sampler, SamplingParams};
+use crate::llm::sampling::{Sampler, SamplingParams, TokenDraw};
 use crate::{LayerStreamer, Result};
 
 /// What to generate.
@@ -81,44 +81,54 @@ pub fn generate(
         return Ok(gen);
     }
     let t0 = Instant::now();
-    let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-    let mut logits = model.forward(streamer, &inputs)?;
-    gen.prefill = t0.elapsed();
+    let mut t1 = t0;
+    let mut prefill = true;
+    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
     let mut done = vec![false; n];
-    let mut last = vec![0u32; n];
-    let t1 = Instant::now();
     loop {
-        for s in 0..n {
+        // One draw per running sequence, in order, as the sampler always
+        // drew; the tokens are chosen where the logits are.
+        let draws: Vec<Option<TokenDraw>> = done
+            .iter()
+            .map(|&d| (!d).then(|| sampler.next_draw()))
+            .collect();
+        let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+        let ids = model.forward_sample(streamer, &refs, &draws)?;
+        if prefill {
+            prefill = false;
+            gen.prefill = t0.elapsed();
+            t1 = Instant::now();
+        } else {
+            gen.decode_passes += 1;
+        }
+        for (s, id) in ids.into_iter().enumerate() {
             if done[s] {
                 continue;
             }
-            let id = sampler.sample(&logits[s]);
-            if params.stop_ids.contains(&id) {
+            // A sequence without input (an empty prompt) gets no token.
+            let Some(id) = id.filter(|id| !params.stop_ids.contains(id)) else {
                 done[s] = true;
                 continue;
-            }
+            };
             gen.tokens[s].push(id);
             on_token(s, id)?;
-            last[s] = id;
             let room = model.options().max_len - model.lengths()[s];
-            if gen.tokens[s].len() >= params.max_new_tokens || room == 0 {
-                done[s] = true;
-            }
+            done[s] = gen.tokens[s].len() >= params.max_new_tokens || room == 0;
         }
         if done.iter().all(|d| *d) {
             break;
         }
-        // Finished sequences still take part (their cache has room or is
-        // not read again) so that every pass has the same shape; their
-        // logits are ignored.
-        let step: Vec<[u32; 1]> = last.iter().map(|&t| [t]).collect();
-        let inputs: Vec<&[u32]> = step
-            .iter()
-            .zip(&done)
-            .map(|(t, &d)| if d { &t[..0] } else { &t[..] })
-            .collect();
-        logits = model.forward(streamer, &inputs)?;
-        gen.decode_passes += 1;
+        // Finished sequences take no part in the next pass.
+        for (s, input) in inputs.iter_mut().enumerate() {
+            input.clear();
+            if !done[s] {
+                input.push(
+                    *gen.tokens[s]
+                        .last()
+                        .expect("a running sequence has a token"),
+                );
+            }
+        }
     }
     gen.decode = t1.elapsed();
     Ok(gen)

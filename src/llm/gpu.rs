@@ -12,14 +12,17 @@
 //! alone moves the logits by about 1e-3, enough to flip near-tied argmaxes); o_proj and
 //! down_proj accumulate straight into the residual stream (beta = 1). Every buffer is allocated once in
 //! [`CudaModel::load`]; a pass queues all of its work on the compute stream
-//! and synchronizes once, to read the logits.
+//! and synchronizes once, to read the logits (or, when the tokens are chosen
+//! on the device, only their ids).
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_kernels::{ModelKernels, Split, MAX_ATTENTION_LEN};
+use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
+use crate::llm::sampling::TokenDraw;
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
 /// A split GEMM input (see `kernels/model.cu`): two 16-bit buffers.
@@ -86,11 +89,16 @@ struct Workspace {
     seq: DeviceBuffer,
     pos: DeviceBuffer,
     rows: DeviceBuffer,
+    /// Each output row's sampling rule (`SPEC_BYTES` each).
+    specs: DeviceBuffer,
+    /// The token chosen for each output row.
+    out_ids: DeviceBuffer,
 }
 
 /// Everything the CUDA forward pass keeps between passes.
 pub(crate) struct CudaModel {
     kernels: ModelKernels,
+    sampling: SamplingKernel,
     /// The weights' dtype (bf16 or f16), shared by the GEMM inputs.
     dtype: DType,
     blas: Cublas,
@@ -180,6 +188,8 @@ impl CudaModel {
             seq: alloc(t * 4)?,
             pos: alloc(t * 4)?,
             rows: alloc(b * 4)?,
+            specs: alloc(b * SPEC_BYTES)?,
+            out_ids: alloc(b * 4)?,
         };
         let mut k_cache = Vec::with_capacity(cfg.layers);
         let mut v_cache = Vec::with_capacity(cfg.layers);
@@ -189,6 +199,7 @@ impl CudaModel {
         }
         Ok(CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
+            sampling: SamplingKernel::load(ctx)?,
             dtype,
             blas: Cublas::new(ctx)?,
             embed,
@@ -217,12 +228,74 @@ impl CudaModel {
         self.gemm_tflops.map(|(_, t)| t)
     }
 
+    /// One pass over every layer for the tokens of `b`; returns the logits of
+    /// its output rows, `[out_rows, vocab]`.
     pub(crate) fn pass(
         &mut self,
         streamer: &mut LayerStreamer,
         cfg: &ModelConfig,
         b: &PassBatch,
     ) -> Result<Vec<f32>> {
+        let timed = self.queue_pass(streamer, cfg, b)?;
+        self.finish_pass(streamer, cfg, b, timed)?;
+        let mut out = vec![0u8; b.out_rows.len() * cfg.vocab * 4];
+        self.ws.logits.copy_to_host(0, &mut out)?;
+        Ok(out
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// One pass like [`pass`](Self::pass), then the token `draws[r]` picks
+    /// from each output row `r`, chosen on the device: only the ids come
+    /// back.
+    pub(crate) fn pass_sample(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        draws: &[TokenDraw],
+    ) -> Result<Vec<u32>> {
+        let n_out = b.out_rows.len();
+        if draws.len() != n_out {
+            return Err(Error::Pipeline(format!(
+                "{} draws for {n_out} output rows",
+                draws.len()
+            )));
+        }
+        self.ws
+            .specs
+            .copy_from_host(0, &spec_bytes(draws, cfg.vocab))?;
+        let timed = self.queue_pass(streamer, cfg, b)?;
+        let ws = &self.ws;
+        // SAFETY: logits holds n_out <= max_batch rows of vocab f32s written
+        // by queue_pass on this stream, specs n_out rules (copied above) and
+        // ids max_batch u32s; all live in the workspace.
+        unsafe {
+            self.sampling.launch(
+                cuda_stream(streamer)?,
+                ws.logits.ptr(),
+                ws.specs.ptr(),
+                ws.out_ids.ptr(),
+                n_out,
+                cfg.vocab,
+            )?;
+        }
+        self.finish_pass(streamer, cfg, b, timed)?;
+        let mut ids = vec![0u8; n_out * 4];
+        self.ws.out_ids.copy_to_host(0, &mut ids)?;
+        Ok(ids_from_bytes(&ids))
+    }
+
+    /// Uploads the pass's tokens and queues the embedding, every layer, and
+    /// the logits of the output rows on the compute stream. Returns whether
+    /// layer 0 was timed.
+    fn queue_pass(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+    ) -> Result<bool> {
         let t = b.tokens.len();
         let ws = &self.ws;
         ws.ids.copy_from_host(0, &bytes_of(&b.tokens))?;
@@ -240,7 +313,7 @@ impl CudaModel {
             }
         }
         let me = &mut *self;
-        let mut timed = None;
+        let mut timed = false;
         streamer.run_pass((), |(), w, layer, stream| {
             let s = stream
                 .cuda()
@@ -251,22 +324,30 @@ impl CudaModel {
             me.layer(cfg, b, w, layer, s)?;
             if layer == 0 {
                 me.timing.1.record(s)?;
-                timed = Some(());
+                timed = true;
             }
             Ok(())
         })?;
         let n_out = b.out_rows.len();
-        self.queue_logits(cuda_stream(streamer)?, cfg, n_out)?;
-        cuda_stream(streamer)?.synchronize()?;
-        if timed.is_some() {
-            self.record_tflops(cfg, t)?;
+        if n_out > 0 {
+            self.queue_logits(cuda_stream(streamer)?, cfg, n_out)?;
         }
-        let mut out = vec![0u8; n_out * cfg.vocab * 4];
-        self.ws.logits.copy_to_host(0, &mut out)?;
-        Ok(out
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        Ok(timed)
+    }
+
+    /// Waits for the pass's work and keeps its GEMM throughput.
+    fn finish_pass(
+        &mut self,
+        streamer: &LayerStreamer,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        timed: bool,
+    ) -> Result<()> {
+        cuda_stream(streamer)?.synchronize()?;
+        if timed {
+            self.record_tflops(cfg, b.tokens.len())?;
+        }
+        Ok(())
     }
 
     /// Queues the final norm of the output rows and the lm_head GEMM into

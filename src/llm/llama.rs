@@ -4,6 +4,7 @@
 
 use crate::llm::config::ModelConfig;
 use crate::llm::host::HostModel;
+use crate::llm::sampling::{sample_draw, TokenDraw};
 use crate::{Error, LayerStreamer, Result};
 
 /// Sizes the model's buffers and caches are allocated for, once.
@@ -188,23 +189,84 @@ impl LlamaModel {
     ) -> Result<Vec<Vec<f32>>> {
         self.check_inputs(inputs)?;
         let mut out = vec![Vec::new(); inputs.len()];
+        let vocab = self.cfg.vocab;
+        self.run_passes(streamer, inputs, None, |exec, streamer, cfg, b| {
+            let logits = match exec {
+                Exec::Host(h) => h.pass(streamer, cfg, b)?,
+                Exec::Cuda(c) => c.pass(streamer, cfg, b)?,
+            };
+            for (r, &s) in b.out_seqs.iter().enumerate() {
+                out[s] = logits[r * vocab..(r + 1) * vocab].to_vec();
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Appends `inputs[i]` to sequence `i`, like [`forward`](Self::forward),
+    /// and returns for each sequence with new tokens and a draw the token
+    /// `draws[i]` picks after its last new token (`None` for the others,
+    /// whose logits are not computed). On CUDA the token is chosen on the
+    /// device and only the ids come back; on the host by
+    /// [`sample_draw`](crate::llm::sampling::sample_draw). Errors as for
+    /// `forward`, and when `draws` and `inputs` differ in length.
+    pub fn forward_sample(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        inputs: &[&[u32]],
+        draws: &[Option<TokenDraw>],
+    ) -> Result<Vec<Option<u32>>> {
+        if draws.len() != inputs.len() {
+            return Err(Error::Input(format!(
+                "{} draws given for {} sequences (one per sequence, None for no token)",
+                draws.len(),
+                inputs.len()
+            )));
+        }
+        self.check_inputs(inputs)?;
+        let want: Vec<bool> = draws.iter().map(Option::is_some).collect();
+        let mut out = vec![None; inputs.len()];
+        let vocab = self.cfg.vocab;
+        self.run_passes(streamer, inputs, Some(&want), |exec, streamer, cfg, b| {
+            let rows: Vec<TokenDraw> = b.out_seqs.iter().filter_map(|&s| draws[s]).collect();
+            let ids = match exec {
+                Exec::Host(h) => {
+                    let logits = h.pass(streamer, cfg, b)?;
+                    let rows = logits.chunks_exact(vocab).zip(&rows);
+                    rows.map(|(l, d)| sample_draw(l, d)).collect()
+                }
+                Exec::Cuda(c) => c.pass_sample(streamer, cfg, b, &rows)?,
+            };
+            for (&s, id) in b.out_seqs.iter().zip(ids) {
+                out[s] = Some(id);
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Runs as many passes as `inputs` need, calling `each` to run one;
+    /// after each success, the lengths advance by the tokens it took. A
+    /// sequence whose input ends in a pass gets an output row there when
+    /// `want` is `None` or says so.
+    fn run_passes(
+        &mut self,
+        streamer: &mut LayerStreamer,
+        inputs: &[&[u32]],
+        want: Option<&[bool]>,
+        mut each: impl FnMut(&mut Exec, &mut LayerStreamer, &ModelConfig, &PassBatch) -> Result<()>,
+    ) -> Result<()> {
         let mut done = vec![0usize; inputs.len()];
         while done.iter().zip(inputs).any(|(d, i)| *d < i.len()) {
-            let (b, taken) = self.plan_pass(inputs, &done);
-            let logits = match &mut self.exec {
-                Exec::Host(h) => h.pass(streamer, &self.cfg, &b)?,
-                Exec::Cuda(c) => c.pass(streamer, &self.cfg, &b)?,
-            };
+            let (b, taken) = self.plan_pass(inputs, &done, want);
+            each(&mut self.exec, streamer, &self.cfg, &b)?;
             // The pass succeeded: its tokens are in the KV cache.
             for (i, n) in taken.into_iter().enumerate() {
                 done[i] += n;
                 self.lens[i] += n;
             }
-            for (r, &s) in b.out_seqs.iter().enumerate() {
-                out[s] = logits[r * self.cfg.vocab..(r + 1) * self.cfg.vocab].to_vec();
-            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Checks the batch size, the lengths and every token id of `inputs`.
@@ -238,8 +300,14 @@ impl LlamaModel {
     }
 
     /// The next pass: up to `max_tokens` of the tokens not yet `done`, and
-    /// how many of each sequence's it takes.
-    fn plan_pass(&self, inputs: &[&[u32]], done: &[usize]) -> (PassBatch, Vec<usize>) {
+    /// how many of each sequence's it takes; output rows for the sequences
+    /// that finish and are wanted.
+    fn plan_pass(
+        &self,
+        inputs: &[&[u32]],
+        done: &[usize],
+        want: Option<&[bool]>,
+    ) -> (PassBatch, Vec<usize>) {
         let mut b = PassBatch::default();
         let mut taken = vec![0usize; inputs.len()];
         let mut budget = self.opts.max_tokens;
@@ -255,7 +323,7 @@ impl LlamaModel {
             }
             taken[i] = take;
             budget -= take;
-            if done[i] + take == inp.len() {
+            if done[i] + take == inp.len() && want.map_or(true, |w| w[i]) {
                 b.out_rows.push((b.tokens.len() - 1) as u32);
                 b.out_seqs.push(i);
             }

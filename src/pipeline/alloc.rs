@@ -51,11 +51,13 @@ fn pinned_slot(backend: &Backend, bytes: u64) -> Result<PinnedSlot> {
 fn layer_events(backend: &Backend) -> Result<LayerEvents> {
     Ok(LayerEvents {
         h2d_start: backend.event(true)?,
+        copied: backend.event(true)?,
         h2d_end: backend.event(true)?,
         compute_start: backend.event(true)?,
         compute_end: backend.event(true)?,
         release: backend.event(false)?,
         transferred: AtomicBool::new(false),
+        converted: AtomicBool::new(false),
         held: AtomicBool::new(false),
     })
 }
@@ -139,6 +141,11 @@ pub(crate) fn allocate(
         .map(|_| layer_events(&backend))
         .collect::<Result<Vec<_>>>()?;
     let transfer = backend.stream("h2d")?;
+    let convert = if plans.iter().any(|p| !p.casts.is_empty()) {
+        Some(backend.stream("convert")?)
+    } else {
+        None
+    };
     let res = Resources {
         model: model.clone(),
         files,
@@ -151,6 +158,7 @@ pub(crate) fn allocate(
         gpu_cache,
         events,
         transfer,
+        convert,
         backend,
     };
     Ok((res, mem))

@@ -387,7 +387,7 @@ impl Pipeline {
         let synced = compute
             .inner
             .synchronize()
-            .and(self.ctx.res.transfer.synchronize());
+            .and(self.ctx.res.synchronize_transfers());
         let wall = t0.elapsed();
         let (state, consumer_stall) = match outcome {
             Err(panic) => resume_unwind(panic),
@@ -430,6 +430,7 @@ impl Pipeline {
         let res = &ctx.res;
         for ev in &res.events {
             ev.transferred.store(false, Ordering::Relaxed);
+            ev.converted.store(false, Ordering::Relaxed);
             if ev.held.swap(false, Ordering::Relaxed) {
                 // Work the last pass's layer function held its slot for may
                 // still be reading it; every slot starts this pass free.
@@ -510,7 +511,10 @@ impl Pipeline {
         st.h2d.items = c.h2d.items;
         st.h2d.stalled = c.h2d.stalled;
         for ev in &res.events {
-            if ev.transferred.load(Ordering::Relaxed) {
+            if ev.converted.load(Ordering::Relaxed) {
+                st.h2d.busy += EventH::elapsed(&ev.h2d_start, &ev.copied)?;
+                st.convert += EventH::elapsed(&ev.copied, &ev.h2d_end)?;
+            } else if ev.transferred.load(Ordering::Relaxed) {
                 st.h2d.busy += EventH::elapsed(&ev.h2d_start, &ev.h2d_end)?;
             }
             st.compute.busy += EventH::elapsed(&ev.compute_start, &ev.compute_end)?;

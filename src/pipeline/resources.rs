@@ -131,6 +131,10 @@ impl Rings {
 /// Per-layer events, recorded every pass.
 pub(crate) struct LayerEvents {
     pub(crate) h2d_start: EventH,
+    /// Recorded on the transfer stream after the copy, when the layer's casts
+    /// run on the convert stream (which waits for it).
+    pub(crate) copied: EventH,
+    /// The layer is usable on the device: after its copy, and its casts.
     pub(crate) h2d_end: EventH,
     pub(crate) compute_start: EventH,
     pub(crate) compute_end: EventH,
@@ -139,6 +143,9 @@ pub(crate) struct LayerEvents {
     pub(crate) release: EventH,
     /// Whether this pass transferred the layer (so `h2d_*` are fresh).
     pub(crate) transferred: AtomicBool,
+    /// Whether this pass ran the layer's casts on the convert stream (so
+    /// `copied` is fresh).
+    pub(crate) converted: AtomicBool,
     /// Whether the layer function recorded `release` this pass: the next
     /// pass's transfers wait for it, and so does dropping the streamer.
     pub(crate) held: AtomicBool,
@@ -193,4 +200,20 @@ pub(crate) struct Resources {
     pub(crate) gpu_cache: Vec<DeviceCacheEntry>,
     pub(crate) events: Vec<LayerEvents>,
     pub(crate) transfer: StreamH,
+    /// Where casts and dequantization run when the model has any: a stream
+    /// of its own, so that the next layer's copy overlaps this layer's
+    /// conversion instead of waiting behind it.
+    pub(crate) convert: Option<StreamH>,
+}
+
+impl Resources {
+    /// Waits for every queued copy and conversion.
+    pub(crate) fn synchronize_transfers(&self) -> crate::Result<()> {
+        let copies = self.transfer.synchronize();
+        let converts = match &self.convert {
+            Some(c) => c.synchronize(),
+            None => Ok(()),
+        };
+        copies.and(converts)
+    }
 }

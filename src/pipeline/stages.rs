@@ -18,7 +18,7 @@ use super::plan::{Home, LayerPlan};
 use super::readers::{read_layer_inline, Claim, InFlight};
 use super::resources::{Dev, FreeSlot, Job, Ready, Resources, Src};
 use super::stats::StageStats;
-use super::DevMem;
+use super::{DevMem, StreamH};
 use crate::checkpoint::Layer;
 use crate::ring::{Consumer, Producer, Waiter};
 use crate::{Error, Result};
@@ -472,28 +472,29 @@ impl<'c> H2d<'c> {
             res.transfer
                 .copy_htod(dst, 0, src, plan.copy_bytes as usize, gen)?;
         }
-        let kernels = res.backend.kernels();
-        for c in &plan.casts {
-            let (src, out) = (dst.ptr() + c.src, dst.ptr() + c.dst);
-            // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
-            // inside `device_bytes`, which the destination holds: the stored
-            // tensor (`n` elements, or `n` elements' blocks) at `src`, its
-            // conversion at `dst`.
-            // An FP8 weight's scale tensor is at its own offset in the same slot.
-            unsafe {
-                let dq = res.backend.dequant_kernels();
-                match (c.quant, &c.fp8) {
-                    (Some(q), _) => res.transfer.dequant(dq, q, src, out, c.n)?,
-                    (None, Some((l, scale))) => {
-                        res.transfer
-                            .dequant_fp8(dq, l, src, dst.ptr() + scale, out)?
-                    }
-                    (None, None) => res.transfer.cast(kernels, c.from, c.to, src, out, c.n)?,
-                }
-            }
+        // Casts on a stream of their own: the source is handed back as soon
+        // as the copy is done, and the next copy need not wait for them.
+        let convert = res.convert.as_ref().filter(|_| !plan.casts.is_empty());
+        if let Some(conv) = convert {
+            res.transfer.record(&ev.copied)?;
+            ev.converted.store(true, Ordering::Relaxed);
+            self.hand_back(release)?;
+            conv.wait_event(&ev.copied)?;
+            queue_casts(res, conv, plan, dst)?;
+            conv.record(&ev.h2d_end)?;
+        } else {
+            queue_casts(res, &res.transfer, plan, dst)?;
+            res.transfer.record(&ev.h2d_end)?;
+            self.hand_back(release)?;
         }
-        res.transfer.record(&ev.h2d_end)?;
         ev.transferred.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Records, on the transfer stream, when the copy's source may be
+    /// refilled.
+    fn hand_back(&mut self, release: &Release) -> Result<()> {
+        let res = &self.ctx.res;
         match *release {
             Release::Pinned(j) => {
                 res.transfer.record(&res.pinned_slots[j as usize].done)?;
@@ -508,6 +509,32 @@ impl<'c> H2d<'c> {
         }
         Ok(())
     }
+}
+
+/// Queues `plan`'s casts and dequantizations of the layer copied into `dst`
+/// on `stream`.
+fn queue_casts(res: &Resources, stream: &StreamH, plan: &LayerPlan, dst: &DevMem) -> Result<()> {
+    let kernels = res.backend.kernels();
+    for c in &plan.casts {
+        let (src, out) = (dst.ptr() + c.src, dst.ptr() + c.dst);
+        // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
+        // inside `device_bytes`, which the destination holds: the stored
+        // tensor (`n` elements, or `n` elements' blocks) at `src`, its
+        // conversion at `dst`; an FP8 weight's scale tensor at its own offset
+        // in the same slot; `stream` is ordered after the copy that fills
+        // `src` (same stream, or it waits for the `copied` event).
+        unsafe {
+            let dq = res.backend.dequant_kernels();
+            match (c.quant, &c.fp8) {
+                (Some(q), _) => stream.dequant(dq, q, src, out, c.n)?,
+                (None, Some((l, scale))) => {
+                    stream.dequant_fp8(dq, l, src, dst.ptr() + scale, out)?
+                }
+                (None, None) => stream.cast(kernels, c.from, c.to, src, out, c.n)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// With no reader threads: the job for layer `i`, reading it first if needed.

@@ -86,6 +86,10 @@ pub struct PassStats {
     pub pinned_cache_hits: usize,
     /// Layers served from the device cache (no read, no transfer).
     pub gpu_cache_hits: usize,
+    /// Device time of the casts and dequantization when they run on a
+    /// stream of their own, overlapping the copies (then `h2d` is the copies
+    /// alone); zero when the model needs none.
+    pub convert: Duration,
 }
 
 impl PassStats {
@@ -138,6 +142,14 @@ impl fmt::Display for PassStats {
                 st.busy_gbps(),
                 st.stalled.as_secs_f64(),
                 st.items
+            )?;
+        }
+        if !self.convert.is_zero() {
+            writeln!(
+                f,
+                "  convert  busy {:>8.3} s ({:.3} ms per layer, overlapping h2d)",
+                self.convert.as_secs_f64(),
+                self.convert.as_secs_f64() * 1e3 / self.h2d.items.max(1) as f64
             )?;
         }
         Ok(())

@@ -34,6 +34,9 @@ pub struct Metrics {
     pub passes: AtomicU64,
     /// Their total time, in microseconds.
     pub pass_us: AtomicU64,
+    /// The scheduler's own time around the passes (planning each pass,
+    /// drawing, handing out tokens), in microseconds.
+    pub pass_host_us: AtomicU64,
     /// Sequences over all passes (mean batch size = this / passes).
     pub pass_sequences: AtomicU64,
     /// Tokens over all passes.
@@ -55,6 +58,11 @@ impl Metrics {
         add(&self.pass_us, time.as_micros() as u64);
         add(&self.pass_sequences, sequences as u64);
         add(&self.pass_tokens, tokens as u64);
+    }
+
+    /// Records the scheduler's own time around one pass.
+    pub fn record_pass_host(&self, time: Duration) {
+        add(&self.pass_host_us, time.as_micros() as u64);
     }
 
     /// Records a request's first token.
@@ -131,6 +139,12 @@ impl Metrics {
             ],
         );
         metric(
+            "ls_pass_host_seconds_total",
+            "counter",
+            "The scheduler's time around the passes: planning, drawing, handing out tokens.",
+            &[("", secs(&self.pass_host_us))],
+        );
+        metric(
             "ls_pass_sequences_total",
             "counter",
             "Sequences over all passes (divided by ls_pass_seconds_count: the mean batch size).",
@@ -165,12 +179,17 @@ mod tests {
         m.requests.store(n, Ordering::Relaxed);
         m.record_pass(Duration::from_millis(250), 3, 40);
         m.record_pass(Duration::from_millis(750), 5, 5);
+        m.record_pass_host(Duration::from_micros(1500));
         let text = m.render();
         assert!(text.contains(&format!("ls_requests_total{{outcome=\"accepted\"}} {n}\n")));
         assert!(text.contains("ls_pass_seconds_sum 1\n"), "{text}");
         assert!(text.contains("ls_pass_seconds_count 2\n"));
         assert!(text.contains("ls_pass_sequences_total 8\n"));
         assert!(text.contains("ls_pass_tokens_total 45\n"));
+        assert!(
+            text.contains("ls_pass_host_seconds_total 0.0015\n"),
+            "{text}"
+        );
         m.running.store(n + 1, Ordering::Relaxed);
         let text = m.render();
         assert!(text.contains(&format!("ls_running_sequences {}\n", n + 1)));

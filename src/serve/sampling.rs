@@ -4,7 +4,7 @@
 
 use rand::{Rng, SeedableRng};
 
-use crate::llm::sampling::{argmax, Sampler, SamplingParams};
+use crate::llm::sampling::{sample_draw, TokenDraw};
 
 /// How one request samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -20,74 +20,52 @@ pub struct SamplingSpec {
     pub seed: u64,
 }
 
-/// A request's sampler.
+/// A request's sampler: its rule and its own generator.
 pub struct RequestSampler {
     spec: SamplingSpec,
-    /// Without top-p, the crate's sampler (the same tokens as `generate`
-    /// with the same seed).
-    plain: Sampler,
     rng: rand::rngs::SmallRng,
 }
 
 impl RequestSampler {
     /// A sampler for `spec`.
     pub fn new(spec: SamplingSpec) -> RequestSampler {
-        let params = SamplingParams {
-            temperature: spec.temperature,
-            top_k: spec.top_k,
-        };
         RequestSampler {
             spec,
-            plain: Sampler::new(params, spec.seed),
             rng: rand::rngs::SmallRng::seed_from_u64(spec.seed),
         }
     }
 
-    /// Picks the next token from `logits`.
+    /// The draw for the request's next token: one uniform from its
+    /// generator unless greedy. Without top-p the draws are those of the
+    /// crate's [`Sampler`](crate::llm::Sampler) with the same seed, so the
+    /// tokens are those of `generate`.
+    pub fn next_draw(&mut self) -> TokenDraw {
+        let mut d = TokenDraw {
+            temperature: self.spec.temperature,
+            top_k: self.spec.top_k,
+            top_p: self.spec.top_p,
+            uniform: 0.0,
+        };
+        if !d.is_greedy() {
+            d.uniform = self.rng.gen::<f64>();
+        }
+        d
+    }
+
+    /// Picks the next token from `logits` on the host.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.spec.temperature <= 0.0 || logits.is_empty() {
-            return argmax(logits);
+        if logits.is_empty() {
+            return 0;
         }
-        if self.spec.top_p >= 1.0 {
-            return self.plain.sample(logits);
-        }
-        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-        idx.sort_unstable_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
-        if self.spec.top_k > 0 {
-            idx.truncate(self.spec.top_k);
-        }
-        let max = logits[idx[0] as usize];
-        let t = self.spec.temperature as f64;
-        let weights: Vec<f64> = idx
-            .iter()
-            .map(|&i| ((logits[i as usize] - max) as f64 / t).exp())
-            .collect();
-        let total: f64 = weights.iter().sum();
-        // Keep the most likely tokens until their mass reaches top_p.
-        let mut kept = 0;
-        let mut mass = 0.0;
-        for w in &weights {
-            kept += 1;
-            mass += w / total;
-            if mass >= self.spec.top_p as f64 {
-                break;
-            }
-        }
-        let kept_total: f64 = weights[..kept].iter().sum();
-        let mut r = self.rng.gen::<f64>() * kept_total;
-        for (w, &i) in weights[..kept].iter().zip(&idx) {
-            r -= w;
-            if r <= 0.0 {
-                return i;
-            }
-        }
-        idx[kept - 1]
+        let d = self.next_draw();
+        sample_draw(logits, &d)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::llm::sampling::{argmax, Sampler, SamplingParams};
 
     fn spec(temperature: f32, top_p: f32, top_k: usize, seed: u64) -> SamplingSpec {
         SamplingSpec {

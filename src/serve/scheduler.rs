@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::llm::LlamaModel;
+use crate::llm::{LlamaModel, TokenDraw};
 use crate::serve::metrics::Metrics;
 use crate::serve::sampling::{RequestSampler, SamplingSpec};
 use crate::{LayerStreamer, Result};
@@ -334,56 +334,84 @@ impl Scheduler {
         inputs
     }
 
-    /// One pass, then a token for every sequence whose input is complete.
+    /// The draw of each slot whose input completes its prompt in this pass
+    /// (every decoding sequence, and a prompt's last chunk): only those take
+    /// a uniform from their request's generator, so a request's draws do not
+    /// depend on how its prompt was split across passes.
+    fn plan_draws(&mut self, inputs: &[Vec<u32>]) -> Vec<Option<TokenDraw>> {
+        self.slots
+            .iter_mut()
+            .zip(inputs)
+            .map(|(slot, input)| {
+                let r = slot.as_mut()?;
+                let completes = !input.is_empty() && r.fed + input.len() >= r.job.prompt.len();
+                completes.then(|| r.sampler.next_draw())
+            })
+            .collect()
+    }
+
+    /// One pass, then a token for every sequence whose input is complete,
+    /// chosen where the logits are (on the device with CUDA).
     fn step(&mut self) {
+        let start = Instant::now();
         let inputs = self.plan_pass();
+        let draws = self.plan_draws(&inputs);
         let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
         let t0 = Instant::now();
-        let result = self.model.forward(&mut self.streamer, &refs);
+        let result = self.model.forward_sample(&mut self.streamer, &refs, &draws);
         let seqs = inputs.iter().filter(|i| !i.is_empty()).count();
         let tokens = inputs.iter().map(Vec::len).sum();
-        self.metrics.record_pass(t0.elapsed(), seqs, tokens);
-        let logits = match result {
-            Ok(l) => l,
+        let pass = t0.elapsed();
+        self.metrics.record_pass(pass, seqs, tokens);
+        let ids = match result {
+            Ok(ids) => ids,
             Err(e) => return self.fail_all(&e),
         };
-        let max_len = self.model.options().max_len;
         for (i, input) in inputs.iter().enumerate() {
             let Some(r) = self.slots[i].as_mut() else {
                 continue;
             };
             if r.fed < r.job.prompt.len() {
                 r.fed += input.len();
-                if r.fed < r.job.prompt.len() {
-                    continue;
-                }
             }
-            let id = r.sampler.sample(&logits[i]);
-            if r.first_token.is_none() {
-                let now = Instant::now();
-                r.first_token = Some(now);
-                self.metrics.record_first_token(now - r.job.arrived);
+            if let Some(id) = ids[i] {
+                self.take_token(i, id);
             }
-            let finish = if r.job.stop_ids.contains(&id) {
-                Some(FinishReason::Stop)
-            } else {
-                if r.job.events.send(Event::Token(id)).is_err() {
-                    continue; // dropped at the next pass boundary
-                }
-                r.generated += 1;
-                r.last = id;
-                self.metrics
-                    .generated_tokens
-                    .fetch_add(1, Ordering::Relaxed);
-                let full = self.model.lengths()[i] >= max_len;
-                (r.generated >= r.job.max_new_tokens || full).then_some(FinishReason::Length)
-            };
-            if let Some(reason) = finish {
-                let r = self.slots[i].take().expect("checked above");
-                let _ = r.job.events.send(Event::Finished(reason));
-                self.metrics.finished.fetch_add(1, Ordering::Relaxed);
-                log(&r, reason.as_str());
+        }
+        self.metrics
+            .record_pass_host(start.elapsed().saturating_sub(pass));
+    }
+
+    /// Hands sequence `i` its new token `id`, and retires it when done.
+    fn take_token(&mut self, i: usize, id: u32) {
+        let max_len = self.model.options().max_len;
+        let Some(r) = self.slots[i].as_mut() else {
+            return;
+        };
+        if r.first_token.is_none() {
+            let now = Instant::now();
+            r.first_token = Some(now);
+            self.metrics.record_first_token(now - r.job.arrived);
+        }
+        let finish = if r.job.stop_ids.contains(&id) {
+            Some(FinishReason::Stop)
+        } else {
+            if r.job.events.send(Event::Token(id)).is_err() {
+                return; // dropped at the next pass boundary
             }
+            r.generated += 1;
+            r.last = id;
+            self.metrics
+                .generated_tokens
+                .fetch_add(1, Ordering::Relaxed);
+            let full = self.model.lengths()[i] >= max_len;
+            (r.generated >= r.job.max_new_tokens || full).then_some(FinishReason::Length)
+        };
+        if let Some(reason) = finish {
+            let r = self.slots[i].take().expect("checked above");
+            let _ = r.job.events.send(Event::Finished(reason));
+            self.metrics.finished.fetch_add(1, Ordering::Relaxed);
+            log(&r, reason.as_str());
         }
     }
 
@@ -452,3 +480,7 @@ pub fn spawn(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -7,12 +7,23 @@ use std::sync::Arc;
 use crate::llm::Tokenizer;
 use crate::Result;
 
-/// The text of one request's tokens so far.
+/// The text of one request's tokens so far, decoded incrementally: each
+/// token decodes a short window of the latest tokens, not the whole
+/// sequence, so a token costs the same at the end of a long completion as
+/// at its start.
 pub struct TextAssembler {
     tok: Arc<Tokenizer>,
     ids: Vec<u32>,
     stops: Vec<String>,
-    /// Bytes of the decoded text already handed out.
+    /// The settled text of `ids[..read]`.
+    text: String,
+    /// Where the decoding window starts: the token before the newest
+    /// settled ones, so that what a tokenizer does to the first token of
+    /// a decoding (a leading space stripped) never reaches the new text.
+    prefix: usize,
+    /// Tokens whose text is in `text`.
+    read: usize,
+    /// Bytes of `text` already handed out.
     emitted: usize,
     /// Whether a stop string was found.
     stopped: bool,
@@ -25,6 +36,9 @@ impl TextAssembler {
             tok,
             ids: Vec::new(),
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            text: String::new(),
+            prefix: 0,
+            read: 0,
             emitted: 0,
             stopped: false,
         }
@@ -47,8 +61,17 @@ impl TextAssembler {
             return Ok(String::new());
         }
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids)?;
-        Ok(self.advance(&text, false))
+        // The window's text before and after the new tokens: what it gained
+        // is settled once it ends in a whole character and extends, rather
+        // than rewrites, what came before.
+        let before = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let now = self.tok.decode(&self.ids[self.prefix..])?;
+        if now.len() > before.len() && now.starts_with(&before) && !now.ends_with('\u{FFFD}') {
+            self.text.push_str(&now[before.len()..]);
+            self.prefix = self.read;
+            self.read = self.ids.len();
+        }
+        Ok(self.advance(false))
     }
 
     /// The text not handed out yet, once no token follows.
@@ -56,18 +79,25 @@ impl TextAssembler {
         if self.stopped {
             return Ok(String::new());
         }
-        let text = self.tok.decode(&self.ids)?;
-        Ok(self.advance(&text, true))
+        if self.read < self.ids.len() {
+            // Tokens left unsettled: decode the whole sequence once.
+            let full = self.tok.decode(&self.ids)?;
+            if full
+                .as_bytes()
+                .starts_with(&self.text.as_bytes()[..self.emitted])
+            {
+                self.text = full;
+            }
+            self.read = self.ids.len();
+        }
+        Ok(self.advance(true))
     }
 
     /// Hands out `text[emitted..end]`, where `end` is a stop string's start,
     /// or else as far as no stop string or incomplete character could
     /// still change it (all of it when `last`).
-    fn advance(&mut self, text: &str, last: bool) -> String {
-        if text.len() < self.emitted || !text.is_char_boundary(self.emitted) {
-            // The decoding of earlier tokens changed; wait for it to settle.
-            return String::new();
-        }
+    fn advance(&mut self, last: bool) -> String {
+        let text = self.text.as_str();
         let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
         let mut from = self.emitted.saturating_sub(longest);
         while !text.is_char_boundary(from) {
@@ -105,28 +135,49 @@ mod tests {
     use crate::synth::{write_tokenizer, Arch};
     use rand::Rng;
 
-    fn tokenizer() -> (tempfile::TempDir, Arc<Tokenizer>) {
+    fn tokenizer_of(arch: Arch) -> (tempfile::TempDir, Arc<Tokenizer>) {
         let dir = tempfile::tempdir().unwrap();
-        write_tokenizer(dir.path(), Arch::Qwen2, 1024).unwrap();
+        write_tokenizer(dir.path(), arch, 1024).unwrap();
         let tok = Tokenizer::from_dir(dir.path()).unwrap();
         (dir, Arc::new(tok))
     }
 
+    fn tokenizer() -> (tempfile::TempDir, Arc<Tokenizer>) {
+        tokenizer_of(Arch::Qwen2)
+    }
+
     #[test]
     fn pieces_add_up_to_the_decoded_text() {
-        let (_d, tok) = tokenizer();
         let mut rng = rand::thread_rng();
-        for _ in 0..20 {
-            let ids: Vec<u32> = (0..rng.gen_range(1..40))
-                .map(|_| rng.gen_range(0..1000))
-                .collect();
-            let mut asm = TextAssembler::new(tok.clone(), Vec::new());
-            let mut out = String::new();
-            for &id in &ids {
-                out += &asm.push(id).unwrap();
+        let words = ["héllo", " wörld", " 中文", " 🙂", " plain", "\n", " x"];
+        for arch in [Arch::Qwen2, Arch::Llama] {
+            let (_d, tok) = tokenizer_of(arch);
+            for round in 0..20 {
+                // Random ids (bytes that may not form characters) or text
+                // with characters of several bytes.
+                let ids: Vec<u32> = if round % 2 == 0 {
+                    (0..rng.gen_range(1..40))
+                        .map(|_| rng.gen_range(0..1000))
+                        .collect()
+                } else {
+                    let text: String = (0..rng.gen_range(1..12))
+                        .map(|_| words[rng.gen_range(0..words.len())])
+                        .collect();
+                    tok.encode(&text, false).unwrap()
+                };
+                let mut asm = TextAssembler::new(tok.clone(), Vec::new());
+                let mut out = String::new();
+                for &id in &ids {
+                    out += &asm.push(id).unwrap();
+                    if round % 2 == 1 {
+                        // Whole characters settle: the window stays short.
+                        let window = asm.ids.len() - asm.prefix;
+                        assert!(window <= 8, "{arch:?}: a window of {window} tokens");
+                    }
+                }
+                out += &asm.finish().unwrap();
+                assert_eq!(out, tok.decode(&ids).unwrap(), "{arch:?} {ids:?}");
             }
-            out += &asm.finish().unwrap();
-            assert_eq!(out, tok.decode(&ids).unwrap(), "{ids:?}");
         }
     }
 

@@ -351,6 +351,7 @@ fn pass_json(p: &PassStats, ceiling: Option<f64>) -> serde_json::Value {
         "read": stage_json(&p.read), "pin": stage_json(&p.pin),
         "h2d": stage_json(&p.h2d), "compute": stage_json(&p.compute),
         "pinned_cache_hits": p.pinned_cache_hits, "gpu_cache_hits": p.gpu_cache_hits,
+        "convert_seconds": p.convert.as_secs_f64(),
     })
 }
 

@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     println!(
         "{}: {} layers, {:.2} GB per pass, device {}",
-        index.dir().display(),
+        a.model.display(),
         index.num_layers(),
         index.total_layer_bytes() as f64 / 1e9,
         a.stream.opts.config.device
