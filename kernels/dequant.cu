@@ -131,3 +131,58 @@ DEQUANT_KERNEL(dequant_q6_k_bf16, 256, 210, {
     float ds = __fmul_rn(f16_at(b + 208), (float)(int8_t)b[192 + e / 16]);
     x = __fmul_rn(ds, (float)((int)(low | (high << 4)) - 32));
 })
+
+// FP8 weights as safetensors checkpoints store them: a [rows, cols] matrix of
+// E4M3 (float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN) or E5M2 (the
+// top byte of an f16) codes, and one f32/bf16/f16 scale per tile_rows x
+// tile_cols tile (128x128 blocks, one row, or the whole matrix), row-major
+// over the tile grid. x = fp8 * scale, one f32 product, then bf16 to nearest
+// even with one canonical NaN (0x7fc0): a NaN's payload after a multiply
+// differs between the host and the device, so neither keeps it. Bit-identical
+// to `quant::fp8::dequantize_bf16`.
+__device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
+    uint32_t sign = (uint32_t)(b & 0x80u) << 24;
+    uint32_t e = (b >> 3) & 15u, m = b & 7u;
+    if (e == 15u && m == 7u) {
+        return __uint_as_float(sign | 0x7fc00000u);
+    }
+    if (e == 0u) {
+        // Subnormal: m * 2^-9, exact.
+        return __uint_as_float(__float_as_uint((float)m * 0.001953125f) | sign);
+    }
+    return __uint_as_float(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+__device__ __forceinline__ float fp8_scale_at(const uint8_t* s, u64 i, unsigned dtype) {
+    if (dtype == 0u) {
+        const uint8_t* b = s + 4 * i;
+        return __uint_as_float((uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) |
+                               ((uint32_t)b[3] << 24));
+    }
+    uint16_t h = (uint16_t)(s[2 * i] | ((uint16_t)s[2 * i + 1] << 8));
+    return dtype == 1u ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
+}
+
+// flags: bits 0..8 the format (0 E4M3, 1 E5M2), bits 8..16 the scale dtype
+// (0 f32, 1 bf16, 2 f16). Rows stride over blockIdx.y, columns over the x
+// dimension of the grid; every size is below 2^32 (checked on the host).
+extern "C" __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src,
+                                            const uint8_t* __restrict__ scale,
+                                            uint16_t* __restrict__ dst, u64 rows, u64 cols,
+                                            u64 tile_rows, u64 tile_cols, u64 flags) {
+    const unsigned format = (unsigned)(flags & 0xffu);
+    const unsigned sdt = (unsigned)((flags >> 8) & 0xffu);
+    const unsigned nc = (unsigned)cols, tr = (unsigned)tile_rows, tc = (unsigned)tile_cols;
+    const u64 grid_cols = (cols + tile_cols - 1) / tile_cols;
+    for (unsigned r = blockIdx.y; r < (unsigned)rows; r += gridDim.y) {
+        const u64 row = (u64)r * cols;
+        const u64 srow = (u64)(r / tr) * grid_cols;
+        for (unsigned c = blockIdx.x * blockDim.x + threadIdx.x; c < nc;
+             c += gridDim.x * blockDim.x) {
+            uint8_t q = src[row + c];
+            float w = format == 0u ? e4m3_to_f32(q) : f16_bits_to_f32((uint16_t)q << 8);
+            float x = __fmul_rn(w, fp8_scale_at(scale, srow + c / tc, sdt));
+            dst[row + c] = isnan(x) ? (uint16_t)0x7fc0u : f32_to_bf16_bits(x);
+        }
+    }
+}

@@ -277,7 +277,7 @@ fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Res
         && (plans
             .iter()
             .flat_map(|p| &p.casts)
-            .any(|c| c.quant.is_some())
+            .any(|c| c.quant.is_some() || c.fp8.is_some())
             || model.statics().iter().any(|t| t.quant.is_some()));
     Ok(match cfg.device {
         Device::Host => Backend::Host,

@@ -1,7 +1,9 @@
 //! The device dequantization kernels (`kernels/dequant.cu`) against the host
-//! dequantizer: random blocks of every type with extreme f16 scales must give
-//! bit-identical bf16, with nothing written outside the output. Skips without
-//! a driver unless `LS_REQUIRE_GPU=1`.
+//! dequantizer: random blocks of every type with extreme f16 scales, and
+//! random FP8 weights of both formats with extreme scales in every layout,
+//! must give bit-identical bf16, with nothing written outside the output; an
+//! FP8 model through the CUDA pipeline and forward pass. Skips without a
+//! driver unless `LS_REQUIRE_GPU=1`.
 
 mod common;
 #[path = "common/quant_blocks.rs"]
@@ -9,9 +11,13 @@ mod quant_blocks;
 
 use half::bf16;
 use layer_streamer::cuda::{DeviceBuffer, Stream};
+use layer_streamer::llm::reference::rel_l2;
+use layer_streamer::llm::{LlamaModel, ModelOptions};
 use layer_streamer::quant::device::DequantKernels;
+use layer_streamer::quant::fp8::{self, Fp8Layout, ScaleLayout};
 use layer_streamer::quant::{self, QuantType};
-use layer_streamer::Error;
+use layer_streamer::synth::{quantize_fp8, Arch};
+use layer_streamer::{DType, Device, Error, LayerStreamer, ModelIndex};
 use rand::Rng;
 
 const SENTINEL: u8 = 0xAB;
@@ -105,4 +111,193 @@ fn partial_blocks_and_misaligned_outputs_are_refused() {
             .unwrap();
     }
     stream.synchronize().unwrap();
+}
+
+/// Random scales of `dtype`, extremes included (zero, negative, tiny, huge,
+/// infinity), as little-endian bytes.
+fn random_fp8_scales(rng: &mut impl Rng, dtype: DType, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 * n);
+    for _ in 0..n {
+        let v: f32 = match rng.gen_range(0..12) {
+            0 => 0.0,
+            1 => -rng.gen_range(0.001f32..2.0),
+            2 => 1e-38,
+            3 => 3e38,
+            4 => f32::INFINITY,
+            _ => 2f32.powf(rng.gen_range(-12.0..4.0)),
+        };
+        match dtype {
+            DType::F32 => out.extend(v.to_le_bytes()),
+            DType::BF16 => out.extend(bf16::from_f32(v).to_le_bytes()),
+            _ => out.extend(half::f16::from_f32(v).to_le_bytes()),
+        }
+    }
+    out
+}
+
+/// Uploads `bytes` at `off` into a buffer framed by sentinels.
+fn upload(ctx: &layer_streamer::cuda::Context, bytes: &[u8], off: usize) -> DeviceBuffer {
+    let mut host = vec![SENTINEL; off + bytes.len() + SLACK];
+    host[off..off + bytes.len()].copy_from_slice(bytes);
+    let buf = DeviceBuffer::alloc(ctx, host.len()).unwrap();
+    buf.copy_from_host(0, &host).unwrap();
+    buf
+}
+
+#[test]
+fn device_fp8_dequantization_is_bit_exact_with_the_host() {
+    let test = "device_fp8_dequantization_is_bit_exact_with_the_host";
+    let Some(ctx) = common::gpu(test) else { return };
+    let mut rng = common::rng(test);
+    let stream = Stream::new(&ctx).unwrap();
+    let kernels = DequantKernels::load(&ctx).unwrap();
+    for format in [DType::F8E4M3, DType::F8E5M2] {
+        for scale_dtype in [DType::F32, DType::BF16, DType::F16] {
+            for layout in [
+                ScaleLayout::BLOCK_128,
+                ScaleLayout::PerChannel,
+                ScaleLayout::PerTensor,
+            ] {
+                // A wide matrix (more columns than a launch's 64 × 256 threads
+                // and more rows than its 264 blocks of rows cover, so both
+                // strides wrap) and a small one at odd offsets.
+                for (rows, cols, off) in [
+                    (rng.gen_range(300..400), rng.gen_range(16_400..17_000), 0),
+                    (
+                        rng.gen_range(1..300),
+                        rng.gen_range(1..300),
+                        1 + 2 * rng.gen_range(0..8),
+                    ),
+                ] {
+                    let l = Fp8Layout::new(format, rows, cols, scale_dtype, layout).unwrap();
+                    let n = l.elems() as usize;
+                    let weights = common::bytes(&mut rng, n);
+                    let scales = random_fp8_scales(&mut rng, scale_dtype, l.scale_count() as usize);
+                    let mut want = vec![bf16::ZERO; n];
+                    fp8::dequantize_bf16(&l, &weights, &scales, &mut want).unwrap();
+
+                    let src = upload(&ctx, &weights, off);
+                    let sc = upload(&ctx, &scales, off + 2);
+                    let dst_off = 2 * rng.gen_range(0..8);
+                    let dst = DeviceBuffer::alloc(&ctx, dst_off + 2 * n + SLACK).unwrap();
+                    dst.copy_from_host(0, &vec![SENTINEL; dst.len()]).unwrap();
+                    // SAFETY: src holds the n codes at off, sc the scales at
+                    // off + 2, dst room for n bf16 at dst_off; all live until
+                    // the synchronize below.
+                    unsafe {
+                        kernels
+                            .dequantize_fp8_bf16(
+                                &l,
+                                src.ptr() + off as u64,
+                                sc.ptr() + off as u64 + 2,
+                                dst.ptr() + dst_off as u64,
+                                &stream,
+                            )
+                            .unwrap()
+                    };
+                    stream.synchronize().unwrap();
+                    let mut out = vec![0u8; dst.len()];
+                    dst.copy_to_host(0, &mut out).unwrap();
+                    let what = format!("{format} {layout} {scale_dtype} [{rows}, {cols}]");
+                    let outside = out[..dst_off].iter().chain(&out[dst_off + 2 * n..]);
+                    assert!(
+                        outside.into_iter().all(|&b| b == SENTINEL),
+                        "{what}: stray write"
+                    );
+                    for (i, (w, g)) in want.iter().zip(out[dst_off..].chunks_exact(2)).enumerate() {
+                        let got = u16::from_le_bytes([g[0], g[1]]);
+                        assert_eq!(
+                            got,
+                            w.to_bits(),
+                            "{what}: element {i} (code {:#04x}): device {} host {w}",
+                            weights[i],
+                            bf16::from_bits(got)
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An FP8 model (quantized from a random bf16 one) through the CUDA
+/// pipeline: each FP8 weight arrives in its slot as the host dequantization
+/// of its stored bytes, and the pass moves the stored bytes; the forward
+/// pass on the GPU matches the host backend's logits.
+#[test]
+fn gpu_fp8_model_is_dequantized_in_the_pipeline() {
+    let test = "gpu_fp8_model_is_dequantized_in_the_pipeline";
+    let Some(_ctx) = common::gpu(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let (src, dst) = (common::tempdir(), common::tempdir());
+    common::models::synth(
+        src.path(),
+        Arch::Llama,
+        "tiny",
+        DType::BF16,
+        rng.gen_bool(0.5),
+        4_000_000_000,
+        rng.gen(),
+    );
+    quantize_fp8(src.path(), dst.path(), &mut |_, _| {}).unwrap();
+    let index = ModelIndex::open(dst.path()).unwrap();
+    let mut s = LayerStreamer::builder(&index)
+        .device(Device::Cuda(0))
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    let mut checked = 0;
+    s.run_pass((), |(), w, layer, stream| {
+        let cs = stream.cuda().expect("a CUDA stream");
+        for t in &index.layers()[layer].tensors {
+            let Some(scale) = &t.info.scale else { continue };
+            let l = Fp8Layout::of(t.info.dtype, &t.info.shape, scale).unwrap();
+            let codes = common::models::read_tensor(&index, &t.info);
+            let scales = common::models::read_tensor(&index, index.tensor(&scale.tensor).unwrap());
+            let mut want = vec![bf16::ZERO; l.elems() as usize];
+            fp8::dequantize_bf16(&l, &codes, &scales, &mut want).unwrap();
+            let v = w.tensor(&t.key)?;
+            assert_eq!((v.dtype(), v.bytes()), (DType::BF16, 2 * l.elems()));
+            let mut got = vec![0u8; v.bytes() as usize];
+            // SAFETY: the view is a live device range of `bytes` bytes while
+            // the layer function runs; `got` outlives the synchronize.
+            unsafe {
+                layer_streamer::cuda::memcpy_dtoh_async(got.as_mut_ptr(), v.ptr(), got.len(), cs)?
+            };
+            cs.synchronize()?;
+            let want: Vec<u8> = want.iter().flat_map(|x| x.to_le_bytes()).collect();
+            assert!(
+                got == want,
+                "layer {layer} {}: device bf16 differs from the host's",
+                t.key
+            );
+            checked += 1;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(checked, 7 * index.num_layers());
+    assert_eq!(s.last_pass_stats().layer_bytes, index.total_layer_bytes());
+
+    let opts = ModelOptions {
+        max_batch: 1,
+        max_len: 64,
+        max_tokens: 64,
+        ..ModelOptions::default()
+    };
+    let prompt: Vec<u32> = (0..12).map(|_| rng.gen_range(0..1000)).collect();
+    let mut gpu = LlamaModel::load(&s, opts).unwrap();
+    let got = gpu.forward(&mut s, &[&prompt]).unwrap().remove(0);
+    let mut h = LayerStreamer::builder(&index)
+        .device(Device::Host)
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    let mut host = LlamaModel::load(&h, opts).unwrap();
+    let want = host.forward(&mut h, &[&prompt]).unwrap().remove(0);
+    let err = rel_l2(&got, &want);
+    eprintln!("{test}: GPU against host logits rel_l2 {err:.2e}");
+    assert!(err < 2e-2, "rel_l2 {err}");
 }

@@ -105,6 +105,7 @@ fn tensor_info(part: usize, t: &GgufTensor, path: &Path) -> Result<TensorInfo> {
         file_offset: t.file_offset,
         len: t.len,
         quant,
+        scale: None,
     })
 }
 

@@ -60,7 +60,7 @@ pub(super) fn open(dir: &Path) -> Result<ModelIndex> {
     }
     let config = read_config(dir)?;
     let index_path = dir.join(INDEX_FILE);
-    let (files, tensors) = if index_path.is_file() {
+    let (files, mut tensors) = if index_path.is_file() {
         open_indexed(dir, &index_path)?
     } else if dir.join(SINGLE_FILE).is_file() {
         open_unindexed(&[dir.join(SINGLE_FILE)])?
@@ -81,6 +81,7 @@ pub(super) fn open(dir: &Path) -> Result<ModelIndex> {
         }
         open_unindexed(&found)?
     };
+    super::fp8::attach_scales(dir, config.as_ref(), &files, &mut tensors)?;
     let weights = tensors.iter().map(|t| (t.name.as_str(), t.len));
     let structure = discover_layers(weights).map_err(|msg| Error::model(dir, msg))?;
     ModelIndex::assemble(dir.to_path_buf(), files, tensors, &structure, config)
@@ -160,6 +161,7 @@ fn open_indexed(dir: &Path, index_path: &Path) -> Result<(Vec<ShardFile>, Vec<Te
             file_offset: files[f].data_offset + t.begin,
             len: t.end - t.begin,
             quant: None,
+            scale: None,
         });
     }
     Ok((files, tensors))
@@ -192,6 +194,7 @@ fn open_unindexed(paths: &[PathBuf]) -> Result<(Vec<ShardFile>, Vec<TensorInfo>)
                 file_offset: h.data_offset + t.begin,
                 len: t.end - t.begin,
                 quant: None,
+                scale: None,
             });
         }
         files.push(ShardFile {

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use crate::DType;
 
+mod fp8;
 mod gguf;
 pub mod gguf_hf;
 mod gguf_spm;
@@ -70,15 +71,21 @@ pub struct TensorInfo {
     /// The ggml block type of a tensor stored quantized (GGUF); `dtype` is
     /// then [`DType::U8`]. `None` for plain element types.
     pub quant: Option<crate::quant::QuantType>,
+    /// The scale of an FP8 weight (`dtype` [`DType::F8E4M3`] or
+    /// [`DType::F8E5M2`]): the companion tensor and how it covers the
+    /// weight. `None` for every other tensor.
+    pub scale: Option<crate::quant::fp8::Fp8Scale>,
 }
 
 impl TensorInfo {
     /// The stored type's name: the ggml block type of a quantized tensor
-    /// (`q4_k`), else the dtype (`bf16`).
+    /// (`q4_k`), an FP8 weight's format and scales (`f8_e4m3 128x128
+    /// blocks`), else the dtype (`bf16`).
     pub fn stored_type(&self) -> String {
-        match self.quant {
-            Some(q) => q.to_string(),
-            None => self.dtype.to_string(),
+        match (self.quant, &self.scale) {
+            (Some(q), _) => q.to_string(),
+            (None, Some(s)) => format!("{} {}", self.dtype, s.layout),
+            (None, None) => self.dtype.to_string(),
         }
     }
 

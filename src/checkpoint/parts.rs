@@ -158,6 +158,7 @@ fn place_tensor(name: &str, t: &PartTensor, files: &[ShardFile]) -> Result<Tenso
         file_offset: start,
         len,
         quant: None,
+        scale: None,
     })
 }
 

@@ -2,10 +2,13 @@
 //! host bytes. Slow but exact enough to serve as a reference, and the way
 //! the whole generation path is tested without a GPU.
 
+use std::borrow::Cow;
+
 use crate::llm::config::ModelConfig;
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::ops;
+use crate::quant::fp8::{self, Fp8Layout};
 use crate::quant::QuantType;
 use crate::{Error, LayerStreamer, LayerWeights, Result};
 
@@ -311,11 +314,8 @@ struct Weights<'a, 'w> {
 impl Weights<'_, '_> {
     /// Tensor `key` converted to f32.
     fn f32(&self, key: &str) -> Result<Vec<f32>> {
-        let v = self.w.tensor(key)?;
-        ops::to_f32(
-            host_bytes(self.w, key)?,
-            ops::weight_type(v.dtype(), v.quant())?,
-        )
+        let (bytes, ty) = weight_bytes(self.w, key)?;
+        ops::to_f32(&bytes, ty)
     }
 
     /// Bias `key` in f32 when the configuration enables it (`on`).
@@ -333,11 +333,42 @@ impl Weights<'_, '_> {
         out: &mut [f32],
         accumulate: bool,
     ) -> Result<()> {
-        let v = self.w.tensor(key)?;
-        let bytes = host_bytes(self.w, key)?;
-        let ty = ops::weight_type(v.dtype(), v.quant())?;
-        ops::linear(inp, self.rows, bytes, ty, n, bias, out, accumulate)
+        let (bytes, ty) = weight_bytes(self.w, key)?;
+        ops::linear(inp, self.rows, &bytes, ty, n, bias, out, accumulate)
     }
+}
+
+/// Tensor `key`'s bytes and the type the host math reads them in: as stored,
+/// except an FP8 weight handed over as stored (file dtypes), which is
+/// dequantized with its scale tensor into bf16 first, the values the
+/// pipeline's dequantization gives in bf16 mode.
+fn weight_bytes<'a>(w: &LayerWeights<'a>, key: &str) -> Result<(Cow<'a, [u8]>, QuantType)> {
+    let v = w.tensor(key)?;
+    let bytes = host_bytes(w, key)?;
+    let Some(scale) = v.fp8_scale() else {
+        return Ok((
+            Cow::Borrowed(bytes),
+            ops::weight_type(v.dtype(), v.quant())?,
+        ));
+    };
+    let scales = w
+        .tensors()
+        .find(|t| t.name() == scale.tensor)
+        .and_then(|t| w.host_bytes(&t))
+        .ok_or_else(|| {
+            Error::Pipeline(format!(
+                "the scale {} of FP8 weight {} is not in layer {}",
+                scale.tensor,
+                v.name(),
+                w.layer()
+            ))
+        })?;
+    let layout = Fp8Layout::of(v.dtype(), v.shape(), scale)?;
+    let mut out = vec![half::bf16::ZERO; layout.elems() as usize];
+    fp8::dequantize_bf16(&layout, bytes, scales, &mut out)
+        .map_err(|e| Error::Input(format!("tensor {}: {e}", v.name())))?;
+    let bytes = out.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+    Ok((Cow::Owned(bytes), QuantType::BF16))
 }
 
 fn host_bytes<'a>(w: &LayerWeights<'a>, key: &str) -> Result<&'a [u8]> {

@@ -13,6 +13,7 @@ use crate::cuda::{self, Context, DeviceBuffer, HostRegistration};
 use crate::io::AlignedBuf;
 use crate::kernels::Kernels;
 use crate::quant::device::DequantKernels;
+use crate::quant::fp8::Fp8Layout;
 use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
@@ -296,6 +297,37 @@ impl StreamH {
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
                 unsafe { s.dequant(ty, src, dst, n) };
+                Ok(())
+            }
+        }
+    }
+
+    /// Queues the dequantization of an FP8 weight of `layout` at `src`, with
+    /// its scales at `scale`, into bf16 at `dst`.
+    ///
+    /// # Safety
+    /// `src` holds `layout.elems()` bytes, `scale` `layout.scale_bytes()`
+    /// bytes and `dst` room for `layout.elems()` bf16 values, all device
+    /// memory of this stream's backend that stays valid (and `dst` unread by
+    /// other work) until the work completes.
+    pub(crate) unsafe fn dequant_fp8(
+        &self,
+        kernels: Option<&DequantKernels>,
+        layout: &Fp8Layout,
+        src: u64,
+        scale: u64,
+        dst: u64,
+    ) -> Result<()> {
+        match self {
+            StreamH::Cuda(s) => {
+                let k = kernels
+                    .ok_or_else(|| Error::Pipeline("dequantization kernels not loaded".into()))?;
+                // SAFETY: forwarded from the caller.
+                unsafe { k.dequantize_fp8_bf16(layout, src, scale, dst, s) }
+            }
+            StreamH::Host(s) => {
+                // SAFETY: forwarded from the caller.
+                unsafe { s.dequant_fp8(*layout, src, scale, dst) };
                 Ok(())
             }
         }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use half::{bf16, f16};
 
+use crate::quant::fp8::Fp8Layout;
 use crate::quant::QuantType;
 use crate::{DType, Error, Result};
 
@@ -121,6 +122,12 @@ enum Op {
         src: usize,
         dst: usize,
         n: usize,
+    },
+    DequantFp8 {
+        layout: Fp8Layout,
+        src: usize,
+        scale: usize,
+        dst: usize,
     },
     Record(HostEvent, u64),
     Wait(HostEvent, u64),
@@ -232,6 +239,21 @@ impl HostStream {
             src: src as usize,
             dst: dst as usize,
             n,
+        });
+    }
+
+    /// Queues the dequantization of an FP8 weight (with its scales) into bf16.
+    ///
+    /// # Safety
+    /// `src` holds `layout.elems()` bytes, `scale` `layout.scale_bytes()`
+    /// bytes and `dst` room for `layout.elems()` bf16 values, valid until the
+    /// op has run (as for [`copy`](Self::copy)).
+    pub(crate) unsafe fn dequant_fp8(&self, layout: Fp8Layout, src: u64, scale: u64, dst: u64) {
+        self.submit(Op::DequantFp8 {
+            layout,
+            src: src as usize,
+            scale: scale as usize,
+            dst: dst as usize,
         });
     }
 
@@ -363,6 +385,16 @@ fn execute(q: &Queue, op: Op) {
                 violation(q, e);
             }
         }
+        Op::DequantFp8 {
+            layout,
+            src,
+            scale,
+            dst,
+        } => {
+            if let Err(e) = host_dequant_fp8(&layout, src, scale, dst) {
+                violation(q, e);
+            }
+        }
         Op::Record(ev, seq) => ev.complete(seq),
         Op::Wait(ev, seq) => wait_until(|| ev.reached(seq)),
         #[cfg(test)]
@@ -388,6 +420,22 @@ fn host_dequant(ty: QuantType, src: usize, dst: usize, n: usize) -> Result<(), S
         )
     };
     crate::quant::dequantize_bf16(ty, blocks, out).map_err(|e| e.to_string())
+}
+
+fn host_dequant_fp8(l: &Fp8Layout, src: usize, scale: usize, dst: usize) -> Result<(), String> {
+    let n = l.elems() as usize;
+    // SAFETY: the issuer guarantees `src` holds `n` bytes, `scale` the
+    // layout's scale bytes and `dst` room for `n` bf16 values, live and not
+    // written by anyone else until this op has run (see
+    // `HostStream::dequant_fp8`); `dst` is 256-aligned in the conversion area.
+    let (weights, scales, out) = unsafe {
+        (
+            std::slice::from_raw_parts(src as *const u8, n),
+            std::slice::from_raw_parts(scale as *const u8, l.scale_bytes() as usize),
+            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n),
+        )
+    };
+    crate::quant::fp8::dequantize_bf16(l, weights, scales, out).map_err(|e| e.to_string())
 }
 
 fn host_cast(from: DType, to: DType, src: usize, dst: usize, n: usize) -> Result<(), String> {

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::backend::EventH;
 use super::compute::ComputeStream;
-use crate::checkpoint::{Layer, ModelIndex};
+use crate::checkpoint::{Layer, LayerTensor, ModelIndex, TensorInfo};
+use crate::quant::fp8::{Fp8Layout, Fp8Scale};
 use crate::quant::QuantType;
 use crate::{cuda, DType, Error, Result};
 
@@ -26,9 +27,19 @@ pub struct TensorView<'a> {
     shape: &'a [usize],
     bytes: u64,
     quant: Option<QuantType>,
+    scale: Option<&'a Fp8Scale>,
 }
 
 impl<'a> TensorView<'a> {
+    /// The scale of an FP8 weight handed over as stored (the streamer in
+    /// file dtypes): `dtype` is then [`DType::F8E4M3`] or [`DType::F8E5M2`]
+    /// and the scale tensor (named by [`Fp8Scale::tensor`]) is another
+    /// tensor of the same layer. `None` for every other tensor, and for FP8
+    /// weights dequantized on the device into the compute dtype.
+    pub fn fp8_scale(&self) -> Option<&'a Fp8Scale> {
+        self.scale
+    }
+
     /// The ggml block type of a tensor handed over as stored blocks (a
     /// quantized GGUF tensor with the streamer in file dtypes): `dtype` is
     /// then [`DType::U8`], `shape` the logical shape and `bytes` the blocks'
@@ -80,6 +91,9 @@ pub(crate) struct CastOp {
     /// The block type when this is a dequantization (into bf16); `from` is
     /// then the stored byte type.
     pub(crate) quant: Option<QuantType>,
+    /// An FP8 weight's decode and the offset of its scale tensor in the
+    /// slot, when this is an FP8 dequantization (into bf16).
+    pub(crate) fp8: Option<(Fp8Layout, u64)>,
     pub(crate) from: DType,
     pub(crate) to: DType,
     /// Offset of the raw tensor in the slot.
@@ -98,6 +112,7 @@ pub(crate) struct ViewPlan {
     pub(crate) shape: Vec<usize>,
     pub(crate) bytes: u64,
     pub(crate) quant: Option<QuantType>,
+    pub(crate) scale: Option<Fp8Scale>,
 }
 
 /// Where a layer lives between passes.
@@ -134,34 +149,15 @@ impl LayerPlan {
         let mut views = Vec::with_capacity(layer.tensors.len());
         for t in &layer.tensors {
             let info = &t.info;
-            let target = match (dtype, info.quant) {
-                (Some(DType::BF16), Some(_)) => Some(DType::BF16),
-                (Some(d), Some(q)) => {
-                    return Err(Error::config(format!(
-                        "tensor {} of {} is {q} blocks, which dequantize to bf16 only, not \
-                         the compute dtype {d}",
-                        info.name,
-                        model.files()[info.file].path.display(),
-                    )))
-                }
-                (None, Some(_)) => None,
-                (Some(d), None) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
-                (Some(d), None) if d != info.dtype && is_float(info.dtype) => {
-                    return Err(Error::config(format!(
-                        "tensor {} of {} is {}, which cannot be cast to the compute dtype {d}",
-                        info.name,
-                        model.files()[info.file].path.display(),
-                        info.dtype
-                    )))
-                }
-                _ => None,
-            };
+            let fp8 = fp8_source(model, layer, t)?;
+            let target = cast_target(model, info, dtype)?;
             match target {
                 Some(to) => {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
                     casts.push(CastOp {
                         quant: info.quant,
+                        fp8,
                         from: info.dtype,
                         to,
                         src: t.slot_offset,
@@ -176,6 +172,7 @@ impl LayerPlan {
                         shape: info.shape.clone(),
                         bytes: out_bytes,
                         quant: None,
+                        scale: None,
                     });
                     conv += out_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
                 }
@@ -187,6 +184,7 @@ impl LayerPlan {
                     shape: info.shape.clone(),
                     bytes: info.len,
                     quant: info.quant,
+                    scale: info.scale.clone(),
                 }),
             }
         }
@@ -202,6 +200,82 @@ impl LayerPlan {
             home: Home::Stream,
         })
     }
+}
+
+/// The dtype a tensor is converted to on the device for the compute dtype
+/// `dtype`, or `None` when it travels as stored. Block-quantized and FP8
+/// weights dequantize to bf16 only.
+fn cast_target(
+    model: &ModelIndex,
+    info: &TensorInfo,
+    dtype: Option<DType>,
+) -> Result<Option<DType>> {
+    let file = || model.files()[info.file].path.display();
+    let stored = if info.quant.is_some() || info.scale.is_some() {
+        Some(info.stored_type())
+    } else {
+        None
+    };
+    Ok(match (dtype, stored) {
+        (Some(DType::BF16), Some(_)) => Some(DType::BF16),
+        (Some(d), Some(ty)) => {
+            return Err(Error::config(format!(
+                "tensor {} of {} is {ty}, which dequantizes to bf16 only, not the compute \
+                 dtype {d}",
+                info.name,
+                file(),
+            )))
+        }
+        (None, _) => None,
+        (Some(d), None) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
+        (Some(d), None) if d != info.dtype && is_float(info.dtype) => {
+            return Err(Error::config(format!(
+                "tensor {} of {} is {}, which cannot be cast to the compute dtype {d}",
+                info.name,
+                file(),
+                info.dtype
+            )))
+        }
+        _ => None,
+    })
+}
+
+/// An FP8 weight's decode and the slot offset of its scale tensor, which
+/// must be a tensor of the same layer; `None` for other tensors.
+fn fp8_source(
+    model: &ModelIndex,
+    layer: &Layer,
+    t: &LayerTensor,
+) -> Result<Option<(Fp8Layout, u64)>> {
+    let Some(scale) = &t.info.scale else {
+        return Ok(None);
+    };
+    let file = &model.files()[t.info.file].path;
+    let found = layer.tensors.iter().find(|s| s.info.name == scale.tensor);
+    let Some(s) = found else {
+        return Err(Error::model(
+            file,
+            format!(
+                "the scale {} of FP8 weight {} is not a tensor of layer {}",
+                scale.tensor, t.info.name, layer.index
+            ),
+        ));
+    };
+    let layout = Fp8Layout::of(t.info.dtype, &t.info.shape, scale)
+        .map_err(|e| Error::model(file, format!("tensor {}: {e}", t.info.name)))?;
+    if s.info.len != layout.scale_bytes() {
+        return Err(Error::model(
+            file,
+            format!(
+                "the scale {} of FP8 weight {} holds {} bytes, expected {}",
+                scale.tensor,
+                t.info.name,
+                s.info.len,
+                layout.scale_bytes()
+            ),
+        ));
+    }
+    Ok(Some((layout, s.slot_offset)))
 }
 
 fn is_float(d: DType) -> bool {
@@ -357,6 +431,7 @@ impl<'a> LayerWeights<'a> {
             shape: &v.shape,
             bytes: v.bytes,
             quant: v.quant,
+            scale: v.scale.as_ref(),
         }
     }
 }
@@ -384,6 +459,7 @@ mod tests {
             shape: &[],
             bytes,
             quant: None,
+            scale: None,
         }
     }
 

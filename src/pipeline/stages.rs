@@ -520,15 +520,17 @@ fn queue_casts(res: &Resources, stream: &StreamH, plan: &LayerPlan, dst: &DevMem
         // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
         // inside `device_bytes`, which the destination holds: the stored
         // tensor (`n` elements, or `n` elements' blocks) at `src`, its
-        // conversion at `dst`; `stream` is ordered after the copy that fills
+        // conversion at `dst`; an FP8 weight's scale tensor at its own offset
+        // in the same slot; `stream` is ordered after the copy that fills
         // `src` (same stream, or it waits for the `copied` event).
         unsafe {
-            match c.quant {
-                Some(q) => {
-                    let dq = res.backend.dequant_kernels();
-                    stream.dequant(dq, q, src, out, c.n)?
+            let dq = res.backend.dequant_kernels();
+            match (c.quant, &c.fp8) {
+                (Some(q), _) => stream.dequant(dq, q, src, out, c.n)?,
+                (None, Some((l, scale))) => {
+                    stream.dequant_fp8(dq, l, src, dst.ptr() + scale, out)?
                 }
-                None => stream.cast(kernels, c.from, c.to, src, out, c.n)?,
+                (None, None) => stream.cast(kernels, c.from, c.to, src, out, c.n)?,
             }
         }
     }

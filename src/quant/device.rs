@@ -8,9 +8,11 @@
 
 use std::ffi::c_void;
 
+use super::fp8::Fp8Layout;
 use super::QuantType;
 use crate::cuda::{Context, Function, Module, Stream};
 use crate::error::{Error, Result};
+use crate::DType;
 
 /// PTX of `kernels/dequant.cu`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
@@ -37,12 +39,17 @@ pub const fn kernel_name(ty: QuantType) -> &'static str {
     }
 }
 
+/// The kernel entry point that dequantizes FP8 weights with their scales.
+pub const FP8_KERNEL: &str = "dequant_fp8_bf16";
+
 /// The dequantization module loaded into one context, with one kernel per type.
 #[derive(Debug)]
 pub struct DequantKernels {
     _module: Module,
     /// Indexed like [`QuantType::ALL`].
     functions: Vec<Function>,
+    /// [`FP8_KERNEL`].
+    fp8: Function,
 }
 
 impl DequantKernels {
@@ -53,9 +60,11 @@ impl DequantKernels {
             .into_iter()
             .map(|t| module.function(kernel_name(t)))
             .collect::<Result<Vec<_>>>()?;
+        let fp8 = module.function(FP8_KERNEL)?;
         Ok(DequantKernels {
             _module: module,
             functions,
+            fp8,
         })
     }
 
@@ -104,6 +113,80 @@ impl DequantKernels {
     }
 }
 
+impl DequantKernels {
+    /// Queues the dequantization of an FP8 weight of `layout` (its
+    /// `rows × cols` bytes at `src`, its scales at `scale`) into as many bf16
+    /// values at `dst`, bit-identical to
+    /// [`fp8::dequantize_bf16`](super::fp8::dequantize_bf16). `dst` must be
+    /// 2-byte aligned; rows, columns and tiles must be below 2³².
+    /// Returns without waiting.
+    ///
+    /// # Safety
+    /// `src`, `scale` and `dst` must be device memory of the stream's context
+    /// holding `layout.elems()` bytes, `layout.scale_bytes()` bytes and room
+    /// for `layout.elems()` bf16 values, `dst` overlapping neither; all must
+    /// stay allocated, the inputs unmodified and `dst` unread by other work,
+    /// until the queued kernel completes.
+    pub unsafe fn dequantize_fp8_bf16(
+        &self,
+        layout: &Fp8Layout,
+        src: u64,
+        scale: u64,
+        dst: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let (tile_rows, tile_cols) = layout.tile();
+        let dims = [layout.rows, layout.cols, tile_rows, tile_cols];
+        if dims.iter().any(|&d| d > u32::MAX as u64) || tile_rows == 0 || tile_cols == 0 {
+            return Err(Error::Input(format!(
+                "{FP8_KERNEL}: weight [{}, {}] with tiles of [{tile_rows}, {tile_cols}] is \
+                 outside the kernel's 32-bit indices",
+                layout.rows, layout.cols
+            )));
+        }
+        if dst % 2 != 0 {
+            return Err(Error::Input(format!(
+                "{FP8_KERNEL}: dst = {dst:#x} is not 2-byte aligned"
+            )));
+        }
+        if layout.elems() == 0 {
+            return Ok(());
+        }
+        let format = match layout.format {
+            DType::F8E5M2 => 1u64,
+            _ => 0,
+        };
+        let scale_dtype = match layout.scale_dtype {
+            DType::F32 => 0u64,
+            DType::BF16 => 1,
+            _ => 2,
+        };
+        let mut args = [
+            src,
+            scale,
+            dst,
+            layout.rows,
+            layout.cols,
+            tile_rows,
+            tile_cols,
+            format | (scale_dtype << 8),
+        ];
+        let mut params: Vec<*mut c_void> =
+            args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
+        // Threads across a row's columns, blocks of the y dimension over rows;
+        // both loops stride, so any size is covered.
+        let gx = layout.cols.div_ceil(BLOCK as u64).clamp(1, 64) as u32;
+        let gy = layout.rows.clamp(1, MAX_GRID * 8 / gx as u64) as u32;
+        // SAFETY: dequant_fp8_bf16 takes eight 64-bit values (three pointers,
+        // four sizes, the format flags), which `params` points to for the
+        // call; the device ranges are the caller's contract above.
+        unsafe {
+            self.fp8
+                .launch((gx, gy, 1), (BLOCK, 1, 1), 0, stream, &mut params)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +197,7 @@ mod tests {
             let entry = format!(".entry {}(", kernel_name(ty));
             assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
         }
+        let entry = format!(".entry {FP8_KERNEL}(");
+        assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
     }
 }

@@ -27,6 +27,7 @@ use crate::dtype::DType;
 mod blocks;
 mod dequant;
 pub mod device;
+pub mod fp8;
 mod quantize;
 
 pub use dequant::{dequantize_bf16, dequantize_f32};

@@ -68,6 +68,16 @@ pub(crate) fn load_static(
         .model
         .tensor(name)
         .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
+    if let (Some(scale), Some(d)) = (&info.scale, dtype) {
+        return Err(Error::config(format!(
+            "static tensor {name} of {} is an FP8 weight ({} scales in {}); static tensors \
+             (embedding, final norm, lm_head) load in file dtypes or dequantized from ggml \
+             blocks, not from FP8, into the compute dtype {d}",
+            res.model.files()[info.file].path.display(),
+            scale.layout,
+            scale.tensor
+        )));
+    }
     let file = &res.files[info.file];
     let len = info.len as usize;
     let mut scratch = AlignedBuf::new(len + 2 * file.block_size())?;

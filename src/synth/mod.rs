@@ -15,9 +15,11 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::checkpoint::{INDEX_FILE, SINGLE_FILE};
+pub use fp8::{quantize_fp8, Fp8Report};
 pub use weights::{fill_normal, tensor_key};
 use weights::{write_shards, PlacedTensor, ShardPlan};
 
+mod fp8;
 mod gguf;
 mod tokenizer;
 mod weights;

@@ -34,7 +34,7 @@ enum Command {
     Inspect(inspect::Args),
     /// Write a random-weight model directory in the Hugging Face layout.
     Synth(synth::Args),
-    /// Quantize a model (safetensors directory or GGUF) into a GGUF file that llama.cpp reads.
+    /// Quantize a model: into a GGUF file that llama.cpp reads, or into FP8 safetensors.
     Quantize(quantize::Args),
     /// Find the fastest streamer configuration for a workload (one child process per configuration).
     Tune(Box<tune::Args>),
