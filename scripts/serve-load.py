@@ -113,9 +113,16 @@ def main():
     p.add_argument("--vocab", type=int, default=1000, help="prompt ids are drawn below this")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-warmup", action="store_true",
+                   help="measure from the first request (by default one short request, not"
+                        " counted, fills the server's caches first)")
     args = p.parse_args()
     model = args.model or model_name(args.url, args.api_key)
     print(f"{args.url} {model}: prompts of {args.prompt_len} tokens, {args.max_tokens} new tokens each", flush=True)
+    if not args.no_warmup:
+        t0 = time.monotonic()
+        stream_one(args.url, args.api_key, model, [1] * 8, 2, args.timeout)
+        print(f"warm-up request: {time.monotonic() - t0:.1f} s (not counted)", flush=True)
     ok = True
     for n in [int(x) for x in args.concurrency.split(",")]:
         ok &= level(args, model, args.vocab, n)
