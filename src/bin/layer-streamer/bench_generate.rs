@@ -149,6 +149,63 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.digits$}"))
 }
 
+/// Prints what is measured and the ceilings measured in this run; returns
+/// the bf16 GEMM peak (FLOP/s) and the pinned H2D bandwidth (B/s).
+fn header(
+    a: &Args,
+    index: &layer_streamer::ModelIndex,
+    streamer: &layer_streamer::LayerStreamer,
+) -> (Option<f64>, Option<f64>) {
+    println!(
+        "{}: {} layers, {:.2} GB per pass, device {}, precision {}",
+        a.model.display(),
+        index.num_layers(),
+        index.total_layer_bytes() as f64 / 1e9,
+        a.stream.opts.config.device,
+        a.stream.precision
+    );
+    let (peak, pinned_h2d) = measure_ceilings(streamer);
+    println!(
+        "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
+        fmt_opt(peak.map(|p| p / 1e12), 1),
+        fmt_opt(pinned_h2d.map(|b| b / 1e9), 2)
+    );
+    (peak, pinned_h2d)
+}
+
+/// `b` prompts of `len` deterministic ids below `vocab`, different per sequence.
+fn synthetic_prompts(b: usize, len: usize, vocab: u32) -> Vec<Vec<u32>> {
+    (0..b)
+        .map(|s| {
+            (0..len)
+                .map(|i| ((i * 7919 + s * 104729 + 13) as u32) % vocab)
+                .collect()
+        })
+        .collect()
+}
+
+/// One row of the bounds table.
+fn bounds_row(
+    b: usize,
+    decode: f64,
+    bounds: &Bounds,
+    at: &str,
+    prefill_tflops: f64,
+    peak: Option<f64>,
+) -> String {
+    format!(
+        "{b:>5}  {decode:>12.2}  {:>16.2}  {:>19}  {at:>8}  {:>7.1}%  {prefill_tflops:>21.2}  {:>17}  {:>7}",
+        bounds.transfer,
+        fmt_opt(bounds.compute, 2),
+        100.0 * bounds.share(decode),
+        fmt_opt(peak.map(|p| p / 1e12), 1),
+        peak.map_or("-".to_string(), |p| format!(
+            "{:.1}%",
+            100.0 * prefill_tflops * 1e12 / p
+        )),
+    )
+}
+
 /// Runs `bench-generate`.
 pub fn run(a: Args) -> Result<()> {
     let batches = parse_list(&a.batch, "batch size")?;
@@ -167,20 +224,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: 0,
         stop_ids: Vec::new(),
     };
-    println!(
-        "{}: {} layers, {:.2} GB per pass, device {}, precision {}",
-        a.model.display(),
-        index.num_layers(),
-        index.total_layer_bytes() as f64 / 1e9,
-        a.stream.opts.config.device,
-        a.stream.precision
-    );
-    let (peak, pinned_h2d) = measure_ceilings(&streamer);
-    println!(
-        "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
-        fmt_opt(peak.map(|p| p / 1e12), 1),
-        fmt_opt(pinned_h2d.map(|b| b / 1e9), 2)
-    );
+    let (peak, pinned_h2d) = header(&a, &index, &streamer);
     // Warm-up: fills the caches so the measured passes stream from them.
     let warm: Vec<u32> = (0..8).map(|i| (i * 31) % vocab).collect();
     let short = GenerateParams {
@@ -196,13 +240,7 @@ pub fn run(a: Args) -> Result<()> {
     // Decode tokens attend to the prompt plus, on average, half the new ones.
     let decode_flops = token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0);
     for &b in &batches {
-        let prompts: Vec<Vec<u32>> = (0..b)
-            .map(|s| {
-                (0..a.prompt_len)
-                    .map(|i| ((i * 7919 + s * 104729 + 13) as u32) % vocab)
-                    .collect()
-            })
-            .collect();
+        let prompts = synthetic_prompts(b, a.prompt_len, vocab);
         // A first pass of a new shape pays for cuBLAS choosing its kernels:
         // run the same prefill once before measuring the steady state.
         generate(&mut model, &mut streamer, &prompts, &short, |_, _| Ok(()))?;
@@ -230,17 +268,7 @@ pub fn run(a: Args) -> Result<()> {
         );
         let (at, _) = bounds.limit();
         let prefill_tflops = prefill_flops(&cfg, b, a.prompt_len) / prefill_s / 1e12;
-        bounds_rows.push(format!(
-            "{b:>5}  {decode:>12.2}  {:>16.2}  {:>19}  {at:>8}  {:>7.1}%  {prefill_tflops:>21.2}  {:>17}  {:>7}",
-            bounds.transfer,
-            fmt_opt(bounds.compute, 2),
-            100.0 * bounds.share(decode),
-            fmt_opt(peak.map(|p| p / 1e12), 1),
-            peak.map_or("-".to_string(), |p| format!(
-                "{:.1}%",
-                100.0 * prefill_tflops * 1e12 / p
-            )),
-        ));
+        bounds_rows.push(bounds_row(b, decode, &bounds, at, prefill_tflops, peak));
     }
     println!("bounds:");
     println!(

@@ -152,28 +152,41 @@ pub fn arch_metadata(
         meta.push((key("attention.key_length"), u32v(head_dim, "head_dim")?));
         meta.push((key("attention.value_length"), u32v(head_dim, "head_dim")?));
     }
-    match cfg.get("rope_scaling") {
-        None | Some(Value::Null) => {}
-        Some(s) => {
-            let ty = s
-                .get("rope_type")
-                .or_else(|| s.get("type"))
-                .and_then(Value::as_str);
-            let factor = s.get("factor").and_then(Value::as_f64);
-            match (ty, factor) {
-                (Some("linear"), Some(f)) => {
-                    meta.push((key("rope.scaling.type"), MetaValue::String("linear".into())));
-                    meta.push((key("rope.scaling.factor"), MetaValue::F32(f as f32)));
-                }
-                (Some("default"), _) => {}
-                _ => {
-                    return Err(Error::model(
-                        path,
-                        format!("rope_scaling {s} is not supported (linear is)"),
-                    ))
-                }
-            }
-        }
-    }
+    meta.extend(rope_scaling(path, arch, cfg)?);
     Ok(meta)
+}
+
+/// The `<arch>.rope.scaling.*` metadata of config.json's `rope_scaling`
+/// (linear only; none for absent or default scaling).
+fn rope_scaling(
+    path: &Path,
+    arch: &str,
+    cfg: &Map<String, Value>,
+) -> Result<Vec<(String, MetaValue)>> {
+    let s = match cfg.get("rope_scaling") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(s) => s,
+    };
+    let ty = s
+        .get("rope_type")
+        .or_else(|| s.get("type"))
+        .and_then(Value::as_str);
+    let factor = s.get("factor").and_then(Value::as_f64);
+    match (ty, factor) {
+        (Some("linear"), Some(f)) => Ok(vec![
+            (
+                format!("{arch}.rope.scaling.type"),
+                MetaValue::String("linear".into()),
+            ),
+            (
+                format!("{arch}.rope.scaling.factor"),
+                MetaValue::F32(f as f32),
+            ),
+        ]),
+        (Some("default"), _) => Ok(Vec::new()),
+        _ => Err(Error::model(
+            path,
+            format!("rope_scaling {s} is not supported (linear is)"),
+        )),
+    }
 }
