@@ -87,7 +87,7 @@ pub fn disk_read(
     chunk: u64,
     sample: u64,
 ) -> Result<DiskResult> {
-    if chunk == 0 || chunk % 4096 != 0 || threads == 0 {
+    if chunk == 0 || !chunk.is_multiple_of(4096) || threads == 0 {
         return Err(Error::config(format!(
             "disk read: chunk must be a positive multiple of 4096 ({chunk}) and threads positive ({threads})"
         )));

@@ -65,7 +65,7 @@ fn llama_cpp_encode(text: &str, tokens: &[String], scores: &[f32]) -> Vec<u32> {
         for i in 0..sym.len().saturating_sub(1) {
             let joined = format!("{}{}", sym[i], sym[i + 1]);
             if let Some(&t) = id.get(joined.as_str()) {
-                if best.map_or(true, |(s, _)| scores[t] > s) {
+                if best.is_none_or(|(s, _)| scores[t] > s) {
                     best = Some((scores[t], i));
                 }
             }

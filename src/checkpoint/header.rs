@@ -143,7 +143,7 @@ fn check_alignment(
 ) -> Result<()> {
     let align = dtype.size() as u64;
     let at = data_offset.saturating_add(begin);
-    if at % align == 0 {
+    if at.is_multiple_of(align) {
         return Ok(());
     }
     Err(Error::model(

@@ -27,7 +27,7 @@ impl LayerStructure {
         let known = self
             .keys
             .as_ref()
-            .map_or(true, |ks| ks.iter().any(|k| k == key));
+            .is_none_or(|ks| ks.iter().any(|k| k == key));
         (i < self.num_layers && !key.is_empty() && known).then_some((i, key))
     }
 }

@@ -186,7 +186,7 @@ fn cpu_rows_round_to_whole_multiples() {
         let s: f64 = rng.gen_range(-0.5..1.5);
         let r = cpu_rows(rows, s, m);
         assert!(r <= rows);
-        assert!(r % m == 0 || r == rows, "{r} of {rows} by {m}");
+        assert!(r.is_multiple_of(m) || r == rows, "{r} of {rows} by {m}");
         let want = s.clamp(0.0, 1.0) * rows as f64;
         assert!((r as f64 - want).abs() <= m as f64, "{r} for {want}");
     }

@@ -130,7 +130,6 @@ pub(super) unsafe fn plain_avx2<const TY: u8, const N: usize>(
 /// readable bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::incompatible_msrv)]
 unsafe fn load16<const TY: u8>(p: *const u8) -> __m512 {
     // SAFETY: the caller guarantees the bytes are readable; every load here
     // is unaligned.
@@ -151,7 +150,6 @@ unsafe fn load16<const TY: u8>(p: *const u8) -> __m512 {
 /// The CPU has AVX-512F, AVX2, FMA and F16C ([`super::Isa::Avx512`] is
 /// available); `w.len() == xs[t].len() * elem_size(TY)` for every `t`.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-#[allow(clippy::incompatible_msrv)]
 pub(super) unsafe fn plain_avx512<const TY: u8, const N: usize>(
     w: &[u8],
     xs: &[&[f32]; N],

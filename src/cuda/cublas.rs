@@ -123,7 +123,7 @@ fn load() -> std::result::Result<Lib, String> {
     let cands = search::candidates(&env, &search::registered_site_packages());
     let mut failures = Vec::new();
     for c in &cands {
-        let by_soname = c.path.parent().map_or(true, |d| d.as_os_str().is_empty());
+        let by_soname = c.path.parent().is_none_or(|d| d.as_os_str().is_empty());
         if !by_soname && !c.path.exists() {
             if c.origin == "LS_CUBLAS_PATH" {
                 failures.push(format!(

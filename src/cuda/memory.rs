@@ -227,7 +227,7 @@ impl HostRegistration {
     pub unsafe fn register(ctx: &Context, ptr: *mut u8, len: usize) -> Result<HostRegistration> {
         ctx.bind()?;
         let page = page_size();
-        if len == 0 || (ptr as usize) % page != 0 {
+        if len == 0 || !(ptr as usize).is_multiple_of(page) {
             return Err(Error::Input(format!(
                 "HostRegistration::register: {len} bytes at {ptr:p}: the start must be {page}-byte aligned and the length non-zero"
             )));

@@ -154,7 +154,10 @@ impl DirectFile {
     pub fn read_aligned(&self, offset: u64, dst: &mut [u8], required_end: u64) -> Result<()> {
         if self.mode == ReadMode::Direct {
             let b = self.block_size;
-            if offset % b as u64 != 0 || dst.len() % b != 0 || dst.as_ptr() as usize % b != 0 {
+            if !offset.is_multiple_of(b as u64)
+                || !dst.len().is_multiple_of(b)
+                || !(dst.as_ptr() as usize).is_multiple_of(b)
+            {
                 return Err(Error::Input(format!(
                     "direct read of {} bytes at offset {offset} of {} into memory at {:p}: \
                      offset, length and address must be multiples of the block size {b}",

@@ -366,7 +366,7 @@ impl LlamaModel {
             }
             taken[i] = take;
             budget -= take;
-            if done[i] + take == inp.len() && want.map_or(true, |w| w[i]) {
+            if done[i] + take == inp.len() && want.is_none_or(|w| w[i]) {
                 b.out_rows.push((b.tokens.len() - 1) as u32);
                 b.out_seqs.push(i);
             }

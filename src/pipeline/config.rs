@@ -269,7 +269,7 @@ impl StreamerConfig {
                 self.reader_threads
             )));
         }
-        if self.read_chunk == 0 || self.read_chunk % 4096 != 0 {
+        if self.read_chunk == 0 || !self.read_chunk.is_multiple_of(4096) {
             return Err(Error::config(format!(
                 "read_chunk must be a positive multiple of 4096 bytes, got {}",
                 self.read_chunk

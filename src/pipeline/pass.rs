@@ -412,7 +412,7 @@ impl Pipeline {
     fn check_threads(&self) -> Result<()> {
         match self
             .threads()
-            .find(|t| t.handle.as_ref().map_or(true, |h| h.is_finished()))
+            .find(|t| t.handle.as_ref().is_none_or(|h| h.is_finished()))
         {
             Some(t) => Err(Error::Pipeline(format!(
                 "the {} thread has exited; the streamer cannot run passes any more",

@@ -27,7 +27,7 @@ fn block_fn(ty: QuantType) -> Option<BlockFn> {
 fn check_lengths(ty: QuantType, src: usize, dst_len: usize, what: &str) -> Result<usize> {
     let bb = ty.block_bytes() as usize;
     let be = ty.block_elems() as usize;
-    if src % bb != 0 {
+    if !src.is_multiple_of(bb) {
         return Err(Error::Input(format!(
             "{what}: {src} bytes of {ty} are not whole blocks of {bb} bytes"
         )));

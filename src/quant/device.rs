@@ -90,7 +90,7 @@ impl DequantKernels {
         let name = kernel_name(ty);
         ty.tensor_size(&[n])
             .map_err(|e| Error::Input(format!("{name}: {e}")))?;
-        if dst % 2 != 0 {
+        if !dst.is_multiple_of(2) {
             return Err(Error::Input(format!(
                 "{name}: dst = {dst:#x} is not 2-byte aligned"
             )));
@@ -144,7 +144,7 @@ impl DequantKernels {
                 layout.rows, layout.cols
             )));
         }
-        if dst % 2 != 0 {
+        if !dst.is_multiple_of(2) {
             return Err(Error::Input(format!(
                 "{FP8_KERNEL}: dst = {dst:#x} is not 2-byte aligned"
             )));

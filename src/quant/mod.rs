@@ -211,7 +211,7 @@ impl QuantType {
     /// Bytes of one row of `row_elems` elements: an error unless `row_elems` is
     /// a multiple of the block or when the size overflows.
     pub fn row_bytes(self, row_elems: u64) -> Result<u64, SizeError> {
-        if row_elems % self.block_elems() != 0 {
+        if !row_elems.is_multiple_of(self.block_elems()) {
             return Err(SizeError::NotMultiple {
                 ty: self,
                 row_elems,

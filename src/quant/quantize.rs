@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 /// type's block and, for quantized types, every value finite.
 pub fn quantize(ty: QuantType, src: &[f32]) -> Result<Vec<u8>> {
     let be = ty.block_elems() as usize;
-    if src.len() % be != 0 {
+    if !src.len().is_multiple_of(be) {
         return Err(Error::Input(format!(
             "quantize: {} elements are not a multiple of {ty}'s block of {be}",
             src.len()

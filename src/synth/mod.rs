@@ -240,7 +240,11 @@ pub fn write_model_with_progress(
 
 /// Heads must divide the width and key/value heads the heads.
 fn check_shape(s: &Shape) -> Result<()> {
-    if s.heads == 0 || s.kv_heads == 0 || s.hidden % s.heads != 0 || s.heads % s.kv_heads != 0 {
+    if s.heads == 0
+        || s.kv_heads == 0
+        || !s.hidden.is_multiple_of(s.heads)
+        || !s.heads.is_multiple_of(s.kv_heads)
+    {
         return Err(Error::Input(format!(
             "inconsistent shape {s:?}: heads must divide hidden and kv_heads heads"
         )));
@@ -402,7 +406,7 @@ fn header_bytes<'a>(
         off += len;
     }
     let mut text = Value::Object(map).to_string().into_bytes();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(b' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

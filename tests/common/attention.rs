@@ -64,7 +64,7 @@ impl Case {
     ) -> Case {
         let (mut seq, mut pos) = (Vec::new(), Vec::new());
         for &(s, p0, n) in runs {
-            seq.extend(std::iter::repeat(s).take(n));
+            seq.extend(std::iter::repeat_n(s, n));
             pos.extend((p0..p0 + n).map(|p| p as u32));
         }
         Case {

@@ -77,7 +77,7 @@ pub fn expected_type(base: QuantType, name: &str, dims: &[u64]) -> QuantType {
         "token_embd.weight" | "output.weight" if base != QuantType::Q8_0 => QuantType::Q6_K,
         _ => base,
     };
-    if dims[0] % ty.block_elems() != 0 {
+    if !dims[0].is_multiple_of(ty.block_elems()) {
         ty = match ty {
             QuantType::Q4_K => QuantType::Q5_0,
             QuantType::Q5_K => QuantType::Q5_1,

@@ -57,7 +57,7 @@ pub fn tensor_type(base: QuantType, name: &str, dims: &[u64]) -> (QuantType, Opt
     };
     let row = dims[0];
     let first = ty;
-    while row % ty.block_elems() != 0 {
+    while !row.is_multiple_of(ty.block_elems()) {
         ty = match ty {
             QuantType::Q4_K => QuantType::Q5_0,
             QuantType::Q5_K => QuantType::Q5_1,

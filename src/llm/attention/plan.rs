@@ -58,13 +58,13 @@ impl AttentionShape {
                 "attention needs positive sizes: {s:?}"
             )));
         }
-        if s.heads % s.kv_heads != 0 {
+        if !s.heads.is_multiple_of(s.kv_heads) {
             return Err(Error::config(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 s.heads, s.kv_heads
             )));
         }
-        if s.head_dim == 0 || s.head_dim % 8 != 0 || s.head_dim > SPLIT_MAX_HEAD_DIM {
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(8) || s.head_dim > SPLIT_MAX_HEAD_DIM {
             return Err(Error::config(format!(
                 "head_dim {} is not supported by the CUDA attention kernels (a multiple of 8, \
                  at most {SPLIT_MAX_HEAD_DIM})",

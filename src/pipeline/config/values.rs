@@ -70,7 +70,7 @@ pub fn format_bytes(b: u64) -> String {
     ];
     UNITS
         .iter()
-        .find(|&&(unit, _)| b >= unit && b % unit == 0)
+        .find(|&&(unit, _)| b >= unit && b.is_multiple_of(unit))
         .map_or_else(
             || b.to_string(),
             |&(unit, name)| format!("{}{name}", b / unit),
