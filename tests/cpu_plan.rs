@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use layer_streamer::cpu::calibrate::{calibrate, CpuRates};
 use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
@@ -15,17 +14,7 @@ use layer_streamer::{DType, ModelIndex};
 use rand::Rng;
 
 fn smollm2() -> PathBuf {
-    let out = Command::new("bash")
-        .arg("scripts/test-env")
-        .arg("smollm2")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        out.status.success(),
-        "scripts/test-env smollm2 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    common::assets::test_env("smollm2")
 }
 
 #[test]

@@ -7,41 +7,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use half::{bf16, f16};
 use layer_streamer::quant::fp8::{self, Fp8Layout, ScaleLayout};
 use layer_streamer::DType;
 use rand::Rng;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Runs scripts/fp8_reference.py with `args` in the test venv.
 fn reference(args: &[&str]) {
-    let env = Command::new("bash")
-        .arg(root().join("scripts/test-env"))
-        .arg("python")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        env.status.success(),
-        "scripts/test-env python failed: {}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8(env.stdout).unwrap();
-    let out = Command::new(python.trim())
-        .arg(root().join("scripts/fp8_reference.py"))
-        .args(args)
-        .output()
-        .expect("running fp8_reference.py");
-    assert!(
-        out.status.success(),
-        "fp8_reference.py {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assets::python_script("fp8_reference.py", args);
 }
 
 fn read_f32(path: &Path) -> Vec<f32> {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use layer_streamer::checkpoint::TensorInfo;
@@ -32,33 +32,9 @@ const FP8_TOL: f64 = 0.2;
 /// rounds each value to 3 mantissa bits (at most 2⁻⁴ relative, about 3 % RMS).
 const WEIGHT_TOL: f64 = 0.04;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 /// Runs scripts/fp8_reference.py with `args` in the test venv.
 fn reference(args: &[&str]) {
-    let env = Command::new("bash")
-        .arg(root().join("scripts/test-env"))
-        .arg("python")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        env.status.success(),
-        "{}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8(env.stdout).unwrap();
-    let out = Command::new(python.trim())
-        .arg(root().join("scripts/fp8_reference.py"))
-        .args(args)
-        .output()
-        .expect("running fp8_reference.py");
-    assert!(
-        out.status.success(),
-        "fp8_reference.py {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::assets::python_script("fp8_reference.py", args);
 }
 
 /// A random bf16 model whose matrices are not all multiples of 128.

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use layer_streamer::llm::reference::{check, Reference};
 use layer_streamer::llm::{
@@ -17,17 +16,7 @@ use layer_streamer::llm::{
 use layer_streamer::{Device, LayerStreamer, ModelIndex};
 
 fn smollm2() -> PathBuf {
-    let out = Command::new("bash")
-        .arg("scripts/test-env")
-        .arg("smollm2")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        out.status.success(),
-        "scripts/test-env smollm2 failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    common::assets::test_env("smollm2")
 }
 
 fn fixture() -> (PathBuf, serde_json::Value) {

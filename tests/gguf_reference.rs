@@ -21,17 +21,7 @@ fn root() -> PathBuf {
 
 /// What `scripts/test-env WHAT` prints (a cached asset's path).
 fn test_env(what: &str) -> PathBuf {
-    let out = Command::new("bash")
-        .arg(root().join("scripts/test-env"))
-        .arg(what)
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        out.status.success(),
-        "scripts/test-env {what} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    common::assets::test_env(what)
 }
 
 /// Runs scripts/gguf_reference.py with `args`; returns its stdout.

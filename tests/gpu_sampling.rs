@@ -10,8 +10,7 @@ use std::path::Path;
 use layer_streamer::cuda::Context;
 use layer_streamer::llm::sampling::argmax;
 use layer_streamer::llm::{sample_draw, sample_on_device, LlamaModel, ModelOptions, TokenDraw};
-use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
+use layer_streamer::{Device, LayerStreamer, ModelIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -278,23 +277,7 @@ fn decode(
 }
 
 fn synth(dir: &Path, rng: &mut StdRng) {
-    write_model(
-        dir,
-        &SynthSpec {
-            arch: if rng.gen_bool(0.5) {
-                Arch::Qwen2
-            } else {
-                Arch::Llama
-            },
-            shape: Shape::preset("tiny").unwrap(),
-            dtype: DType::BF16,
-            tie: rng.gen_bool(0.5),
-            shard_size: 4_000_000_000,
-            seed: rng.gen(),
-            threads: 2,
-        },
-    )
-    .unwrap();
+    common::models::random_tiny(dir, rng);
 }
 
 #[test]

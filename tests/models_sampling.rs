@@ -6,31 +6,14 @@
 use std::path::Path;
 
 use layer_streamer::llm::{sample_draw, LlamaModel, ModelOptions, TokenDraw};
-use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::{DType, Device, Error, LayerStreamer, ModelIndex};
+use layer_streamer::{Device, Error, LayerStreamer, ModelIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
 mod common;
 
 fn synth(dir: &Path, rng: &mut StdRng) {
-    write_model(
-        dir,
-        &SynthSpec {
-            arch: if rng.gen_bool(0.5) {
-                Arch::Qwen2
-            } else {
-                Arch::Llama
-            },
-            shape: Shape::preset("tiny").unwrap(),
-            dtype: DType::BF16,
-            tie: rng.gen_bool(0.5),
-            shard_size: 4_000_000_000,
-            seed: rng.gen(),
-            threads: 2,
-        },
-    )
-    .unwrap();
+    common::models::random_tiny(dir, rng);
 }
 
 fn load(dir: &Path, max_batch: usize, max_tokens: usize) -> (LayerStreamer, LlamaModel) {

@@ -205,7 +205,7 @@ impl LayerPlan {
 /// The dtype a tensor is converted to on the device for the compute dtype
 /// `dtype`, or `None` when it travels as stored. Block-quantized and FP8
 /// weights dequantize to bf16 only.
-fn cast_target(
+pub(crate) fn cast_target(
     model: &ModelIndex,
     info: &TensorInfo,
     dtype: Option<DType>,

@@ -1,6 +1,8 @@
 //! Static tensors (embedding, final norm, lm_head): read once and kept on the device.
 
+use crate::checkpoint::TensorInfo;
 use crate::io::AlignedBuf;
+use crate::pipeline::plan::cast_target;
 use crate::pipeline::resources::Resources;
 use crate::pipeline::{DevMem, StreamH};
 use crate::quant::QuantType;
@@ -82,18 +84,7 @@ pub(crate) fn load_static(
     let len = info.len as usize;
     let mut scratch = AlignedBuf::new(len + 2 * file.block_size())?;
     let bytes = file.read_range(info.file_offset, len, &mut scratch)?;
-    let n: usize = info.shape.iter().product();
-    let cast_to = match (dtype, info.quant) {
-        (Some(DType::BF16), Some(_)) => Some(DType::BF16),
-        (Some(d), Some(q)) => {
-            return Err(Error::config(format!(
-                "tensor {name} is {q} blocks, which dequantize to bf16 only, not the compute \
-                 dtype {d}"
-            )))
-        }
-        (Some(d), None) if d != info.dtype && info.dtype.is_castable_float() => Some(d),
-        _ => None,
-    };
+    let cast_to = cast_target(&res.model, info, dtype)?;
     let (mem, out_dtype, out_bytes) = match cast_to {
         None => {
             let mut mem = res.backend.alloc(len, name.to_string())?;
@@ -101,32 +92,7 @@ pub(crate) fn load_static(
             (mem, info.dtype, info.len)
         }
         Some(to) => {
-            let what = if info.quant.is_some() {
-                "stored blocks"
-            } else {
-                "file dtype"
-            };
-            let mut raw = res.backend.alloc(len, format!("{name} ({what})"))?;
-            raw.write(0, bytes)?;
-            let out_bytes = (n * to.size()) as u64;
-            let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
-            // SAFETY: `raw` holds the tensor's `len` stored bytes (`n`
-            // elements of the file dtype, or `q` blocks for `n` elements) and
-            // `mem` room for `n` elements of `to`; both live until the
-            // synchronize below.
-            unsafe {
-                match info.quant {
-                    Some(q) => {
-                        let dq = res.backend.dequant_kernels();
-                        stream.dequant(dq, q, raw.ptr(), mem.ptr(), n)?
-                    }
-                    None => {
-                        let k = res.backend.kernels();
-                        stream.cast(k, info.dtype, to, raw.ptr(), mem.ptr(), n)?
-                    }
-                }
-            }
-            stream.synchronize()?;
+            let (mem, out_bytes) = convert_static(res, stream, info, bytes, to)?;
             (mem, to, out_bytes)
         }
     };
@@ -138,4 +104,44 @@ pub(crate) fn load_static(
         bytes: out_bytes,
         quant: if cast_to.is_some() { None } else { info.quant },
     })
+}
+
+/// Copies a static tensor's stored `bytes` to the device and casts or
+/// dequantizes them there into a new allocation of `to`; returns it and its
+/// size.
+fn convert_static(
+    res: &Resources,
+    stream: &StreamH,
+    info: &TensorInfo,
+    bytes: &[u8],
+    to: DType,
+) -> Result<(DevMem, u64)> {
+    let name = &info.name;
+    let n: usize = info.shape.iter().product();
+    let what = if info.quant.is_some() {
+        "stored blocks"
+    } else {
+        "file dtype"
+    };
+    let mut raw = res.backend.alloc(bytes.len(), format!("{name} ({what})"))?;
+    raw.write(0, bytes)?;
+    let out_bytes = (n * to.size()) as u64;
+    let mem = res.backend.alloc(out_bytes as usize, name.to_string())?;
+    // SAFETY: `raw` holds the tensor's stored bytes (`n` elements of the
+    // file dtype, or `q` blocks for `n` elements) and `mem` room for `n`
+    // elements of `to`; both live until the synchronize below.
+    unsafe {
+        match info.quant {
+            Some(q) => {
+                let dq = res.backend.dequant_kernels();
+                stream.dequant(dq, q, raw.ptr(), mem.ptr(), n)?
+            }
+            None => {
+                let k = res.backend.kernels();
+                stream.cast(k, info.dtype, to, raw.ptr(), mem.ptr(), n)?
+            }
+        }
+    }
+    stream.synchronize()?;
+    Ok((mem, out_bytes))
 }

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use layer_streamer::llm::{LlamaModel, ModelOptions};
 use layer_streamer::quant::QuantType;
@@ -39,29 +38,9 @@ pub fn root() -> PathBuf {
 /// What the `gguf` Python package reads from `path` (scripts/gguf_reference.py
 /// in the venv of `scripts/test-env python`).
 pub fn describe(path: &Path) -> Value {
-    let env = Command::new("bash")
-        .arg(root().join("scripts/test-env"))
-        .arg("python")
-        .output()
-        .expect("running scripts/test-env");
-    assert!(
-        env.status.success(),
-        "{}",
-        String::from_utf8_lossy(&env.stderr)
-    );
-    let python = String::from_utf8(env.stdout).unwrap();
-    let out = Command::new(python.trim())
-        .arg(root().join("scripts/gguf_reference.py"))
-        .arg("describe")
-        .arg(path)
-        .output()
-        .expect("running gguf_reference.py");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("describe prints JSON")
+    let args = [std::ffi::OsStr::new("describe"), path.as_os_str()];
+    let out = crate::common::assets::python_script("gguf_reference.py", args);
+    serde_json::from_slice(&out).expect("describe prints JSON")
 }
 
 pub fn read_json(path: &Path) -> Value {

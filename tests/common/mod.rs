@@ -6,6 +6,7 @@
 //! `common::rng`, `common::tempdir`, `common::models::…` and so on.
 #![allow(dead_code)]
 
+pub mod assets;
 pub mod attention;
 mod dirs;
 pub mod models;

@@ -30,6 +30,26 @@ pub fn synth(
         .unwrap_or_else(|e| panic!("writing a {preset} model to {}: {e}", dir.display()));
 }
 
+/// Writes a tiny bf16 model of a random architecture (Qwen2 or Llama), tied
+/// or not, with random weights.
+pub fn random_tiny(dir: &Path, rng: &mut impl Rng) {
+    let arch = if rng.gen_bool(0.5) {
+        Arch::Qwen2
+    } else {
+        Arch::Llama
+    };
+    let tie = rng.gen_bool(0.5);
+    synth(
+        dir,
+        arch,
+        "tiny",
+        DType::BF16,
+        tie,
+        4_000_000_000,
+        rng.gen(),
+    );
+}
+
 /// Writes a small random model (`layers` layers, several shards) and opens it.
 pub fn small_model(dir: &Path, rng: &mut impl Rng, layers: usize, dtype: DType) -> ModelIndex {
     let shape = Shape {
