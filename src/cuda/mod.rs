@@ -31,6 +31,7 @@
 mod context;
 pub mod cublas;
 mod cublas_search;
+mod cublaslt;
 mod memory;
 mod module;
 mod stream;
