@@ -66,3 +66,94 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
         assert!(answer.contains("Paris"), "{precision}: {answer:?}");
     }
 }
+
+/// A random quantized GGUF model (untied: its output matrix stays as
+/// blocks on the device; tied: the embedding's 16-bit device matrix) on
+/// CUDA in f16: the logits with the output dequantized in several chunks
+/// equal those with one chunk bit for bit, and match the host backend's.
+#[test]
+fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
+    use layer_streamer::llm::reference::rel_l2;
+    use layer_streamer::quant::QuantType;
+    use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
+    use rand::Rng;
+
+    let test = "gpu_quantized_output_in_chunks_gives_the_same_logits";
+    let Some(_ctx) = common::gpu(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let types = [
+        QuantType::Q4_K,
+        QuantType::Q8_0,
+        QuantType::Q4_1,
+        QuantType::Q6_K,
+    ];
+    for tie in [false, true] {
+        let ty = types[rng.gen_range(0..types.len())];
+        let (hidden, vocab) = (256, 384 + 32 * rng.gen_range(0..8));
+        let spec = SynthGgufSpec {
+            arch: Arch::Llama,
+            shape: Shape {
+                hidden,
+                intermediate: 512,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                vocab,
+            },
+            ty,
+            tie,
+            seed: rng.gen(),
+        };
+        let path = dir.path().join(format!("{ty}-{tie}.gguf"));
+        write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
+        let index = ModelIndex::open(&path).unwrap();
+        let opts = ModelOptions {
+            max_batch: 3,
+            max_len: 32,
+            max_tokens: 32,
+            precision: Precision::Exact,
+        };
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|_| {
+                (0..rng.gen_range(1..9))
+                    .map(|_| rng.gen_range(0..vocab as u32))
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let mut s = LayerStreamer::builder(&index)
+            .device(Device::Cuda(0))
+            .dtype(LlamaModel::cuda_dtype(&index))
+            .build()
+            .unwrap();
+        let mut m = LlamaModel::load(&s, opts).unwrap();
+        let one = m.forward(&mut s, &inputs).unwrap();
+        // Chunks of 17..64 rows: several, the last one short.
+        let rows = rng.gen_range(17..64);
+        m.set_output_chunk_bytes(rows * hidden * 2).unwrap();
+        m.reset();
+        let chunked = m.forward(&mut s, &inputs).unwrap();
+        for (r, (a, b)) in one.iter().zip(&chunked).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{ty} tie={tie} row {r}: chunks of {rows} rows change the logits"
+            );
+        }
+        let mut h = LayerStreamer::builder(&index)
+            .device(Device::Host)
+            .file_dtype()
+            .build()
+            .unwrap();
+        let mut host = LlamaModel::load(&h, opts).unwrap();
+        let want = host.forward(&mut h, &inputs).unwrap();
+        for (g, w) in one.iter().zip(&want) {
+            let err = rel_l2(g, w);
+            eprintln!("{test}: {ty} tie={tie}: GPU (f16) against host rel_l2 {err:.2e}");
+            assert!(err < 2e-2, "{ty} tie={tie}: rel_l2 {err}");
+        }
+    }
+}

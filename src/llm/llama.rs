@@ -188,6 +188,19 @@ impl LlamaModel {
         }
     }
 
+    /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)
+    /// is dequantized into on CUDA, a chunk of rows at a time, to `bytes`
+    /// (at least one row; the default is
+    /// [`OUTPUT_CHUNK_BYTES`](crate::llm::OUTPUT_CHUNK_BYTES)). The logits
+    /// do not depend on it. Nothing changes on the host backend or for an
+    /// output matrix kept in 16 bits.
+    pub fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.exec {
+            Exec::Cuda(m) => m.set_output_chunk_bytes(bytes),
+            Exec::Host(_) => Ok(()),
+        }
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg
