@@ -280,7 +280,17 @@ impl StaticsMemory {
         self.embedding_device + self.output_device + self.output_scratch
     }
 
-    /// What the forward pass in `dtype` (2 bytes per value) holds for the
+    /// What the CUDA forward pass of `index` (its `config.json`, its
+    /// embedding and output tensors) holds with up to `max_batch` output rows
+    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`].
+    pub fn for_model(index: &ModelIndex, max_batch: usize) -> Result<StaticsMemory> {
+        let cfg = crate::llm::ModelConfig::from_model(index)?;
+        let (embed, _, head) = crate::llm::layout::static_names(index, &cfg);
+        let chunk = OUTPUT_CHUNK_BYTES;
+        StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)
+    }
+
+    /// What the forward pass in a 16-bit dtype holds for the
     /// embedding `embed` and output `output` (`None`: tied) of `index`,
     /// with up to `max_batch` output rows and a dequantization scratch of
     /// `chunk_bytes`.
