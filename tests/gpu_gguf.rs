@@ -70,7 +70,8 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
 /// A random quantized GGUF model (untied: its output matrix stays as
 /// blocks on the device; tied: the embedding's 16-bit device matrix) on
 /// CUDA in f16: the logits with the output dequantized in several chunks
-/// equal those with one chunk bit for bit, and match the host backend's.
+/// equal those with one chunk (to the bit where cuBLAS keeps its reduction
+/// order), and match the host backend's.
 #[test]
 fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
     use layer_streamer::llm::reference::rel_l2;
@@ -136,12 +137,29 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
         m.set_output_chunk_bytes(rows * hidden * 2).unwrap();
         m.reset();
         let chunked = m.forward(&mut s, &inputs).unwrap();
+        // The same products and f32 sums: bit-identical unless cuBLAS picks
+        // another reduction order for the narrower GEMMs (split-K), which
+        // moves a logit by a few f32 ulps of the row's largest; a column
+        // landing in the wrong place moves it by the whole logit.
         for (r, (a, b)) in one.iter().zip(&chunked).enumerate() {
-            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
-            assert!(
-                same,
-                "{ty} tie={tie} row {r}: chunks of {rows} rows change the logits"
+            assert_eq!(a.len(), b.len());
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let same = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() == y.to_bits())
+                .count();
+            eprintln!(
+                "{test}: {ty} tie={tie} row {r}: {same} of {} logits bit-identical with chunks \
+                 of {rows} rows",
+                a.len()
             );
+            for (c, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{ty} tie={tie} row {r} column {c}: {x} in one chunk, {y} in chunks of {rows}"
+                );
+            }
         }
         let mut h = LayerStreamer::builder(&index)
             .device(Device::Host)
