@@ -201,7 +201,12 @@ impl HostEmbedding {
         // after) has completed (`pending`); `x` holds max_tokens rows of
         // `hidden` f32s, and the staging buffer was sized for as many.
         unsafe { memcpy_htod_async(x, self.staging.buf.as_ptr(), bytes, s)? };
-        self.copied.record(s)?;
+        if let Err(e) = self.copied.record(s) {
+            // Without the event, wait for the copy here before the buffer
+            // can be written again (the error is the one to report).
+            let _ = s.synchronize();
+            return Err(e);
+        }
         self.pending = true;
         Ok(())
     }
