@@ -256,3 +256,35 @@ extern "C" __global__ void dequant_fp8_f16(const uint8_t* __restrict__ src,
                                            u64 tile_rows, u64 tile_cols, u64 flags) {
     dequant_fp8<true>(src, scale, dst, rows, cols, tile_rows, tile_cols, flags);
 }
+
+// Rows of a [rows, hidden] matrix of ggml blocks gathered by token id into
+// f32: dst[t * hidden + c] = element c of row ids[t], rounded to bf16
+// (out_f16 == 0) or f16 (saturating) as the kernels above round, then
+// widened. The embedding lookup of a tied quantized model, whose matrix
+// stays on the device as its blocks for the output GEMM: the same values as
+// a lookup in the dequantized 16-bit matrix. hidden is a multiple of QK
+// (checked on the host).
+#define DEQUANT_GATHER(NAME, QK, BYTES)                                                \
+    extern "C" __global__ void gather_##NAME##_f32(const uint8_t* __restrict__ src,    \
+                                                   const uint32_t* __restrict__ ids,   \
+                                                   float* __restrict__ dst, u64 tokens, \
+                                                   u64 hidden, u64 out_f16) {          \
+        const u64 n = tokens * hidden;                                                 \
+        const u64 row_bytes = hidden / (QK) * (BYTES);                                 \
+        for (u64 i = grid_thread(); i < n; i += grid_threads()) {                      \
+            const u64 t = i / hidden, c = i % hidden;                                  \
+            const uint8_t* b = src + (u64)ids[t] * row_bytes + (c / (QK)) * (BYTES);   \
+            const float x = NAME##_value(b, (unsigned)(c % (QK)));                     \
+            dst[i] = out_f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(x))                 \
+                             : bf16_bits_to_f32(f32_to_bf16_bits(x));                  \
+        }                                                                              \
+    }
+
+DEQUANT_GATHER(q8_0, 32, 34)
+DEQUANT_GATHER(q4_0, 32, 18)
+DEQUANT_GATHER(q4_1, 32, 20)
+DEQUANT_GATHER(q5_0, 32, 22)
+DEQUANT_GATHER(q5_1, 32, 24)
+DEQUANT_GATHER(q4_k, 256, 144)
+DEQUANT_GATHER(q5_k, 256, 176)
+DEQUANT_GATHER(q6_k, 256, 210)

@@ -117,6 +117,108 @@ fn device_dequantization_is_bit_exact_with_the_host() {
     }
 }
 
+/// The embedding lookup in a quantized matrix on the device: rows gathered
+/// by random ids (repeats included) are the host's dequantization of those
+/// rows into bf16 or f16, widened to f32, bit for bit, with nothing written
+/// past the output.
+#[test]
+fn gathered_rows_are_the_host_rows_rounded_and_widened() {
+    let test = "gathered_rows_are_the_host_rows_rounded_and_widened";
+    let Some(ctx) = common::gpu(test) else { return };
+    let mut rng = common::rng(test);
+    let stream = Stream::new(&ctx).unwrap();
+    let kernels = DequantKernels::load(&ctx).unwrap();
+    let block_types = QuantType::ALL.into_iter().filter(|t| t.is_quantized());
+    for (ty, to) in block_types.flat_map(|t| [(t, DType::BF16), (t, DType::F16)]) {
+        let be = ty.block_elems() as usize;
+        let (rows, hidden) = (rng.gen_range(1..200), be * rng.gen_range(1..12));
+        let row_bytes = ty.row_bytes(hidden as u64).unwrap() as usize;
+        let blocks = quant_blocks::random_blocks(ty, rows * hidden / be, &mut rng);
+        let tokens = rng.gen_range(1..300);
+        let ids: Vec<u32> = (0..tokens).map(|_| rng.gen_range(0..rows as u32)).collect();
+        let mut want = Vec::with_capacity(tokens * hidden);
+        for &id in &ids {
+            let row = &blocks[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+            let bits = host_blocks(ty, to, row, hidden);
+            want.extend(bits.iter().map(|&b| match to {
+                DType::F16 => f16::from_bits(b).to_f32(),
+                _ => bf16::from_bits(b).to_f32(),
+            }));
+        }
+        let src = upload(&ctx, &blocks, 0);
+        let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
+        let idb = upload(&ctx, &id_bytes, 0);
+        let n = tokens * hidden;
+        let dst = DeviceBuffer::alloc(&ctx, 4 * n + SLACK).unwrap();
+        dst.copy_from_host(0, &vec![SENTINEL; dst.len()]).unwrap();
+        // SAFETY: src holds `rows` rows of blocks and every id is below
+        // rows; idb holds the ids, dst room for n f32s; all live until the
+        // synchronize below.
+        unsafe {
+            kernels
+                .gather_rows_f32(
+                    ty,
+                    to,
+                    src.ptr(),
+                    idb.ptr(),
+                    dst.ptr(),
+                    tokens as u64,
+                    hidden as u64,
+                    &stream,
+                )
+                .unwrap()
+        };
+        stream.synchronize().unwrap();
+        let mut out = vec![0u8; dst.len()];
+        dst.copy_to_host(0, &mut out).unwrap();
+        assert!(
+            out[4 * n..].iter().all(|&b| b == SENTINEL),
+            "{ty} to {to}: stray write"
+        );
+        for (i, (w, g)) in want.iter().zip(out.chunks_exact(4)).enumerate() {
+            let got = f32::from_le_bytes([g[0], g[1], g[2], g[3]]);
+            assert_eq!(
+                got.to_bits(),
+                w.to_bits(),
+                "{ty} to {to}: token {} (row {}) element {}: device {got} host {w}",
+                i / hidden,
+                ids[i / hidden],
+                i % hidden
+            );
+        }
+    }
+    // SAFETY: refused before anything is launched.
+    unsafe {
+        let buf = DeviceBuffer::alloc(&ctx, 4096).unwrap();
+        let e = kernels
+            .gather_rows_f32(
+                QuantType::F16,
+                DType::F16,
+                buf.ptr(),
+                buf.ptr(),
+                buf.ptr(),
+                1,
+                32,
+                &stream,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("only block types"), "{e}");
+        let e = kernels
+            .gather_rows_f32(
+                QuantType::Q4_K,
+                DType::F16,
+                buf.ptr(),
+                buf.ptr(),
+                buf.ptr(),
+                1,
+                100,
+                &stream,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("block of 256"), "{e}");
+    }
+}
+
 #[test]
 fn partial_blocks_and_misaligned_outputs_are_refused() {
     let test = "partial_blocks_and_misaligned_outputs_are_refused";

@@ -67,9 +67,9 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
     }
 }
 
-/// A random quantized GGUF model (untied: its output matrix stays as
-/// blocks on the device; tied: the embedding's 16-bit device matrix) on
-/// CUDA in f16: the logits with the output dequantized in several chunks
+/// A random quantized GGUF model on CUDA in f16, its output matrix kept on
+/// the device as blocks (tied: the same blocks serve the embedding lookup;
+/// untied: the embedding stays in host memory): the logits with the output dequantized in several chunks
 /// equal those with one chunk (to the bit where cuBLAS keeps its reduction
 /// order), and match the host backend's.
 #[test]

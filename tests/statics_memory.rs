@@ -2,7 +2,7 @@
 //! (`llm::StaticsMemory`, printed by `inspect` and `bench-generate`): an
 //! untied quantized model keeps its embedding in host memory as stored and
 //! its output as stored blocks plus a bounded scratch on the device; a tied
-//! one keeps one 16-bit matrix on the device.
+//! one keeps the blocks on the device once, for both.
 
 mod common;
 
@@ -40,9 +40,11 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
         let len = |n: &str| index.tensor(n).unwrap().len;
         let q6k = (vocab * hidden / 256 * 210) as u64;
         if tie {
+            // The output's blocks are the embedding: one copy, as stored.
             assert_eq!(len("model.embed_tokens.weight"), q6k);
             let want = StaticsMemory {
-                embedding_device: (2 * vocab * hidden) as u64,
+                output_device: q6k,
+                output_scratch: (vocab * hidden * 2) as u64,
                 ..StaticsMemory::default()
             };
             assert_eq!(m, want);
@@ -72,4 +74,39 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
             (rows * hidden * 2 + batch * rows * 4) as u64
         );
     }
+}
+
+#[test]
+fn a_tied_16_bit_embedding_is_one_device_matrix() {
+    use layer_streamer::synth::Arch;
+    use layer_streamer::DType;
+    let mut rng = common::rng("a_tied_16_bit_embedding_is_one_device_matrix");
+    let dir = common::tempdir();
+    let tie = rng.gen_bool(0.5);
+    common::models::synth(
+        dir.path(),
+        Arch::Qwen2,
+        "tiny",
+        DType::BF16,
+        tie,
+        1 << 40,
+        rng.gen(),
+    );
+    let index = ModelIndex::open(dir.path()).unwrap();
+    let m = StaticsMemory::for_model(&index, 1).unwrap();
+    let embed = index.tensor("model.embed_tokens.weight").unwrap();
+    let matrix = 2 * embed.shape.iter().product::<usize>() as u64;
+    let want = if tie {
+        StaticsMemory {
+            embedding_device: matrix,
+            ..StaticsMemory::default()
+        }
+    } else {
+        StaticsMemory {
+            embedding_host: embed.len,
+            output_device: matrix,
+            ..StaticsMemory::default()
+        }
+    };
+    assert_eq!(m, want, "tie={tie}");
 }

@@ -28,6 +28,7 @@ use crate::llm::gpu_embed::{model_dtype, Embedding};
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
+use crate::llm::gpu_output::load_embedding_and_output;
 use crate::llm::gpu_output::OutputHead;
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
 use crate::llm::kv_cache::KvCache;
@@ -114,10 +115,10 @@ impl CudaModel {
         let (t, b, p) = (opts.max_tokens, opts.max_batch, opts.precision);
         let (embed, norm, head) = static_names(streamer.model(), cfg);
         let dtype = model_dtype(streamer, &embed)?;
-        let (tied, h) = (head.is_none(), cfg.hidden);
-        let embed = Embedding::load(streamer, &embed, tied, dtype, h, t)?;
+        let (v, h) = (cfg.vocab, cfg.hidden);
+        let (embed, head) =
+            load_embedding_and_output(streamer, &embed, head.as_deref(), dtype, v, h, t, b)?;
         let norm = streamer.load_static(&norm)?;
-        let head = OutputHead::load(streamer, head.as_deref(), dtype, cfg.vocab, h, b)?;
         need_dtype(&norm, dtype)?;
         if let Some(m) = head.dense(&embed) {
             need_dtype(m, dtype)?;
@@ -274,8 +275,9 @@ impl CudaModel {
             // least the pass's tokens.
             unsafe {
                 let (ids, x) = (ws.ids.ptr(), ws.x.ptr());
+                let (k, head) = (&self.kernels, &self.head);
                 self.embed
-                    .queue(s, &self.kernels, ids, x, &b.tokens, cfg.hidden)?;
+                    .queue(s, k, head, ids, x, &b.tokens, cfg.hidden)?;
             }
         }
         let me = &mut *self;

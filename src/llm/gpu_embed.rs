@@ -8,8 +8,11 @@
 //! dequantization and cast kernels round, widens them to f32 and uploads
 //! them into the residual stream through a pinned staging buffer: the same
 //! values the device lookup of a 16-bit matrix gives. A tied embedding is
-//! the output matrix too, which the device needs: it is loaded once, in
-//! the 16-bit dtype, and looked up there (one copy, on the device).
+//! the output matrix too, which the device needs, so it stays there, once:
+//! as the output's stored blocks when quantized (looked up by a kernel that
+//! dequantizes the tokens' rows, see
+//! [`gather_rows_f32`](crate::quant::device::DequantKernels::gather_rows_f32)),
+//! else in the 16-bit dtype.
 
 use std::os::unix::fs::FileExt;
 
@@ -19,6 +22,7 @@ use crate::checkpoint::TensorInfo;
 use crate::cuda::{memcpy_htod_async, Context, Event, Stream};
 use crate::llm::gpu_io::StagingBuf;
 use crate::llm::gpu_kernels::ModelKernels;
+use crate::llm::gpu_output::OutputHead;
 use crate::quant::{self, QuantType};
 use crate::{DType, DeviceTensor, Error, LayerStreamer, ModelIndex, Result};
 
@@ -219,6 +223,9 @@ pub(crate) enum Embedding {
     Device(DeviceTensor),
     /// Untied: the stored bytes in host memory.
     Host(Box<HostEmbedding>),
+    /// Tied and quantized: the output matrix's blocks on the device
+    /// ([`OutputHead::Chunked`]).
+    Blocks,
 }
 
 impl Embedding {
@@ -250,20 +257,23 @@ impl Embedding {
     pub(crate) fn device_matrix(&self) -> Option<&DeviceTensor> {
         match self {
             Embedding::Device(t) => Some(t),
-            Embedding::Host(_) => None,
+            Embedding::Host(_) | Embedding::Blocks => None,
         }
     }
 
-    /// Queues `x[i] = f32(embedding[tokens[i]])` on `s`.
+    /// Queues `x[i] = f32(embedding[tokens[i]])` on `s`; `head` is the
+    /// model's output matrix (whose blocks a tied quantized embedding is).
     ///
     /// # Safety
     /// `ids` holds `tokens` on the device (queued on `s` before), each below
     /// the embedding's rows; `x` has room for `max_tokens >= tokens.len()`
     /// rows of `hidden` f32s.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn queue(
         &mut self,
         s: &Stream,
         kernels: &ModelKernels,
+        head: &OutputHead,
         ids: u64,
         x: u64,
         tokens: &[u32],
@@ -276,6 +286,8 @@ impl Embedding {
                 kernels.embed(s, t.ptr(), ids, x, tokens.len(), hidden)
             },
             Embedding::Host(h) => h.queue(s, tokens, x),
+            // SAFETY: forwarded from the caller.
+            Embedding::Blocks => unsafe { head.gather(s, ids, x, tokens.len()) },
         }
     }
 }

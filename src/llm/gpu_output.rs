@@ -6,9 +6,10 @@
 //! The logits GEMM dequantizes it in chunks of rows into a bounded 16-bit
 //! scratch ([`OUTPUT_CHUNK_BYTES`] by default) and runs one GEMM per chunk;
 //! a 2-D copy puts each chunk's columns into the logits. With one chunk the
-//! GEMM writes the logits directly, as a 16-bit static output does. A plain
-//! output matrix is a 16-bit static, and a tied one is the embedding's
-//! device matrix.
+//! GEMM writes the logits directly, as a 16-bit static output does. A tied
+//! quantized embedding is such an output matrix too, and the embedding
+//! lookup gathers its rows from the blocks. A plain output matrix is a
+//! 16-bit static, and a tied plain one the embedding's device matrix.
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{memcpy_2d_dtod_async, DeviceBuffer, Stream};
@@ -35,6 +36,39 @@ pub(crate) fn row_chunks(vocab: usize, chunk_rows: usize) -> impl Iterator<Item 
 /// `vocab`).
 pub(crate) fn chunk_rows(bytes: usize, hidden: usize, vocab: usize) -> usize {
     (bytes / (2 * hidden).max(1)).clamp(1, vocab.max(1))
+}
+
+/// The embedding `embed` and the output matrix `head` (`None`: tied) of a
+/// forward pass in `dtype` for passes of up to `max_tokens` tokens and
+/// `max_batch` output rows of `vocab` logits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_embedding_and_output(
+    streamer: &LayerStreamer,
+    embed: &str,
+    head: Option<&str>,
+    dtype: DType,
+    vocab: usize,
+    hidden: usize,
+    max_tokens: usize,
+    max_batch: usize,
+) -> Result<(Embedding, OutputHead)> {
+    let index = streamer.model();
+    let quantized = index.tensor(embed).is_some_and(|t| t.quant.is_some());
+    let (t, b) = (max_tokens, max_batch);
+    Ok(match head {
+        None if quantized => {
+            let head = OutputHead::load(streamer, Some(embed), dtype, vocab, hidden, b)?;
+            (Embedding::Blocks, head)
+        }
+        None => {
+            let e = Embedding::load(streamer, embed, true, dtype, hidden, t)?;
+            (e, OutputHead::Tied)
+        }
+        Some(h) => (
+            Embedding::load(streamer, embed, false, dtype, hidden, t)?,
+            OutputHead::load(streamer, Some(h), dtype, vocab, hidden, b)?,
+        ),
+    })
 }
 
 /// The output matrix as the forward pass holds it.
@@ -87,6 +121,31 @@ impl OutputHead {
         match self {
             OutputHead::Chunked(h) => h.set_chunk_bytes(bytes),
             _ => Ok(()),
+        }
+    }
+
+    /// Queues the embedding lookup of a tied quantized embedding, whose
+    /// blocks this output matrix holds: `x[i] = f32(row ids[i])` for
+    /// `tokens` ids; an error for other output matrices.
+    ///
+    /// # Safety
+    /// `ids` holds `tokens` u32s on the device, each below the matrix's rows;
+    /// `x` room for `tokens` rows of `hidden` f32s; both live until the
+    /// queued work completes.
+    pub(crate) unsafe fn gather(&self, s: &Stream, ids: u64, x: u64, tokens: usize) -> Result<()> {
+        let OutputHead::Chunked(c) = self else {
+            return Err(Error::Pipeline(
+                "the embedding is looked up in the output's blocks, but the output is not \
+                 kept as blocks"
+                    .into(),
+            ));
+        };
+        let (ty, to, hidden) = (c.ty, c.dtype, c.hidden as u64);
+        // SAFETY: `blocks` holds every row of the matrix; the rest is the
+        // caller's contract.
+        unsafe {
+            c.kernels
+                .gather_rows_f32(ty, to, c.blocks.ptr(), ids, x, tokens as u64, hidden, s)
         }
     }
 
@@ -263,7 +322,8 @@ impl ChunkedHead {
 /// matrix, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StaticsMemory {
-    /// The embedding on the device (tied embeddings only).
+    /// The embedding on the device: a tied 16-bit one (a tied quantized one
+    /// is the output's blocks, counted in `output_device`).
     pub embedding_device: u64,
     /// The embedding in host memory (untied embeddings), as stored.
     pub embedding_host: u64,
@@ -309,15 +369,19 @@ impl StaticsMemory {
         };
         let e = tensor(embed)?;
         let elems = |t: &crate::checkpoint::TensorInfo| t.shape.iter().product::<usize>() as u64;
-        let Some(output) = output else {
-            return Ok(StaticsMemory {
-                embedding_device: 2 * elems(e),
-                ..StaticsMemory::default()
-            });
+        let o = match output {
+            Some(n) => tensor(n)?,
+            // Tied and quantized: the output's blocks serve both.
+            None if e.quant.is_some() => e,
+            None => {
+                return Ok(StaticsMemory {
+                    embedding_device: 2 * elems(e),
+                    ..StaticsMemory::default()
+                })
+            }
         };
-        let o = tensor(output)?;
         let mut m = StaticsMemory {
-            embedding_host: e.len,
+            embedding_host: if output.is_some() { e.len } else { 0 },
             ..StaticsMemory::default()
         };
         if o.quant.is_none() {

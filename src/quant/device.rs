@@ -78,6 +78,22 @@ pub fn kernel_name_for(ty: QuantType, to: DType) -> Result<&'static str> {
     })
 }
 
+/// The kernel entry point that gathers rows of `ty` blocks by token id
+/// into f32 (through bf16 or f16); `None` for plain floats.
+pub const fn gather_kernel_name(ty: QuantType) -> Option<&'static str> {
+    Some(match ty {
+        QuantType::Q8_0 => "gather_q8_0_f32",
+        QuantType::Q4_0 => "gather_q4_0_f32",
+        QuantType::Q4_1 => "gather_q4_1_f32",
+        QuantType::Q5_0 => "gather_q5_0_f32",
+        QuantType::Q5_1 => "gather_q5_1_f32",
+        QuantType::Q4_K => "gather_q4_k_f32",
+        QuantType::Q5_K => "gather_q5_k_f32",
+        QuantType::Q6_K => "gather_q6_k_f32",
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => return None,
+    })
+}
+
 /// The kernel entry point that dequantizes FP8 weights with their scales
 /// into bf16.
 pub const FP8_KERNEL: &str = "dequant_fp8_bf16";
@@ -92,6 +108,8 @@ pub struct DequantKernels {
     functions: [Vec<Function>; 2],
     /// [`FP8_KERNEL`] and [`FP8_KERNEL_F16`].
     fp8: [Function; 2],
+    /// [`gather_kernel_name`], indexed like [`QuantType::ALL`].
+    gather: Vec<Option<Function>>,
 }
 
 impl DequantKernels {
@@ -109,10 +127,19 @@ impl DequantKernels {
             module.function(FP8_KERNEL)?,
             module.function(FP8_KERNEL_F16)?,
         ];
+        let gather = QuantType::ALL
+            .into_iter()
+            .map(|t| {
+                gather_kernel_name(t)
+                    .map(|n| module.function(n))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DequantKernels {
             _module: module,
             functions,
             fp8,
+            gather,
         })
     }
 
@@ -180,6 +207,64 @@ impl DequantKernels {
 }
 
 impl DequantKernels {
+    /// Queues `dst[t * hidden + c] = f32(x)` for `tokens` token ids at `ids`
+    /// (u32), where `x` is element `c` of row `ids[t]` of the `[rows,
+    /// hidden]` matrix of `ty` blocks at `src`, dequantized into `to` (bf16
+    /// or f16) exactly as [`dequantize`](Self::dequantize) does: a lookup in
+    /// a quantized embedding that gives what a lookup in its dequantized
+    /// matrix gives. `hidden` must be a multiple of the block; `ids` and
+    /// `dst` must be 4-byte aligned. Returns without waiting.
+    ///
+    /// # Safety
+    /// `src` must be device memory of the stream's context holding every row
+    /// `ids` names (`ty.row_bytes(hidden)` bytes each), `ids` `tokens` u32s
+    /// and `dst` room for `tokens * hidden` f32s not overlapping the inputs;
+    /// all must stay allocated, the inputs unmodified and `dst` unread by
+    /// other work, until the queued kernel completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_rows_f32(
+        &self,
+        ty: QuantType,
+        to: DType,
+        src: u64,
+        ids: u64,
+        dst: u64,
+        tokens: u64,
+        hidden: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let what = format!("gathering rows of {ty}");
+        let out = output_index(to, &what)? as u64;
+        let at = QuantType::ALL.iter().position(|&t| t == ty).unwrap_or(0);
+        let Some(f) = self.gather.get(at).and_then(Option::as_ref) else {
+            return Err(Error::Input(format!(
+                "{what}: only block types are gathered on the device"
+            )));
+        };
+        ty.row_bytes(hidden)
+            .map_err(|e| Error::Input(format!("{what}: {e}")))?;
+        if !dst.is_multiple_of(4) || !ids.is_multiple_of(4) {
+            return Err(Error::Input(format!(
+                "{what}: ids = {ids:#x} and dst = {dst:#x} must be 4-byte aligned"
+            )));
+        }
+        let n = tokens
+            .checked_mul(hidden)
+            .ok_or_else(|| Error::Input(format!("{what}: {tokens} rows of {hidden} overflow")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut args = [src, ids, dst, tokens, hidden, out];
+        let mut params: Vec<*mut c_void> =
+            args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
+        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // SAFETY: every gather kernel takes (const uint8_t*, const uint32_t*,
+        // float*, u64, u64, u64), passed as six 64-bit values that `params`
+        // points to for the call; the device ranges are the caller's
+        // contract above.
+        unsafe { f.launch((grid, 1, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
+    }
+
     /// [`dequantize_fp8`](Self::dequantize_fp8) into bf16.
     ///
     /// # Safety
@@ -280,6 +365,15 @@ mod tests {
                 let entry = format!(".entry {}(", kernel_name_for(ty, to).unwrap());
                 assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
             }
+        }
+        let gathered: Vec<_> = QuantType::ALL
+            .into_iter()
+            .filter_map(gather_kernel_name)
+            .collect();
+        assert_eq!(gathered.len(), 8, "every block type gathers");
+        for name in gathered {
+            let entry = format!(".entry {name}(");
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
         }
         for name in [FP8_KERNEL, FP8_KERNEL_F16] {
             let entry = format!(".entry {name}(");
