@@ -388,3 +388,57 @@ pub unsafe fn memcpy_dtod_async(dst: u64, src: u64, len: usize, stream: &Stream)
         sys::cuMemcpyDtoDAsync_v2(dst, src, len, stream.raw())
     })
 }
+
+/// Queues a copy of `height` rows of `width` bytes between device addresses
+/// on `stream`: row `i` goes from `src + i * src_pitch` to
+/// `dst + i * dst_pitch` (e.g. a block of columns into a wider matrix).
+/// Both pitches must be at least `width`.
+///
+/// # Safety
+/// Every row range of both sides must be device memory of the stream's
+/// context, not freed before the copy completes; the two sides must not
+/// overlap.
+pub unsafe fn memcpy_2d_dtod_async(
+    dst: u64,
+    dst_pitch: usize,
+    src: u64,
+    src_pitch: usize,
+    width: usize,
+    height: usize,
+    stream: &Stream,
+) -> Result<()> {
+    if width == 0 || height == 0 {
+        return Ok(());
+    }
+    if dst_pitch < width || src_pitch < width {
+        return Err(Error::Input(format!(
+            "a 2-D copy of rows of {width} bytes needs pitches of at least that, not \
+             {src_pitch} (source) and {dst_pitch} (destination)"
+        )));
+    }
+    stream.context().bind()?;
+    let copy = sys::CUDA_MEMCPY2D {
+        srcXInBytes: 0,
+        srcY: 0,
+        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        srcHost: std::ptr::null(),
+        srcDevice: src,
+        srcArray: std::ptr::null_mut(),
+        srcPitch: src_pitch,
+        dstXInBytes: 0,
+        dstY: 0,
+        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
+        dstHost: std::ptr::null_mut(),
+        dstDevice: dst,
+        dstArray: std::ptr::null_mut(),
+        dstPitch: dst_pitch,
+        WidthInBytes: width,
+        Height: height,
+    };
+    // SAFETY: `copy` is a live, fully initialised descriptor of two device
+    // ranges (the driver reads it before returning); the caller guarantees
+    // the ranges stay valid until the copy completes.
+    check("cuMemcpy2DAsync_v2", unsafe {
+        sys::cuMemcpy2DAsync_v2(&copy, stream.raw())
+    })
+}

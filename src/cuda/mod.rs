@@ -45,7 +45,8 @@ use crate::error::{Error, Result};
 
 pub use context::Context;
 pub use memory::{
-    memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer, HostRegistration,
+    memcpy_2d_dtod_async, memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer,
+    HostRegistration,
 };
 pub use module::{Function, Module};
 pub use stream::{Event, Stream};

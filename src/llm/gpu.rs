@@ -24,9 +24,11 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
+use crate::llm::gpu_embed::{model_dtype, Embedding};
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
+use crate::llm::gpu_output::{load_embedding_and_output, OutputHead};
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
 use crate::llm::kv_cache::KvCache;
 use crate::llm::layout::static_names;
@@ -65,9 +67,9 @@ pub(crate) struct CudaModel {
     /// The weights' dtype (bf16 or f16), shared by the GEMM inputs.
     dtype: DType,
     blas: Cublas,
-    embed: DeviceTensor,
+    embed: Embedding,
     norm: DeviceTensor,
-    lm_head: Option<DeviceTensor>,
+    head: OutputHead,
     attn: Attention,
     kv: KvCache,
     cos: DeviceBuffer,
@@ -87,7 +89,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn need_dtype(t: &DeviceTensor, dtype: DType) -> Result<()> {
     if t.dtype() != dtype {
         return Err(Error::config(format!(
-            "tensor {} is {} on the device but the embedding is {dtype}; the CUDA forward pass \
+            "tensor {} is {} on the device but the model computes in {dtype}; the CUDA forward pass \
              needs every weight in one 16-bit dtype (build the streamer with \
              LlamaModel::cuda_dtype)",
             t.name(),
@@ -109,16 +111,17 @@ impl CudaModel {
         if let Some(why) = unimplemented_on_cuda(cfg) {
             return Err(Error::config(why));
         }
-        let (embed, norm, head) = static_names(streamer.model(), cfg);
-        let embed = streamer.load_static(&embed)?;
-        let norm = streamer.load_static(&norm)?;
-        let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
-        let dtype = embed.dtype();
-        need_dtype(&norm, dtype)?;
-        if let Some(h) = &lm_head {
-            need_dtype(h, dtype)?;
-        }
         let (t, b, p) = (opts.max_tokens, opts.max_batch, opts.precision);
+        let (embed, norm, head) = static_names(streamer.model(), cfg);
+        let dtype = model_dtype(streamer, &embed)?;
+        let (v, h) = (cfg.vocab, cfg.hidden);
+        let (embed, head) =
+            load_embedding_and_output(streamer, &embed, head.as_deref(), dtype, v, h, t, b)?;
+        let norm = streamer.load_static(&norm)?;
+        need_dtype(&norm, dtype)?;
+        if let Some(m) = head.dense(&embed) {
+            need_dtype(m, dtype)?;
+        }
         let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
         let (cos, sin) = cfg.rope_tables(opts.max_len);
         let cos_d = alloc(cos.len() * 4)?;
@@ -161,7 +164,7 @@ impl CudaModel {
             blas: Cublas::new(ctx)?,
             embed,
             norm,
-            lm_head,
+            head,
             attn,
             kv,
             cos: cos_d,
@@ -179,6 +182,11 @@ impl CudaModel {
         } else {
             GemmType::BF16
         }
+    }
+
+    /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).
+    pub(crate) fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        self.head.set_chunk_bytes(bytes)
     }
 
     pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
@@ -254,7 +262,6 @@ impl CudaModel {
         cfg: &ModelConfig,
         b: &PassBatch,
     ) -> Result<bool> {
-        let t = b.tokens.len();
         self.attn.prepare(&b.seq, &b.pos)?;
         {
             let s = cuda_stream(streamer)?;
@@ -262,11 +269,14 @@ impl CudaModel {
             let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
             self.io.upload(s, b, dst)?;
             self.blas.set_stream(s)?;
-            // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
-            // checked against vocab; ids and x are sized for max_tokens >= t.
+            // SAFETY: the ids were queued on `s` above and every one was
+            // checked against vocab; ids and x are sized for max_tokens, at
+            // least the pass's tokens.
             unsafe {
-                self.kernels
-                    .embed(s, self.embed.ptr(), ws.ids.ptr(), ws.x.ptr(), t, cfg.hidden)?;
+                let (ids, x) = (ws.ids.ptr(), ws.x.ptr());
+                let (k, head) = (&self.kernels, &self.head);
+                self.embed
+                    .queue(s, k, head, ids, x, &b.tokens, cfg.hidden)?;
             }
         }
         let me = &mut *self;
@@ -311,30 +321,19 @@ impl CudaModel {
     /// `ws.logits`.
     fn queue_logits(&mut self, s: &Stream, cfg: &ModelConfig, n_out: usize) -> Result<()> {
         let ws = &self.ws;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let hw = self.gemm_type();
         let (last, h) = (ws.last.split(), cfg.hidden);
         // SAFETY: rows index tokens of this pass; last holds max_batch rows and
-        // logits max_batch * vocab f32; the head is [vocab, hidden] of the
-        // model's 16-bit dtype (shapes checked at load).
+        // logits max_batch * vocab f32; the head is [vocab, hidden] (shapes
+        // checked at load); cuBLAS is bound to `s` (queue_pass).
         unsafe {
             let (x, norm, rows) = (ws.x.ptr(), self.norm.ptr(), ws.rows.ptr());
             let eps = cfg.rms_norm_eps;
             self.kernels
                 .rms_norm(s, x, norm, rows, last, n_out, h, eps)?;
-            let (f, logits) = (GemmType::F32, ws.logits.ptr());
-            linear_split(
-                &mut self.blas,
-                hw,
-                last,
-                head.ptr(),
-                logits,
-                f,
-                n_out,
-                cfg.vocab,
-                h,
-                0.0,
-            )
+            let (blas, logits, v) = (&mut self.blas, ws.logits.ptr(), cfg.vocab);
+            self.head
+                .queue(&self.embed, blas, hw, last, logits, n_out, v, h, s)
         }
     }
 

@@ -160,10 +160,22 @@ impl LlamaModel {
     }
 
     /// The compute dtype to build a CUDA streamer with for this model: f16
-    /// when every float tensor is f16 (kept as is: f16 GEMMs lose less than a
-    /// cast to bf16), else bf16 (f16 and f32 tensors cast on the device).
+    /// when its layer weights are quantized (ggml blocks or FP8: they
+    /// dequantize on the device into f16, whose 10 mantissa bits hold a
+    /// 4-bit code times its f16 scale far better than bf16's 7, as llama.cpp
+    /// does) or when every float tensor is f16 (kept as is: f16 GEMMs lose
+    /// less than a cast to bf16); else bf16 (f16 and f32 tensors cast on the
+    /// device).
     pub fn cuda_dtype(index: &crate::ModelIndex) -> crate::DType {
         use crate::DType;
+        let quantized = index
+            .layers()
+            .iter()
+            .flat_map(|l| &l.tensors)
+            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
+        if quantized {
+            return DType::F16;
+        }
         let floats: Vec<DType> = index
             .dtypes()
             .into_iter()
@@ -173,6 +185,19 @@ impl LlamaModel {
             DType::F16
         } else {
             DType::BF16
+        }
+    }
+
+    /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)
+    /// is dequantized into on CUDA, a chunk of rows at a time, to `bytes`
+    /// (at least one row; the default is
+    /// [`OUTPUT_CHUNK_BYTES`](crate::llm::OUTPUT_CHUNK_BYTES)). The logits
+    /// do not depend on it. Nothing changes on the host backend or for an
+    /// output matrix kept in 16 bits.
+    pub fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.exec {
+            Exec::Cuda(m) => m.set_output_chunk_bytes(bytes),
+            Exec::Host(_) => Ok(()),
         }
     }
 

@@ -88,11 +88,12 @@ impl<'a> TensorView<'a> {
 /// A cast of one tensor inside a slot.
 #[derive(Debug, Clone)]
 pub(crate) struct CastOp {
-    /// The block type when this is a dequantization (into bf16); `from` is
-    /// then the stored byte type.
+    /// The stored type when the dequantization kernels convert the tensor
+    /// (see [`dequant_source`]): a block type (`from` is then the stored
+    /// byte type), or a plain float going to f16.
     pub(crate) quant: Option<QuantType>,
     /// An FP8 weight's decode and the offset of its scale tensor in the
-    /// slot, when this is an FP8 dequantization (into bf16).
+    /// slot, when this is an FP8 dequantization (into bf16 or f16).
     pub(crate) fp8: Option<(Fp8Layout, u64)>,
     pub(crate) from: DType,
     pub(crate) to: DType,
@@ -167,7 +168,7 @@ impl LayerPlan {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
                     casts.push(CastOp {
-                        quant: info.quant,
+                        quant: dequant_source(info, to),
                         fp8,
                         from: info.dtype,
                         to,
@@ -232,7 +233,7 @@ fn layer_shift(layer: &Layer, as_stored: impl Fn(&LayerTensor) -> bool) -> u64 {
 
 /// The dtype a tensor is converted to on the device for the compute dtype
 /// `dtype`, or `None` when it travels as stored. Block-quantized and FP8
-/// weights dequantize to bf16 only.
+/// weights dequantize to bf16 or f16 only.
 pub(crate) fn cast_target(
     model: &ModelIndex,
     info: &TensorInfo,
@@ -245,11 +246,11 @@ pub(crate) fn cast_target(
         None
     };
     Ok(match (dtype, stored) {
-        (Some(DType::BF16), Some(_)) => Some(DType::BF16),
+        (Some(d @ (DType::BF16 | DType::F16)), Some(_)) => Some(d),
         (Some(d), Some(ty)) => {
             return Err(Error::config(format!(
-                "tensor {} of {} is {ty}, which dequantizes to bf16 only, not the compute \
-                 dtype {d}",
+                "tensor {} of {} is {ty}, which dequantizes to bf16 or f16 only, not the \
+                 compute dtype {d}",
                 info.name,
                 file(),
             )))
@@ -266,6 +267,19 @@ pub(crate) fn cast_target(
         }
         _ => None,
     })
+}
+
+/// The type the dequantization kernels read when `info` is converted to
+/// `to`: its block type, or, for a plain float going to f16, that float
+/// (the cast kernels write bf16 only; the dequantization kernels write both,
+/// saturating at f16's range). `None` when the cast kernels (into bf16) or
+/// the FP8 kernels do the conversion.
+pub(crate) fn dequant_source(info: &TensorInfo, to: DType) -> Option<QuantType> {
+    match info.quant {
+        Some(q) => Some(q),
+        None if to == DType::F16 && info.scale.is_none() => QuantType::from_dtype(info.dtype),
+        None => None,
+    }
 }
 
 /// An FP8 weight's decode and the slot offset of its scale tensor, which

@@ -527,8 +527,10 @@ fn queue_casts(res: &Resources, stream: &StreamH, plan: &LayerPlan, dst: &DevMem
         unsafe {
             let dq = res.backend.dequant_kernels();
             match (c.quant, &c.fp8) {
-                (Some(q), _) => stream.dequant(dq, q, src, out, c.n)?,
-                (None, Some((l, scale))) => stream.dequant_fp8(dq, l, src, base + scale, out)?,
+                (Some(q), _) => stream.dequant(dq, q, c.to, src, out, c.n)?,
+                (None, Some((l, scale))) => {
+                    stream.dequant_fp8(dq, l, c.to, src, base + scale, out)?
+                }
                 (None, None) => stream.cast(kernels, c.from, c.to, src, out, c.n)?,
             }
         }

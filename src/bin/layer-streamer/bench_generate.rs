@@ -164,6 +164,20 @@ fn header(
         a.stream.opts.config.device,
         a.stream.precision
     );
+    let mem = streamer.memory().device_bytes();
+    let max_batch = parse_list(&a.batch, "batch size").ok();
+    let max_batch = max_batch.and_then(|b| b.into_iter().max()).unwrap_or(1);
+    if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch) {
+        println!(
+            "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding and output \
+             ({:.2} GB output, {:.2} GB scratch); {:.2} GB of embedding in host memory",
+            mem as f64 / 1e9,
+            m.device_bytes() as f64 / 1e9,
+            m.output_device as f64 / 1e9,
+            m.output_scratch as f64 / 1e9,
+            m.embedding_host as f64 / 1e9
+        );
+    }
     let (peak, pinned_h2d) = measure_ceilings(streamer);
     println!(
         "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
