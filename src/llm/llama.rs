@@ -4,6 +4,7 @@
 
 use crate::llm::config::ModelConfig;
 use crate::llm::host::HostModel;
+use crate::llm::kv_cache::KvTransfer;
 use crate::llm::sampling::{sample_draw, TokenDraw};
 use crate::{Error, LayerStreamer, Result};
 
@@ -19,6 +20,11 @@ pub struct ModelOptions {
     pub max_tokens: usize,
     /// How the GEMM inputs and the KV cache are rounded (see [`Precision`]).
     pub precision: Precision,
+    /// On CUDA, keep each layer's KV cache in page-locked host RAM and copy
+    /// the positions in use through a ring of device slots with its layer
+    /// (for batches whose cache exceeds the GPU's memory); the device holds
+    /// only the slots. The host backend keeps its cache in RAM either way.
+    pub kv_offload: bool,
 }
 
 impl Default for ModelOptions {
@@ -28,6 +34,7 @@ impl Default for ModelOptions {
             max_len: 2048,
             max_tokens: 2048,
             precision: Precision::Fast,
+            kv_offload: false,
         }
     }
 }
@@ -372,6 +379,15 @@ impl LlamaModel {
             }
         }
         (b, taken)
+    }
+
+    /// The KV bytes the latest pass copied between host and device, with
+    /// [`ModelOptions::kv_offload`] on CUDA; `None` otherwise.
+    pub fn last_kv_transfer(&self) -> Option<KvTransfer> {
+        match &self.exec {
+            Exec::Cuda(c) => c.last_kv_transfer(),
+            Exec::Host(_) => None,
+        }
     }
 
     /// Compute throughput of the CUDA pass with the most tokens so far: the

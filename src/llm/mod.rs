@@ -45,6 +45,7 @@ pub use chat::{ChatTemplate, Message};
 pub use config::ModelConfig;
 pub use generate::{generate, GenerateParams, Generation};
 pub use gpu_sampling::sample_on_device;
+pub use kv_cache::KvTransfer;
 pub use llama::{LlamaModel, ModelOptions, Precision};
 pub use sampling::{sample_draw, Sampler, SamplingParams, TokenDraw};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -1,0 +1,414 @@
+//! The KV cache in page-locked host RAM, streamed with its layer.
+//!
+//! Each layer's K and V sit in one registered host buffer (K, then V), laid
+//! out as the resident cache is (`[max_batch][kv_heads][max_len][head_dim]`),
+//! and so does each device slot: the attention kernels and the cache write
+//! run on a slot exactly as on a resident layer, with the same strides. The
+//! slots are allocated once, each for a whole layer, because any pass may
+//! hold `max_batch` sequences near `max_len`; a pass copies only what it uses.
+//!
+//! Per pass, from its tokens' sequences and positions: before layer `l`'s
+//! attention, every sequence's cached prefix (positions `0..start`, one row of
+//! each of its KV heads: a 2-D copy, consecutive sequences with the same
+//! prefix merged into one) goes host → slot; after it, only the new positions
+//! (`start..start + len`) go slot → host. Ordering, all on the device, as the
+//! weight slots are recycled:
+//!
+//! - the copy into slot `i` waits (on the copy stream) for the `done` event of
+//!   the attention that used the slot before, and records `ready`;
+//! - the compute stream waits for `ready` before the layer's cache write and
+//!   records `done` after its attention;
+//! - the copy back waits for `done`, on the same copy stream, so the next copy
+//!   into the slot (queued after it) cannot overtake it, and a later pass's
+//!   copy of the same layer from the host reads what it wrote.
+//!
+//! Layer `l + 1`'s copy is queued when layer `l`'s attention is, into the
+//! other slot, so it overlaps layer `l`'s compute.
+
+use super::KvTransfer;
+use crate::cuda::{
+    max_copy_pitch, memcpy_2d_dtoh_async, memcpy_2d_htod_async, Context, DeviceBuffer, Event,
+    HostRegistration, Rect2d, Stream,
+};
+use crate::io::AlignedBuf;
+use crate::llm::config::ModelConfig;
+use crate::llm::llama::ModelOptions;
+use crate::{DType, Error, Result};
+
+/// Byte layout of one layer's K (or V) cache, the same on the host and in a
+/// slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Geometry {
+    pub(crate) max_batch: usize,
+    pub(crate) max_len: usize,
+    pub(crate) kv_heads: usize,
+    /// Bytes of one position of one head: head_dim × the element size.
+    pub(crate) pos_bytes: usize,
+}
+
+impl Geometry {
+    /// The layout for `cfg` and `opts` in `dtype`, or an error naming the
+    /// sizes when a layer's bytes overflow.
+    pub(crate) fn new(cfg: &ModelConfig, opts: &ModelOptions, dtype: DType) -> Result<Geometry> {
+        let bytes = super::layer_bytes(cfg, opts, dtype)?;
+        usize::try_from(bytes.saturating_mul(2))
+            .map_err(|_| Error::config(format!("a KV layer of {bytes} bytes overflows usize")))?;
+        Ok(Geometry {
+            max_batch: opts.max_batch,
+            max_len: opts.max_len,
+            kv_heads: cfg.kv_heads,
+            pos_bytes: cfg.head_dim * dtype.size(),
+        })
+    }
+
+    /// Bytes from one (sequence, head) row to the next: `max_len` positions.
+    pub(crate) fn pitch(&self) -> usize {
+        self.max_len * self.pos_bytes
+    }
+
+    /// Bytes of one layer's K; V follows at this offset.
+    pub(crate) fn layer_bytes(&self) -> usize {
+        self.max_batch * self.kv_heads * self.pitch()
+    }
+}
+
+/// One sequence's new tokens in a pass: positions `start..start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SeqRun {
+    pub(crate) seq: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
+}
+
+/// The runs of a pass's tokens at `(seq[t], pos[t])`, sorted by sequence.
+/// Fails, naming the token, unless each sequence's tokens are consecutive,
+/// at consecutive positions, and within the layout.
+pub(crate) fn seq_runs(seq: &[u32], pos: &[u32], g: &Geometry) -> Result<Vec<SeqRun>> {
+    if seq.len() != pos.len() {
+        return Err(Error::Pipeline(format!(
+            "{} sequence ids for {} positions",
+            seq.len(),
+            pos.len()
+        )));
+    }
+    let mut runs: Vec<SeqRun> = Vec::new();
+    for (t, (&s, &p)) in seq.iter().zip(pos).enumerate() {
+        let (s, p) = (s as usize, p as usize);
+        if s >= g.max_batch || p >= g.max_len {
+            return Err(Error::Pipeline(format!(
+                "token {t} at sequence {s}, position {p} is outside the KV cache of {} \
+                 sequences × {} positions",
+                g.max_batch, g.max_len
+            )));
+        }
+        match runs.last_mut() {
+            Some(r) if r.seq == s && r.start + r.len == p => r.len += 1,
+            _ => runs.push(SeqRun {
+                seq: s,
+                start: p,
+                len: 1,
+            }),
+        }
+    }
+    runs.sort_by_key(|r| r.seq);
+    if let Some(w) = runs.windows(2).find(|w| w[0].seq == w[1].seq) {
+        return Err(Error::Pipeline(format!(
+            "sequence {}'s tokens in a pass are not consecutive at consecutive positions \
+             (runs from positions {} and {})",
+            w[0].seq, w[0].start, w[1].start
+        )));
+    }
+    Ok(runs)
+}
+
+/// The rectangles of `parts` — per sequence (sorted), the first byte of its
+/// rows and the bytes of each — merging consecutive sequences with the same
+/// two into one rectangle; empty parts are left out.
+fn rects(parts: impl Iterator<Item = (usize, usize, usize)>, g: &Geometry) -> Vec<Rect2d> {
+    let mut out: Vec<Rect2d> = Vec::new();
+    for (seq, x, width) in parts.filter(|p| p.2 > 0) {
+        let offset = seq * g.kv_heads * g.pitch() + x;
+        match out.last_mut() {
+            // Rows follow on (x < pitch, so the same x and the next sequence).
+            Some(r) if r.width == width && r.offset + r.height * g.pitch() == offset => {
+                r.height += g.kv_heads
+            }
+            _ => out.push(Rect2d {
+                offset,
+                width,
+                height: g.kv_heads,
+                pitch: g.pitch(),
+            }),
+        }
+    }
+    out
+}
+
+/// The copies of each run's cached prefix (positions `0..start`), the same
+/// rectangles in the host layer and in a slot.
+pub(crate) fn prefix_rects(runs: &[SeqRun], g: &Geometry) -> Vec<Rect2d> {
+    rects(runs.iter().map(|r| (r.seq, 0, r.start * g.pos_bytes)), g)
+}
+
+/// The copies of each run's new positions (`start..start + len`).
+pub(crate) fn new_rects(runs: &[SeqRun], g: &Geometry) -> Vec<Rect2d> {
+    let part = |r: &SeqRun| (r.seq, r.start * g.pos_bytes, r.len * g.pos_bytes);
+    rects(runs.iter().map(part), g)
+}
+
+/// Which layer each slot holds (or is being filled with) in this pass.
+#[derive(Debug, Clone)]
+pub(crate) struct SlotRing {
+    staged: Vec<Option<usize>>,
+}
+
+impl SlotRing {
+    /// A ring of `n >= 1` empty slots.
+    pub(crate) fn new(n: usize) -> SlotRing {
+        SlotRing {
+            staged: vec![None; n.max(1)],
+        }
+    }
+
+    /// Forgets every slot's layer (a new pass's positions differ).
+    pub(crate) fn reset(&mut self) {
+        self.staged.iter_mut().for_each(|s| *s = None);
+    }
+
+    /// The slot of `layer`.
+    pub(crate) fn slot(&self, layer: usize) -> usize {
+        layer % self.staged.len()
+    }
+
+    /// Whether `layer`'s copy into its slot is queued in this pass.
+    pub(crate) fn holds(&self, layer: usize) -> bool {
+        self.staged[self.slot(layer)] == Some(layer)
+    }
+
+    /// Marks `layer`'s slot as filled with it; returns the slot.
+    pub(crate) fn stage(&mut self, layer: usize) -> usize {
+        let s = self.slot(layer);
+        self.staged[s] = Some(layer);
+        s
+    }
+
+    /// The layers to copy, in order, before `layer`'s attention of a model of
+    /// `layers` layers: `layer` itself unless it is staged, then `layer + 1`
+    /// unless it is staged or would take `layer`'s slot.
+    pub(crate) fn to_stage(&self, layer: usize, layers: usize) -> [Option<usize>; 2] {
+        let next = layer + 1;
+        [
+            (!self.holds(layer)).then_some(layer),
+            (next < layers && self.slot(next) != self.slot(layer) && !self.holds(next))
+                .then_some(next),
+        ]
+    }
+}
+
+/// Each layer's K and V in page-locked host memory.
+struct HostLayer {
+    /// Declared before `buf`, so that it is unregistered before the memory is
+    /// unmapped.
+    _reg: HostRegistration,
+    /// K (`layer_bytes`), then V.
+    buf: AlignedBuf,
+}
+
+/// A device slot of one layer's K and V with its events.
+struct KvSlot {
+    /// K (`layer_bytes`), then V.
+    mem: DeviceBuffer,
+    /// Recorded on the copy stream after the copy into the slot.
+    ready: Event,
+    /// Recorded on the compute stream after the attention that used it.
+    done: Event,
+}
+
+/// The offloaded cache: host layers, device slots, the copy stream and the
+/// current pass's copies.
+pub(crate) struct KvOffload {
+    geom: Geometry,
+    host: Vec<HostLayer>,
+    slots: Vec<KvSlot>,
+    ring: SlotRing,
+    /// Every copy between host and slots, in queue order.
+    copy: Stream,
+    into_slot: Vec<Rect2d>,
+    back: Vec<Rect2d>,
+    moved: KvTransfer,
+}
+
+impl KvOffload {
+    /// Allocates `slots` device slots and `layers` pinned host layers of
+    /// `geom`. The caller has checked the device and host limits.
+    pub(crate) fn alloc(
+        ctx: &Context,
+        geom: Geometry,
+        layers: usize,
+        slots: usize,
+    ) -> Result<KvOffload> {
+        let max = max_copy_pitch(ctx)?;
+        if geom.pitch() as u64 > max {
+            return Err(Error::Limit {
+                what: format!(
+                    "the row pitch of the --kv-offload copies ({} positions × {} bytes)",
+                    geom.max_len, geom.pos_bytes
+                ),
+                asked: geom.pitch() as u64,
+                available: max,
+                hint: "lower --max-len".into(),
+            });
+        }
+        let bytes = (2 * geom.layer_bytes()).max(4);
+        let slots = (0..slots)
+            .map(|_| {
+                Ok(KvSlot {
+                    mem: DeviceBuffer::alloc(ctx, bytes)?,
+                    ready: Event::new(ctx, false)?,
+                    done: Event::new(ctx, false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let host = (0..layers)
+            .map(|_| {
+                let mut buf = AlignedBuf::new(bytes)?;
+                let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+                // SAFETY: `buf` is a live page-aligned mapping of `len` bytes
+                // that the HostLayer owns and unmaps after the registration
+                // (field order); nothing else registered it (just mapped).
+                let reg = unsafe { HostRegistration::register(ctx, ptr, len)? };
+                Ok(HostLayer { _reg: reg, buf })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvOffload {
+            geom,
+            host,
+            ring: SlotRing::new(slots.len()),
+            slots,
+            copy: Stream::new(ctx)?,
+            into_slot: Vec::new(),
+            back: Vec::new(),
+            moved: KvTransfer::default(),
+        })
+    }
+
+    /// Plans the next pass's copies from its tokens' sequences and positions.
+    pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32]) -> Result<()> {
+        let runs = seq_runs(seq, pos, &self.geom)?;
+        let into_slot = prefix_rects(&runs, &self.geom);
+        let back = new_rects(&runs, &self.geom);
+        let lb = self.geom.layer_bytes();
+        if let Some(r) = into_slot.iter().chain(&back).find(|r| r.end() > Some(lb)) {
+            return Err(Error::Pipeline(format!(
+                "a KV copy {r:?} runs past the {lb}-byte layer"
+            )));
+        }
+        self.into_slot = into_slot;
+        self.back = back;
+        self.ring.reset();
+        self.moved = KvTransfer::default();
+        Ok(())
+    }
+
+    /// The slot addresses (K, V) for `layer`'s attention on `s`; queues the
+    /// copies it and the next layer still need (see the module docs).
+    pub(crate) fn attend(&mut self, layer: usize, s: &Stream) -> Result<(u64, u64)> {
+        if layer >= self.host.len() {
+            return Err(Error::Pipeline(format!(
+                "KV layer {layer} of a cache of {} layers",
+                self.host.len()
+            )));
+        }
+        for l in self
+            .ring
+            .to_stage(layer, self.host.len())
+            .into_iter()
+            .flatten()
+        {
+            self.stage(l)?;
+        }
+        let slot = &self.slots[self.ring.slot(layer)];
+        s.wait_event(&slot.ready)?;
+        let k = slot.mem.ptr();
+        Ok((k, k + self.geom.layer_bytes() as u64))
+    }
+
+    /// Queues the copy of `layer`'s cached prefixes into its slot.
+    fn stage(&mut self, layer: usize) -> Result<()> {
+        let slot = &self.slots[self.ring.stage(layer)];
+        // The attention that used the slot before has read it, and its copy
+        // back (queued earlier on this stream) has run.
+        self.copy.wait_event(&slot.done)?;
+        let src = self.host[layer].buf.as_ptr();
+        let lb = self.geom.layer_bytes();
+        for half in [0, lb] {
+            for &r in &self.into_slot {
+                // SAFETY: `r` lies within the layer's K (begin_pass checked
+                // r.end() <= lb), so within `half` it lies in the host buffer
+                // and the slot, each of 2 × lb bytes, live until the copy
+                // stream is synchronized in Drop; the buffer is registered and
+                // the host never touches it; the pitch was checked at alloc.
+                unsafe {
+                    memcpy_2d_htod_async(
+                        slot.mem.ptr() + half as u64,
+                        src.wrapping_add(half),
+                        r,
+                        &self.copy,
+                    )?;
+                }
+                self.moved.h2d_bytes += r.bytes() as u64;
+            }
+        }
+        slot.ready.record(&self.copy)
+    }
+
+    /// Queues, once `layer`'s attention is queued on `s`, the copy of its new
+    /// positions back to the host.
+    pub(crate) fn attended(&mut self, layer: usize, s: &Stream) -> Result<()> {
+        if layer >= self.host.len() || !self.ring.holds(layer) {
+            return Err(Error::Pipeline(format!(
+                "KV layer {layer} finished its attention without a slot"
+            )));
+        }
+        let slot = &self.slots[self.ring.slot(layer)];
+        slot.done.record(s)?;
+        self.copy.wait_event(&slot.done)?;
+        let dst = self.host[layer].buf.as_mut_ptr();
+        let lb = self.geom.layer_bytes();
+        for half in [0, lb] {
+            for &r in &self.back {
+                // SAFETY: as in `stage`, with the host buffer written: the host
+                // never reads or writes it, and later copies from it are
+                // queued after this one on the same stream.
+                unsafe {
+                    memcpy_2d_dtoh_async(
+                        dst.wrapping_add(half),
+                        slot.mem.ptr() + half as u64,
+                        r,
+                        &self.copy,
+                    )?;
+                }
+                self.moved.d2h_bytes += r.bytes() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// The bytes the latest pass copied (so far).
+    pub(crate) fn transfer(&self) -> KvTransfer {
+        self.moved
+    }
+}
+
+impl Drop for KvOffload {
+    fn drop(&mut self) {
+        // No copy may still read or write the host layers or the slots when
+        // they are freed. A copy that failed leaves the context in error,
+        // which its next driver call reports.
+        let _ = self.copy.synchronize();
+    }
+}
+
+#[cfg(test)]
+#[path = "offload_tests.rs"]
+mod tests;
