@@ -390,7 +390,6 @@ impl CudaModel {
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, attn) = (ws.xn.split(), ws.attn.split());
-        let (kc, vc) = self.kv.attend(layer, s)?;
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -418,6 +417,9 @@ impl CudaModel {
             let rope = (self.cos.ptr(), self.sin.ptr());
             let a = &self.attn;
             let il = cfg.rope_interleaved;
+            // Offloaded, the stream waits here (not before the projections)
+            // for the copy of the layer's cached positions.
+            let (kc, vc) = self.kv.attend(layer, s)?;
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;

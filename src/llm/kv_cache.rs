@@ -221,7 +221,8 @@ impl KvCache {
 
     /// Takes the sequences and positions of the next pass's tokens (each
     /// sequence's tokens consecutive, at consecutive positions), before any
-    /// of its layers: an offloaded cache plans which positions to copy.
+    /// of its layers: an offloaded cache plans which positions to copy and
+    /// queues layer 0's copy.
     pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32]) -> Result<()> {
         match &mut self.store {
             Store::Resident { .. } => Ok(()),

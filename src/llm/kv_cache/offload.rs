@@ -23,7 +23,8 @@
 //!   copy of the same layer from the host reads what it wrote.
 //!
 //! Layer `l + 1`'s copy is queued when layer `l`'s attention is, into the
-//! other slot, so it overlaps layer `l`'s compute.
+//! other slot, so it overlaps layer `l`'s compute; layer 0's when the pass
+//! begins.
 
 use super::KvTransfer;
 use crate::cuda::{
@@ -51,8 +52,11 @@ impl Geometry {
     /// sizes when a layer's bytes overflow.
     pub(crate) fn new(cfg: &ModelConfig, opts: &ModelOptions, dtype: DType) -> Result<Geometry> {
         let bytes = super::layer_bytes(cfg, opts, dtype)?;
-        usize::try_from(bytes.saturating_mul(2))
-            .map_err(|_| Error::config(format!("a KV layer of {bytes} bytes overflows usize")))?;
+        bytes
+            .checked_mul(2)
+            .and_then(|b| b.checked_add(256))
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| Error::config(format!("a KV layer of {bytes} bytes overflows usize")))?;
         Ok(Geometry {
             max_batch: opts.max_batch,
             max_len: opts.max_len,
@@ -66,9 +70,20 @@ impl Geometry {
         self.max_len * self.pos_bytes
     }
 
-    /// Bytes of one layer's K; V follows at this offset.
+    /// Bytes of one layer's K (or V).
     pub(crate) fn layer_bytes(&self) -> usize {
         self.max_batch * self.kv_heads * self.pitch()
+    }
+
+    /// Where V starts after K in a host layer or a slot: K's bytes rounded up
+    /// to 256, the alignment of a device allocation, which a resident V has.
+    pub(crate) fn v_offset(&self) -> usize {
+        self.layer_bytes().next_multiple_of(256)
+    }
+
+    /// Bytes of a host layer or a slot: K, then V at [`v_offset`](Self::v_offset).
+    pub(crate) fn kv_bytes(&self) -> usize {
+        self.v_offset() + self.layer_bytes()
     }
 }
 
@@ -205,18 +220,18 @@ impl SlotRing {
     }
 }
 
-/// Each layer's K and V in page-locked host memory.
+/// One layer's K and V in page-locked host memory.
 struct HostLayer {
     /// Declared before `buf`, so that it is unregistered before the memory is
     /// unmapped.
     _reg: HostRegistration,
-    /// K (`layer_bytes`), then V.
+    /// K, then V at `v_offset`.
     buf: AlignedBuf,
 }
 
 /// A device slot of one layer's K and V with its events.
 struct KvSlot {
-    /// K (`layer_bytes`), then V.
+    /// K, then V at `v_offset`.
     mem: DeviceBuffer,
     /// Recorded on the copy stream after the copy into the slot.
     ready: Event,
@@ -259,7 +274,7 @@ impl KvOffload {
                 hint: "lower --max-len".into(),
             });
         }
-        let bytes = (2 * geom.layer_bytes()).max(4);
+        let bytes = geom.kv_bytes().max(4);
         let slots = (0..slots)
             .map(|_| {
                 Ok(KvSlot {
@@ -292,7 +307,9 @@ impl KvOffload {
         })
     }
 
-    /// Plans the next pass's copies from its tokens' sequences and positions.
+    /// Plans the next pass's copies from its tokens' sequences and positions,
+    /// and queues layer 0's, which then overlaps the embedding and the wait
+    /// for the first weights.
     pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32]) -> Result<()> {
         let runs = seq_runs(seq, pos, &self.geom)?;
         let into_slot = prefix_rects(&runs, &self.geom);
@@ -307,7 +324,10 @@ impl KvOffload {
         self.back = back;
         self.ring.reset();
         self.moved = KvTransfer::default();
-        Ok(())
+        if self.host.is_empty() {
+            return Ok(());
+        }
+        self.stage(0)
     }
 
     /// The slot addresses (K, V) for `layer`'s attention on `s`; queues the
@@ -330,7 +350,7 @@ impl KvOffload {
         let slot = &self.slots[self.ring.slot(layer)];
         s.wait_event(&slot.ready)?;
         let k = slot.mem.ptr();
-        Ok((k, k + self.geom.layer_bytes() as u64))
+        Ok((k, k + self.geom.v_offset() as u64))
     }
 
     /// Queues the copy of `layer`'s cached prefixes into its slot.
@@ -340,12 +360,12 @@ impl KvOffload {
         // back (queued earlier on this stream) has run.
         self.copy.wait_event(&slot.done)?;
         let src = self.host[layer].buf.as_ptr();
-        let lb = self.geom.layer_bytes();
-        for half in [0, lb] {
+        for half in [0, self.geom.v_offset()] {
             for &r in &self.into_slot {
-                // SAFETY: `r` lies within the layer's K (begin_pass checked
-                // r.end() <= lb), so within `half` it lies in the host buffer
-                // and the slot, each of 2 × lb bytes, live until the copy
+                // SAFETY: `r` lies within a layer's K (begin_pass checked
+                // r.end() <= layer_bytes), so from `half` (0 or v_offset) it
+                // lies in the host buffer and the slot, each of kv_bytes, live
+                // until the copy
                 // stream is synchronized in Drop; the buffer is registered and
                 // the host never touches it; the pitch was checked at alloc.
                 unsafe {
@@ -374,8 +394,7 @@ impl KvOffload {
         slot.done.record(s)?;
         self.copy.wait_event(&slot.done)?;
         let dst = self.host[layer].buf.as_mut_ptr();
-        let lb = self.geom.layer_bytes();
-        for half in [0, lb] {
+        for half in [0, self.geom.v_offset()] {
             for &r in &self.back {
                 // SAFETY: as in `stage`, with the host buffer written: the host
                 // never reads or writes it, and later copies from it are

@@ -1,0 +1,181 @@
+//! `ModelOptions::kv_offload` on a GPU: the KV cache in pinned host RAM,
+//! streamed through two device slots, gives the very bits of the resident
+//! cache (the same kernels read the same values at the same strides): the
+//! logits of a batch of mixed prompt lengths, prefilled in chunks and then
+//! decoded step by step with sequences dropping out, and the tokens of greedy
+//! and sampled generation, in both precisions and both 16-bit weight types.
+//! Also checks that each pass copies exactly the cached prefixes in and the
+//! new positions out. Skips without a driver unless `LS_REQUIRE_GPU=1`.
+
+use std::path::Path;
+
+use layer_streamer::llm::attention::kv_cache_dtype;
+use layer_streamer::llm::reference::teacher_forced;
+use layer_streamer::llm::{
+    generate, GenerateParams, KvTransfer, LlamaModel, ModelOptions, Precision, SamplingParams,
+};
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
+use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
+use rand::Rng;
+
+mod common;
+
+fn tiny_model(arch: Arch, dtype: DType, seed: u64) -> tempfile::TempDir {
+    let dir = common::tempdir();
+    let spec = SynthSpec {
+        arch,
+        shape: Shape::preset("tiny").unwrap(),
+        dtype,
+        tie: false,
+        shard_size: 4_000_000_000,
+        seed,
+        threads: 2,
+    };
+    write_model(dir.path(), &spec).unwrap();
+    dir
+}
+
+fn load(dir: &Path, opts: ModelOptions) -> (LayerStreamer, LlamaModel) {
+    let index = ModelIndex::open(dir).unwrap();
+    let s = LayerStreamer::builder(&index)
+        .device(Device::Cuda(0))
+        .dtype(LlamaModel::cuda_dtype(&index))
+        .build()
+        .unwrap();
+    let model = LlamaModel::load(&s, opts).unwrap();
+    (s, model)
+}
+
+/// What one model run gives: teacher-forced logits, the KV bytes of its last
+/// pass, the lengths after it, and generated tokens (greedy, then sampled).
+struct Run {
+    logits: Vec<Vec<Vec<f32>>>,
+    last_kv: Option<KvTransfer>,
+    lens: Vec<usize>,
+    greedy: Vec<Vec<u32>>,
+    sampled: Vec<Vec<u32>>,
+}
+
+fn run(dir: &Path, opts: ModelOptions, prompts: &[Vec<u32>], forced: &[Vec<u32>]) -> Run {
+    let (mut s, mut model) = load(dir, opts);
+    let logits = teacher_forced(&mut model, &mut s, prompts, forced).unwrap();
+    let (last_kv, lens) = (model.last_kv_transfer(), model.lengths().to_vec());
+    let mut gen = |sampling: SamplingParams, seed: u64| {
+        model.reset();
+        let params = GenerateParams {
+            max_new_tokens: 6,
+            sampling,
+            seed,
+            stop_ids: Vec::new(),
+        };
+        generate(&mut model, &mut s, prompts, &params, |_, _| Ok(()))
+            .unwrap()
+            .tokens
+    };
+    let greedy = gen(SamplingParams::default(), 0);
+    let sampled = gen(
+        SamplingParams {
+            temperature: 0.9,
+            top_k: 50,
+        },
+        17,
+    );
+    Run {
+        logits,
+        last_kv,
+        lens,
+        greedy,
+        sampled,
+    }
+}
+
+fn same_bits(got: &[Vec<Vec<f32>>], want: &[Vec<Vec<f32>>], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    let mut rows = 0;
+    for (s, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: sequence {s}");
+        for (step, (gr, wr)) in g.iter().zip(w).enumerate() {
+            assert_eq!(gr.len(), wr.len());
+            let diff = gr
+                .iter()
+                .zip(wr)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            if let Some(i) = diff {
+                panic!(
+                    "{what}: sequence {s}, row {step}, logit {i}: {} offloaded, {} resident",
+                    gr[i], wr[i]
+                );
+            }
+            rows += 1;
+        }
+    }
+    assert!(rows > 0, "{what}: no rows compared");
+}
+
+#[test]
+fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
+    let test = "offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens";
+    if common::gpu(test).is_none() {
+        return;
+    }
+    let mut rng = common::rng(test);
+    let shape = Shape::preset("tiny").unwrap();
+    let vocab = shape.vocab as u32;
+    // Mixed lengths: a long prompt prefilled in chunks of max_tokens (some of
+    // them tensor-core runs over a cached prefix), a one-token prompt, and one
+    // that shares a chunk with the long one; the forced tokens end at
+    // different steps, so later decode passes leave sequences out.
+    let lens = [rng.gen_range(150..300), 1, rng.gen_range(20..70)];
+    let seed: u64 = rng.gen();
+    let max_tokens = rng.gen_range(48..112);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
+    let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| ids(n)).collect();
+    let forced: Vec<Vec<u32>> = [5, 2, 7].iter().map(|&n| ids(n)).collect();
+    for (arch, dtype) in [(Arch::Llama, DType::BF16), (Arch::Qwen2, DType::F16)] {
+        let dir = tiny_model(arch, dtype, seed);
+        for precision in Precision::ALL {
+            let opts = ModelOptions {
+                max_batch: prompts.len(),
+                max_len: 400,
+                max_tokens,
+                precision,
+                kv_offload: false,
+            };
+            let what = format!("{arch:?} {dtype} {precision}, {max_tokens} tokens per pass");
+            let resident = run(dir.path(), opts, &prompts, &forced);
+            let offloaded = run(
+                dir.path(),
+                ModelOptions {
+                    kv_offload: true,
+                    ..opts
+                },
+                &prompts,
+                &forced,
+            );
+            same_bits(&offloaded.logits, &resident.logits, &what);
+            assert_eq!(offloaded.greedy, resident.greedy, "{what}: greedy tokens");
+            assert_eq!(
+                offloaded.sampled, resident.sampled,
+                "{what}: sampled tokens"
+            );
+            assert!(offloaded.greedy.iter().all(|t| t.len() == 6), "{what}");
+            assert_eq!(resident.last_kv, None, "{what}: nothing to copy");
+            // The last forced step holds only sequence 2's token, at
+            // position len - 1: its prefix in, one position out, per layer.
+            let elt = kv_cache_dtype(dtype, precision).size() as u64;
+            let per_pos = 2 * (shape.kv_heads * shape.hidden / shape.heads) as u64 * elt;
+            let layers = shape.layers as u64;
+            let start = offloaded.lens[2] as u64 - 1;
+            let want = KvTransfer {
+                h2d_bytes: layers * per_pos * start,
+                d2h_bytes: layers * per_pos,
+            };
+            assert_eq!(
+                offloaded.last_kv,
+                Some(want),
+                "{what}: KV bytes of the last pass"
+            );
+            eprintln!("{what}: identical bits; last pass moved {want:?}");
+        }
+    }
+}
