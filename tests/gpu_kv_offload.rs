@@ -2,8 +2,10 @@
 //! streamed through two device slots, gives the very bits of the resident
 //! cache (the same kernels read the same values at the same strides): the
 //! logits of a batch of mixed prompt lengths, prefilled in chunks and then
-//! decoded step by step with sequences dropping out, and the tokens of greedy
-//! and sampled generation, in both precisions and both 16-bit weight types.
+//! decoded step by step with sequences dropping out, then a new prompt in a
+//! reset sequence's slot next to decode steps of the others; and the tokens of
+//! greedy and sampled generation; in both precisions, both 16-bit weight types
+//! and models of 1, 3 and 5 layers (one slot, and a ring recycled in a pass).
 //! Also checks that each pass copies exactly the cached prefixes in and the
 //! new positions out. Skips without a driver unless `LS_REQUIRE_GPU=1`.
 
@@ -20,11 +22,11 @@ use rand::Rng;
 
 mod common;
 
-fn tiny_model(arch: Arch, dtype: DType, seed: u64) -> tempfile::TempDir {
+fn tiny_model(arch: Arch, shape: Shape, dtype: DType, seed: u64) -> tempfile::TempDir {
     let dir = common::tempdir();
     let spec = SynthSpec {
         arch,
-        shape: Shape::preset("tiny").unwrap(),
+        shape,
         dtype,
         tie: false,
         shard_size: 4_000_000_000,
@@ -47,19 +49,33 @@ fn load(dir: &Path, opts: ModelOptions) -> (LayerStreamer, LlamaModel) {
 }
 
 /// What one model run gives: teacher-forced logits, the KV bytes of its last
-/// pass, the lengths after it, and generated tokens (greedy, then sampled).
+/// pass, the lengths after it, the logits of a pass with a new prompt in
+/// sequence 1, and generated tokens (greedy, then sampled).
 struct Run {
     logits: Vec<Vec<Vec<f32>>>,
+    reused: Vec<Vec<Vec<f32>>>,
     last_kv: Option<KvTransfer>,
     lens: Vec<usize>,
     greedy: Vec<Vec<u32>>,
     sampled: Vec<Vec<u32>>,
 }
 
-fn run(dir: &Path, opts: ModelOptions, prompts: &[Vec<u32>], forced: &[Vec<u32>]) -> Run {
+fn run(
+    dir: &Path,
+    opts: ModelOptions,
+    prompts: &[Vec<u32>],
+    forced: &[Vec<u32>],
+    fresh: &[u32],
+) -> Run {
     let (mut s, mut model) = load(dir, opts);
     let logits = teacher_forced(&mut model, &mut s, prompts, forced).unwrap();
     let (last_kv, lens) = (model.last_kv_transfer(), model.lengths().to_vec());
+    // Sequence 1's slot starts over (its host rows keep the old positions)
+    // while sequences 0 and 2 decode one more token.
+    model.reset_sequence(1).unwrap();
+    let inputs: Vec<&[u32]> = vec![&forced[0][..1], fresh, &forced[2][..1]];
+    let reused = model.forward(&mut s, &inputs).unwrap();
+    let reused = reused.into_iter().map(|r| vec![r]).collect();
     let mut gen = |sampling: SamplingParams, seed: u64| {
         model.reset();
         let params = GenerateParams {
@@ -82,6 +98,7 @@ fn run(dir: &Path, opts: ModelOptions, prompts: &[Vec<u32>], forced: &[Vec<u32>]
     );
     Run {
         logits,
+        reused,
         last_kv,
         lens,
         greedy,
@@ -119,8 +136,8 @@ fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
         return;
     }
     let mut rng = common::rng(test);
-    let shape = Shape::preset("tiny").unwrap();
-    let vocab = shape.vocab as u32;
+    let tiny = Shape::preset("tiny").unwrap();
+    let vocab = tiny.vocab as u32;
     // Mixed lengths: a long prompt prefilled in chunks of max_tokens (some of
     // them tensor-core runs over a cached prefix), a one-token prompt, and one
     // that shares a chunk with the long one; the forced tokens end at
@@ -131,8 +148,15 @@ fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
     let prompts: Vec<Vec<u32>> = lens.iter().map(|&n| ids(n)).collect();
     let forced: Vec<Vec<u32>> = [5, 2, 7].iter().map(|&n| ids(n)).collect();
-    for (arch, dtype) in [(Arch::Llama, DType::BF16), (Arch::Qwen2, DType::F16)] {
-        let dir = tiny_model(arch, dtype, seed);
+    let fresh = ids(40);
+    for (arch, dtype, layers) in [
+        (Arch::Llama, DType::BF16, 3),
+        (Arch::Qwen2, DType::F16, 3),
+        (Arch::Qwen2, DType::BF16, 1),
+        (Arch::Llama, DType::F16, 5),
+    ] {
+        let shape = Shape { layers, ..tiny };
+        let dir = tiny_model(arch, shape, dtype, seed);
         for precision in Precision::ALL {
             let opts = ModelOptions {
                 max_batch: prompts.len(),
@@ -141,8 +165,10 @@ fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
                 precision,
                 kv_offload: false,
             };
-            let what = format!("{arch:?} {dtype} {precision}, {max_tokens} tokens per pass");
-            let resident = run(dir.path(), opts, &prompts, &forced);
+            let what = format!(
+                "{arch:?} {dtype} {layers} layers {precision}, {max_tokens} tokens per pass"
+            );
+            let resident = run(dir.path(), opts, &prompts, &forced, &fresh);
             let offloaded = run(
                 dir.path(),
                 ModelOptions {
@@ -151,8 +177,14 @@ fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
                 },
                 &prompts,
                 &forced,
+                &fresh,
             );
             same_bits(&offloaded.logits, &resident.logits, &what);
+            same_bits(
+                &offloaded.reused,
+                &resident.reused,
+                &format!("{what}, reused slot"),
+            );
             assert_eq!(offloaded.greedy, resident.greedy, "{what}: greedy tokens");
             assert_eq!(
                 offloaded.sampled, resident.sampled,
