@@ -260,9 +260,9 @@ impl CudaModel {
     ) -> Result<bool> {
         let t = b.tokens.len();
         self.attn.prepare(&b.seq, &b.pos)?;
-        self.kv.begin_pass(&b.seq, &b.pos)?;
         {
             let s = cuda_stream(streamer)?;
+            self.kv.begin_pass(&b.seq, &b.pos, s)?;
             let ws = &self.ws;
             let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
             self.io.upload(s, b, dst)?;

@@ -11,6 +11,7 @@
 //! pinning limit. Either way the attention kernels see the same layout.
 
 mod offload;
+mod schedule;
 
 use crate::cuda::{Context, DeviceBuffer, Stream};
 use crate::host_memory::{mem_available, memlock_limit};
@@ -223,10 +224,10 @@ impl KvCache {
     /// sequence's tokens consecutive, at consecutive positions), before any
     /// of its layers: an offloaded cache plans which positions to copy and
     /// queues layer 0's copy.
-    pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32]) -> Result<()> {
+    pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32], s: &Stream) -> Result<()> {
         match &mut self.store {
             Store::Resident { .. } => Ok(()),
-            Store::Offloaded(off) => off.begin_pass(seq, pos),
+            Store::Offloaded(off) => off.begin_pass(seq, pos, s),
         }
     }
 

@@ -129,7 +129,9 @@ impl LlamaModel {
     /// the keys), or when a bias or `lm_head.weight` the config calls for is
     /// missing (or a bias it does not call for is present). On CUDA, fails
     /// with [`Error::Limit`] (naming the cache's sizes and the free memory)
-    /// when the KV cache does not fit next to the streamer's slots.
+    /// when the KV cache does not fit next to the streamer's slots; with
+    /// [`ModelOptions::kv_offload`], when its two device slots do not, or
+    /// when the host cache exceeds the available RAM or `RLIMIT_MEMLOCK`.
     pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
         let cfg = ModelConfig::from_model(streamer.model())?;
         if cfg.layers != streamer.model().num_layers() {

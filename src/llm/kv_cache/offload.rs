@@ -24,8 +24,9 @@
 //!
 //! Layer `l + 1`'s copy is queued when layer `l`'s attention is, into the
 //! other slot, so it overlaps layer `l`'s compute; layer 0's when the pass
-//! begins.
+//! begins. [`KvSchedule`] decides these steps; this module runs them.
 
+use super::schedule::{KvSchedule, KvStep};
 use super::KvTransfer;
 use crate::cuda::{
     max_copy_pitch, memcpy_2d_dtoh_async, memcpy_2d_htod_async, Context, DeviceBuffer, Event,
@@ -171,55 +172,6 @@ pub(crate) fn new_rects(runs: &[SeqRun], g: &Geometry) -> Vec<Rect2d> {
     rects(runs.iter().map(part), g)
 }
 
-/// Which layer each slot holds (or is being filled with) in this pass.
-#[derive(Debug, Clone)]
-pub(crate) struct SlotRing {
-    staged: Vec<Option<usize>>,
-}
-
-impl SlotRing {
-    /// A ring of `n >= 1` empty slots.
-    pub(crate) fn new(n: usize) -> SlotRing {
-        SlotRing {
-            staged: vec![None; n.max(1)],
-        }
-    }
-
-    /// Forgets every slot's layer (a new pass's positions differ).
-    pub(crate) fn reset(&mut self) {
-        self.staged.iter_mut().for_each(|s| *s = None);
-    }
-
-    /// The slot of `layer`.
-    pub(crate) fn slot(&self, layer: usize) -> usize {
-        layer % self.staged.len()
-    }
-
-    /// Whether `layer`'s copy into its slot is queued in this pass.
-    pub(crate) fn holds(&self, layer: usize) -> bool {
-        self.staged[self.slot(layer)] == Some(layer)
-    }
-
-    /// Marks `layer`'s slot as filled with it; returns the slot.
-    pub(crate) fn stage(&mut self, layer: usize) -> usize {
-        let s = self.slot(layer);
-        self.staged[s] = Some(layer);
-        s
-    }
-
-    /// The layers to copy, in order, before `layer`'s attention of a model of
-    /// `layers` layers: `layer` itself unless it is staged, then `layer + 1`
-    /// unless it is staged or would take `layer`'s slot.
-    pub(crate) fn to_stage(&self, layer: usize, layers: usize) -> [Option<usize>; 2] {
-        let next = layer + 1;
-        [
-            (!self.holds(layer)).then_some(layer),
-            (next < layers && self.slot(next) != self.slot(layer) && !self.holds(next))
-                .then_some(next),
-        ]
-    }
-}
-
 /// One layer's K and V in page-locked host memory.
 struct HostLayer {
     /// Declared before `buf`, so that it is unregistered before the memory is
@@ -245,7 +197,9 @@ pub(crate) struct KvOffload {
     geom: Geometry,
     host: Vec<HostLayer>,
     slots: Vec<KvSlot>,
-    ring: SlotRing,
+    schedule: KvSchedule,
+    /// The steps being queued (kept to reuse its allocation).
+    steps: Vec<KvStep>,
     /// Every copy between host and slots, in queue order.
     copy: Stream,
     into_slot: Vec<Rect2d>,
@@ -298,7 +252,8 @@ impl KvOffload {
         Ok(KvOffload {
             geom,
             host,
-            ring: SlotRing::new(slots.len()),
+            schedule: KvSchedule::new(layers, slots.len()),
+            steps: Vec::new(),
             slots,
             copy: Stream::new(ctx)?,
             into_slot: Vec::new(),
@@ -310,7 +265,7 @@ impl KvOffload {
     /// Plans the next pass's copies from its tokens' sequences and positions,
     /// and queues layer 0's, which then overlaps the embedding and the wait
     /// for the first weights.
-    pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32]) -> Result<()> {
+    pub(crate) fn begin_pass(&mut self, seq: &[u32], pos: &[u32], s: &Stream) -> Result<()> {
         let runs = seq_runs(seq, pos, &self.geom)?;
         let into_slot = prefix_rects(&runs, &self.geom);
         let back = new_rects(&runs, &self.geom);
@@ -322,90 +277,92 @@ impl KvOffload {
         }
         self.into_slot = into_slot;
         self.back = back;
-        self.ring.reset();
         self.moved = KvTransfer::default();
-        if self.host.is_empty() {
-            return Ok(());
-        }
-        self.stage(0)
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
+        self.schedule.begin(&mut steps);
+        let out = self.run(&steps, s);
+        self.steps = steps;
+        out
     }
 
-    /// The slot addresses (K, V) for `layer`'s attention on `s`; queues the
-    /// copies it and the next layer still need (see the module docs).
+    /// The slot addresses (K, V) for `layer`'s attention on the compute
+    /// stream `s`; queues the copies it and the next layer still need and
+    /// the wait for its own (see the module docs).
     pub(crate) fn attend(&mut self, layer: usize, s: &Stream) -> Result<(u64, u64)> {
-        if layer >= self.host.len() {
-            return Err(Error::Pipeline(format!(
-                "KV layer {layer} of a cache of {} layers",
-                self.host.len()
-            )));
-        }
-        for l in self
-            .ring
-            .to_stage(layer, self.host.len())
-            .into_iter()
-            .flatten()
-        {
-            self.stage(l)?;
-        }
-        let slot = &self.slots[self.ring.slot(layer)];
-        s.wait_event(&slot.ready)?;
-        let k = slot.mem.ptr();
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
+        let out = self
+            .schedule
+            .attend(layer, &mut steps)
+            .and_then(|slot| self.run(&steps, s).map(|()| slot));
+        self.steps = steps;
+        let k = self.slots[out?].mem.ptr();
         Ok((k, k + self.geom.v_offset() as u64))
     }
 
-    /// Queues the copy of `layer`'s cached prefixes into its slot.
-    fn stage(&mut self, layer: usize) -> Result<()> {
-        let slot = &self.slots[self.ring.stage(layer)];
-        // The attention that used the slot before has read it, and its copy
-        // back (queued earlier on this stream) has run.
-        self.copy.wait_event(&slot.done)?;
+    /// Queues, once `layer`'s attention is queued on `s`, the copy of its new
+    /// positions back to the host.
+    pub(crate) fn attended(&mut self, layer: usize, s: &Stream) -> Result<()> {
+        let mut steps = std::mem::take(&mut self.steps);
+        steps.clear();
+        let out = self
+            .schedule
+            .attended(layer, &mut steps)
+            .and_then(|()| self.run(&steps, s));
+        self.steps = steps;
+        out
+    }
+
+    /// Queues `steps`, the compute stream's on `s`.
+    fn run(&mut self, steps: &[KvStep], s: &Stream) -> Result<()> {
+        for &step in steps {
+            match step {
+                KvStep::CopyWaitsDone(i) => self.copy.wait_event(&self.slots[i].done)?,
+                KvStep::ToSlot { layer, slot } => self.to_slot(layer, slot)?,
+                KvStep::RecordReady(i) => self.slots[i].ready.record(&self.copy)?,
+                KvStep::ComputeWaitsReady(i) => s.wait_event(&self.slots[i].ready)?,
+                KvStep::RecordDone(i) => self.slots[i].done.record(s)?,
+                KvStep::ToHost { layer, slot } => self.to_host(layer, slot)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the copy of `layer`'s cached prefixes into `slot` on the copy
+    /// stream.
+    fn to_slot(&mut self, layer: usize, slot: usize) -> Result<()> {
+        let dst = self.slots[slot].mem.ptr();
         let src = self.host[layer].buf.as_ptr();
         for half in [0, self.geom.v_offset()] {
             for &r in &self.into_slot {
                 // SAFETY: `r` lies within a layer's K (begin_pass checked
                 // r.end() <= layer_bytes), so from `half` (0 or v_offset) it
                 // lies in the host buffer and the slot, each of kv_bytes, live
-                // until the copy
-                // stream is synchronized in Drop; the buffer is registered and
-                // the host never touches it; the pitch was checked at alloc.
+                // until the copy stream is synchronized in Drop; the buffer is
+                // registered and the host never touches it; the pitch was
+                // checked at alloc.
                 unsafe {
-                    memcpy_2d_htod_async(
-                        slot.mem.ptr() + half as u64,
-                        src.wrapping_add(half),
-                        r,
-                        &self.copy,
-                    )?;
+                    memcpy_2d_htod_async(dst + half as u64, src.wrapping_add(half), r, &self.copy)?;
                 }
                 self.moved.h2d_bytes += r.bytes() as u64;
             }
         }
-        slot.ready.record(&self.copy)
+        Ok(())
     }
 
-    /// Queues, once `layer`'s attention is queued on `s`, the copy of its new
-    /// positions back to the host.
-    pub(crate) fn attended(&mut self, layer: usize, s: &Stream) -> Result<()> {
-        if layer >= self.host.len() || !self.ring.holds(layer) {
-            return Err(Error::Pipeline(format!(
-                "KV layer {layer} finished its attention without a slot"
-            )));
-        }
-        let slot = &self.slots[self.ring.slot(layer)];
-        slot.done.record(s)?;
-        self.copy.wait_event(&slot.done)?;
+    /// Queues the copy of `layer`'s new positions from `slot` back to the
+    /// host on the copy stream.
+    fn to_host(&mut self, layer: usize, slot: usize) -> Result<()> {
+        let src = self.slots[slot].mem.ptr();
         let dst = self.host[layer].buf.as_mut_ptr();
         for half in [0, self.geom.v_offset()] {
             for &r in &self.back {
-                // SAFETY: as in `stage`, with the host buffer written: the host
-                // never reads or writes it, and later copies from it are
+                // SAFETY: as in `to_slot`, with the host buffer written: the
+                // host never reads or writes it, and later copies from it are
                 // queued after this one on the same stream.
                 unsafe {
-                    memcpy_2d_dtoh_async(
-                        dst.wrapping_add(half),
-                        slot.mem.ptr() + half as u64,
-                        r,
-                        &self.copy,
-                    )?;
+                    memcpy_2d_dtoh_async(dst.wrapping_add(half), src + half as u64, r, &self.copy)?;
                 }
                 self.moved.d2h_bytes += r.bytes() as u64;
             }
