@@ -319,11 +319,11 @@ impl KvOffload {
         for &step in steps {
             match step {
                 KvStep::CopyWaitsDone(i) => self.copy.wait_event(&self.slots[i].done)?,
-                KvStep::ToSlot { layer, slot } => self.to_slot(layer, slot)?,
+                KvStep::ToSlot { layer, slot } => self.copy_in(layer, slot)?,
                 KvStep::RecordReady(i) => self.slots[i].ready.record(&self.copy)?,
                 KvStep::ComputeWaitsReady(i) => s.wait_event(&self.slots[i].ready)?,
                 KvStep::RecordDone(i) => self.slots[i].done.record(s)?,
-                KvStep::ToHost { layer, slot } => self.to_host(layer, slot)?,
+                KvStep::ToHost { layer, slot } => self.copy_back(layer, slot)?,
             }
         }
         Ok(())
@@ -331,7 +331,7 @@ impl KvOffload {
 
     /// Queues the copy of `layer`'s cached prefixes into `slot` on the copy
     /// stream.
-    fn to_slot(&mut self, layer: usize, slot: usize) -> Result<()> {
+    fn copy_in(&mut self, layer: usize, slot: usize) -> Result<()> {
         let dst = self.slots[slot].mem.ptr();
         let src = self.host[layer].buf.as_ptr();
         for half in [0, self.geom.v_offset()] {
@@ -353,12 +353,12 @@ impl KvOffload {
 
     /// Queues the copy of `layer`'s new positions from `slot` back to the
     /// host on the copy stream.
-    fn to_host(&mut self, layer: usize, slot: usize) -> Result<()> {
+    fn copy_back(&mut self, layer: usize, slot: usize) -> Result<()> {
         let src = self.slots[slot].mem.ptr();
         let dst = self.host[layer].buf.as_mut_ptr();
         for half in [0, self.geom.v_offset()] {
             for &r in &self.back {
-                // SAFETY: as in `to_slot`, with the host buffer written: the
+                // SAFETY: as in `copy_in`, with the host buffer written: the
                 // host never reads or writes it, and later copies from it are
                 // queued after this one on the same stream.
                 unsafe {

@@ -24,14 +24,6 @@ pub(crate) enum KvStep {
     ToHost { layer: usize, slot: usize },
 }
 
-impl KvStep {
-    /// Whether the step is queued on the compute stream (else the copy
-    /// stream).
-    pub(crate) fn on_compute(&self) -> bool {
-        matches!(self, KvStep::ComputeWaitsReady(_) | KvStep::RecordDone(_))
-    }
-}
-
 /// Which layer each slot holds (or is being filled with) in this pass: layer
 /// `l` takes slot `l % slots`.
 #[derive(Debug, Clone)]

@@ -72,7 +72,8 @@ impl Sim {
     /// Queues the schedule's steps as the CUDA side does.
     fn queue(&mut self, steps: &[KvStep], pass: usize) {
         for &step in steps {
-            let stream = if step.on_compute() { COMPUTE } else { COPY };
+            let on_compute = matches!(step, KvStep::ComputeWaitsReady(_) | KvStep::RecordDone(_));
+            let stream = if on_compute { COMPUTE } else { COPY };
             let op = match step {
                 KvStep::CopyWaitsDone(i) => self.wait(('d', i)),
                 KvStep::ComputeWaitsReady(i) => self.wait(('r', i)),
@@ -237,23 +238,23 @@ fn every_attention_reads_the_resident_caches_bytes_in_any_stream_interleaving() 
             let mut steps = Vec::new();
             schedule.begin(&mut steps);
             sim.queue(&steps, pass);
-            for layer in 0..layers {
+            for (layer, cache) in resident.iter_mut().enumerate() {
                 steps.clear();
                 let slot = schedule.attend(layer, &mut steps).unwrap();
                 assert_eq!(slot, layer % n_slots);
                 sim.queue(&steps, pass);
                 // The cache write, as the resident cache gets it too.
                 let new = |r: &SeqRun| r.start..r.start + r.len;
-                for (at, bytes) in cells(&g, &runs, &resident[layer], new) {
+                for (at, bytes) in cells(&g, &runs, cache, new) {
                     let fresh: Vec<u8> = bytes.iter().map(|_| rng.gen()).collect();
-                    resident[layer][at..at + fresh.len()].copy_from_slice(&fresh);
+                    cache[at..at + fresh.len()].copy_from_slice(&fresh);
                 }
-                let cells_new = cells(&g, &runs, &resident[layer], new);
+                let cells_new = cells(&g, &runs, cache, new);
                 sim.queues[COMPUTE].push_back(Op::Write {
                     slot,
                     cells: cells_new,
                 });
-                let read = cells(&g, &runs, &resident[layer], |r| 0..r.start + r.len);
+                let read = cells(&g, &runs, cache, |r| 0..r.start + r.len);
                 sim.queues[COMPUTE].push_back(Op::Read {
                     slot,
                     what: format!("pass {pass} layer {layer} of {layers}, {n_slots} slots"),
@@ -277,11 +278,11 @@ fn every_attention_reads_the_resident_caches_bytes_in_any_stream_interleaving() 
                 len: lens[s],
             })
             .collect();
-        for layer in 0..layers {
-            let used = |r: &SeqRun| 0..r.len;
+        let used = |r: &SeqRun| 0..r.len;
+        for (layer, (host, cache)) in sim.host.iter().zip(&resident).enumerate() {
             assert_eq!(
-                cells(&g, &runs, &sim.host[layer], used),
-                cells(&g, &runs, &resident[layer], used),
+                cells(&g, &runs, host, used),
+                cells(&g, &runs, cache, used),
                 "host layer {layer}"
             );
         }
