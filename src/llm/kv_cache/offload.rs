@@ -202,6 +202,8 @@ pub(crate) struct KvOffload {
     steps: Vec<KvStep>,
     /// Every copy between host and slots, in queue order.
     copy: Stream,
+    /// Recorded on the compute stream when a pass begins.
+    pass_start: Event,
     into_slot: Vec<Rect2d>,
     back: Vec<Rect2d>,
     moved: KvTransfer,
@@ -256,6 +258,7 @@ impl KvOffload {
             steps: Vec::new(),
             slots,
             copy: Stream::new(ctx)?,
+            pass_start: Event::new(ctx, false)?,
             into_slot: Vec::new(),
             back: Vec::new(),
             moved: KvTransfer::default(),
@@ -318,6 +321,8 @@ impl KvOffload {
     fn run(&mut self, steps: &[KvStep], s: &Stream) -> Result<()> {
         for &step in steps {
             match step {
+                KvStep::RecordPassStart => self.pass_start.record(s)?,
+                KvStep::CopyWaitsPassStart => self.copy.wait_event(&self.pass_start)?,
                 KvStep::CopyWaitsDone(i) => self.copy.wait_event(&self.slots[i].done)?,
                 KvStep::ToSlot { layer, slot } => self.copy_in(layer, slot)?,
                 KvStep::RecordReady(i) => self.slots[i].ready.record(&self.copy)?,

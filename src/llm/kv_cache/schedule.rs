@@ -10,6 +10,12 @@ use crate::{Error, Result};
 /// One step of the offloaded cache's work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum KvStep {
+    /// The compute stream records the pass-start event.
+    RecordPassStart,
+    /// The copy stream waits for the latest pass-start record: a new pass's
+    /// copies start after all compute work queued before it, that of a pass
+    /// that failed half-way included.
+    CopyWaitsPassStart,
     /// The copy stream waits for the slot's latest `done` record.
     CopyWaitsDone(usize),
     /// The layer's cached prefixes go host → slot, on the copy stream.
@@ -52,10 +58,12 @@ impl KvSchedule {
         self.staged[self.slot(layer)] == Some(layer)
     }
 
-    /// A new pass (whose positions differ): forgets every slot's layer and
-    /// stages layer 0, so that its copy overlaps the pass's start.
+    /// A new pass (whose positions differ): forgets every slot's layer, and
+    /// stages layer 0 (so that its copy overlaps the pass's start) once the
+    /// compute work queued so far has run.
     pub(crate) fn begin(&mut self, steps: &mut Vec<KvStep>) {
         self.staged.iter_mut().for_each(|s| *s = None);
+        steps.extend([KvStep::RecordPassStart, KvStep::CopyWaitsPassStart]);
         if self.layers > 0 {
             self.stage(0, steps);
         }
