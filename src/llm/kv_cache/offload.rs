@@ -20,7 +20,10 @@
 //!   records `done` after its attention;
 //! - the copy back waits for `done`, on the same copy stream, so the next copy
 //!   into the slot (queued after it) cannot overtake it, and a later pass's
-//!   copy of the same layer from the host reads what it wrote.
+//!   copy of the same layer from the host reads what it wrote;
+//! - a pass's copies wait for an event the compute stream records when it
+//!   begins, so that no work of an earlier pass (one that failed half-way,
+//!   without its copies back) still uses a slot.
 //!
 //! Layer `l + 1`'s copy is queued when layer `l`'s attention is, into the
 //! other slot, so it overlaps layer `l`'s compute; layer 0's when the pass
@@ -273,7 +276,11 @@ impl KvOffload {
         let into_slot = prefix_rects(&runs, &self.geom);
         let back = new_rects(&runs, &self.geom);
         let lb = self.geom.layer_bytes();
-        if let Some(r) = into_slot.iter().chain(&back).find(|r| r.end() > Some(lb)) {
+        if let Some(r) = into_slot
+            .iter()
+            .chain(&back)
+            .find(|r| r.end().is_none_or(|e| e > lb))
+        {
             return Err(Error::Pipeline(format!(
                 "a KV copy {r:?} runs past the {lb}-byte layer"
             )));
