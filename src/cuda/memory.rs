@@ -407,7 +407,7 @@ pub struct Rect2d {
 impl Rect2d {
     /// Bytes the rectangle copies.
     pub fn bytes(&self) -> usize {
-        self.width * self.height
+        self.width.saturating_mul(self.height)
     }
 
     /// One past the last byte it touches, relative to the base address; `None`
