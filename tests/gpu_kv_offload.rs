@@ -211,3 +211,65 @@ fn offloaded_kv_cache_gives_the_resident_caches_bits_and_tokens() {
         }
     }
 }
+
+/// A host cache larger than the RAM available is refused at load, naming
+/// the cache's sizes, while its two device slots alone would fit the GPU.
+#[test]
+fn an_offloaded_cache_beyond_the_hosts_memory_is_refused_naming_its_sizes() {
+    let test = "an_offloaded_cache_beyond_the_hosts_memory_is_refused_naming_its_sizes";
+    let Some(ctx) = common::gpu(test) else {
+        return;
+    };
+    let Some(avail) = layer_streamer::host_memory::mem_available() else {
+        eprintln!("skipping {test}: MemAvailable cannot be read");
+        return;
+    };
+    let mut rng = common::rng(test);
+    let shape = Shape {
+        layers: 12,
+        ..Shape::preset("tiny").unwrap()
+    };
+    // bf16 K and V of every layer: 4 × kv_dim bytes per position and layer.
+    let per_pos = 4 * (shape.kv_heads * shape.hidden / shape.heads) as u64;
+    let batch = 256u64;
+    let host_len = |len: u64| shape.layers as u64 * batch * len * per_pos;
+    let max_len = (avail + avail / 4) / host_len(1) + 1;
+    let slots = 2 * batch * max_len * per_pos;
+    let (free, _) = ctx.mem_info().unwrap();
+    if slots + (4 << 30) > free {
+        eprintln!("skipping {test}: {slots} bytes of KV slots do not fit {free} free bytes");
+        return;
+    }
+    let dir = tiny_model(Arch::Llama, shape, DType::BF16, rng.gen());
+    let index = ModelIndex::open(dir.path()).unwrap();
+    let s = LayerStreamer::builder(&index)
+        .device(Device::Cuda(0))
+        .dtype(DType::BF16)
+        .build()
+        .unwrap();
+    let opts = ModelOptions {
+        max_batch: batch as usize,
+        max_len: max_len as usize,
+        max_tokens: 64,
+        precision: Precision::Fast,
+        kv_offload: true,
+    };
+    let e = LlamaModel::load(&s, opts)
+        .err()
+        .expect("a cache beyond the host's RAM");
+    match &e {
+        layer_streamer::Error::Limit { asked, .. } => assert_eq!(*asked, host_len(max_len)),
+        other => panic!("{other}"),
+    }
+    let msg = e.to_string();
+    for part in [
+        "host memory (MemAvailable)".to_string(),
+        "--kv-offload".to_string(),
+        format!("{} layers", shape.layers),
+        format!("{batch} sequences"),
+        format!("{max_len} positions"),
+    ] {
+        assert!(msg.contains(&part), "{part} missing: {msg}");
+    }
+    eprintln!("{test}: {msg}");
+}
