@@ -70,6 +70,52 @@ struct Sim {
 }
 
 impl Sim {
+    /// `layers` zeroed host layers (like their fresh mappings) and `n_slots`
+    /// slots of random bytes, nothing queued.
+    fn new(rng: &mut impl Rng, g: &Geometry, layers: usize, n_slots: usize) -> Sim {
+        let lb = g.layer_bytes();
+        Sim {
+            queues: [VecDeque::new(), VecDeque::new()],
+            queued: HashMap::new(),
+            ran: HashMap::new(),
+            host: vec![vec![0; lb]; layers],
+            slots: (0..n_slots)
+                .map(|_| (0..lb).map(|_| rng.gen()).collect())
+                .collect(),
+            rects: Vec::new(),
+        }
+    }
+
+    /// Queues a layer's cache write of fresh bytes at the new positions of
+    /// `runs` into `slot`, and its attention's reads of every position in use,
+    /// on the compute stream; the resident cache `cache` gets the same write.
+    fn queue_attention(
+        &mut self,
+        rng: &mut impl Rng,
+        g: &Geometry,
+        runs: &[SeqRun],
+        cache: &mut [u8],
+        slot: usize,
+        what: String,
+    ) {
+        let new = |r: &SeqRun| r.start..r.start + r.len;
+        for (at, bytes) in cells(g, runs, cache, new) {
+            let fresh: Vec<u8> = bytes.iter().map(|_| rng.gen()).collect();
+            cache[at..at + fresh.len()].copy_from_slice(&fresh);
+        }
+        let cells_new = cells(g, runs, cache, new);
+        self.queues[COMPUTE].push_back(Op::Write {
+            slot,
+            cells: cells_new,
+        });
+        let read = cells(g, runs, cache, |r| 0..r.start + r.len);
+        self.queues[COMPUTE].push_back(Op::Read {
+            slot,
+            what,
+            cells: read,
+        });
+    }
+
     /// Queues the schedule's steps as the CUDA side does.
     fn queue(&mut self, steps: &[KvStep], pass: usize) {
         for &step in steps {
@@ -221,19 +267,8 @@ fn every_attention_reads_the_resident_caches_bytes_in_any_stream_interleaving() 
         };
         let layers = rng.gen_range(1..7);
         let n_slots = rng.gen_range(2..4).min(layers);
-        let lb = g.layer_bytes();
-        let mut sim = Sim {
-            queues: [VecDeque::new(), VecDeque::new()],
-            queued: HashMap::new(),
-            ran: HashMap::new(),
-            // The host layers start zeroed, like their mappings.
-            host: vec![vec![0; lb]; layers],
-            slots: (0..n_slots)
-                .map(|_| (0..lb).map(|_| rng.gen()).collect())
-                .collect(),
-            rects: Vec::new(),
-        };
-        let mut resident = vec![vec![0u8; lb]; layers];
+        let mut sim = Sim::new(&mut rng, &g, layers, n_slots);
+        let mut resident = vec![vec![0u8; g.layer_bytes()]; layers];
         let mut schedule = KvSchedule::new(layers, n_slots);
         let mut lens = vec![0usize; g.max_batch];
         for pass in 0..rng.gen_range(1..8) {
@@ -252,23 +287,8 @@ fn every_attention_reads_the_resident_caches_bytes_in_any_stream_interleaving() 
                 let slot = schedule.attend(layer, &mut steps).unwrap();
                 assert_eq!(slot, layer % n_slots);
                 sim.queue(&steps, pass);
-                // The cache write, as the resident cache gets it too.
-                let new = |r: &SeqRun| r.start..r.start + r.len;
-                for (at, bytes) in cells(&g, &runs, cache, new) {
-                    let fresh: Vec<u8> = bytes.iter().map(|_| rng.gen()).collect();
-                    cache[at..at + fresh.len()].copy_from_slice(&fresh);
-                }
-                let cells_new = cells(&g, &runs, cache, new);
-                sim.queues[COMPUTE].push_back(Op::Write {
-                    slot,
-                    cells: cells_new,
-                });
-                let read = cells(&g, &runs, cache, |r| 0..r.start + r.len);
-                sim.queues[COMPUTE].push_back(Op::Read {
-                    slot,
-                    what: format!("pass {pass} layer {layer} of {layers}, {n_slots} slots"),
-                    cells: read,
-                });
+                let what = format!("pass {pass} layer {layer} of {layers}, {n_slots} slots");
+                sim.queue_attention(&mut rng, &g, &runs, cache, slot, what);
                 if failed == Some(layer) {
                     break;
                 }
