@@ -6,8 +6,9 @@
 //! reset sequence's slot next to decode steps of the others; and the tokens of
 //! greedy and sampled generation; in both precisions, both 16-bit weight types
 //! and models of 1, 3 and 5 layers (one slot, and a ring recycled in a pass).
-//! Also checks that each pass copies exactly the cached prefixes in and the
-//! new positions out. Skips without a driver unless `LS_REQUIRE_GPU=1`.
+//! Also checks that a pass copies exactly the cached prefixes in and the new
+//! positions out, and that a host cache beyond `MemAvailable` is refused at
+//! load, naming its sizes. Skips without a driver unless `LS_REQUIRE_GPU=1`.
 
 use std::path::Path;
 
