@@ -238,7 +238,13 @@ impl KvCache {
     /// copy is queued into the other slot.
     pub(crate) fn attend(&mut self, layer: usize, s: &Stream) -> Result<(u64, u64)> {
         match &mut self.store {
-            Store::Resident { k, v } => Ok((k[layer].ptr(), v[layer].ptr())),
+            Store::Resident { k, v } => match (k.get(layer), v.get(layer)) {
+                (Some(k), Some(v)) => Ok((k.ptr(), v.ptr())),
+                _ => Err(Error::Pipeline(format!(
+                    "KV layer {layer} of a cache of {} layers",
+                    k.len()
+                ))),
+            },
             Store::Offloaded(off) => off.attend(layer, s),
         }
     }
