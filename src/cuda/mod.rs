@@ -45,8 +45,9 @@ use crate::error::{Error, Result};
 
 pub use context::Context;
 pub use memory::{
-    memcpy_2d_dtod_async, memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer,
-    HostRegistration,
+    max_copy_pitch, memcpy_2d_dtod_async, memcpy_2d_dtoh_async, memcpy_2d_htod_async,
+    memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer, HostRegistration,
+    Rect2d,
 };
 pub use module::{Function, Module};
 pub use stream::{Event, Stream};

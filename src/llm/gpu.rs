@@ -30,7 +30,7 @@ use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
 use crate::llm::gpu_output::{load_embedding_and_output, OutputHead};
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
-use crate::llm::kv_cache::KvCache;
+use crate::llm::kv_cache::{KvCache, KvTransfer};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::sampling::TokenDraw;
@@ -193,6 +193,10 @@ impl CudaModel {
         self.gemm_tflops.map(|(_, t)| t)
     }
 
+    pub(crate) fn last_kv_transfer(&self) -> Option<KvTransfer> {
+        self.kv.last_transfer()
+    }
+
     /// Runs one pass and returns the logits of `b.out_rows`, one vector
     /// each.
     pub(crate) fn pass(
@@ -265,6 +269,7 @@ impl CudaModel {
         self.attn.prepare(&b.seq, &b.pos)?;
         {
             let s = cuda_stream(streamer)?;
+            self.kv.begin_pass(&b.seq, &b.pos, s)?;
             let ws = &self.ws;
             let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
             self.io.upload(s, b, dst)?;
@@ -384,7 +389,6 @@ impl CudaModel {
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, attn) = (ws.xn.split(), ws.attn.split());
-        let (kc, vc) = self.kv.layer(layer);
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -395,9 +399,10 @@ impl CudaModel {
         // SAFETY: every weight pointer is a 16-bit tensor of its projection's
         // shape (checked against config.json at load) in the layer's device
         // slot, live during this layer function; every workspace buffer was
-        // sized for max_tokens >= t tokens; the caches hold max_batch
-        // sequences of max_len positions and every (seq, pos) of the pass is
-        // within them (checked in LlamaModel::forward).
+        // sized for max_tokens >= t tokens; the caches (the layer's, or an
+        // offload slot of the same size) hold max_batch sequences of max_len
+        // positions and every (seq, pos) of the pass is within them (checked
+        // in LlamaModel::forward).
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
@@ -411,8 +416,12 @@ impl CudaModel {
             let rope = (self.cos.ptr(), self.sin.ptr());
             let a = &self.attn;
             let il = cfg.rope_interleaved;
+            // Offloaded, the stream waits here (not before the projections)
+            // for the copy of the layer's cached positions.
+            let (kc, vc) = self.kv.attend(layer, s)?;
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
+            self.kv.attended(layer, s)?;
             // o_proj accumulates into the residual stream (beta = 1).
             let o_w = w.ptr("self_attn.o_proj.weight")?;
             linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)

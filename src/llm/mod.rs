@@ -48,6 +48,7 @@ pub use config::ModelConfig;
 pub use generate::{generate, GenerateParams, Generation};
 pub use gpu_output::{StaticsMemory, OUTPUT_CHUNK_BYTES};
 pub use gpu_sampling::sample_on_device;
+pub use kv_cache::KvTransfer;
 pub use llama::{LlamaModel, ModelOptions, Precision};
 pub use sampling::{sample_draw, Sampler, SamplingParams, TokenDraw};
 pub use tokenizer::{TextStream, Tokenizer};
