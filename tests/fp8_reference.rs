@@ -59,6 +59,7 @@ fn run(dir: PathBuf, device: Device, precision: Precision) {
         max_len: len,
         max_tokens: len,
         precision,
+        kv_offload: false,
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let rep = check(&mut model, &mut s, &reference, 1).unwrap();

@@ -38,6 +38,7 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
             max_len: len.max(64),
             max_tokens: len.max(64),
             precision,
+            kv_offload: false,
         };
         let mut model = LlamaModel::load(&s, opts).unwrap();
         let rep = check(&mut model, &mut s, &reference, 1).unwrap();
@@ -116,6 +117,7 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
             max_len: 32,
             max_tokens: 32,
             precision: Precision::Exact,
+            kv_offload: false,
         };
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|_| {
