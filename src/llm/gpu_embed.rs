@@ -17,6 +17,7 @@
 use std::os::unix::fs::FileExt;
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::checkpoint::TensorInfo;
 use crate::cuda::{memcpy_htod_async, Context, Event, Stream};
@@ -95,34 +96,41 @@ pub(crate) fn gather_rows(
             out.len()
         )));
     }
-    let (mut b, mut h) = (vec![bf16::ZERO; hidden], vec![f16::ZERO; hidden]);
-    for (row, &tok) in out.chunks_exact_mut(hidden.max(1)).zip(tokens) {
-        let at = (tok as usize).checked_mul(rb);
-        let src = at
-            .and_then(|a| bytes.get(a..a.checked_add(rb)?))
-            .ok_or_else(|| {
-                Error::Input(format!(
-                    "token {tok} is outside the embedding of {} rows",
-                    bytes.len() / rb.max(1)
-                ))
-            })?;
-        match dtype {
-            DType::BF16 => {
-                quant::dequantize_bf16(ty, src, &mut b)?;
-                row.iter_mut().zip(&b).for_each(|(o, v)| *o = v.to_f32());
-            }
-            DType::F16 => {
-                quant::dequantize_f16(ty, src, &mut h)?;
-                row.iter_mut().zip(&h).for_each(|(o, v)| *o = v.to_f32());
-            }
-            other => {
-                return Err(Error::config(format!(
-                    "the CUDA forward pass runs in bf16 or f16, not {other}"
-                )))
-            }
-        }
+    if !matches!(dtype, DType::BF16 | DType::F16) {
+        return Err(Error::config(format!(
+            "the CUDA forward pass runs in bf16 or f16, not {dtype}"
+        )));
     }
-    Ok(())
+    // Rows in parallel: a prefill pass gathers thousands of them, ahead of
+    // its first layer.
+    out.par_chunks_mut(hidden.max(1))
+        .zip(tokens.par_iter())
+        .try_for_each_init(
+            || (vec![bf16::ZERO; hidden], vec![f16::ZERO; hidden]),
+            |(b, h), (row, &tok)| {
+                let at = (tok as usize).checked_mul(rb);
+                let src = at
+                    .and_then(|a| bytes.get(a..a.checked_add(rb)?))
+                    .ok_or_else(|| {
+                        Error::Input(format!(
+                            "token {tok} is outside the embedding of {} rows",
+                            bytes.len() / rb.max(1)
+                        ))
+                    })?;
+                if dtype == DType::BF16 {
+                    quant::dequantize_bf16(ty, src, b)?;
+                    row.iter_mut()
+                        .zip(b.iter())
+                        .for_each(|(o, v)| *o = v.to_f32());
+                } else {
+                    quant::dequantize_f16(ty, src, h)?;
+                    row.iter_mut()
+                        .zip(h.iter())
+                        .for_each(|(o, v)| *o = v.to_f32());
+                }
+                Ok(())
+            },
+        )
 }
 
 /// The dtype the CUDA forward pass computes in: the streamer's compute
