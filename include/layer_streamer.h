@@ -14,6 +14,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// In [`ls_config::cpu_share`]: the share is chosen per batch size from
+// measured rates.
+#define LS_CPU_SHARE_AUTO -1.0
+
 // What a call returned. The values are stable: new codes are only added.
 enum ls_result
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -128,6 +132,10 @@ typedef struct {
   ls_budget gpu_cache;
   // Non-zero: draw a progress bar on stderr during each pass.
   uint8_t progress;
+  // Share of the rows of every 2-D layer weight the CPU computes from host
+  // memory: 0 (off, the default), a fraction in (0, 1], or
+  // `LS_CPU_SHARE_AUTO`.
+  double cpu_share;
 } ls_config;
 
 // A tensor of the model as stored on disk. Every pointer in it is owned by
@@ -337,7 +345,8 @@ extern "C" {
 
 // The default configuration, returned by value: CUDA device 0, compute
 // dtype bf16, `n_gpu` 2, `n_cpu_pinned` 4, `n_cpu` 0, batches of 1, 4
-// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar.
+// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar,
+// no CPU share.
 ls_config ls_config_default(void);
 
 // Copies the message of the last failed call on this thread into `buf`.

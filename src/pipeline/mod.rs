@@ -17,6 +17,6 @@ pub(crate) mod stages;
 pub mod stats;
 
 pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
-pub use config::{parse_size, Budget, Device, StreamerConfig};
+pub use config::{parse_size, Budget, CpuShare, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
 pub use stats::{gbps as gbps_of, PassStats, Stage, StageStats};
