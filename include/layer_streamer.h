@@ -190,6 +190,28 @@ typedef struct {
   const ls_tensor_view *tensors;
 } ls_layer_weights;
 
+// The CPU's rows of one weight of the layer being processed, in host
+// memory in their stored type: rows `first_row .. first_row + rows` of the
+// tensor, back to back. The tensor's device view holds rows
+// `0 .. first_row`. `data` is owned by the streamer and valid until it is
+// freed.
+typedef struct {
+  // The stored type as a ggml type id: 0 f32, 1 f16, 30 bf16, 2 q4_0,
+  // 3 q4_1, 6 q5_0, 7 q5_1, 8 q8_0, 12 q4_k, 13 q5_k, 14 q6_k.
+  uint32_t ggml_type;
+  // The first of these rows in the tensor.
+  uint64_t first_row;
+  // Number of rows; 0 when the tensor is not split (then `data` is NULL
+  // and the device view holds every row).
+  uint64_t rows;
+  // Elements per row.
+  uint64_t cols;
+  // Bytes at `data`.
+  uint64_t bytes;
+  // The stored bytes of the rows.
+  const uint8_t *data;
+} ls_host_rows;
+
 // A `CUstream` (`void *`); NULL on the host backend.
 typedef void *ls_cuda_stream;
 
@@ -246,6 +268,11 @@ typedef struct {
   ls_stage_stats h2d;
   // The callback's work on the compute stream (device time).
   ls_stage_stats compute;
+  // The CPU's rows of a row split: their bytes, and the busy and stalled
+  // time the layer function reported; zero without a split.
+  ls_stage_stats cpu;
+  // The share of each split weight's rows the CPU computed (0: none).
+  double cpu_share;
   // Layers served from the pinned cache.
   uint64_t pinned_cache_hits;
   // Layers served from the device cache.
@@ -479,6 +506,19 @@ ls_result ls_model_layer_tensor(const ls_model *model,
 // # Safety
 // `model` must be NULL or a live model; `out` must be valid for a write.
 ls_result ls_model_static_tensor(const ls_model *model, uint32_t index, ls_tensor_info *out);
+
+// Writes into `*out` the CPU's rows of tensor `index` of the layer being
+// processed (the order of `weights->tensors`). A tensor that is not split
+// (1-D tensors, FP8 weights, or a streamer without a CPU share) gets
+// `rows` 0 and `data` NULL, with `first_row` its device rows.
+//
+// Only valid inside the callback that received `weights` (else
+// `LS_INVALID_ARGUMENT`, as for an `index` out of range).
+//
+// # Safety
+// `weights` must be the pointer the running callback received; `out`
+// valid for a write.
+ls_result ls_layer_host_rows(const ls_layer_weights *weights, uint32_t index, ls_host_rows *out);
 
 // Builds a streamer for `model` with `config`: allocates every slot, cache
 // and stream and opens every file.

@@ -145,6 +145,7 @@ where
         host_len: res.backend.is_host().then(|| mem.len()),
         release,
         held: AtomicBool::new(false),
+        split: res.split.as_ref(),
     };
     mem.set_in_use(true);
     let out = layer_fn(state, &weights, layer, compute);
