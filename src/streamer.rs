@@ -174,7 +174,13 @@ impl LayerStreamer {
             statics: statics_bytes(model, cfg.dtype),
             reserve,
         };
-        placement::place_layers(&Room::measure(&backend)?, &cfg, after, &mut plans);
+        let mut room = Room::measure(&backend)?;
+        if let Some(s) = &split {
+            // The CPU's rows live in the page cache: `auto` caches leave
+            // them their room.
+            room.ram = room.ram.map(|r| r.saturating_sub(s.pass_bytes()));
+        }
+        placement::place_layers(&room, &cfg, after, &mut plans);
         let (mut res, memory) = alloc::allocate(backend, model, &cfg, plans)?;
         res.split = split;
         let compute = ComputeStream {

@@ -125,6 +125,7 @@ impl RowSplit {
             .enumerate()
             .map(|(i, f)| used.contains(&i).then(|| map_file(&f.path)).transpose())
             .collect::<Result<Vec<_>>>()?;
+        advise_will_need(&maps, &host);
         let split = RowSplit {
             share,
             full: model.clone(),
@@ -182,6 +183,23 @@ impl RowSplit {
     /// Bytes the CPU reads for one pass over every layer.
     pub(crate) fn pass_bytes(&self) -> u64 {
         self.layers.iter().flatten().map(|p| p.len).sum()
+    }
+}
+
+/// Asks the kernel to start reading the CPU's rows into the page cache, so
+/// that the first pass does not fault them in page by page. Advice only:
+/// a refusal changes nothing but speed.
+fn advise_will_need(maps: &[Option<memmap2::Mmap>], layers: &[Vec<HostRowsPlan>]) {
+    for p in layers.iter().flatten() {
+        if let (Some(Some(map)), Ok(off), Ok(len)) = (
+            maps.get(p.file),
+            usize::try_from(p.offset),
+            usize::try_from(p.len),
+        ) {
+            if off.checked_add(len).is_some_and(|end| end <= map.len()) {
+                let _ = map.advise_range(memmap2::Advice::WillNeed, off, len);
+            }
+        }
     }
 }
 

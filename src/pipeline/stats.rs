@@ -129,6 +129,7 @@ impl PassStats {
     pub fn bound_by(&self) -> Stage {
         Stage::ALL
             .into_iter()
+            .filter(|s| *s != Stage::Cpu || self.cpu_share > 0.0)
             .max_by_key(|s| self.stage(*s).busy)
             .unwrap_or(Stage::Read)
     }
