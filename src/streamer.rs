@@ -158,8 +158,8 @@ impl LayerStreamer {
             }
             CpuShare::Auto => {
                 return Err(Error::config(
-                    "cpu_share auto is chosen per batch by the model's forward pass; a \
-                     streamer takes off or a fraction in [0, 1]",
+                    "cpu_share auto needs the planner's rates at the batch size at hand, \
+                     which a streamer is not given: use off or a fraction in [0, 1]",
                 ))
             }
         };
