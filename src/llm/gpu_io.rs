@@ -12,14 +12,14 @@ use crate::{Error, Result};
 /// Page-aligned host memory, page-locked when the driver and
 /// `RLIMIT_MEMLOCK` allow (else the copies from and to it are synchronous,
 /// which is slower but as correct).
-struct StagingBuf {
+pub(crate) struct StagingBuf {
     /// Declared before `buf` so that it is dropped (unregistered) first.
     _reg: Option<HostRegistration>,
-    buf: AlignedBuf,
+    pub(crate) buf: AlignedBuf,
 }
 
 impl StagingBuf {
-    fn new(ctx: &Context, bytes: usize) -> Result<StagingBuf> {
+    pub(crate) fn new(ctx: &Context, bytes: usize) -> Result<StagingBuf> {
         let mut buf = AlignedBuf::new(bytes.max(1))?;
         let (ptr, len) = (buf.as_mut_ptr(), buf.len());
         // SAFETY: `buf` is a live page-aligned mapping of `len` bytes that this

@@ -64,7 +64,7 @@ impl HostModel {
             cos,
             sin,
             max_len: opts.max_len,
-            pool: crate::llm::split::pool_for(streamer.cpu_share())?.map(Arc::new),
+            pool: crate::llm::split::pool_for(streamer)?.map(Arc::new),
         })
     }
 

@@ -144,13 +144,6 @@ impl LlamaModel {
         cfg.check_max_len(opts.max_len)
             .map_err(|m| Error::model(&config_path, m))?;
         crate::llm::layout::check(streamer.model(), &cfg)?;
-        if streamer.cpu_share() > 0.0 && !streamer.is_host() {
-            return Err(Error::config(format!(
-                "cpu_share {}: the CUDA forward pass computes whole layers on the device; \
-                 build its streamer with cpu_share off",
-                streamer.cpu_share()
-            )));
-        }
         let exec = if streamer.is_host() {
             Exec::Host(HostModel::load(streamer, &cfg, &opts)?)
         } else {

@@ -14,11 +14,15 @@
 //! 2. after attention: the heads' output goes to the host, and both sides
 //!    compute their columns of `o_proj`; the CPU's columns go back and are
 //!    added into `x` with the device's;
-//! 3. after gate/up: both sides project the normed `x`; the CPU applies
-//!    SwiGLU to its own columns (gate and up split at the same row), and
-//!    those columns of the product go to the device;
-//! 4. after down: both sides compute their columns of `down_proj` from the
-//!    whole product; the CPU's columns are added into `x` on the device.
+//! 3. after gate/up: both sides project the normed `x`; the CPU's gate and
+//!    up columns go to the device, which applies SwiGLU to every column;
+//! 4. after down: the product goes to the host, both sides compute their
+//!    columns of `down_proj` from all of it, and the CPU's columns, added
+//!    to the residual's, go back into `x`.
+//!
+//! The CPU reads the GEMM inputs as the device multiplies them (16-bit,
+//! `hi + lo` in exact precision) and the weights as stored; only the
+//! order of the f32 sums differs from a whole-layer pass.
 //!
 //! On the host backend the device side is the host math of
 //! [`super::host`], so the meetings are plain copies; this module is that
@@ -31,14 +35,18 @@ use crate::llm::ops;
 use crate::quant::QuantType;
 use crate::{Error, HostRows, LayerWeights, Result};
 
-/// The CPU pool of a host model whose streamer splits rows; `None` without
-/// a split.
-pub(crate) fn pool_for(cpu_share: f64) -> Result<Option<CpuPool>> {
-    if cpu_share > 0.0 {
-        CpuPool::new(&CpuPoolOptions::default()).map(Some)
-    } else {
-        Ok(None)
+/// The CPU pool of a model whose streamer splits rows, on every allowed
+/// CPU but those the stage threads are pinned to; `None` without a split.
+pub(crate) fn pool_for(streamer: &crate::LayerStreamer) -> Result<Option<CpuPool>> {
+    if streamer.cpu_share() == 0.0 {
+        return Ok(None);
     }
+    let exclude = streamer.config().cpu_affinity.clone().unwrap_or_default();
+    CpuPool::new(&CpuPoolOptions {
+        exclude,
+        ..CpuPoolOptions::default()
+    })
+    .map(Some)
 }
 
 /// `y (+)= x · Wᵀ (+ bias)` for a weight split between the device rows
