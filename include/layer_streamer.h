@@ -268,11 +268,6 @@ typedef struct {
   ls_stage_stats h2d;
   // The callback's work on the compute stream (device time).
   ls_stage_stats compute;
-  // The CPU's rows of a row split: their bytes, and the busy and stalled
-  // time the layer function reported; zero without a split.
-  ls_stage_stats cpu;
-  // The share of each split weight's rows the CPU computed (0: none).
-  double cpu_share;
   // Layers served from the pinned cache.
   uint64_t pinned_cache_hits;
   // Layers served from the device cache.
@@ -280,6 +275,11 @@ typedef struct {
   // Device time in seconds of the casts and dequantization on their own
   // stream (overlapping `h2d`); 0 when the model needs none.
   double convert_seconds;
+  // The CPU's rows of a row split: their bytes, and the busy and stalled
+  // time the layer function reported; zero without a split.
+  ls_stage_stats cpu;
+  // The share of each split weight's rows the CPU computed (0: none).
+  double cpu_share;
 } ls_pass_stats;
 
 // What a streamer allocated.

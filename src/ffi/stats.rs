@@ -49,11 +49,6 @@ pub struct ls_pass_stats {
     pub h2d: ls_stage_stats,
     /// The callback's work on the compute stream (device time).
     pub compute: ls_stage_stats,
-    /// The CPU's rows of a row split: their bytes, and the busy and stalled
-    /// time the layer function reported; zero without a split.
-    pub cpu: ls_stage_stats,
-    /// The share of each split weight's rows the CPU computed (0: none).
-    pub cpu_share: f64,
     /// Layers served from the pinned cache.
     pub pinned_cache_hits: u64,
     /// Layers served from the device cache.
@@ -61,6 +56,11 @@ pub struct ls_pass_stats {
     /// Device time in seconds of the casts and dequantization on their own
     /// stream (overlapping `h2d`); 0 when the model needs none.
     pub convert_seconds: f64,
+    /// The CPU's rows of a row split: their bytes, and the busy and stalled
+    /// time the layer function reported; zero without a split.
+    pub cpu: ls_stage_stats,
+    /// The share of each split weight's rows the CPU computed (0: none).
+    pub cpu_share: f64,
 }
 
 impl From<&PassStats> for ls_pass_stats {
