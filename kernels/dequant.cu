@@ -1,13 +1,19 @@
-// Dequantization of ggml blocks (as GGUF stores them) into bf16, one kernel per
-// type, compiled into its own PTX module (kernels/ptx/dequant.ptx) and loaded by
+// Dequantization of ggml blocks (as GGUF stores them) into bf16 or f16, two
+// kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), compiled into
+// their own PTX module (kernels/ptx/dequant.ptx) and loaded by
 // `quant::device::DequantKernels`.
 //
 // Each thread computes one output element (grid-stride over n = blocks *
 // elements per block) from its block's scales and its packed value. Products
 // and sums are single f32 operations with round-to-nearest (__fmul_rn,
 // __fadd_rn, __fsub_rn: never contracted into an FMA) in the order of the
-// host decoder (src/quant/blocks.rs), then rounded to bf16 to nearest even, so
-// the output is bit-identical to `quant::dequantize_bf16`.
+// host decoder (src/quant/blocks.rs), then rounded to bf16 or f16 to nearest
+// even, so the output is bit-identical to `quant::dequantize_bf16` /
+// `quant::dequantize_f16`.
+//
+// f16 saturates: a value beyond its range (a block scale times a large code
+// can reach 65504 * 127 in Q8_0) becomes +-65504, not inf, and every NaN is
+// 0x7e00 (see f32_to_f16_sat_bits).
 //
 // Blocks are read byte by byte: block sizes (18, 22, 34, 210 ... bytes) leave
 // multi-byte fields unaligned.
@@ -17,36 +23,79 @@ __device__ __forceinline__ float f16_at(const uint8_t* b) {
     return f16_bits_to_f32((uint16_t)(b[0] | ((uint16_t)b[1] << 8)));
 }
 
-#define DEQUANT_KERNEL(NAME, QK, BYTES, ...)                                           \
-    extern "C" __global__ void NAME(const uint8_t* __restrict__ src,                   \
-                                    uint16_t* __restrict__ dst, u64 n) {               \
+// f32 -> f16 to nearest even, saturating: finite values beyond +-65504 and
+// infinities become +-65504 (cvt's .satfinite), NaN becomes 0x7e00. Mirrors
+// `quant::f32_to_f16_sat` on the host.
+__device__ __forceinline__ uint16_t f32_to_f16_sat_bits(float x) {
+    if (isnan(x)) {
+        return (uint16_t)0x7e00u;
+    }
+    x = fminf(fmaxf(x, -65504.0f), 65504.0f);
+    return __half_as_ushort(__float2half_rn(x));
+}
+
+// One element decoder per type, `float NAME_value(block, e)`, and two kernels
+// over it: `dequant_NAME_bf16` and `dequant_NAME_f16`.
+#define DEQUANT_KERNEL_OUT(NAME, QK, BYTES, OUT, CONVERT)                               \
+    extern "C" __global__ void dequant_##NAME##_##OUT(const uint8_t* __restrict__ src,  \
+                                                      uint16_t* __restrict__ dst, u64 n) { \
         for (u64 i = grid_thread(); i < n; i += grid_threads()) {                      \
             const uint8_t* b = src + (i / (QK)) * (BYTES);                             \
-            const unsigned e = (unsigned)(i % (QK));                                   \
-            float x;                                                                   \
-            (void)e;                                                                   \
-            __VA_ARGS__                                                                \
-            dst[i] = f32_to_bf16_bits(x);                                              \
+            dst[i] = CONVERT(NAME##_value(b, (unsigned)(i % (QK))));                   \
         }                                                                              \
     }
 
-DEQUANT_KERNEL(dequant_f32_bf16, 1, 4, {
+#define DEQUANT_KERNEL(NAME, QK, BYTES, ...)                                           \
+    __device__ __forceinline__ float NAME##_value(const uint8_t* b, unsigned e) {      \
+        float x;                                                                       \
+        (void)e;                                                                       \
+        __VA_ARGS__                                                                    \
+        return x;                                                                      \
+    }                                                                                  \
+    DEQUANT_KERNEL_OUT(NAME, QK, BYTES, bf16, f32_to_bf16_bits)                        \
+    DEQUANT_KERNEL_OUT(NAME, QK, BYTES, f16, f32_to_f16_sat_bits)
+
+DEQUANT_KERNEL(f32, 1, 4, {
     x = __uint_as_float((uint32_t)b[0] | ((uint32_t)b[1] << 8) | ((uint32_t)b[2] << 16) |
                         ((uint32_t)b[3] << 24));
 })
 
-DEQUANT_KERNEL(dequant_f16_bf16, 1, 2, { x = f16_at(b); })
+// f16 to f16 and bf16 to bf16 are copies (a NaN keeps its payload, as on
+// the host); the other direction converts.
+__device__ __forceinline__ uint16_t u16_at(const uint8_t* src, u64 i) {
+    return (uint16_t)(src[2 * i] | ((uint16_t)src[2 * i + 1] << 8));
+}
 
-// bf16 is copied as it is (a NaN keeps its payload, as on the host).
+extern "C" __global__ void dequant_f16_bf16(const uint8_t* __restrict__ src,
+                                            uint16_t* __restrict__ dst, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        dst[i] = f32_to_bf16_bits(f16_bits_to_f32(u16_at(src, i)));
+    }
+}
+
+extern "C" __global__ void dequant_f16_f16(const uint8_t* __restrict__ src,
+                                           uint16_t* __restrict__ dst, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        dst[i] = u16_at(src, i);
+    }
+}
+
 extern "C" __global__ void dequant_bf16_bf16(const uint8_t* __restrict__ src,
                                              uint16_t* __restrict__ dst, u64 n) {
     for (u64 i = grid_thread(); i < n; i += grid_threads()) {
-        dst[i] = (uint16_t)(src[2 * i] | ((uint16_t)src[2 * i + 1] << 8));
+        dst[i] = u16_at(src, i);
+    }
+}
+
+extern "C" __global__ void dequant_bf16_f16(const uint8_t* __restrict__ src,
+                                            uint16_t* __restrict__ dst, u64 n) {
+    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
+        dst[i] = f32_to_f16_sat_bits(bf16_bits_to_f32(u16_at(src, i)));
     }
 }
 
 // Q8_0: f16 d, 32 x i8.
-DEQUANT_KERNEL(dequant_q8_0_bf16, 32, 34, {
+DEQUANT_KERNEL(q8_0, 32, 34, {
     x = __fmul_rn((float)(int8_t)b[2 + e], f16_at(b));
 })
 
@@ -62,23 +111,23 @@ __device__ __forceinline__ unsigned high_bit32(const uint8_t* qh, unsigned e) {
 }
 
 // Q4_0: f16 d, 16 bytes of nibbles; x = d * (q - 8).
-DEQUANT_KERNEL(dequant_q4_0_bf16, 32, 18, {
+DEQUANT_KERNEL(q4_0, 32, 18, {
     x = __fmul_rn(f16_at(b), (float)((int)nibble32(b + 2, e) - 8));
 })
 
 // Q4_1: f16 d, f16 m, 16 bytes of nibbles; x = d * q + m.
-DEQUANT_KERNEL(dequant_q4_1_bf16, 32, 20, {
+DEQUANT_KERNEL(q4_1, 32, 20, {
     x = __fadd_rn(__fmul_rn(f16_at(b), (float)nibble32(b + 4, e)), f16_at(b + 2));
 })
 
 // Q5_0: f16 d, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * (q - 16).
-DEQUANT_KERNEL(dequant_q5_0_bf16, 32, 22, {
+DEQUANT_KERNEL(q5_0, 32, 22, {
     int q = (int)(nibble32(b + 6, e) | (high_bit32(b + 2, e) << 4));
     x = __fmul_rn(f16_at(b), (float)(q - 16));
 })
 
 // Q5_1: f16 d, f16 m, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * q + m.
-DEQUANT_KERNEL(dequant_q5_1_bf16, 32, 24, {
+DEQUANT_KERNEL(q5_1, 32, 24, {
     unsigned q = nibble32(b + 8, e) | (high_bit32(b + 4, e) << 4);
     x = __fadd_rn(__fmul_rn(f16_at(b), (float)q), f16_at(b + 2));
 })
@@ -113,18 +162,18 @@ __device__ __forceinline__ unsigned k_nibble(const uint8_t* qs, unsigned e) {
 }
 
 // Q4_K: f16 d, f16 dmin, 12 scale bytes, 128 bytes of nibbles.
-DEQUANT_KERNEL(dequant_q4_k_bf16, 256, 144, { x = k_value(b, e, k_nibble(b + 16, e)); })
+DEQUANT_KERNEL(q4_k, 256, 144, { x = k_value(b, e, k_nibble(b + 16, e)); })
 
 // Q5_K: as Q4_K with 32 bytes of fifth bits before the nibbles: bit j of byte
 // l is element l of sub-block j.
-DEQUANT_KERNEL(dequant_q5_k_bf16, 256, 176, {
+DEQUANT_KERNEL(q5_k, 256, 176, {
     unsigned q = k_nibble(b + 48, e) | (((b[16 + e % 32] >> (e / 32)) & 1u) << 4);
     x = k_value(b, e, q);
 })
 
 // Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 signed scales,
 // f16 d; x = (d * scale) * (q - 32).
-DEQUANT_KERNEL(dequant_q6_k_bf16, 256, 210, {
+DEQUANT_KERNEL(q6_k, 256, 210, {
     unsigned half = e / 128, r = e % 128;
     unsigned low = r < 64 ? (b[half * 64 + r] & 0x0fu) : (b[half * 64 + r - 64] >> 4);
     unsigned high = (b[128 + half * 32 + r % 32] >> (2 * (r / 32))) & 3u;
@@ -137,9 +186,10 @@ DEQUANT_KERNEL(dequant_q6_k_bf16, 256, 210, {
 // top byte of an f16) codes, and one f32/bf16/f16 scale per tile_rows x
 // tile_cols tile (128x128 blocks, one row, or the whole matrix), row-major
 // over the tile grid. x = fp8 * scale, one f32 product, then bf16 to nearest
-// even with one canonical NaN (0x7fc0): a NaN's payload after a multiply
-// differs between the host and the device, so neither keeps it. Bit-identical
-// to `quant::fp8::dequantize_bf16`.
+// even with one canonical NaN (0x7fc0), or f16 saturating with one canonical
+// NaN (0x7e00): a NaN's payload after a multiply differs between the host and
+// the device, so neither keeps it. Bit-identical to
+// `quant::fp8::dequantize_bf16` / `quant::fp8::dequantize_f16`.
 __device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
     uint32_t sign = (uint32_t)(b & 0x80u) << 24;
     uint32_t e = (b >> 3) & 15u, m = b & 7u;
@@ -163,10 +213,12 @@ __device__ __forceinline__ float fp8_scale_at(const uint8_t* s, u64 i, unsigned 
     return dtype == 1u ? bf16_bits_to_f32(h) : f16_bits_to_f32(h);
 }
 
-// flags: bits 0..8 the format (0 E4M3, 1 E5M2), bits 8..16 the scale dtype
-// (0 f32, 1 bf16, 2 f16). Rows stride over blockIdx.y, columns over the x
-// dimension of the grid; every size is below 2^32 (checked on the host).
-extern "C" __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src,
+// One FP8 weight into bf16 (OUT_F16 false) or f16 (true, saturating). flags:
+// bits 0..8 the format (0 E4M3, 1 E5M2), bits 8..16 the scale dtype (0 f32,
+// 1 bf16, 2 f16). Rows stride over blockIdx.y, columns over the x dimension of
+// the grid; every size is below 2^32 (checked on the host).
+template <bool OUT_F16>
+__device__ __forceinline__ void dequant_fp8(const uint8_t* __restrict__ src,
                                             const uint8_t* __restrict__ scale,
                                             uint16_t* __restrict__ dst, u64 rows, u64 cols,
                                             u64 tile_rows, u64 tile_cols, u64 flags) {
@@ -182,7 +234,57 @@ extern "C" __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src,
             uint8_t q = src[row + c];
             float w = format == 0u ? e4m3_to_f32(q) : f16_bits_to_f32((uint16_t)q << 8);
             float x = __fmul_rn(w, fp8_scale_at(scale, srow + c / tc, sdt));
-            dst[row + c] = isnan(x) ? (uint16_t)0x7fc0u : f32_to_bf16_bits(x);
+            if (OUT_F16) {
+                dst[row + c] = f32_to_f16_sat_bits(x);
+            } else {
+                dst[row + c] = isnan(x) ? (uint16_t)0x7fc0u : f32_to_bf16_bits(x);
+            }
         }
     }
 }
+
+extern "C" __global__ void dequant_fp8_bf16(const uint8_t* __restrict__ src,
+                                            const uint8_t* __restrict__ scale,
+                                            uint16_t* __restrict__ dst, u64 rows, u64 cols,
+                                            u64 tile_rows, u64 tile_cols, u64 flags) {
+    dequant_fp8<false>(src, scale, dst, rows, cols, tile_rows, tile_cols, flags);
+}
+
+extern "C" __global__ void dequant_fp8_f16(const uint8_t* __restrict__ src,
+                                           const uint8_t* __restrict__ scale,
+                                           uint16_t* __restrict__ dst, u64 rows, u64 cols,
+                                           u64 tile_rows, u64 tile_cols, u64 flags) {
+    dequant_fp8<true>(src, scale, dst, rows, cols, tile_rows, tile_cols, flags);
+}
+
+// Rows of a [rows, hidden] matrix of ggml blocks gathered by token id into
+// f32: dst[t * hidden + c] = element c of row ids[t], rounded to bf16
+// (out_f16 == 0) or f16 (saturating) as the kernels above round, then
+// widened. The embedding lookup of a tied quantized model, whose matrix
+// stays on the device as its blocks for the output GEMM: the same values as
+// a lookup in the dequantized 16-bit matrix. hidden is a multiple of QK
+// (checked on the host).
+#define DEQUANT_GATHER(NAME, QK, BYTES)                                                \
+    extern "C" __global__ void gather_##NAME##_f32(const uint8_t* __restrict__ src,    \
+                                                   const uint32_t* __restrict__ ids,   \
+                                                   float* __restrict__ dst, u64 tokens, \
+                                                   u64 hidden, u64 out_f16) {          \
+        const u64 n = tokens * hidden;                                                 \
+        const u64 row_bytes = hidden / (QK) * (BYTES);                                 \
+        for (u64 i = grid_thread(); i < n; i += grid_threads()) {                      \
+            const u64 t = i / hidden, c = i % hidden;                                  \
+            const uint8_t* b = src + (u64)ids[t] * row_bytes + (c / (QK)) * (BYTES);   \
+            const float x = NAME##_value(b, (unsigned)(c % (QK)));                     \
+            dst[i] = out_f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(x))                 \
+                             : bf16_bits_to_f32(f32_to_bf16_bits(x));                  \
+        }                                                                              \
+    }
+
+DEQUANT_GATHER(q8_0, 32, 34)
+DEQUANT_GATHER(q4_0, 32, 18)
+DEQUANT_GATHER(q4_1, 32, 20)
+DEQUANT_GATHER(q5_0, 32, 22)
+DEQUANT_GATHER(q5_1, 32, 24)
+DEQUANT_GATHER(q4_k, 256, 144)
+DEQUANT_GATHER(q5_k, 256, 176)
+DEQUANT_GATHER(q6_k, 256, 210)

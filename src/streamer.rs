@@ -306,24 +306,27 @@ impl Drop for LayerStreamer {
 
 /// The backend `cfg` asks for, with the cast kernels when the model needs them.
 fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Result<Backend> {
-    let needs_casts = plans.iter().any(|p| !p.casts.is_empty())
-        || model.statics().iter().any(|t| {
-            cfg.dtype
-                .is_some_and(|d| d != t.dtype && t.dtype.is_castable_float())
-        });
+    // Plain casts into bf16 use the cast kernels; dequantizations, and plain
+    // casts into f16, the dequantization kernels (see `dequant_source`).
+    let casts = || plans.iter().flat_map(|p| &p.casts);
+    let static_cast = |t: &&crate::checkpoint::TensorInfo| {
+        cfg.dtype
+            .is_some_and(|d| d != t.dtype && t.dtype.is_castable_float())
+    };
+    let f16 = cfg.dtype == Some(DType::F16);
+    let needs_casts = casts().any(|c| c.quant.is_none() && c.fp8.is_none())
+        || (!f16 && model.statics().iter().any(|t| static_cast(&t)));
     let needs_dequant = cfg.dtype.is_some()
-        && (plans
-            .iter()
-            .flat_map(|p| &p.casts)
-            .any(|c| c.quant.is_some() || c.fp8.is_some())
-            || model.statics().iter().any(|t| t.quant.is_some()));
+        && (casts().any(|c| c.quant.is_some() || c.fp8.is_some())
+            || model.statics().iter().any(|t| t.quant.is_some())
+            || (f16 && model.statics().iter().any(|t| static_cast(&t))));
     Ok(match cfg.device {
         Device::Host => Backend::Host,
         Device::Cuda(ordinal) => {
             if needs_casts && cfg.dtype != Some(DType::BF16) {
                 return Err(Error::config(format!(
-                    "the device casts f16/f32 weights to bf16 only; compute dtype {} needs \
-                     the model's tensors in that dtype",
+                    "the device casts f16/f32 weights to bf16 (and any float to f16) only; \
+                     compute dtype {} needs the model's tensors in that dtype",
                     cfg.dtype.map(|d| d.to_string()).unwrap_or_default()
                 )));
             }

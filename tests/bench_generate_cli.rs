@@ -1,6 +1,7 @@
 //! `layer-streamer bench-generate` on the host backend, through the built
 //! binary: every batch gets a row in both tables, the host has no GEMM peak
-//! (so the transfer is the bound), and a bad `--precision` is a usage error.
+//! (so the transfer is the bound), a bad `--precision` is a usage error, and
+//! `--kv-offload` adds its table.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -111,6 +112,25 @@ fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
     assert!(
         !bad.status.success() && err.contains("--precision") && err.contains("double"),
         "{err}"
+    ); // The host backend keeps its KV cache in RAM: --kv-offload is said in
+       // the header and its table says that nothing is copied.
+    let args = ["--batch", "1", "--prompt-len", "5", "--new-tokens", "3"];
+    let out = bench(dir.path(), &[&args[..], &["--kv-offload"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    for part in [
+        "KV cache in host RAM (--kv-offload)",
+        "kv-offload (per decode pass):",
+        "(none: the host backend keeps its KV cache in RAM)",
+    ] {
+        assert!(text.contains(part), "{part} missing: {text}");
+    }
+    let out = bench(dir.path(), &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("kv-offload"),
+        "{text}"
     );
 }
 

@@ -428,7 +428,7 @@ fn bad_fp8_checkpoints_are_errors_naming_file_and_tensor() {
     q["format"] = json!("float-quantized");
     refused(dst.path(), &good, Some(q), cfg, &["strategy \"group\""]);
 
-    // FP8 weights dequantize to bf16 only.
+    // FP8 weights dequantize to bf16 or f16 only.
     let index = ModelIndex::open(dst.path()).unwrap();
     let e = LayerStreamer::builder(&index)
         .device(Device::Host)

@@ -3,15 +3,17 @@
 //! scripts/fp8-reference.py: the directory it wrote is named by
 //! `LS_FP8_FIXTURE`. Without it the tests say why and skip, unless
 //! `LS_REQUIRE_FP8_FIXTURE=1`, where a missing fixture is a failure. The host backend
-//! and (where there is a GPU) the CUDA backend must match within 2e-2
-//! relative L2 with 95 % argmax agreement, streaming the stored bytes.
+//! and (where there is a GPU) the CUDA backend, in the dtype
+//! `LlamaModel::cuda_dtype` picks (f16) and in both precisions, must match
+//! within 2e-2 relative L2 with 95 % argmax agreement, streaming the stored
+//! bytes.
 
 mod common;
 
 use std::path::PathBuf;
 
 use layer_streamer::llm::reference::{check, Reference};
-use layer_streamer::llm::{LlamaModel, ModelOptions};
+use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
 use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
 
 /// The fixture directory, or `None` (after saying why) when it is not set.
@@ -32,7 +34,7 @@ fn fixture(test: &str) -> Option<PathBuf> {
     }
 }
 
-fn run(dir: PathBuf, device: Device) {
+fn run(dir: PathBuf, device: Device, precision: Precision) {
     let reference = Reference::load(&dir).unwrap();
     let index = ModelIndex::open(dir.join("model")).unwrap();
     let fp8 = index
@@ -42,9 +44,13 @@ fn run(dir: PathBuf, device: Device) {
         .filter(|t| t.info.scale.is_some())
         .count();
     assert_eq!(fp8, 7 * index.num_layers(), "every layer matrix is FP8");
+    let dtype = match device {
+        Device::Host => DType::BF16,
+        Device::Cuda(_) => LlamaModel::cuda_dtype(&index),
+    };
     let mut s = LayerStreamer::builder(&index)
         .device(device)
-        .dtype(DType::BF16)
+        .dtype(dtype)
         .build()
         .unwrap();
     let len = reference.prompt_ids.len() + reference.greedy_ids.len() + 1;
@@ -52,16 +58,17 @@ fn run(dir: PathBuf, device: Device) {
         max_batch: 1,
         max_len: len,
         max_tokens: len,
-        ..ModelOptions::default()
+        precision,
+        kv_offload: false,
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let rep = check(&mut model, &mut s, &reference, 1).unwrap();
     eprintln!(
-        "{device:?}: max rel_l2 {:.3e}, argmax agreement {:.1}%",
+        "{device:?} {dtype} {precision}: max rel_l2 {:.3e}, argmax agreement {:.1}%",
         rep.max_rel_l2(),
         100.0 * rep.argmax_agreement()
     );
-    assert!(rep.passed(2e-2, 0.95), "{:?}", rep.rel_l2);
+    assert!(rep.passed(2e-2, 0.95), "{precision}: {:?}", rep.rel_l2);
     assert_eq!(s.last_pass_stats().layer_bytes, index.total_layer_bytes());
 }
 
@@ -69,7 +76,7 @@ fn run(dir: PathBuf, device: Device) {
 fn transformers_fp8_checkpoint_matches_on_the_host() {
     let test = "transformers_fp8_checkpoint_matches_on_the_host";
     if let Some(dir) = fixture(test) {
-        run(dir, Device::Host);
+        run(dir, Device::Host, Precision::default());
     }
 }
 
@@ -80,6 +87,12 @@ fn gpu_transformers_fp8_checkpoint_matches() {
         return;
     };
     if let Some(dir) = fixture(test) {
-        run(dir, Device::Cuda(0));
+        assert_eq!(
+            LlamaModel::cuda_dtype(&ModelIndex::open(dir.join("model")).unwrap()),
+            DType::F16
+        );
+        for precision in [Precision::Exact, Precision::Fast] {
+            run(dir.clone(), Device::Cuda(0), precision);
+        }
     }
 }

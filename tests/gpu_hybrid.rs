@@ -37,6 +37,7 @@ fn run(index: &ModelIndex, share: f64, precision: Precision, prompts: &[Vec<u32>
         max_len: 64,
         max_tokens: 64,
         precision,
+        ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
     let forced: Vec<Vec<u32>> = prompts.iter().map(|p| p[..2].to_vec()).collect();

@@ -83,6 +83,7 @@ fn cuda_forward_matches_the_host_backend_in_both_precisions() {
             max_len: 64,
             max_tokens: 128,
             precision: Precision::Exact,
+            kv_offload: false,
         };
         let host = logits(dir.path(), Device::Host, opts, &prompts, &forced);
         for precision in [Precision::Exact, Precision::Fast] {
@@ -141,6 +142,7 @@ fn long_prompt_in_chunks_matches_the_host_backend() {
         max_len: 800,
         max_tokens: 256,
         precision: Precision::Exact,
+        kv_offload: false,
     };
     let host = logits(dir.path(), Device::Host, opts, &prompts, &forced);
     for precision in [Precision::Exact, Precision::Fast] {

@@ -163,6 +163,7 @@ const OPTS: ModelOptions = ModelOptions {
     max_len: 16,
     max_tokens: 16,
     precision: Precision::Fast,
+    kv_offload: false,
 };
 
 /// Loads the model in `dir`, expecting an error whose text has every word.

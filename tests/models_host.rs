@@ -347,6 +347,7 @@ fn the_host_backend_computes_the_same_logits_in_either_precision() {
             max_len: 16,
             max_tokens: 32,
             precision,
+            kv_offload: false,
         };
         let mut model = LlamaModel::load(&s, opts).unwrap();
         assert_eq!(model.options().precision, precision);

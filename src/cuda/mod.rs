@@ -31,6 +31,7 @@
 mod context;
 pub mod cublas;
 mod cublas_search;
+mod cublaslt;
 mod memory;
 mod module;
 mod stream;
@@ -44,7 +45,9 @@ use crate::error::{Error, Result};
 
 pub use context::Context;
 pub use memory::{
+    max_copy_pitch, memcpy_2d_dtod_async, memcpy_2d_dtoh_async, memcpy_2d_htod_async,
     memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer, HostRegistration,
+    Rect2d,
 };
 pub use module::{Function, Module};
 pub use stream::{Event, Stream};

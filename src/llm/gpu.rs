@@ -24,11 +24,13 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
+use crate::llm::gpu_embed::{model_dtype, Embedding};
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
+use crate::llm::gpu_output::{load_embedding_and_output, OutputHead};
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
-use crate::llm::kv_cache::KvCache;
+use crate::llm::kv_cache::{KvCache, KvTransfer};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::sampling::TokenDraw;
@@ -68,9 +70,9 @@ pub(crate) struct CudaModel {
     /// The weights' dtype (bf16 or f16), shared by the GEMM inputs.
     dtype: DType,
     blas: Cublas,
-    embed: DeviceTensor,
+    embed: Embedding,
     norm: DeviceTensor,
-    lm_head: Option<DeviceTensor>,
+    head: OutputHead,
     attn: Attention,
     kv: KvCache,
     cos: DeviceBuffer,
@@ -92,7 +94,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 fn need_dtype(t: &DeviceTensor, dtype: DType) -> Result<()> {
     if t.dtype() != dtype {
         return Err(Error::config(format!(
-            "tensor {} is {} on the device but the embedding is {dtype}; the CUDA forward pass \
+            "tensor {} is {} on the device but the model computes in {dtype}; the CUDA forward pass \
              needs every weight in one 16-bit dtype (build the streamer with \
              LlamaModel::cuda_dtype)",
             t.name(),
@@ -114,16 +116,17 @@ impl CudaModel {
         if let Some(why) = unimplemented_on_cuda(cfg) {
             return Err(Error::config(why));
         }
-        let (embed, norm, head) = static_names(streamer.model(), cfg);
-        let embed = streamer.load_static(&embed)?;
-        let norm = streamer.load_static(&norm)?;
-        let lm_head = head.map(|h| streamer.load_static(&h)).transpose()?;
-        let dtype = embed.dtype();
-        need_dtype(&norm, dtype)?;
-        if let Some(h) = &lm_head {
-            need_dtype(h, dtype)?;
-        }
         let (t, b, p) = (opts.max_tokens, opts.max_batch, opts.precision);
+        let (embed, norm, head) = static_names(streamer.model(), cfg);
+        let dtype = model_dtype(streamer, &embed)?;
+        let (v, h) = (cfg.vocab, cfg.hidden);
+        let (embed, head) =
+            load_embedding_and_output(streamer, &embed, head.as_deref(), dtype, v, h, t, b)?;
+        let norm = streamer.load_static(&norm)?;
+        need_dtype(&norm, dtype)?;
+        if let Some(m) = head.dense(&embed) {
+            need_dtype(m, dtype)?;
+        }
         let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
         let (cos, sin) = cfg.rope_tables(opts.max_len);
         let cos_d = alloc(cos.len() * 4)?;
@@ -170,7 +173,7 @@ impl CudaModel {
             blas: Cublas::new(ctx)?,
             embed,
             norm,
-            lm_head,
+            head,
             attn,
             kv,
             cos: cos_d,
@@ -191,8 +194,17 @@ impl CudaModel {
         }
     }
 
+    /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).
+    pub(crate) fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        self.head.set_chunk_bytes(bytes)
+    }
+
     pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
         self.gemm_tflops.map(|(_, t)| t)
+    }
+
+    pub(crate) fn last_kv_transfer(&self) -> Option<KvTransfer> {
+        self.kv.last_transfer()
     }
 
     /// Runs one pass and returns the logits of `b.out_rows`, one vector
@@ -264,19 +276,22 @@ impl CudaModel {
         cfg: &ModelConfig,
         b: &PassBatch,
     ) -> Result<bool> {
-        let t = b.tokens.len();
         self.attn.prepare(&b.seq, &b.pos)?;
         {
             let s = cuda_stream(streamer)?;
+            self.kv.begin_pass(&b.seq, &b.pos, s)?;
             let ws = &self.ws;
             let dst = [ws.ids.ptr(), ws.seq.ptr(), ws.pos.ptr(), ws.rows.ptr()];
             self.io.upload(s, b, dst)?;
             self.blas.set_stream(s)?;
-            // SAFETY: the embedding is [vocab, hidden] bf16 and every id was
-            // checked against vocab; ids and x are sized for max_tokens >= t.
+            // SAFETY: the ids were queued on `s` above and every one was
+            // checked against vocab; ids and x are sized for max_tokens, at
+            // least the pass's tokens.
             unsafe {
-                self.kernels
-                    .embed(s, self.embed.ptr(), ws.ids.ptr(), ws.x.ptr(), t, cfg.hidden)?;
+                let (ids, x) = (ws.ids.ptr(), ws.x.ptr());
+                let (k, head) = (&self.kernels, &self.head);
+                self.embed
+                    .queue(s, k, head, ids, x, &b.tokens, cfg.hidden)?;
             }
         }
         let me = &mut *self;
@@ -321,30 +336,19 @@ impl CudaModel {
     /// `ws.logits`.
     fn queue_logits(&mut self, s: &Stream, cfg: &ModelConfig, n_out: usize) -> Result<()> {
         let ws = &self.ws;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let hw = self.gemm_type();
         let (last, h) = (ws.last.split(), cfg.hidden);
         // SAFETY: rows index tokens of this pass; last holds max_batch rows and
-        // logits max_batch * vocab f32; the head is [vocab, hidden] of the
-        // model's 16-bit dtype (shapes checked at load).
+        // logits max_batch * vocab f32; the head is [vocab, hidden] (shapes
+        // checked at load); cuBLAS is bound to `s` (queue_pass).
         unsafe {
             let (x, norm, rows) = (ws.x.ptr(), self.norm.ptr(), ws.rows.ptr());
             let eps = cfg.rms_norm_eps;
             self.kernels
                 .rms_norm(s, x, norm, rows, last, n_out, h, eps)?;
-            let (f, logits) = (GemmType::F32, ws.logits.ptr());
-            linear_split(
-                &mut self.blas,
-                hw,
-                last,
-                head.ptr(),
-                logits,
-                f,
-                n_out,
-                cfg.vocab,
-                h,
-                0.0,
-            )
+            let (blas, logits, v) = (&mut self.blas, ws.logits.ptr(), cfg.vocab);
+            self.head
+                .queue(&self.embed, blas, hw, last, logits, n_out, v, h, s)
         }
     }
 
@@ -398,7 +402,6 @@ impl CudaModel {
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, attn) = (ws.xn.split(), ws.attn.split());
-        let (kc, vc) = self.kv.layer(layer);
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -409,9 +412,10 @@ impl CudaModel {
         // SAFETY: every weight pointer is a 16-bit tensor of its projection's
         // shape (checked against config.json at load) in the layer's device
         // slot, live during this layer function; every workspace buffer was
-        // sized for max_tokens >= t tokens; the caches hold max_batch
-        // sequences of max_len positions and every (seq, pos) of the pass is
-        // within them (checked in LlamaModel::forward).
+        // sized for max_tokens >= t tokens; the caches (the layer's, or an
+        // offload slot of the same size) hold max_batch sequences of max_len
+        // positions and every (seq, pos) of the pass is within them (checked
+        // in LlamaModel::forward).
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
@@ -425,8 +429,12 @@ impl CudaModel {
             let rope = (self.cos.ptr(), self.sin.ptr());
             let a = &self.attn;
             let il = cfg.rope_interleaved;
+            // Offloaded, the stream waits here (not before the projections)
+            // for the copy of the layer's cached positions.
+            let (kc, vc) = self.kv.attend(layer, s)?;
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
+            self.kv.attended(layer, s)?;
             // o_proj accumulates into the residual stream (beta = 1).
             let o_w = w.ptr("self_attn.o_proj.weight")?;
             linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)

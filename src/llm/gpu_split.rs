@@ -308,7 +308,6 @@ impl CudaModel {
         }
         w.w.note_cpu_side(busy, stalled);
         let o = part(w.w, "self_attn.o_proj.weight", h)?;
-        let (kc, vc) = self.kv.layer(layer);
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -316,12 +315,15 @@ impl CudaModel {
             bias("self_attn.v_proj.bias")?,
         ];
         let (seq, pos, il) = (ws.seq.ptr(), ws.pos.ptr(), cfg.rope_interleaved);
-        // SAFETY: as above; the caches hold every (seq, pos) of the pass.
+        // SAFETY: as above; the caches (the layer's, or an offload slot of
+        // the same size) hold every (seq, pos) of the pass.
         unsafe {
             let (q, kp, vp, a) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr(), &self.attn);
             let rope = (self.cos.ptr(), self.sin.ptr());
+            let (kc, vc) = self.kv.attend(layer, s)?;
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
+            self.kv.attended(layer, s)?;
             sp.fetch(s, attn, t, qd, Some((x, &o)))?;
             device_columns(blas, hw, attn, w, &o, x, t, qd, 1.0)?;
         }

@@ -4,6 +4,7 @@
 
 use crate::llm::config::ModelConfig;
 use crate::llm::host::HostModel;
+use crate::llm::kv_cache::KvTransfer;
 use crate::llm::sampling::{sample_draw, TokenDraw};
 use crate::{Error, LayerStreamer, Result};
 
@@ -19,6 +20,11 @@ pub struct ModelOptions {
     pub max_tokens: usize,
     /// How the GEMM inputs and the KV cache are rounded (see [`Precision`]).
     pub precision: Precision,
+    /// On CUDA, keep each layer's KV cache in page-locked host RAM and copy
+    /// the positions in use through a ring of device slots with its layer
+    /// (for batches whose cache exceeds the GPU's memory); the device holds
+    /// only the slots. The host backend keeps its cache in RAM either way.
+    pub kv_offload: bool,
 }
 
 impl Default for ModelOptions {
@@ -28,6 +34,7 @@ impl Default for ModelOptions {
             max_len: 2048,
             max_tokens: 2048,
             precision: Precision::Fast,
+            kv_offload: false,
         }
     }
 }
@@ -122,7 +129,9 @@ impl LlamaModel {
     /// the keys), or when a bias or `lm_head.weight` the config calls for is
     /// missing (or a bias it does not call for is present). On CUDA, fails
     /// with [`Error::Limit`] (naming the cache's sizes and the free memory)
-    /// when the KV cache does not fit next to the streamer's slots.
+    /// when the KV cache does not fit next to the streamer's slots; with
+    /// [`ModelOptions::kv_offload`], when its two device slots do not, or
+    /// when the host cache exceeds the available RAM or `RLIMIT_MEMLOCK`.
     pub fn load(streamer: &LayerStreamer, opts: ModelOptions) -> Result<LlamaModel> {
         let cfg = ModelConfig::from_model(streamer.model())?;
         if cfg.layers != streamer.model().num_layers() {
@@ -160,10 +169,22 @@ impl LlamaModel {
     }
 
     /// The compute dtype to build a CUDA streamer with for this model: f16
-    /// when every float tensor is f16 (kept as is: f16 GEMMs lose less than a
-    /// cast to bf16), else bf16 (f16 and f32 tensors cast on the device).
+    /// when its layer weights are quantized (ggml blocks or FP8: they
+    /// dequantize on the device into f16, whose 10 mantissa bits hold a
+    /// 4-bit code times its f16 scale far better than bf16's 7, as llama.cpp
+    /// does) or when every float tensor is f16 (kept as is: f16 GEMMs lose
+    /// less than a cast to bf16); else bf16 (f16 and f32 tensors cast on the
+    /// device).
     pub fn cuda_dtype(index: &crate::ModelIndex) -> crate::DType {
         use crate::DType;
+        let quantized = index
+            .layers()
+            .iter()
+            .flat_map(|l| &l.tensors)
+            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
+        if quantized {
+            return DType::F16;
+        }
         let floats: Vec<DType> = index
             .dtypes()
             .into_iter()
@@ -173,6 +194,19 @@ impl LlamaModel {
             DType::F16
         } else {
             DType::BF16
+        }
+    }
+
+    /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)
+    /// is dequantized into on CUDA, a chunk of rows at a time, to `bytes`
+    /// (at least one row; the default is
+    /// [`OUTPUT_CHUNK_BYTES`](crate::llm::OUTPUT_CHUNK_BYTES)). The logits
+    /// do not depend on it. Nothing changes on the host backend or for an
+    /// output matrix kept in 16 bits.
+    pub fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.exec {
+            Exec::Cuda(m) => m.set_output_chunk_bytes(bytes),
+            Exec::Host(_) => Ok(()),
         }
     }
 
@@ -372,6 +406,15 @@ impl LlamaModel {
             }
         }
         (b, taken)
+    }
+
+    /// The KV bytes the latest pass copied between host and device, with
+    /// [`ModelOptions::kv_offload`] on CUDA; `None` otherwise.
+    pub fn last_kv_transfer(&self) -> Option<KvTransfer> {
+        match &self.exec {
+            Exec::Cuda(c) => c.last_kv_transfer(),
+            Exec::Host(_) => None,
+        }
     }
 
     /// Compute throughput of the CUDA pass with the most tokens so far: the

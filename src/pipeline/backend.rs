@@ -273,16 +273,18 @@ impl StreamH {
     }
 
     /// Queues the dequantization of `n` elements stored as `ty` blocks at
-    /// `src` into `n` bf16 values at `dst`.
+    /// `src` into `n` values of `to` (bf16 or f16) at `dst`.
     ///
     /// # Safety
-    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` bf16
+    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` 16-bit
     /// values, both device memory of this stream's backend that stay valid
     /// until the work completes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn dequant(
         &self,
         kernels: Option<&DequantKernels>,
         ty: QuantType,
+        to: DType,
         src: u64,
         dst: u64,
         n: usize,
@@ -292,28 +294,29 @@ impl StreamH {
                 let k = kernels
                     .ok_or_else(|| Error::Pipeline("dequantization kernels not loaded".into()))?;
                 // SAFETY: forwarded from the caller.
-                unsafe { k.dequantize_bf16(ty, src, dst, n as u64, s) }
+                unsafe { k.dequantize(ty, to, src, dst, n as u64, s) }
             }
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
-                unsafe { s.dequant(ty, src, dst, n) };
+                unsafe { s.dequant(ty, to, src, dst, n) };
                 Ok(())
             }
         }
     }
 
     /// Queues the dequantization of an FP8 weight of `layout` at `src`, with
-    /// its scales at `scale`, into bf16 at `dst`.
+    /// its scales at `scale`, into `to` (bf16 or f16) at `dst`.
     ///
     /// # Safety
     /// `src` holds `layout.elems()` bytes, `scale` `layout.scale_bytes()`
-    /// bytes and `dst` room for `layout.elems()` bf16 values, all device
+    /// bytes and `dst` room for `layout.elems()` 16-bit values, all device
     /// memory of this stream's backend that stays valid (and `dst` unread by
     /// other work) until the work completes.
     pub(crate) unsafe fn dequant_fp8(
         &self,
         kernels: Option<&DequantKernels>,
         layout: &Fp8Layout,
+        to: DType,
         src: u64,
         scale: u64,
         dst: u64,
@@ -323,11 +326,11 @@ impl StreamH {
                 let k = kernels
                     .ok_or_else(|| Error::Pipeline("dequantization kernels not loaded".into()))?;
                 // SAFETY: forwarded from the caller.
-                unsafe { k.dequantize_fp8_bf16(layout, src, scale, dst, s) }
+                unsafe { k.dequantize_fp8(layout, to, src, scale, dst, s) }
             }
             StreamH::Host(s) => {
                 // SAFETY: forwarded from the caller.
-                unsafe { s.dequant_fp8(*layout, src, scale, dst) };
+                unsafe { s.dequant_fp8(*layout, to, src, scale, dst) };
                 Ok(())
             }
         }

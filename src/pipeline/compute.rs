@@ -140,9 +140,12 @@ where
     }
     let weights = LayerWeights {
         layer,
-        base: mem.ptr(),
+        base: mem.ptr() + res.plans[layer].shift,
         plan: &res.plans[layer],
-        host_len: res.backend.is_host().then(|| mem.len()),
+        host_len: res
+            .backend
+            .is_host()
+            .then(|| mem.len().saturating_sub(res.plans[layer].shift as usize)),
         release,
         held: AtomicBool::new(false),
         split: res.split.as_ref(),

@@ -119,12 +119,14 @@ enum Op {
     },
     Dequant {
         ty: QuantType,
+        to: DType,
         src: usize,
         dst: usize,
         n: usize,
     },
     DequantFp8 {
         layout: Fp8Layout,
+        to: DType,
         src: usize,
         scale: usize,
         dst: usize,
@@ -228,29 +230,40 @@ impl HostStream {
         });
     }
 
-    /// Queues the dequantization of `n` elements of `ty` blocks into bf16.
+    /// Queues the dequantization of `n` elements of `ty` blocks into `to`
+    /// (bf16 or f16).
     ///
     /// # Safety
-    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` bf16
+    /// `src` holds `ty.tensor_size(&[n])` bytes and `dst` room for `n` 16-bit
     /// values, valid until the op has run (as for [`copy`](Self::copy)).
-    pub(crate) unsafe fn dequant(&self, ty: QuantType, src: u64, dst: u64, n: usize) {
+    pub(crate) unsafe fn dequant(&self, ty: QuantType, to: DType, src: u64, dst: u64, n: usize) {
         self.submit(Op::Dequant {
             ty,
+            to,
             src: src as usize,
             dst: dst as usize,
             n,
         });
     }
 
-    /// Queues the dequantization of an FP8 weight (with its scales) into bf16.
+    /// Queues the dequantization of an FP8 weight (with its scales) into
+    /// `to` (bf16 or f16).
     ///
     /// # Safety
     /// `src` holds `layout.elems()` bytes, `scale` `layout.scale_bytes()`
-    /// bytes and `dst` room for `layout.elems()` bf16 values, valid until the
-    /// op has run (as for [`copy`](Self::copy)).
-    pub(crate) unsafe fn dequant_fp8(&self, layout: Fp8Layout, src: u64, scale: u64, dst: u64) {
+    /// bytes and `dst` room for `layout.elems()` 16-bit values, valid until
+    /// the op has run (as for [`copy`](Self::copy)).
+    pub(crate) unsafe fn dequant_fp8(
+        &self,
+        layout: Fp8Layout,
+        to: DType,
+        src: u64,
+        scale: u64,
+        dst: u64,
+    ) {
         self.submit(Op::DequantFp8 {
             layout,
+            to,
             src: src as usize,
             scale: scale as usize,
             dst: dst as usize,
@@ -380,18 +393,25 @@ fn execute(q: &Queue, op: Op) {
                 violation(q, e);
             }
         }
-        Op::Dequant { ty, src, dst, n } => {
-            if let Err(e) = host_dequant(ty, src, dst, n) {
+        Op::Dequant {
+            ty,
+            to,
+            src,
+            dst,
+            n,
+        } => {
+            if let Err(e) = host_dequant(ty, to, src, dst, n) {
                 violation(q, e);
             }
         }
         Op::DequantFp8 {
             layout,
+            to,
             src,
             scale,
             dst,
         } => {
-            if let Err(e) = host_dequant_fp8(&layout, src, scale, dst) {
+            if let Err(e) = host_dequant_fp8(&layout, to, src, scale, dst) {
                 violation(q, e);
             }
         }
@@ -403,39 +423,63 @@ fn execute(q: &Queue, op: Op) {
     }
 }
 
-fn host_dequant(ty: QuantType, src: usize, dst: usize, n: usize) -> Result<(), String> {
+fn host_dequant(ty: QuantType, to: DType, src: usize, dst: usize, n: usize) -> Result<(), String> {
     let len = ty
         .tensor_size(&[n as u64])
         .map_err(|e| format!("dequantizing {n} elements of {ty}: {e}"))?
         .1 as usize;
-    // SAFETY: the issuer guarantees `src` holds `len` bytes and `dst` room
-    // for `n` bf16 values, live and not written by anyone else until this op
-    // has run (see `HostStream::dequant`); bf16 needs 2-byte alignment, which
-    // the plan's conversion area (256-aligned offsets in a page-aligned
-    // slot) provides.
-    let (blocks, out) = unsafe {
-        (
-            std::slice::from_raw_parts(src as *const u8, len),
-            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n),
-        )
+    // SAFETY: the issuer guarantees `src` holds `len` bytes, live and not
+    // written by anyone else until this op has run (see
+    // `HostStream::dequant`).
+    let blocks = unsafe { std::slice::from_raw_parts(src as *const u8, len) };
+    let r = match to {
+        // SAFETY: the issuer guarantees room for `n` bf16 values at `dst`,
+        // not read or written by anyone else until this op has run; 2-byte
+        // alignment comes from the plan's conversion area (256-aligned
+        // offsets in a page-aligned slot).
+        DType::BF16 => crate::quant::dequantize_bf16(ty, blocks, unsafe {
+            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n)
+        }),
+        // SAFETY: as for bf16, with room for `n` f16 values.
+        DType::F16 => crate::quant::dequantize_f16(ty, blocks, unsafe {
+            std::slice::from_raw_parts_mut(dst as *mut half::f16, n)
+        }),
+        _ => return Err(format!("cannot dequantize {ty} into {to}")),
     };
-    crate::quant::dequantize_bf16(ty, blocks, out).map_err(|e| e.to_string())
+    r.map_err(|e| e.to_string())
 }
 
-fn host_dequant_fp8(l: &Fp8Layout, src: usize, scale: usize, dst: usize) -> Result<(), String> {
+fn host_dequant_fp8(
+    l: &Fp8Layout,
+    to: DType,
+    src: usize,
+    scale: usize,
+    dst: usize,
+) -> Result<(), String> {
     let n = l.elems() as usize;
-    // SAFETY: the issuer guarantees `src` holds `n` bytes, `scale` the
-    // layout's scale bytes and `dst` room for `n` bf16 values, live and not
-    // written by anyone else until this op has run (see
-    // `HostStream::dequant_fp8`); `dst` is 256-aligned in the conversion area.
-    let (weights, scales, out) = unsafe {
+    // SAFETY: the issuer guarantees `src` holds `n` bytes and `scale` the
+    // layout's scale bytes, live and not written by anyone else until this
+    // op has run (see `HostStream::dequant_fp8`).
+    let (weights, scales) = unsafe {
         (
             std::slice::from_raw_parts(src as *const u8, n),
             std::slice::from_raw_parts(scale as *const u8, l.scale_bytes() as usize),
-            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n),
         )
     };
-    crate::quant::fp8::dequantize_bf16(l, weights, scales, out).map_err(|e| e.to_string())
+    let r = match to {
+        // SAFETY: the issuer guarantees room for `n` bf16 values at `dst`,
+        // untouched by anyone else until this op has run; `dst` is
+        // 256-aligned in the conversion area.
+        DType::BF16 => crate::quant::fp8::dequantize_bf16(l, weights, scales, unsafe {
+            std::slice::from_raw_parts_mut(dst as *mut half::bf16, n)
+        }),
+        // SAFETY: as for bf16, with room for `n` f16 values.
+        DType::F16 => crate::quant::fp8::dequantize_f16(l, weights, scales, unsafe {
+            std::slice::from_raw_parts_mut(dst as *mut half::f16, n)
+        }),
+        _ => return Err(format!("cannot dequantize FP8 into {to}")),
+    };
+    r.map_err(|e| e.to_string())
 }
 
 fn host_cast(from: DType, to: DType, src: usize, dst: usize, n: usize) -> Result<(), String> {

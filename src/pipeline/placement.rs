@@ -267,6 +267,7 @@ mod tests {
                     casts: Vec::new(),
                     views: Vec::new(),
                     home: Home::Stream,
+                    shift: 0,
                 }
             })
             .collect()

@@ -89,11 +89,12 @@ impl<'a> TensorView<'a> {
 /// A cast of one tensor inside a slot.
 #[derive(Debug, Clone)]
 pub(crate) struct CastOp {
-    /// The block type when this is a dequantization (into bf16); `from` is
-    /// then the stored byte type.
+    /// The stored type when the dequantization kernels convert the tensor
+    /// (see [`dequant_source`]): a block type (`from` is then the stored
+    /// byte type), or a plain float going to f16.
     pub(crate) quant: Option<QuantType>,
     /// An FP8 weight's decode and the offset of its scale tensor in the
-    /// slot, when this is an FP8 dequantization (into bf16).
+    /// slot, when this is an FP8 dequantization (into bf16 or f16).
     pub(crate) fp8: Option<(Fp8Layout, u64)>,
     pub(crate) from: DType,
     pub(crate) to: DType,
@@ -131,8 +132,15 @@ pub(crate) enum Home {
 pub(crate) struct LayerPlan {
     /// Bytes copied host → device: the layer's slot bytes.
     pub(crate) copy_bytes: u64,
-    /// Bytes a device slot needs for this layer: raw bytes plus conversions.
+    /// Bytes a device slot needs for this layer: the shift, raw bytes and
+    /// conversions.
     pub(crate) device_bytes: u64,
+    /// Where in its slot the layer's bytes start (below [`CAST_ALIGN`]):
+    /// chosen so that the most bytes of tensors used as stored start
+    /// [`CAST_ALIGN`]-aligned, as the fastest GEMM kernels want, though a
+    /// file aligns them to 8 bytes or less. Every offset in `views` and
+    /// `casts` counts from the slot's start plus this shift.
+    pub(crate) shift: u64,
     pub(crate) casts: Vec<CastOp>,
     pub(crate) views: Vec<ViewPlan>,
     pub(crate) home: Home,
@@ -144,7 +152,11 @@ impl LayerPlan {
         layer: &Layer,
         dtype: Option<DType>,
     ) -> Result<LayerPlan> {
-        let raw_end = layer.slot_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
+        let casts_of = |t: &LayerTensor| cast_target(model, &t.info, dtype);
+        let shift = layer_shift(layer, |t| casts_of(t).is_ok_and(|c| c.is_none()));
+        // Conversions land CAST_ALIGN-aligned in the slot: offsets count from
+        // `shift`, so the first is aligned up from the raw bytes' end there.
+        let raw_end = (shift + layer.slot_bytes).div_ceil(CAST_ALIGN) * CAST_ALIGN - shift;
         let mut conv = raw_end;
         let mut casts = Vec::new();
         let mut views = Vec::with_capacity(layer.tensors.len());
@@ -168,7 +180,7 @@ impl LayerPlan {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
                     casts.push(CastOp {
-                        quant: info.quant,
+                        quant: dequant_source(info, to),
                         fp8,
                         from: info.dtype,
                         to,
@@ -202,11 +214,13 @@ impl LayerPlan {
         }
         Ok(LayerPlan {
             copy_bytes: layer.slot_bytes,
-            device_bytes: if casts.is_empty() {
-                layer.slot_bytes
-            } else {
-                conv
-            },
+            device_bytes: shift
+                + if casts.is_empty() {
+                    layer.slot_bytes
+                } else {
+                    conv
+                },
+            shift,
             casts,
             views,
             home: Home::Stream,
@@ -214,9 +228,24 @@ impl LayerPlan {
     }
 }
 
+/// The shift (below [`CAST_ALIGN`]) that puts the most bytes of `layer`'s
+/// tensors used as stored (`as_stored`) at [`CAST_ALIGN`]-aligned slot
+/// offsets; ties go to the smaller shift.
+fn layer_shift(layer: &Layer, as_stored: impl Fn(&LayerTensor) -> bool) -> u64 {
+    let mut bytes_by_shift = std::collections::BTreeMap::<u64, u64>::new();
+    for t in layer.tensors.iter().filter(|t| as_stored(t)) {
+        let need = (CAST_ALIGN - t.slot_offset % CAST_ALIGN) % CAST_ALIGN;
+        *bytes_by_shift.entry(need).or_default() += t.info.len;
+    }
+    bytes_by_shift
+        .into_iter()
+        .max_by_key(|&(shift, bytes)| (bytes, std::cmp::Reverse(shift)))
+        .map_or(0, |(shift, _)| shift)
+}
+
 /// The dtype a tensor is converted to on the device for the compute dtype
 /// `dtype`, or `None` when it travels as stored. Block-quantized and FP8
-/// weights dequantize to bf16 only.
+/// weights dequantize to bf16 or f16 only.
 pub(crate) fn cast_target(
     model: &ModelIndex,
     info: &TensorInfo,
@@ -229,11 +258,11 @@ pub(crate) fn cast_target(
         None
     };
     Ok(match (dtype, stored) {
-        (Some(DType::BF16), Some(_)) => Some(DType::BF16),
+        (Some(d @ (DType::BF16 | DType::F16)), Some(_)) => Some(d),
         (Some(d), Some(ty)) => {
             return Err(Error::config(format!(
-                "tensor {} of {} is {ty}, which dequantizes to bf16 only, not the compute \
-                 dtype {d}",
+                "tensor {} of {} is {ty}, which dequantizes to bf16 or f16 only, not the \
+                 compute dtype {d}",
                 info.name,
                 file(),
             )))
@@ -250,6 +279,19 @@ pub(crate) fn cast_target(
         }
         _ => None,
     })
+}
+
+/// The type the dequantization kernels read when `info` is converted to
+/// `to`: its block type, or, for a plain float going to f16, that float
+/// (the cast kernels write bf16 only; the dequantization kernels write both,
+/// saturating at f16's range). `None` when the cast kernels (into bf16) or
+/// the FP8 kernels do the conversion.
+pub(crate) fn dequant_source(info: &TensorInfo, to: DType) -> Option<QuantType> {
+    match info.quant {
+        Some(q) => Some(q),
+        None if to == DType::F16 && info.scale.is_none() => QuantType::from_dtype(info.dtype),
+        None => None,
+    }
 }
 
 /// An FP8 weight's decode and the slot offset of its scale tensor, which
@@ -492,6 +534,7 @@ mod tests {
             casts: Vec::new(),
             views: Vec::new(),
             home: Home::Stream,
+            shift: 0,
         }
     }
 
@@ -531,5 +574,95 @@ mod tests {
         let ok = w.host_bytes(&view(base + 4000, 96)).unwrap();
         assert_eq!(ok.len(), 96);
         assert_eq!(ok.as_ptr() as u64, base + 4000);
+    }
+
+    #[test]
+    fn the_largest_stored_tensor_of_every_layer_starts_aligned_in_its_slot() {
+        use crate::synth::{write_model, Arch, Shape, SynthSpec};
+        use crate::{LayerStreamer, ModelIndex};
+        let seed = std::env::var("LS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| std::process::id() as u64);
+        eprintln!("seed {seed} (LS_SEED replays)");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            arch: Arch::Qwen2,
+            shape: Shape::preset("tiny").unwrap(),
+            dtype: DType::BF16,
+            tie: false,
+            shard_size: 4_000_000_000,
+            seed,
+            threads: 1,
+        };
+        write_model(dir.path(), &spec).unwrap();
+        let index = ModelIndex::open(dir.path()).unwrap();
+        let mut s = LayerStreamer::builder(&index)
+            .device(crate::Device::Host)
+            .file_dtype()
+            .build()
+            .unwrap();
+        let mut misaligned_in_file = 0;
+        s.run_pass((), |(), w, layer, _| {
+            let views: Vec<_> = w.tensors().collect();
+            let largest = views.iter().max_by_key(|v| v.bytes()).unwrap();
+            assert_eq!(
+                largest.ptr() % CAST_ALIGN,
+                0,
+                "layer {layer}: {}",
+                largest.key()
+            );
+            let t = &index.layers()[layer].tensors;
+            let off = t
+                .iter()
+                .find(|t| t.key == largest.key())
+                .unwrap()
+                .info
+                .file_offset;
+            misaligned_in_file += usize::from(off % CAST_ALIGN != 0);
+            Ok(())
+        })
+        .unwrap();
+        // The control: the file itself does not align them (a safetensors
+        // header is padded to 8 bytes only).
+        eprintln!("{misaligned_in_file} layers' largest tensors misaligned in the file");
+        assert!(
+            misaligned_in_file > 0,
+            "the file aligned them: nothing was tested"
+        );
+    }
+
+    #[test]
+    fn the_shift_aligns_the_most_bytes_and_ties_go_to_the_smaller() {
+        let mut rng = rand::thread_rng();
+        use rand::Rng;
+        let a = rng.gen_range(1..CAST_ALIGN);
+        let b = (a + rng.gen_range(1..CAST_ALIGN)) % CAST_ALIGN;
+        let tensor = |off: u64, len: u64| LayerTensor {
+            key: format!("t{off}"),
+            info: TensorInfo {
+                name: format!("t{off}"),
+                dtype: DType::BF16,
+                shape: vec![len as usize / 2],
+                file: 0,
+                file_offset: off,
+                len,
+                quant: None,
+                scale: None,
+            },
+            slot_offset: off,
+        };
+        // Tensors at offsets a (3 KiB) and b (5 KiB) from alignment.
+        let layer = Layer {
+            index: 0,
+            tensors: vec![tensor(4096 + a, 3072), tensor(8192 + b, 5120)],
+            reads: Vec::new(),
+            slot_bytes: 16384,
+            data_bytes: 8192,
+        };
+        let need = |o: u64| (CAST_ALIGN - o % CAST_ALIGN) % CAST_ALIGN;
+        assert_eq!(layer_shift(&layer, |_| true), need(b));
+        assert_eq!(layer_shift(&layer, |t| t.info.len == 3072), need(a));
+        assert_eq!(layer_shift(&layer, |_| false), 0);
     }
 }

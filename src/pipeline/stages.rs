@@ -470,7 +470,7 @@ impl<'c> H2d<'c> {
         // `device_bytes`, and nothing reads it any more (see `destination`).
         unsafe {
             res.transfer
-                .copy_htod(dst, 0, src, plan.copy_bytes as usize, gen)?;
+                .copy_htod(dst, plan.shift as usize, src, plan.copy_bytes as usize, gen)?;
         }
         // Casts on a stream of their own: the source is handed back as soon
         // as the copy is done, and the next copy need not wait for them.
@@ -515,8 +515,9 @@ impl<'c> H2d<'c> {
 /// on `stream`.
 fn queue_casts(res: &Resources, stream: &StreamH, plan: &LayerPlan, dst: &DevMem) -> Result<()> {
     let kernels = res.backend.kernels();
+    let base = dst.ptr() + plan.shift;
     for c in &plan.casts {
-        let (src, out) = (dst.ptr() + c.src, dst.ptr() + c.dst);
+        let (src, out) = (base + c.src, base + c.dst);
         // SAFETY: `src`/`dst` offsets were laid out by `LayerPlan::new`
         // inside `device_bytes`, which the destination holds: the stored
         // tensor (`n` elements, or `n` elements' blocks) at `src`, its
@@ -526,9 +527,9 @@ fn queue_casts(res: &Resources, stream: &StreamH, plan: &LayerPlan, dst: &DevMem
         unsafe {
             let dq = res.backend.dequant_kernels();
             match (c.quant, &c.fp8) {
-                (Some(q), _) => stream.dequant(dq, q, src, out, c.n)?,
+                (Some(q), _) => stream.dequant(dq, q, c.to, src, out, c.n)?,
                 (None, Some((l, scale))) => {
-                    stream.dequant_fp8(dq, l, src, dst.ptr() + scale, out)?
+                    stream.dequant_fp8(dq, l, c.to, src, base + scale, out)?
                 }
                 (None, None) => stream.cast(kernels, c.from, c.to, src, out, c.n)?,
             }

@@ -1,4 +1,4 @@
-//! Host dequantization of whole tensors (or rows) to f32 and bf16.
+//! Host dequantization of whole tensors (or rows) to f32, bf16 and f16.
 
 use half::{bf16, f16};
 
@@ -82,6 +82,53 @@ pub fn dequantize_bf16(ty: QuantType, src: &[u8], dst: &mut [bf16]) -> Result<()
         }
         for (d, &x) in o.iter_mut().zip(t.iter()) {
             *d = bf16::from_f32(x);
+        }
+    }
+    Ok(())
+}
+
+/// Largest finite f16 magnitude.
+pub const F16_MAX: f32 = 65504.0;
+
+/// f32 → f16 as the dequantizers round: nearest even, saturating (finite
+/// values beyond ±65504 and infinities become ±65504, as PTX's `.satfinite`
+/// does), every NaN `0x7e00`.
+///
+/// Saturating rather than refusing: a block's f16 scale times a large code
+/// leaves f16's range only for scales far above any trained model's (Q8_0
+/// needs `|d| > 515`), the kernels cannot report per-value errors without a
+/// device round trip per layer, and an inf would turn a whole row of logits
+/// into NaN, where the largest f16 keeps the rest of the row usable.
+pub fn f32_to_f16_sat(x: f32) -> f16 {
+    if x.is_nan() {
+        f16::from_bits(0x7e00)
+    } else {
+        f16::from_f32(x.clamp(-F16_MAX, F16_MAX))
+    }
+}
+
+/// Like [`dequantize_f32`], each value then rounded to f16 with
+/// [`f32_to_f16_sat`], exactly as the device kernels do; F16 is copied as
+/// stored.
+pub fn dequantize_f16(ty: QuantType, src: &[u8], dst: &mut [f16]) -> Result<()> {
+    check_lengths(ty, src.len(), dst.len(), "dequantize_f16")?;
+    if ty == QuantType::F16 {
+        for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
+            *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+        }
+        return Ok(());
+    }
+    let be = ty.block_elems() as usize;
+    let bb = ty.block_bytes() as usize;
+    let mut tmp = [0f32; 256];
+    for (b, o) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)) {
+        let t = &mut tmp[..be];
+        match block_fn(ty) {
+            Some(f) => f(b, t),
+            None => plain_to_f32(ty, b, t),
+        }
+        for (d, &x) in o.iter_mut().zip(t.iter()) {
+            *d = f32_to_f16_sat(x);
         }
     }
     Ok(())

@@ -1,6 +1,7 @@
-//! Dequantization on the device: `kernels/dequant.cu`, one kernel per
-//! [`QuantType`], each writing bf16 bit-identical to
-//! [`dequantize_bf16`](super::dequantize_bf16) on the host.
+//! Dequantization on the device: `kernels/dequant.cu`, two kernels per
+//! [`QuantType`] (bf16 and f16 output), each bit-identical to
+//! [`dequantize_bf16`](super::dequantize_bf16) /
+//! [`dequantize_f16`](super::dequantize_f16) on the host.
 //!
 //! The PTX is its own module (built by `build.rs` like the others, or taken
 //! from the checked-in `kernels/ptx/dequant.ptx`) and is loaded into a context
@@ -22,6 +23,18 @@ const BLOCK: u32 = 256;
 /// Most blocks per launch; the kernels' grid-stride loops cover the rest.
 const MAX_GRID: u64 = 132 * 16;
 
+/// The output dtypes the kernels write, in the order of their tables.
+pub const OUTPUTS: [DType; 2] = [DType::BF16, DType::F16];
+
+/// Index of `to` in [`OUTPUTS`], or an error naming the caller.
+fn output_index(to: DType, what: &str) -> Result<usize> {
+    OUTPUTS.iter().position(|&d| d == to).ok_or_else(|| {
+        Error::Input(format!(
+            "{what}: the device dequantizes into bf16 or f16, not {to}"
+        ))
+    })
+}
+
 /// The kernel entry point that dequantizes `ty` into bf16.
 pub const fn kernel_name(ty: QuantType) -> &'static str {
     match ty {
@@ -39,46 +52,101 @@ pub const fn kernel_name(ty: QuantType) -> &'static str {
     }
 }
 
-/// The kernel entry point that dequantizes FP8 weights with their scales.
+/// The kernel entry point that dequantizes `ty` into f16 (saturating, see
+/// [`f32_to_f16_sat`](super::f32_to_f16_sat)).
+pub const fn kernel_name_f16(ty: QuantType) -> &'static str {
+    match ty {
+        QuantType::F32 => "dequant_f32_f16",
+        QuantType::F16 => "dequant_f16_f16",
+        QuantType::BF16 => "dequant_bf16_f16",
+        QuantType::Q8_0 => "dequant_q8_0_f16",
+        QuantType::Q4_0 => "dequant_q4_0_f16",
+        QuantType::Q4_1 => "dequant_q4_1_f16",
+        QuantType::Q5_0 => "dequant_q5_0_f16",
+        QuantType::Q5_1 => "dequant_q5_1_f16",
+        QuantType::Q4_K => "dequant_q4_k_f16",
+        QuantType::Q5_K => "dequant_q5_k_f16",
+        QuantType::Q6_K => "dequant_q6_k_f16",
+    }
+}
+
+/// The kernel entry point that dequantizes `ty` into `to` (bf16 or f16).
+pub fn kernel_name_for(ty: QuantType, to: DType) -> Result<&'static str> {
+    Ok(match output_index(to, ty.name())? {
+        0 => kernel_name(ty),
+        _ => kernel_name_f16(ty),
+    })
+}
+
+/// The kernel entry point that gathers rows of `ty` blocks by token id
+/// into f32 (through bf16 or f16); `None` for plain floats.
+pub const fn gather_kernel_name(ty: QuantType) -> Option<&'static str> {
+    Some(match ty {
+        QuantType::Q8_0 => "gather_q8_0_f32",
+        QuantType::Q4_0 => "gather_q4_0_f32",
+        QuantType::Q4_1 => "gather_q4_1_f32",
+        QuantType::Q5_0 => "gather_q5_0_f32",
+        QuantType::Q5_1 => "gather_q5_1_f32",
+        QuantType::Q4_K => "gather_q4_k_f32",
+        QuantType::Q5_K => "gather_q5_k_f32",
+        QuantType::Q6_K => "gather_q6_k_f32",
+        QuantType::F32 | QuantType::F16 | QuantType::BF16 => return None,
+    })
+}
+
+/// The kernel entry point that dequantizes FP8 weights with their scales
+/// into bf16.
 pub const FP8_KERNEL: &str = "dequant_fp8_bf16";
+/// Like [`FP8_KERNEL`], into f16 (saturating).
+pub const FP8_KERNEL_F16: &str = "dequant_fp8_f16";
 
 /// The dequantization module loaded into one context, with one kernel per type.
 #[derive(Debug)]
 pub struct DequantKernels {
     _module: Module,
-    /// Indexed like [`QuantType::ALL`].
-    functions: Vec<Function>,
-    /// [`FP8_KERNEL`].
-    fp8: Function,
+    /// Per output of [`OUTPUTS`], indexed like [`QuantType::ALL`].
+    functions: [Vec<Function>; 2],
+    /// [`FP8_KERNEL`] and [`FP8_KERNEL_F16`].
+    fp8: [Function; 2],
+    /// [`gather_kernel_name`], indexed like [`QuantType::ALL`].
+    gather: Vec<Option<Function>>,
 }
 
 impl DequantKernels {
     /// Loads [`PTX`] into `ctx` and looks up every kernel.
     pub fn load(ctx: &Context) -> Result<DequantKernels> {
         let module = Module::load_ptx(ctx, PTX)?;
-        let functions = QuantType::ALL
+        let table = |name: fn(QuantType) -> &'static str| {
+            QuantType::ALL
+                .into_iter()
+                .map(|t| module.function(name(t)))
+                .collect::<Result<Vec<_>>>()
+        };
+        let functions = [table(kernel_name)?, table(kernel_name_f16)?];
+        let fp8 = [
+            module.function(FP8_KERNEL)?,
+            module.function(FP8_KERNEL_F16)?,
+        ];
+        let gather = QuantType::ALL
             .into_iter()
-            .map(|t| module.function(kernel_name(t)))
+            .map(|t| {
+                gather_kernel_name(t)
+                    .map(|n| module.function(n))
+                    .transpose()
+            })
             .collect::<Result<Vec<_>>>()?;
-        let fp8 = module.function(FP8_KERNEL)?;
         Ok(DequantKernels {
             _module: module,
             functions,
             fp8,
+            gather,
         })
     }
 
-    /// Queues the dequantization of `n` elements of `ty`, stored as blocks at
-    /// `src`, into `n` bf16 values at `dst`. `n` must be a multiple of the
-    /// type's block; `dst` must be 2-byte aligned. Nothing is launched for
-    /// `n == 0`. Returns without waiting.
+    /// [`dequantize`](Self::dequantize) into bf16.
     ///
     /// # Safety
-    /// `src` must be device memory of the stream's context holding
-    /// `n / ty.block_elems()` whole blocks (`ty.tensor_size(&[n])` bytes) and
-    /// `dst` device memory of that context with room for `n` bf16 values, not
-    /// overlapping `src`; both must stay allocated, and `src` unmodified and
-    /// `dst` unread by other work, until the queued kernel completes.
+    /// As for [`dequantize`](Self::dequantize).
     pub unsafe fn dequantize_bf16(
         &self,
         ty: QuantType,
@@ -87,7 +155,32 @@ impl DequantKernels {
         n: u64,
         stream: &Stream,
     ) -> Result<()> {
-        let name = kernel_name(ty);
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.dequantize(ty, DType::BF16, src, dst, n, stream) }
+    }
+
+    /// Queues the dequantization of `n` elements of `ty`, stored as blocks at
+    /// `src`, into `n` values of `to` (bf16 or f16) at `dst`. `n` must be a
+    /// multiple of the type's block; `dst` must be 2-byte aligned. Nothing is
+    /// launched for `n == 0`. Returns without waiting.
+    ///
+    /// # Safety
+    /// `src` must be device memory of the stream's context holding
+    /// `n / ty.block_elems()` whole blocks (`ty.tensor_size(&[n])` bytes) and
+    /// `dst` device memory of that context with room for `n` 16-bit values,
+    /// not overlapping `src`; both must stay allocated, and `src` unmodified
+    /// and `dst` unread by other work, until the queued kernel completes.
+    pub unsafe fn dequantize(
+        &self,
+        ty: QuantType,
+        to: DType,
+        src: u64,
+        dst: u64,
+        n: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let name = kernel_name_for(ty, to)?;
+        let out = output_index(to, name)?;
         ty.tensor_size(&[n])
             .map_err(|e| Error::Input(format!("{name}: {e}")))?;
         if !dst.is_multiple_of(2) {
@@ -98,7 +191,7 @@ impl DequantKernels {
         if n == 0 {
             return Ok(());
         }
-        let f = &self.functions[QuantType::ALL
+        let f = &self.functions[out][QuantType::ALL
             .iter()
             .position(|&t| t == ty)
             .expect("ALL lists every type")];
@@ -114,19 +207,68 @@ impl DequantKernels {
 }
 
 impl DequantKernels {
-    /// Queues the dequantization of an FP8 weight of `layout` (its
-    /// `rows × cols` bytes at `src`, its scales at `scale`) into as many bf16
-    /// values at `dst`, bit-identical to
-    /// [`fp8::dequantize_bf16`](super::fp8::dequantize_bf16). `dst` must be
-    /// 2-byte aligned; rows, columns and tiles must be below 2³².
-    /// Returns without waiting.
+    /// Queues `dst[t * hidden + c] = f32(x)` for `tokens` token ids at `ids`
+    /// (u32), where `x` is element `c` of row `ids[t]` of the `[rows,
+    /// hidden]` matrix of `ty` blocks at `src`, dequantized into `to` (bf16
+    /// or f16) exactly as [`dequantize`](Self::dequantize) does: a lookup in
+    /// a quantized embedding that gives what a lookup in its dequantized
+    /// matrix gives. `hidden` must be a multiple of the block; `ids` and
+    /// `dst` must be 4-byte aligned. Returns without waiting.
     ///
     /// # Safety
-    /// `src`, `scale` and `dst` must be device memory of the stream's context
-    /// holding `layout.elems()` bytes, `layout.scale_bytes()` bytes and room
-    /// for `layout.elems()` bf16 values, `dst` overlapping neither; all must
-    /// stay allocated, the inputs unmodified and `dst` unread by other work,
-    /// until the queued kernel completes.
+    /// `src` must be device memory of the stream's context holding every row
+    /// `ids` names (`ty.row_bytes(hidden)` bytes each), `ids` `tokens` u32s
+    /// and `dst` room for `tokens * hidden` f32s not overlapping the inputs;
+    /// all must stay allocated, the inputs unmodified and `dst` unread by
+    /// other work, until the queued kernel completes.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gather_rows_f32(
+        &self,
+        ty: QuantType,
+        to: DType,
+        src: u64,
+        ids: u64,
+        dst: u64,
+        tokens: u64,
+        hidden: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let what = format!("gathering rows of {ty}");
+        let out = output_index(to, &what)? as u64;
+        let at = QuantType::ALL.iter().position(|&t| t == ty).unwrap_or(0);
+        let Some(f) = self.gather.get(at).and_then(Option::as_ref) else {
+            return Err(Error::Input(format!(
+                "{what}: only block types are gathered on the device"
+            )));
+        };
+        ty.row_bytes(hidden)
+            .map_err(|e| Error::Input(format!("{what}: {e}")))?;
+        if !dst.is_multiple_of(4) || !ids.is_multiple_of(4) {
+            return Err(Error::Input(format!(
+                "{what}: ids = {ids:#x} and dst = {dst:#x} must be 4-byte aligned"
+            )));
+        }
+        let n = tokens
+            .checked_mul(hidden)
+            .ok_or_else(|| Error::Input(format!("{what}: {tokens} rows of {hidden} overflow")))?;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut args = [src, ids, dst, tokens, hidden, out];
+        let mut params: Vec<*mut c_void> =
+            args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
+        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // SAFETY: every gather kernel takes (const uint8_t*, const uint32_t*,
+        // float*, u64, u64, u64), passed as six 64-bit values that `params`
+        // points to for the call; the device ranges are the caller's
+        // contract above.
+        unsafe { f.launch((grid, 1, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
+    }
+
+    /// [`dequantize_fp8`](Self::dequantize_fp8) into bf16.
+    ///
+    /// # Safety
+    /// As for [`dequantize_fp8`](Self::dequantize_fp8).
     pub unsafe fn dequantize_fp8_bf16(
         &self,
         layout: &Fp8Layout,
@@ -135,6 +277,34 @@ impl DequantKernels {
         dst: u64,
         stream: &Stream,
     ) -> Result<()> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { self.dequantize_fp8(layout, DType::BF16, src, scale, dst, stream) }
+    }
+
+    /// Queues the dequantization of an FP8 weight of `layout` (its
+    /// `rows × cols` bytes at `src`, its scales at `scale`) into as many
+    /// values of `to` (bf16 or f16) at `dst`, bit-identical to
+    /// [`fp8::dequantize_bf16`](super::fp8::dequantize_bf16) /
+    /// [`fp8::dequantize_f16`](super::fp8::dequantize_f16). `dst` must be
+    /// 2-byte aligned; rows, columns and tiles must be below 2³².
+    /// Returns without waiting.
+    ///
+    /// # Safety
+    /// `src`, `scale` and `dst` must be device memory of the stream's context
+    /// holding `layout.elems()` bytes, `layout.scale_bytes()` bytes and room
+    /// for `layout.elems()` 16-bit values, `dst` overlapping neither; all must
+    /// stay allocated, the inputs unmodified and `dst` unread by other work,
+    /// until the queued kernel completes.
+    pub unsafe fn dequantize_fp8(
+        &self,
+        layout: &Fp8Layout,
+        to: DType,
+        src: u64,
+        scale: u64,
+        dst: u64,
+        stream: &Stream,
+    ) -> Result<()> {
+        let out = output_index(to, FP8_KERNEL)?;
         let (tile_rows, tile_cols) = layout.tile();
         let dims = [layout.rows, layout.cols, tile_rows, tile_cols];
         if dims.iter().any(|&d| d > u32::MAX as u64) || tile_rows == 0 || tile_cols == 0 {
@@ -177,13 +347,10 @@ impl DequantKernels {
         // both loops stride, so any size is covered.
         let gx = layout.cols.div_ceil(BLOCK as u64).clamp(1, 64) as u32;
         let gy = layout.rows.clamp(1, MAX_GRID * 8 / gx as u64) as u32;
-        // SAFETY: dequant_fp8_bf16 takes eight 64-bit values (three pointers,
-        // four sizes, the format flags), which `params` points to for the
-        // call; the device ranges are the caller's contract above.
-        unsafe {
-            self.fp8
-                .launch((gx, gy, 1), (BLOCK, 1, 1), 0, stream, &mut params)
-        }
+        // SAFETY: dequant_fp8_bf16/_f16 take eight 64-bit values (three
+        // pointers, four sizes, the format flags), which `params` points to
+        // for the call; the device ranges are the caller's contract above.
+        unsafe { self.fp8[out].launch((gx, gy, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
     }
 }
 
@@ -194,10 +361,25 @@ mod tests {
     #[test]
     fn the_ptx_defines_a_kernel_for_every_type() {
         for ty in QuantType::ALL {
-            let entry = format!(".entry {}(", kernel_name(ty));
+            for to in OUTPUTS {
+                let entry = format!(".entry {}(", kernel_name_for(ty, to).unwrap());
+                assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+            }
+        }
+        let gathered: Vec<_> = QuantType::ALL
+            .into_iter()
+            .filter_map(gather_kernel_name)
+            .collect();
+        assert_eq!(gathered.len(), 8, "every block type gathers");
+        for name in gathered {
+            let entry = format!(".entry {name}(");
             assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
         }
-        let entry = format!(".entry {FP8_KERNEL}(");
-        assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        for name in [FP8_KERNEL, FP8_KERNEL_F16] {
+            let entry = format!(".entry {name}(");
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        }
+        let e = kernel_name_for(QuantType::Q4_K, DType::F32).unwrap_err();
+        assert!(e.to_string().contains("bf16 or f16, not"), "{e}");
     }
 }

@@ -6,10 +6,11 @@
 //! The tiles are 128×128 blocks in the official FP8 releases and in
 //! transformers' fine-grained FP8 (`weight_scale_inv`), and one row or the
 //! whole matrix in compressed-tensors checkpoints (`weight_scale`). The
-//! product is one f32 multiplication, rounded to bf16 to nearest even; a NaN
-//! result is the canonical bf16 NaN (`0x7fc0`), so that the host and the
-//! device kernel (`dequant_fp8_bf16` in `kernels/dequant.cu`) agree to the
-//! bit whatever NaN payload their multipliers produce.
+//! product is one f32 multiplication, rounded to bf16 (or f16, saturating)
+//! to nearest even; a NaN result is the canonical NaN (`0x7fc0`, `0x7e00`),
+//! so that the host and the device kernels (`dequant_fp8_bf16`,
+//! `dequant_fp8_f16` in `kernels/dequant.cu`) agree to the bit whatever NaN
+//! payload their multipliers produce.
 //!
 //! ```
 //! use layer_streamer::quant::fp8::{self, Fp8Layout, ScaleLayout};
@@ -316,6 +317,21 @@ pub fn dequantize_bf16(
 ) -> Result<()> {
     layout.check(weights.len(), scales.len(), out.len())?;
     layout.decode_each(weights, scales, |i, x| out[i] = to_bf16(x));
+    Ok(())
+}
+
+/// Like [`dequantize_f32`], each value then rounded to f16 with
+/// [`f32_to_f16_sat`](super::f32_to_f16_sat) (nearest even, saturating at
+/// ±65504, NaN as `0x7e00`), exactly as the device kernel does. An E4M3
+/// value (at most 448) times a scale above about 146 leaves f16's range.
+pub fn dequantize_f16(
+    layout: &Fp8Layout,
+    weights: &[u8],
+    scales: &[u8],
+    out: &mut [f16],
+) -> Result<()> {
+    layout.check(weights.len(), scales.len(), out.len())?;
+    layout.decode_each(weights, scales, |i, x| out[i] = super::f32_to_f16_sat(x));
     Ok(())
 }
 

@@ -30,7 +30,7 @@ pub mod device;
 pub mod fp8;
 mod quantize;
 
-pub use dequant::{dequantize_bf16, dequantize_f32};
+pub use dequant::{dequantize_bf16, dequantize_f16, dequantize_f32, f32_to_f16_sat, F16_MAX};
 pub use quantize::quantize;
 
 /// A GGUF tensor type: a plain float or a ggml block quantization.

@@ -2,7 +2,7 @@
 
 use crate::checkpoint::TensorInfo;
 use crate::io::AlignedBuf;
-use crate::pipeline::plan::cast_target;
+use crate::pipeline::plan::{cast_target, dequant_source};
 use crate::pipeline::resources::Resources;
 use crate::pipeline::{DevMem, StreamH};
 use crate::quant::QuantType;
@@ -131,10 +131,10 @@ fn convert_static(
     // file dtype, or `q` blocks for `n` elements) and `mem` room for `n`
     // elements of `to`; both live until the synchronize below.
     unsafe {
-        match info.quant {
+        match dequant_source(info, to) {
             Some(q) => {
                 let dq = res.backend.dequant_kernels();
-                stream.dequant(dq, q, raw.ptr(), mem.ptr(), n)?
+                stream.dequant(dq, q, to, raw.ptr(), mem.ptr(), n)?
             }
             None => {
                 let k = res.backend.kernels();

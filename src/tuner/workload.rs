@@ -285,6 +285,7 @@ impl Workload for Generation {
             max_len,
             max_tokens: max_len.max(batch),
             precision,
+            ..ModelOptions::default()
         };
         let mut m = LlamaModel::load(&s, opts)?;
         let vocab = m.config().vocab.max(1);

@@ -19,7 +19,12 @@
 //! model FLOPs (causal attention and the lm_head row included) per second
 //! next to that peak.
 //!
-//! Third table (`split`, with `--cpu-share`): per batch, the decode rate,
+//! With `--kv-offload`, a third table (`kv-offload`): the KV bytes the last
+//! decode pass copied host to device and back, the time the host-to-device
+//! part adds at the measured pinned H2D bandwidth next to the weights' (the
+//! two share the link), and the decode rate both together allow.
+//!
+//! With `--cpu-share`, a last table (`split`): per batch, the decode rate,
 //! the share, each side's busy and stalled seconds in the last decode pass,
 //! and the planner's share, resident layers and bound: the pass time
 //! `cpu::plan::plan_split` gives from the CPU rates calibrated here at the
@@ -35,7 +40,7 @@ use std::path::PathBuf;
 use layer_streamer::cpu::calibrate::calibrate;
 use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
-use layer_streamer::llm::{generate, GenerateParams, ModelConfig, ModelOptions};
+use layer_streamer::llm::{generate, GenerateParams, KvTransfer, ModelConfig, ModelOptions};
 use layer_streamer::quant::QuantType;
 use layer_streamer::{LayerStreamer, Result};
 
@@ -138,6 +143,58 @@ impl Bounds {
     }
 }
 
+/// What an offloaded KV cache adds to a decode pass's transfer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvBound {
+    /// Seconds the pass's KV bytes to the device take at the H2D bandwidth.
+    pub kv_s: f64,
+    /// Seconds the pass's weight bytes take at the same bandwidth.
+    pub weights_s: f64,
+    /// The batch's tokens per second the two transfers together allow.
+    pub tokens_per_s: f64,
+}
+
+impl KvBound {
+    /// The bound of a decode pass of `batch` tokens that copies
+    /// `weight_bytes` and `kv.h2d_bytes` host to device at `h2d_bytes_per_s`.
+    pub fn new(batch: usize, kv: &KvTransfer, weight_bytes: f64, h2d_bytes_per_s: f64) -> Self {
+        let rate = h2d_bytes_per_s.max(1.0);
+        let (kv_s, weights_s) = (kv.h2d_bytes as f64 / rate, weight_bytes / rate);
+        let total = kv_s + weights_s;
+        KvBound {
+            kv_s,
+            weights_s,
+            tokens_per_s: if total > 0.0 {
+                batch as f64 / total
+            } else {
+                f64::INFINITY
+            },
+        }
+    }
+}
+
+/// One row of the `kv-offload` table.
+fn kv_row(b: usize, kv: &KvTransfer, x: &KvBound) -> String {
+    format!(
+        "{b:>5}  {:>9.2}  {:>9.2}  {:>10.4}  {:>15.4}  {:>19.2}",
+        kv.h2d_bytes as f64 / 1e6,
+        kv.d2h_bytes as f64 / 1e6,
+        x.kv_s,
+        x.weights_s,
+        x.tokens_per_s
+    )
+}
+
+/// Prints the `kv-offload` table (with `--kv-offload`).
+fn print_kv_rows(rows: &[String]) {
+    println!("kv-offload (per decode pass):");
+    println!("batch  kv_h2d_MB  kv_d2h_MB  kv_bound_s  weights_bound_s  bound_with_kv_tok/s");
+    if rows.is_empty() {
+        println!("(none: the host backend keeps its KV cache in RAM)");
+    }
+    rows.iter().for_each(|r| println!("{r}"));
+}
+
 /// The ceilings of this run: the bf16 GEMM peak (FLOP/s) and the pinned H2D
 /// bandwidth (bytes/s) of the streamer's GPU; `None` each on the host
 /// backend or where it could not be measured (said on stderr).
@@ -168,13 +225,32 @@ fn header(
     streamer: &layer_streamer::LayerStreamer,
 ) -> (Option<f64>, Option<f64>) {
     println!(
-        "{}: {} layers, {:.2} GB per pass, device {}, precision {}",
+        "{}: {} layers, {:.2} GB per pass, device {}, precision {}{}",
         a.model.display(),
         index.num_layers(),
         index.total_layer_bytes() as f64 / 1e9,
         a.stream.opts.config.device,
-        a.stream.precision
+        a.stream.precision,
+        if a.stream.kv_offload {
+            ", KV cache in host RAM (--kv-offload)"
+        } else {
+            ""
+        }
     );
+    let mem = streamer.memory().device_bytes();
+    let max_batch = parse_list(&a.batch, "batch size").ok();
+    let max_batch = max_batch.and_then(|b| b.into_iter().max()).unwrap_or(1);
+    if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch) {
+        println!(
+            "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding and output \
+             ({:.2} GB output, {:.2} GB scratch); {:.2} GB of embedding in host memory",
+            mem as f64 / 1e9,
+            m.device_bytes() as f64 / 1e9,
+            m.output_device as f64 / 1e9,
+            m.output_scratch as f64 / 1e9,
+            m.embedding_host as f64 / 1e9
+        );
+    }
     let (peak, pinned_h2d) = measure_ceilings(streamer);
     println!(
         "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
@@ -278,6 +354,7 @@ pub fn run(a: Args) -> Result<()> {
         max_len: a.prompt_len + a.new_tokens,
         max_tokens: a.max_tokens.max(max_b),
         precision: a.stream.precision,
+        kv_offload: a.stream.kv_offload,
     };
     let (index, mut streamer, mut model) = open_model(&a.model, &a.stream, opts)?;
     let vocab = model.config().vocab as u32;
@@ -298,8 +375,7 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "batch  prompt  prefill_s  prefill_tok/s  prefill_TFLOP/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  layer_TFLOP/s"
     );
-    let mut bounds_rows = Vec::with_capacity(batches.len());
-    let mut split_rows = Vec::new();
+    let (mut bounds_rows, mut kv_rows, mut split_rows) = (Vec::new(), Vec::new(), Vec::new());
     let cfg = model.config().clone();
     // Decode tokens attend to the prompt plus, on average, half the new ones.
     let decode_flops = token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0);
@@ -339,12 +415,19 @@ pub fn run(a: Args) -> Result<()> {
         let (at, _) = bounds.limit();
         let prefill_tflops = prefill_flops(&cfg, b, a.prompt_len) / prefill_s / 1e12;
         bounds_rows.push(bounds_row(b, decode, &bounds, at, prefill_tflops, peak));
+        if let Some(kv) = model.last_kv_transfer() {
+            let x = KvBound::new(b, &kv, st.h2d.bytes as f64, h2d_rate);
+            kv_rows.push(kv_row(b, &kv, &x));
+        }
     }
     println!("bounds:");
     println!(
         "batch  decode_tok/s  xfer_bound_tok/s  compute_bound_tok/s     bound  of_bound  prefill_model_TFLOP/s  gemm_peak_TFLOP/s  of_peak"
     );
     bounds_rows.iter().for_each(|r| println!("{r}"));
+    if a.stream.kv_offload {
+        print_kv_rows(&kv_rows);
+    }
     if !split_rows.is_empty() {
         println!("split:");
         println!(
@@ -497,5 +580,47 @@ mod tests {
         // Nothing to copy: the transfer does not bound.
         let x = Bounds::new(4, 0.0, 1e9, 1e9, Some(1e12));
         assert_eq!(x.limit(), ("compute", 1e3));
+    }
+
+    #[test]
+    fn kv_offload_parses_and_defaults_off() {
+        let cli = Cli::try_parse_from(["x", "--model", "m", "--kv-offload"]).unwrap();
+        assert!(cli.args.stream.kv_offload);
+        let cli = Cli::try_parse_from(["x", "--model", "m"]).unwrap();
+        assert!(!cli.args.stream.kv_offload);
+        let e = Cli::try_parse_from(["x", "--model", "m", "--kv-offload=yes"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("--kv-offload"), "{e}");
+    }
+
+    #[test]
+    fn the_kv_bound_adds_its_bytes_to_the_weights_at_the_h2d_rate() {
+        let mut rng = rng("the_kv_bound_adds_its_bytes_to_the_weights_at_the_h2d_rate");
+        for _ in 0..100 {
+            let b = rng.gen_range(1..512usize);
+            let weights = rng.gen_range(1e6..1e11);
+            let rate = rng.gen_range(1e9..1e11);
+            let kv = KvTransfer {
+                h2d_bytes: rng.gen_range(0..1u64 << 36),
+                d2h_bytes: rng.gen_range(0..1u64 << 30),
+            };
+            let x = KvBound::new(b, &kv, weights, rate);
+            assert!((x.kv_s * rate - kv.h2d_bytes as f64).abs() <= 1e-6 * kv.h2d_bytes as f64);
+            assert!((x.weights_s * rate - weights).abs() <= 1e-6 * weights);
+            let want = b as f64 / ((weights + kv.h2d_bytes as f64) / rate);
+            assert!((x.tokens_per_s - want).abs() <= 1e-9 * want, "{x:?}");
+            // Without KV bytes it is the weights' transfer bound.
+            let none = KvBound::new(b, &KvTransfer::default(), weights, rate);
+            let t = Bounds::new(b, weights, rate, 1.0, None).transfer;
+            assert!((none.tokens_per_s - t).abs() <= 1e-9 * t);
+            assert!(x.tokens_per_s <= none.tokens_per_s);
+            let row = kv_row(b, &kv, &x);
+            assert!(
+                row.contains(&format!("{:.2}", kv.h2d_bytes as f64 / 1e6)),
+                "{row}"
+            );
+        }
     }
 }

@@ -41,6 +41,7 @@ pub fn run(a: Args) -> Result<()> {
         max_len: len,
         max_tokens: len * a.batch.max(1),
         precision: a.stream.precision,
+        kv_offload: a.stream.kv_offload,
     };
     let path = a.model.as_deref().unwrap_or(&a.dir);
     let (_index, mut streamer, mut model) = open_model(path, &a.stream, opts)?;

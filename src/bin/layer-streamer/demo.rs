@@ -69,6 +69,7 @@ pub fn run(mut a: Args) -> Result<()> {
         max_len: prompt.len() + a.new_tokens,
         max_tokens: prompt.len(),
         precision: a.stream.precision,
+        kv_offload: a.stream.kv_offload,
     };
     let (index, mut streamer, mut model) = open_model(&dir, &a.stream, opts)?;
     let params = GenerateParams {

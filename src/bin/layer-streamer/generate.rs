@@ -141,6 +141,7 @@ pub fn run(a: Args) -> Result<()> {
         max_len,
         max_tokens: a.max_tokens.max(prompts.len()),
         precision: a.stream.precision,
+        kv_offload: a.stream.kv_offload,
     };
     let (_index, mut streamer, mut model) = load_model(index, &a.stream, opts)?;
     let params = GenerateParams {

@@ -21,7 +21,11 @@
 //!   }],
 //!   "statics": [{ "name": string, "dtype": string, "shape": [usize], "file": usize,
 //!                 "file_offset": u64, "len": u64 }],
-//!   "config": object | null                  // config.json as found
+//!   "config": object | null,                 // config.json as found
+//!   "cuda_statics": {                        // the embedding and output on CUDA
+//!     "embedding_device": u64, "embedding_host": u64,  // (one output row); null
+//!     "output_device": u64, "output_scratch": u64      // without a config
+//!   } | null
 //! }
 //! ```
 //! `file` fields index `files`; offsets are absolute byte offsets in the file.
@@ -31,6 +35,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use layer_streamer::checkpoint::{Layer, ModelIndex, TensorInfo};
+use layer_streamer::llm::StaticsMemory;
 use layer_streamer::Result;
 use serde_json::{json, Value};
 
@@ -40,7 +45,8 @@ use serde_json::{json, Value};
     after_help = "--json prints one document: {dir, files[{path,size,header_bytes,data_offset}], \
 dtypes, layer_prefix, num_layers, total_layer_bytes, total_static_bytes, max_slot_bytes, \
 layers[{index,data_bytes,slot_bytes,tensors[{key,name,dtype,shape,file,file_offset,len,slot_offset}],\
-reads[{file,file_offset,len,slot_offset,required_end}]}], statics[{name,dtype,shape,file,file_offset,len}], config}. \
+reads[{file,file_offset,len,slot_offset,required_end}]}], statics[{name,dtype,shape,file,file_offset,len}], config, \
+cuda_statics{embedding_device,embedding_host,output_device,output_scratch}}. \
 `file` indexes `files`; offsets are absolute byte offsets."
 )]
 pub struct Args {
@@ -116,6 +122,9 @@ fn to_json(index: &ModelIndex) -> Value {
         "layers": layers,
         "statics": index.statics().iter().map(static_json).collect::<Vec<_>>(),
         "config": index.config(),
+        "cuda_statics": StaticsMemory::for_model(index, 1).ok().map(|m| json!({
+            "embedding_device": m.embedding_device, "embedding_host": m.embedding_host,
+            "output_device": m.output_device, "output_scratch": m.output_scratch })),
     })
 }
 
@@ -236,6 +245,18 @@ fn statics_text(out: &mut String, index: &ModelIndex) {
             t.stored_type(),
             format!("{:?}", t.shape),
             human(t.len)
+        );
+    }
+    if let Ok(m) = StaticsMemory::for_model(index, 1) {
+        _ = writeln!(
+            out,
+            "on CUDA, embedding and output: {} on the device ({} embedding, {} output, {} \
+             scratch), {} embedding in host memory",
+            human(m.device_bytes()),
+            human(m.embedding_device),
+            human(m.output_device),
+            human(m.output_scratch),
+            human(m.embedding_host)
         );
     }
     _ = writeln!(

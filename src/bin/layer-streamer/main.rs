@@ -81,3 +81,46 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamer options of a model command.
+    fn stream_args(c: &Command) -> Option<&stream_args::StreamArgs> {
+        match c {
+            Command::Generate(a) => Some(&a.stream),
+            Command::Demo(a) => Some(&a.stream),
+            Command::CheckReference(a) => Some(&a.stream),
+            Command::BenchGenerate(a) => Some(&a.stream),
+            #[cfg(feature = "serve")]
+            Command::Serve(a) => Some(&a.stream),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn every_model_command_takes_kv_offload_and_leaves_it_off_by_default() {
+        let mut commands = vec![
+            vec!["generate", "--model", "m", "--prompt", "hi"],
+            vec!["demo"],
+            vec!["check-reference", "d"],
+            vec!["bench-generate", "--model", "m"],
+        ];
+        if cfg!(feature = "serve") {
+            commands.push(vec!["serve", "--model", "m"]);
+        }
+        for args in commands {
+            for on in [false, true] {
+                let mut argv = vec!["layer-streamer"];
+                argv.extend(&args);
+                if on {
+                    argv.push("--kv-offload");
+                }
+                let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+                let s = stream_args(&cli.command).expect("a model command");
+                assert_eq!(s.kv_offload, on, "{argv:?}");
+            }
+        }
+    }
+}

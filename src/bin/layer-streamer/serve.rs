@@ -97,6 +97,7 @@ pub fn run(a: Args) -> Result<()> {
         max_len: a.max_len,
         max_tokens: a.max_tokens_per_pass,
         precision: a.stream.precision,
+        kv_offload: a.stream.kv_offload,
     };
     eprintln!(
         "serve: loading {} for {} sequences of up to {} tokens",

@@ -16,6 +16,12 @@ pub struct StreamArgs {
     /// The host backend computes in f32 either way.
     #[arg(long, default_value = "fast", value_parser = parse_precision)]
     pub precision: Precision,
+    /// Keep the KV cache in page-locked host RAM and copy each layer's
+    /// positions in use through two device slots with the layer (for batches
+    /// whose cache exceeds the GPU's memory). The host backend keeps its cache
+    /// in RAM either way.
+    #[arg(long)]
+    pub kv_offload: bool,
 }
 
 fn parse_precision(s: &str) -> std::result::Result<Precision, String> {

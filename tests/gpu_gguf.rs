@@ -1,0 +1,179 @@
+//! A real GGUF model on CUDA: SmolLM2-135M-Instruct as a Q4_1 file
+//! (`scripts/test-env smollm2`), dequantized on the device into f16
+//! (`LlamaModel::cuda_dtype`), against what Hugging Face transformers
+//! computes from the same file (`tests/fixtures/reference/smollm2-q4_1`): the
+//! logits of the prompt and of 16 teacher-forced steps within 2e-2 relative
+//! L2 with 95 % argmax agreement in both precisions, and the chat answer.
+//! Skips without a driver unless `LS_REQUIRE_GPU=1`.
+
+mod common;
+
+use layer_streamer::llm::reference::{check, Reference};
+use layer_streamer::llm::{
+    generate, GenerateParams, LlamaModel, ModelOptions, Precision, Tokenizer,
+};
+use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
+
+#[test]
+fn gpu_smollm2_matches_transformers_in_both_precisions() {
+    let test = "gpu_smollm2_matches_transformers_in_both_precisions";
+    let Some(_ctx) = common::gpu(test) else {
+        return;
+    };
+    let gguf = common::assets::test_env("smollm2");
+    let dir = common::reference::dir("smollm2-q4_1");
+    let reference = Reference::load(&dir).unwrap();
+    let index = ModelIndex::open(&gguf).unwrap();
+    let dtype = LlamaModel::cuda_dtype(&index);
+    assert_eq!(dtype, DType::F16, "a Q4_1 model computes in f16 on CUDA");
+    let mut s = LayerStreamer::builder(&index)
+        .device(Device::Cuda(0))
+        .dtype(dtype)
+        .build()
+        .unwrap();
+    let len = reference.prompt_ids.len() + reference.greedy_ids.len() + 1;
+    for precision in [Precision::Exact, Precision::Fast] {
+        let opts = ModelOptions {
+            max_batch: 1,
+            max_len: len.max(64),
+            max_tokens: len.max(64),
+            precision,
+            kv_offload: false,
+        };
+        let mut model = LlamaModel::load(&s, opts).unwrap();
+        let rep = check(&mut model, &mut s, &reference, 1).unwrap();
+        eprintln!(
+            "{test} {precision}: max rel_l2 {:.3e}, argmax agreement {:.1}%",
+            rep.max_rel_l2(),
+            100.0 * rep.argmax_agreement()
+        );
+        assert!(rep.passed(2e-2, 0.95), "{precision}: {:?}", rep.rel_l2);
+        assert_eq!(s.last_pass_stats().layer_bytes, index.total_layer_bytes());
+
+        let params = GenerateParams {
+            max_new_tokens: 12,
+            sampling: Default::default(),
+            seed: 0,
+            stop_ids: model.config().eos_token_ids.clone(),
+        };
+        model.reset();
+        let prompt = reference.prompt_ids.clone();
+        let out = generate(&mut model, &mut s, &[prompt], &params, |_, _| Ok(())).unwrap();
+        let answer = Tokenizer::for_model(&index)
+            .unwrap()
+            .decode(&out.tokens[0])
+            .unwrap();
+        eprintln!("{test} {precision}: answer {answer:?}");
+        assert!(answer.contains("Paris"), "{precision}: {answer:?}");
+    }
+}
+
+/// A random quantized GGUF model on CUDA in f16, its output matrix kept on
+/// the device as blocks (tied: the same blocks serve the embedding lookup;
+/// untied: the embedding stays in host memory): the logits with the output dequantized in several chunks
+/// equal those with one chunk (to the bit where cuBLAS keeps its reduction
+/// order), and match the host backend's.
+#[test]
+fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
+    use layer_streamer::llm::reference::rel_l2;
+    use layer_streamer::quant::QuantType;
+    use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
+    use rand::Rng;
+
+    let test = "gpu_quantized_output_in_chunks_gives_the_same_logits";
+    let Some(_ctx) = common::gpu(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let types = [
+        QuantType::Q4_K,
+        QuantType::Q8_0,
+        QuantType::Q4_1,
+        QuantType::Q6_K,
+    ];
+    for tie in [false, true] {
+        let ty = types[rng.gen_range(0..types.len())];
+        let (hidden, vocab) = (256, 384 + 32 * rng.gen_range(0..8));
+        let spec = SynthGgufSpec {
+            arch: Arch::Llama,
+            shape: Shape {
+                hidden,
+                intermediate: 512,
+                layers: 2,
+                heads: 4,
+                kv_heads: 2,
+                vocab,
+            },
+            ty,
+            tie,
+            seed: rng.gen(),
+        };
+        let path = dir.path().join(format!("{ty}-{tie}.gguf"));
+        write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
+        let index = ModelIndex::open(&path).unwrap();
+        let opts = ModelOptions {
+            max_batch: 3,
+            max_len: 32,
+            max_tokens: 32,
+            precision: Precision::Exact,
+            kv_offload: false,
+        };
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|_| {
+                (0..rng.gen_range(1..9))
+                    .map(|_| rng.gen_range(0..vocab as u32))
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let mut s = LayerStreamer::builder(&index)
+            .device(Device::Cuda(0))
+            .dtype(LlamaModel::cuda_dtype(&index))
+            .build()
+            .unwrap();
+        let mut m = LlamaModel::load(&s, opts).unwrap();
+        let one = m.forward(&mut s, &inputs).unwrap();
+        // Chunks of 17..64 rows: several, the last one short.
+        let rows = rng.gen_range(17..64);
+        m.set_output_chunk_bytes(rows * hidden * 2).unwrap();
+        m.reset();
+        let chunked = m.forward(&mut s, &inputs).unwrap();
+        // The same products and f32 sums: bit-identical unless cuBLAS picks
+        // another reduction order for the narrower GEMMs (split-K), which
+        // moves a logit by a few f32 ulps of the row's largest; a column
+        // landing in the wrong place moves it by the whole logit.
+        for (r, (a, b)) in one.iter().zip(&chunked).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let same = a
+                .iter()
+                .zip(b)
+                .filter(|(x, y)| x.to_bits() == y.to_bits())
+                .count();
+            eprintln!(
+                "{test}: {ty} tie={tie} row {r}: {same} of {} logits bit-identical with chunks \
+                 of {rows} rows",
+                a.len()
+            );
+            for (c, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{ty} tie={tie} row {r} column {c}: {x} in one chunk, {y} in chunks of {rows}"
+                );
+            }
+        }
+        let mut h = LayerStreamer::builder(&index)
+            .device(Device::Host)
+            .file_dtype()
+            .build()
+            .unwrap();
+        let mut host = LlamaModel::load(&h, opts).unwrap();
+        let want = host.forward(&mut h, &inputs).unwrap();
+        for (g, w) in one.iter().zip(&want) {
+            let err = rel_l2(g, w);
+            eprintln!("{test}: {ty} tie={tie}: GPU (f16) against host rel_l2 {err:.2e}");
+            assert!(err < 2e-2, "{ty} tie={tie}: rel_l2 {err}");
+        }
+    }
+}
