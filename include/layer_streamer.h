@@ -14,6 +14,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// In [`ls_config::cpu_share`]: the share is chosen per batch size from
+// measured rates.
+#define LS_CPU_SHARE_AUTO -1.0
+
 // What a call returned. The values are stable: new codes are only added.
 enum ls_result
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -128,6 +132,10 @@ typedef struct {
   ls_budget gpu_cache;
   // Non-zero: draw a progress bar on stderr during each pass.
   uint8_t progress;
+  // Share of the rows of every 2-D layer weight the CPU computes from host
+  // memory: 0 (off, the default), a fraction in (0, 1], or
+  // `LS_CPU_SHARE_AUTO`.
+  double cpu_share;
 } ls_config;
 
 // A tensor of the model as stored on disk. Every pointer in it is owned by
@@ -181,6 +189,28 @@ typedef struct {
   // The layer's tensors, in file order.
   const ls_tensor_view *tensors;
 } ls_layer_weights;
+
+// The CPU's rows of one weight of the layer being processed, in host
+// memory in their stored type: rows `first_row .. first_row + rows` of the
+// tensor, back to back. The tensor's device view holds rows
+// `0 .. first_row`. `data` is owned by the streamer and valid until it is
+// freed.
+typedef struct {
+  // The stored type as a ggml type id: 0 f32, 1 f16, 30 bf16, 2 q4_0,
+  // 3 q4_1, 6 q5_0, 7 q5_1, 8 q8_0, 12 q4_k, 13 q5_k, 14 q6_k.
+  uint32_t ggml_type;
+  // The first of these rows in the tensor.
+  uint64_t first_row;
+  // Number of rows; 0 when the tensor is not split (then `data` is NULL
+  // and the device view holds every row).
+  uint64_t rows;
+  // Elements per row.
+  uint64_t cols;
+  // Bytes at `data`.
+  uint64_t bytes;
+  // The stored bytes of the rows.
+  const uint8_t *data;
+} ls_host_rows;
 
 // A `CUstream` (`void *`); NULL on the host backend.
 typedef void *ls_cuda_stream;
@@ -245,6 +275,11 @@ typedef struct {
   // Device time in seconds of the casts and dequantization on their own
   // stream (overlapping `h2d`); 0 when the model needs none.
   double convert_seconds;
+  // The CPU's rows of a row split: their bytes, and the busy and stalled
+  // time the layer function reported; zero without a split.
+  ls_stage_stats cpu;
+  // The share of each split weight's rows the CPU computed (0: none).
+  double cpu_share;
 } ls_pass_stats;
 
 // What a streamer allocated.
@@ -337,7 +372,8 @@ extern "C" {
 
 // The default configuration, returned by value: CUDA device 0, compute
 // dtype bf16, `n_gpu` 2, `n_cpu_pinned` 4, `n_cpu` 0, batches of 1, 4
-// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar.
+// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar,
+// no CPU share.
 ls_config ls_config_default(void);
 
 // Copies the message of the last failed call on this thread into `buf`.
@@ -470,6 +506,19 @@ ls_result ls_model_layer_tensor(const ls_model *model,
 // # Safety
 // `model` must be NULL or a live model; `out` must be valid for a write.
 ls_result ls_model_static_tensor(const ls_model *model, uint32_t index, ls_tensor_info *out);
+
+// Writes into `*out` the CPU's rows of tensor `index` of the layer being
+// processed (the order of `weights->tensors`). A tensor that is not split
+// (1-D tensors, FP8 weights, or a streamer without a CPU share) gets
+// `rows` 0 and `data` NULL, with `first_row` its device rows.
+//
+// Only valid inside the callback that received `weights` (else
+// `LS_INVALID_ARGUMENT`, as for an `index` out of range).
+//
+// # Safety
+// `weights` must be the pointer the running callback received; `out`
+// valid for a write.
+ls_result ls_layer_host_rows(const ls_layer_weights *weights, uint32_t index, ls_host_rows *out);
 
 // Builds a streamer for `model` with `config`: allocates every slot, cache
 // and stream and opens every file.

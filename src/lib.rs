@@ -75,5 +75,7 @@ pub mod tuner;
 pub use checkpoint::ModelIndex;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use pipeline::{Budget, Device, LayerWeights, PassStats, StreamerConfig, TensorView};
+pub use pipeline::{
+    Budget, CpuShare, Device, HostRows, LayerWeights, PassStats, StreamerConfig, TensorView,
+};
 pub use streamer::{ComputeStream, DeviceTensor, LayerStreamer, LayerStreamerBuilder};

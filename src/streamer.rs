@@ -9,7 +9,8 @@ use crate::pipeline::alloc;
 use crate::pipeline::pass::Pipeline;
 use crate::pipeline::placement::{self, AfterBuild, Room};
 use crate::pipeline::plan::{LayerPlan, LayerWeights};
-use crate::pipeline::{Backend, Budget, Device, PassStats, StreamerConfig};
+use crate::pipeline::split::RowSplit;
+use crate::pipeline::{Backend, Budget, CpuShare, Device, PassStats, StreamerConfig};
 use crate::quant::device::DequantKernels;
 use crate::{cuda, DType, Error, Result};
 
@@ -89,6 +90,8 @@ impl<'m> LayerStreamerBuilder<'m> {
         gpu_cache: Budget;
         /// Show a progress bar per pass.
         progress: bool;
+        /// Share of each 2-D layer weight's rows the CPU computes.
+        cpu_share: CpuShare;
     }
 
     /// Bytes the caller will allocate on the device after build (KV cache,
@@ -147,6 +150,20 @@ impl LayerStreamer {
                 "the model has no layers to stream",
             ));
         }
+        let (split, device_model) = match cfg.cpu_share {
+            CpuShare::Off => (None, None),
+            CpuShare::Fixed(share) => {
+                let (split, m) = RowSplit::new(model, share)?;
+                (Some(split), Some(m))
+            }
+            CpuShare::Auto => {
+                return Err(Error::config(
+                    "cpu_share auto needs the planner's rates at the batch size at hand, \
+                     which a streamer is not given: use off or a fraction in [0, 1]",
+                ))
+            }
+        };
+        let model = device_model.as_ref().unwrap_or(model);
         let mut plans = model
             .layers()
             .iter()
@@ -157,8 +174,15 @@ impl LayerStreamer {
             statics: statics_bytes(model, cfg.dtype),
             reserve,
         };
-        placement::place_layers(&Room::measure(&backend)?, &cfg, after, &mut plans);
-        let (res, memory) = alloc::allocate(backend, model, &cfg, plans)?;
+        let mut room = Room::measure(&backend)?;
+        if let Some(s) = &split {
+            // The CPU's rows live in the page cache: `auto` caches leave
+            // them their room.
+            room.ram = room.ram.map(|r| r.saturating_sub(s.pass_bytes()));
+        }
+        placement::place_layers(&room, &cfg, after, &mut plans);
+        let (mut res, memory) = alloc::allocate(backend, model, &cfg, plans)?;
+        res.split = split;
         let compute = ComputeStream {
             inner: res.backend.compute_stream()?,
         };
@@ -171,9 +195,23 @@ impl LayerStreamer {
         })
     }
 
-    /// The model being streamed.
+    /// The model being streamed, as it is on disk (with a row split, the
+    /// layer functions' device views hold fewer rows than its tensors).
     pub fn model(&self) -> &ModelIndex {
-        &self.pipeline.res().model
+        let res = self.pipeline.res();
+        res.split.as_ref().map_or(&res.model, |s| &s.full)
+    }
+
+    /// The layers as the pipeline streams them: with a row split, the
+    /// device's rows of each tensor.
+    pub(crate) fn device_layers(&self) -> &[crate::checkpoint::Layer] {
+        self.pipeline.res().model.layers()
+    }
+
+    /// The share of each split weight's rows the CPU computes: 0 when whole
+    /// layers stream.
+    pub fn cpu_share(&self) -> f64 {
+        self.pipeline.res().split.as_ref().map_or(0.0, |s| s.share)
     }
 
     /// The configuration the streamer was built with.

@@ -133,3 +133,56 @@ fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
         "{text}"
     );
 }
+
+#[test]
+fn a_cpu_share_gets_the_split_table_with_the_planners_bound() {
+    let test = "a_cpu_share_gets_the_split_table_with_the_planners_bound";
+    if !Path::new(BIN).exists() {
+        eprintln!("skipping {test}: the layer-streamer binary is not at {BIN}");
+        return;
+    }
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let spec = SynthSpec {
+        arch: Arch::Llama,
+        shape: Shape {
+            hidden: 64,
+            intermediate: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 300,
+        },
+        dtype: DType::BF16,
+        tie: false,
+        shard_size: 1 << 30,
+        seed: rng.gen(),
+        threads: 1,
+    };
+    write_model(dir.path(), &spec).unwrap();
+    let share = ["0.25", "0.5", "1"][rng.gen_range(0..3)];
+    let args = ["--batch", "2", "--prompt-len", "5", "--new-tokens", "3"];
+    let out = bench(dir.path(), &[&args[..], &["--cpu-share", share]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.starts_with("batch  decode_tok/s  cpu_share"))
+        .unwrap_or_else(|| panic!("no split table:\n{text}"));
+    let row: Vec<&str> = lines[at + 1].split_whitespace().collect();
+    let num = |s: &str| s.parse::<f64>().unwrap();
+    assert_eq!(row.len(), 10, "{text}");
+    assert_eq!(row[0], "2", "{text}");
+    assert_eq!(num(row[2]), num(share), "{text}");
+    assert!(num(row[1]) > 0.0 && num(row[3]) > 0.0, "{text}");
+    assert!((0.0..=1.0).contains(&num(row[7])), "{text}");
+    assert!(num(row[9]) > 0.0, "{text}");
+    let bad = bench(dir.path(), &["--cpu-share", "1.5"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err.contains("cpu_share"), "{err}");
+}

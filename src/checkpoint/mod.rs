@@ -290,6 +290,20 @@ impl ModelIndex {
         self.config.as_ref()
     }
 
+    /// The same model with other read plans for its layers: the same
+    /// tensors in the same order, with shapes and extents that may cover
+    /// fewer rows (the device's part of a CPU/GPU row split).
+    pub(crate) fn with_layers(&self, layers: Vec<Layer>) -> ModelIndex {
+        debug_assert!(layers
+            .iter()
+            .zip(&self.layers)
+            .all(|(a, b)| a.tensors.len() == b.tensors.len()));
+        ModelIndex {
+            layers,
+            ..self.clone()
+        }
+    }
+
     /// The largest layer's [`Layer::slot_bytes`]: the size a slot must have.
     pub fn max_slot_bytes(&self) -> u64 {
         self.layers.iter().map(|l| l.slot_bytes).max().unwrap_or(0)

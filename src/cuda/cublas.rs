@@ -253,15 +253,45 @@ impl Cublas {
         k: usize,
         beta: f32,
     ) -> Result<()> {
+        // SAFETY: forwarded from the caller; rows of `Y` are `n` apart.
+        unsafe { self.linear_ld(x, w, xw, y, yt, rows, n, k, beta, n) }
+    }
+
+    /// [`linear`](Self::linear) into the first `n` columns of a row-major
+    /// `Y` whose rows are `ldy >= n` elements apart: the other columns are
+    /// neither read nor written.
+    ///
+    /// # Safety
+    /// As for [`linear`](Self::linear), with `y` valid for `rows` rows of
+    /// `ldy` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn linear_ld(
+        &mut self,
+        x: u64,
+        w: u64,
+        xw: GemmType,
+        y: u64,
+        yt: GemmType,
+        rows: usize,
+        n: usize,
+        k: usize,
+        beta: f32,
+        ldy: usize,
+    ) -> Result<()> {
         let dim = |v: usize| {
             c_int::try_from(v)
                 .map_err(|_| Error::Input(format!("GEMM dimension {v} exceeds a C int")))
         };
-        let (m_, n_, k_) = (dim(n)?, dim(rows)?, dim(k)?);
+        if ldy < n {
+            return Err(Error::Input(format!(
+                "GEMM output rows of {ldy} elements cannot hold {n} columns"
+            )));
+        }
+        let (m_, n_, k_, ld_) = (dim(n)?, dim(rows)?, dim(k)?, dim(ldy)?);
         let alpha = 1.0f32;
         self.ctx.bind()?;
         // SAFETY: forwarded from the caller; the stream is the handle's.
-        if unsafe { self.linear_lt(x, w, xw, y, yt, (rows, n, k), beta)? } {
+        if unsafe { self.linear_lt(x, w, xw, y, yt, (rows, n, k, ldy), beta)? } {
             return Ok(());
         }
         // Column-major view: Y_cm [n, rows] = W_cm[k, n]ᵀ · X_cm[k, rows].
@@ -285,7 +315,7 @@ impl Cublas {
                 (&beta as *const f32).cast(),
                 y as *mut c_void,
                 yt.cuda(),
-                m_,
+                ld_,
                 cb::cublasComputeType_t::CUBLAS_COMPUTE_32F as u32,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT as c_int,
             )
@@ -294,7 +324,7 @@ impl Cublas {
 }
 
 impl Cublas {
-    /// [`Cublas::linear`] through cuBLASLt; `Ok(false)` when it is off or
+    /// [`Cublas::linear_ld`] through cuBLASLt; `Ok(false)` when it is off or
     /// has no algorithm for the GEMM.
     ///
     /// # Safety
@@ -307,7 +337,7 @@ impl Cublas {
         xw: GemmType,
         y: u64,
         yt: GemmType,
-        (rows, n, k): (usize, usize, usize),
+        (rows, n, k, ldy): (usize, usize, usize, usize),
         beta: f32,
     ) -> Result<bool> {
         let Some(fns) = self.lib.lt.as_ref().filter(|_| self.use_lt) else {
@@ -323,7 +353,7 @@ impl Cublas {
             rows,
             n,
             k,
-            ldy: n,
+            ldy,
             align: [x, w, y].map(cublaslt::alignment),
         };
         // SAFETY: forwarded from the caller; the key states the operands'

@@ -8,7 +8,7 @@
 use super::error::Failure;
 use crate::io::OpenMode;
 use crate::pipeline::config::streamer_options;
-use crate::{Budget, DType, Device, StreamerConfig};
+use crate::{Budget, CpuShare, DType, Device, StreamerConfig};
 
 /// Element type of a tensor: one of the `LS_DTYPE_*` values.
 pub type ls_dtype = u32;
@@ -58,6 +58,10 @@ pub const LS_BUDGET_AUTO: ls_budget_kind = 1;
 /// Up to [`ls_budget::bytes`] bytes.
 pub const LS_BUDGET_BYTES: ls_budget_kind = 2;
 
+/// In [`ls_config::cpu_share`]: the share is chosen per batch size from
+/// measured rates.
+pub const LS_CPU_SHARE_AUTO: f64 = -1.0;
+
 /// How much memory a cache may take.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +75,7 @@ pub struct ls_budget {
 /// Everything that shapes a streamer; start from [`ls_config_default`] and
 /// change fields. A stage count of 0 switches that stage off.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ls_config {
     /// CUDA device ordinal, or -1 for the host backend (device pointers are
     /// host addresses; no GPU needed).
@@ -103,6 +107,10 @@ pub struct ls_config {
     pub gpu_cache: ls_budget,
     /// Non-zero: draw a progress bar on stderr during each pass.
     pub progress: u8,
+    /// Share of the rows of every 2-D layer weight the CPU computes from host
+    /// memory: 0 (off, the default), a fraction in (0, 1], or
+    /// `LS_CPU_SHARE_AUTO`.
+    pub cpu_share: f64,
 }
 
 /// A type of a [`StreamerConfig`] field and the type of its `ls_config` field.
@@ -192,6 +200,28 @@ impl CField for Budget {
     }
 }
 
+/// A CPU share is a `double`: `LS_CPU_SHARE_AUTO`, 0 for off, else the
+/// fraction (which the streamer's validation checks).
+impl CField for CpuShare {
+    type C = f64;
+    fn to_c(&self) -> f64 {
+        match *self {
+            CpuShare::Auto => LS_CPU_SHARE_AUTO,
+            CpuShare::Off => 0.0,
+            CpuShare::Fixed(f) => f,
+        }
+    }
+    fn from_c(c: f64, _field: &str) -> Result<CpuShare, Failure> {
+        Ok(if c == LS_CPU_SHARE_AUTO {
+            CpuShare::Auto
+        } else if c == 0.0 {
+            CpuShare::Off
+        } else {
+            CpuShare::Fixed(c)
+        })
+    }
+}
+
 /// Counts are `uint32_t` in C; a larger Rust count saturates (and fails validation).
 impl CField for usize {
     type C = u32;
@@ -275,7 +305,8 @@ streamer_options!(define_c_mapping);
 
 /// The default configuration, returned by value: CUDA device 0, compute
 /// dtype bf16, `n_gpu` 2, `n_cpu_pinned` 4, `n_cpu` 0, batches of 1, 4
-/// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar.
+/// reader threads, 16 MiB reads, `LS_IO_AUTO`, no caches, no progress bar,
+/// no CPU share.
 #[no_mangle]
 pub extern "C" fn ls_config_default() -> ls_config {
     ls_config::from_rust(&StreamerConfig::default())
@@ -302,6 +333,7 @@ mod tests {
                 bytes: 7,
             },
             progress: 1,
+            cpu_share: LS_CPU_SHARE_AUTO,
             ..c
         };
         let r = host.to_rust().unwrap();
@@ -309,6 +341,12 @@ mod tests {
         assert_eq!(r.dtype, None);
         assert_eq!(r.pinned_cache, Budget::Bytes(1 << 20));
         assert_eq!(r.gpu_cache, Budget::Auto);
+        assert_eq!(r.cpu_share, CpuShare::Auto);
+        let half = ls_config {
+            cpu_share: 0.5,
+            ..c
+        };
+        assert_eq!(half.to_rust().unwrap().cpu_share, CpuShare::Fixed(0.5));
         assert_eq!(
             ls_config::from_rust(&r),
             ls_config {

@@ -31,15 +31,16 @@
 mod config;
 mod error;
 mod model;
+mod split;
 mod stats;
 mod streamer;
 mod tensor;
 
 pub use config::{
     ls_budget, ls_budget_kind, ls_config, ls_config_default, ls_dtype, ls_io_mode, LS_BUDGET_AUTO,
-    LS_BUDGET_BYTES, LS_BUDGET_NONE, LS_DTYPE_BF16, LS_DTYPE_BOOL, LS_DTYPE_F16, LS_DTYPE_F32,
-    LS_DTYPE_F64, LS_DTYPE_F8_E4M3, LS_DTYPE_F8_E5M2, LS_DTYPE_FILE, LS_DTYPE_I16, LS_DTYPE_I32,
-    LS_DTYPE_I64, LS_DTYPE_I8, LS_DTYPE_U8, LS_IO_AUTO, LS_IO_BUFFERED, LS_IO_DIRECT,
+    LS_BUDGET_BYTES, LS_BUDGET_NONE, LS_CPU_SHARE_AUTO, LS_DTYPE_BF16, LS_DTYPE_BOOL, LS_DTYPE_F16,
+    LS_DTYPE_F32, LS_DTYPE_F64, LS_DTYPE_F8_E4M3, LS_DTYPE_F8_E5M2, LS_DTYPE_FILE, LS_DTYPE_I16,
+    LS_DTYPE_I32, LS_DTYPE_I64, LS_DTYPE_I8, LS_DTYPE_U8, LS_IO_AUTO, LS_IO_BUFFERED, LS_IO_DIRECT,
 };
 pub use error::{ls_last_error_message, ls_result, ls_result_name};
 pub use model::{
@@ -48,6 +49,7 @@ pub use model::{
     ls_model_num_statics, ls_model_open, ls_model_static_tensor, ls_model_total_layer_bytes,
     ls_tensor_info,
 };
+pub use split::{ls_host_rows, ls_layer_host_rows};
 pub use stats::{ls_memory_use, ls_pass_stats, ls_stage_stats};
 pub use streamer::{
     ls_cuda_stream, ls_layer_copy_to_host, ls_layer_fn, ls_layer_release_after, ls_layer_weights,

@@ -56,6 +56,11 @@ pub struct ls_pass_stats {
     /// Device time in seconds of the casts and dequantization on their own
     /// stream (overlapping `h2d`); 0 when the model needs none.
     pub convert_seconds: f64,
+    /// The CPU's rows of a row split: their bytes, and the busy and stalled
+    /// time the layer function reported; zero without a split.
+    pub cpu: ls_stage_stats,
+    /// The share of each split weight's rows the CPU computed (0: none).
+    pub cpu_share: f64,
 }
 
 impl From<&PassStats> for ls_pass_stats {
@@ -69,6 +74,8 @@ impl From<&PassStats> for ls_pass_stats {
             pin: (&s.pin).into(),
             h2d: (&s.h2d).into(),
             compute: (&s.compute).into(),
+            cpu: (&s.cpu).into(),
+            cpu_share: s.cpu_share,
             pinned_cache_hits: s.pinned_cache_hits as u64,
             gpu_cache_hits: s.gpu_cache_hits as u64,
             convert_seconds: s.convert.as_secs_f64(),

@@ -100,8 +100,11 @@ pub struct ls_streamer {
 
 pub(crate) struct StreamerInner {
     pub(crate) streamer: LayerStreamer,
-    /// The strings and shapes `views` point into.
+    /// The strings `views` point into.
     _meta: Arc<ModelMeta>,
+    /// The device shapes `views` point into (with a row split, fewer rows
+    /// than the model's tensors).
+    _shapes: Vec<Vec<Vec<u64>>>,
     /// Per layer, the views handed to the callback, built once: each call
     /// fills in the pointers of that pass.
     views: Vec<Vec<ls_tensor_view>>,
@@ -151,12 +154,12 @@ pub(crate) unsafe fn claim<'a>(s: *const ls_streamer) -> Result<Claim<'a>, Failu
 /// The layer being handed to a callback on this thread, for
 /// [`ls_layer_copy_to_host`].
 #[derive(Clone, Copy)]
-struct CurrentLayer {
+pub(crate) struct CurrentLayer {
     weights: *const ls_layer_weights,
     stream: *const ComputeStream,
     /// The Rust view of the same layer (lifetime erased: used only during
     /// the callback, while the `LayerWeights` it points to is alive).
-    layer: *const LayerWeights<'static>,
+    pub(crate) layer: *const LayerWeights<'static>,
 }
 
 thread_local! {
@@ -180,7 +183,10 @@ impl Enter {
 }
 
 /// The layer the running callback on this thread received as `weights`.
-fn current(weights: *const ls_layer_weights, what: &str) -> Result<CurrentLayer, Failure> {
+pub(crate) fn current(
+    weights: *const ls_layer_weights,
+    what: &str,
+) -> Result<CurrentLayer, Failure> {
     CURRENT
         .with(Cell::get)
         .filter(|c| std::ptr::eq(c.weights, weights))
@@ -228,21 +234,33 @@ pub unsafe extern "C" fn ls_streamer_new(
         let cfg = config.to_rust()?;
         let streamer = LayerStreamer::builder(&model.index).config(cfg).build()?;
         let meta = Arc::clone(&model.meta);
+        let shapes: Vec<Vec<Vec<u64>>> = streamer
+            .device_layers()
+            .iter()
+            .map(|l| {
+                let shape = |t: &crate::checkpoint::LayerTensor| {
+                    t.info.shape.iter().map(|&d| d as u64).collect()
+                };
+                l.tensors.iter().map(shape).collect()
+            })
+            .collect();
         let views = meta
             .layers
             .iter()
-            .zip(model.index.layers())
-            .map(|(metas, layer)| {
+            .zip(streamer.device_layers())
+            .zip(&shapes)
+            .map(|((metas, layer), shapes)| {
                 metas
                     .iter()
                     .zip(&layer.tensors)
-                    .map(|(m, t)| ls_tensor_view {
+                    .zip(shapes)
+                    .map(|((m, t), shape)| ls_tensor_view {
                         key: m.key.as_ptr(),
                         name: m.name.as_ptr(),
                         ptr: 0,
                         dtype: t.info.dtype as u32,
-                        ndim: m.shape.len() as u32,
-                        shape: m.shape.as_ptr(),
+                        ndim: shape.len() as u32,
+                        shape: shape.as_ptr(),
                         bytes: t.info.len,
                     })
                     .collect()
@@ -254,6 +272,7 @@ pub unsafe extern "C" fn ls_streamer_new(
             inner: UnsafeCell::new(StreamerInner {
                 streamer,
                 _meta: meta,
+                _shapes: shapes,
                 views,
             }),
         });

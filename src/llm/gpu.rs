@@ -36,6 +36,9 @@ use crate::llm::llama::{ModelOptions, PassBatch};
 use crate::llm::sampling::TokenDraw;
 use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result, TensorView};
 
+#[path = "gpu_split.rs"]
+mod split;
+
 /// Device buffers of one pass, sized for `max_tokens` tokens.
 struct Workspace {
     x: DeviceBuffer,
@@ -80,6 +83,8 @@ pub(crate) struct CudaModel {
     io: PassIo,
     /// (tokens, TFLOP/s) of the pass with the most tokens so far.
     gemm_tflops: Option<(usize, f64)>,
+    /// The CPU side when the streamer splits rows (`cpu_share` above 0).
+    split: Option<Box<split::GpuSplit>>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -156,6 +161,10 @@ impl CudaModel {
         let cache_dtype = kv_cache_dtype(dtype, opts.precision);
         let attn = Attention::new(ctx, dtype, cache_dtype, shape, t)?;
         // Every other buffer is allocated: the free memory counts them.
+        let split = match crate::llm::split::pool_for(streamer)? {
+            Some(pool) => Some(Box::new(split::GpuSplit::new(ctx, pool, cfg, t, dtype)?)),
+            None => None,
+        };
         let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
         Ok(CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
@@ -173,6 +182,7 @@ impl CudaModel {
             timing: (Event::new(ctx, true)?, Event::new(ctx, true)?),
             io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
+            split,
         })
     }
 
@@ -370,6 +380,9 @@ impl CudaModel {
             w,
             dtype: self.dtype,
         };
+        if self.split.is_some() {
+            return self.split_layer(cfg, b, &w, layer, s);
+        }
         self.attention(cfg, b, &w, layer, s)?;
         self.mlp(cfg, b.tokens.len(), &w, s)
     }

@@ -3,7 +3,9 @@
 //! the whole generation path is tested without a GPU.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
+use crate::cpu::CpuPool;
 use crate::llm::config::ModelConfig;
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch};
@@ -38,6 +40,8 @@ pub(crate) struct HostModel {
     cos: Vec<f32>,
     sin: Vec<f32>,
     max_len: usize,
+    /// The CPU side of a row split (the streamer's `cpu_share` above 0).
+    pool: Option<Arc<CpuPool>>,
 }
 
 impl HostModel {
@@ -60,6 +64,7 @@ impl HostModel {
             cos,
             sin,
             max_len: opts.max_len,
+            pool: crate::llm::split::pool_for(streamer)?.map(Arc::new),
         })
     }
 
@@ -121,10 +126,12 @@ impl HostModel {
         w: &LayerWeights<'_>,
         layer: usize,
     ) -> Result<Vec<f32>> {
+        let pool = self.pool.clone();
         let w = Weights {
             w,
             cfg,
             rows: b.tokens.len(),
+            pool: pool.as_deref(),
         };
         let mut xn = vec![0.0; x.len()];
         ops::rms_norm(
@@ -309,6 +316,8 @@ struct Weights<'a, 'w> {
     cfg: &'a ModelConfig,
     /// Tokens of the pass.
     rows: usize,
+    /// The CPU side of a row split.
+    pool: Option<&'a CpuPool>,
 }
 
 impl Weights<'_, '_> {
@@ -334,7 +343,26 @@ impl Weights<'_, '_> {
         accumulate: bool,
     ) -> Result<()> {
         let (bytes, ty) = weight_bytes(self.w, key)?;
-        ops::linear(inp, self.rows, &bytes, ty, n, bias, out, accumulate)
+        match (self.w.host_rows(key), self.pool) {
+            (Some(h), Some(pool)) => crate::llm::split::linear(
+                self.w,
+                pool,
+                key,
+                inp,
+                self.rows,
+                (&bytes, ty),
+                &h,
+                n,
+                bias,
+                out,
+                accumulate,
+            ),
+            (Some(_), None) => Err(Error::Pipeline(format!(
+                "layer {} tensor {key} is split but the model has no CPU pool",
+                self.w.layer()
+            ))),
+            (None, _) => ops::linear(inp, self.rows, &bytes, ty, n, bias, out, accumulate),
+        }
     }
 }
 

@@ -41,6 +41,7 @@ pub mod ops;
 pub mod reference;
 pub mod rope;
 pub mod sampling;
+mod split;
 pub mod tokenizer;
 
 pub use chat::{ChatTemplate, Message};

@@ -160,6 +160,7 @@ pub(crate) fn allocate(
         transfer,
         convert,
         backend,
+        split: None,
     };
     Ok((res, mem))
 }

@@ -148,6 +148,7 @@ where
             .then(|| mem.len().saturating_sub(res.plans[layer].shift as usize)),
         release,
         held: AtomicBool::new(false),
+        split: res.split.as_ref(),
     };
     mem.set_in_use(true);
     let out = layer_fn(state, &weights, layer, compute);

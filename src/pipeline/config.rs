@@ -74,6 +74,61 @@ impl Budget {
     }
 }
 
+/// The share of each layer's rows the CPU computes (see [`crate::cpu::plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum CpuShare {
+    /// Chosen per batch size from the measured rates (`auto`).
+    Auto,
+    /// This fraction of the rows of every 2-D layer weight, in `[0, 1]`; `0`
+    /// streams whole layers (the default).
+    Fixed(f64),
+    /// No CPU share: whole layers stream to the device.
+    #[default]
+    Off,
+}
+
+impl CpuShare {
+    /// Parses `auto`, `off`, or a fraction in `[0, 1]` (`0` is `off`).
+    pub fn parse(s: &str) -> Result<CpuShare> {
+        let t = s.trim();
+        if t.eq_ignore_ascii_case("auto") {
+            return Ok(CpuShare::Auto);
+        }
+        if t.eq_ignore_ascii_case("off") || t.eq_ignore_ascii_case("none") {
+            return Ok(CpuShare::Off);
+        }
+        match t.parse::<f64>() {
+            Ok(f) => CpuShare::fraction(f),
+            Err(_) => Err(Error::Input(format!(
+                "invalid CPU share {s:?}: expected auto, off or a fraction in [0, 1]"
+            ))),
+        }
+    }
+
+    /// The share of a fraction: `off` for 0, an error outside `[0, 1]`.
+    pub fn fraction(f: f64) -> Result<CpuShare> {
+        if !(0.0..=1.0).contains(&f) {
+            return Err(Error::Input(format!(
+                "invalid CPU share {f}: expected auto, off or a fraction in [0, 1]"
+            )));
+        }
+        Ok(if f == 0.0 {
+            CpuShare::Off
+        } else {
+            CpuShare::Fixed(f)
+        })
+    }
+
+    /// The fixed fraction (0 for `off`); `None` for `auto`.
+    pub fn fixed(self) -> Option<f64> {
+        match self {
+            CpuShare::Auto => None,
+            CpuShare::Fixed(f) => Some(f),
+            CpuShare::Off => Some(0.0),
+        }
+    }
+}
+
 /// The streamer's options, each listed once: field, type, library default,
 /// parser, documentation, command-line flag (with the command line's own
 /// default where it differs), and for the options a search varies, the
@@ -105,6 +160,13 @@ macro_rules! streamer_options {
                     parse $crate::io::OpenMode::parse, flag "io";
                 /// Show a progress bar per pass.
                 progress: bool = false, parse $crate::pipeline::config::parse_switch, flag "progress";
+                /// Share of the rows of every 2-D layer weight that the CPU computes
+                /// from host memory while the rest streams to the device: `off` (`0`),
+                /// a fraction in `[0, 1]`, or `auto` (chosen per batch size from
+                /// measured rates).
+                cpu_share: $crate::pipeline::config::CpuShare =
+                    $crate::pipeline::config::CpuShare::Off,
+                    parse $crate::pipeline::config::CpuShare::parse, flag "cpu-share";
             }
             searched {
                 /// GPU prefetch depth: the device holds `n_gpu + 1` layer slots.
@@ -304,6 +366,13 @@ impl StreamerConfig {
                 )));
             }
         }
+        if let CpuShare::Fixed(f) = self.cpu_share {
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(Error::config(format!(
+                    "cpu_share must be auto, off or a fraction in [0, 1], got {f}"
+                )));
+            }
+        }
         if let Some(cpus) = &self.cpu_affinity {
             if cpus.is_empty() {
                 return Err(Error::config("cpu_affinity is an empty list"));
@@ -345,6 +414,11 @@ mod tests {
                 crate::io::OpenMode::Buffered,
             ][rng.gen_range(0..3)],
             progress: rng.gen(),
+            cpu_share: [
+                CpuShare::Auto,
+                CpuShare::Off,
+                CpuShare::Fixed(rng.gen_range(0.0..1.0f64).max(f64::MIN_POSITIVE)),
+            ][rng.gen_range(0..3)],
             n_gpu: rng.gen_range(0..64),
             n_cpu_pinned: rng.gen_range(0..64),
             n_cpu: rng.gen_range(0..64),
@@ -414,6 +488,34 @@ mod tests {
         assert_eq!(Device::parse("cuda:3").unwrap(), Device::Cuda(3));
         assert_eq!(Device::parse("1").unwrap(), Device::Cuda(1));
         assert!(Device::parse("tpu").is_err());
+    }
+
+    #[test]
+    fn cpu_shares_parse_and_bad_ones_name_the_option() {
+        assert_eq!(CpuShare::parse("auto").unwrap(), CpuShare::Auto);
+        assert_eq!(CpuShare::parse("0").unwrap(), CpuShare::Off);
+        assert_eq!(CpuShare::parse("off").unwrap(), CpuShare::Off);
+        assert_eq!(CpuShare::parse(" 0.25 ").unwrap(), CpuShare::Fixed(0.25));
+        assert_eq!(CpuShare::parse("1").unwrap(), CpuShare::Fixed(1.0));
+        let spec = StreamerConfig::OPTIONS
+            .iter()
+            .find(|o| o.flag == "cpu-share")
+            .unwrap();
+        for bad in ["1.5", "-0.1", "NaN", "inf", "half", ""] {
+            let e = (spec.set)(&mut StreamerConfig::default(), bad).unwrap_err();
+            assert!(
+                e.to_string().starts_with("cpu_share: invalid CPU share"),
+                "{e}"
+            );
+        }
+        for f in [f64::NAN, 2.0, -1.0, 0.0] {
+            let c = StreamerConfig {
+                cpu_share: CpuShare::Fixed(f),
+                ..Default::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("cpu_share"), "{e}");
+        }
     }
 
     #[test]

@@ -13,10 +13,12 @@ pub(crate) mod placement;
 pub(crate) mod plan;
 pub(crate) mod readers;
 pub(crate) mod resources;
+pub(crate) mod split;
 pub(crate) mod stages;
 pub mod stats;
 
 pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
-pub use config::{parse_size, Budget, Device, StreamerConfig};
+pub use config::{parse_size, Budget, CpuShare, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
+pub use split::{HostRows, ROW_MULTIPLE};
 pub use stats::{gbps as gbps_of, PassStats, Stage, StageStats};

@@ -363,6 +363,10 @@ impl Pipeline {
     {
         self.check_threads()?;
         let (pinned_hits, gpu_hits) = self.prepare()?;
+        if let Some(split) = &self.ctx.res.split {
+            // A failed pass may have left times behind.
+            split.take_times();
+        }
         let t0 = Instant::now();
         // SAFETY: the previous pass's ends are all gone: `collect` waited
         // for every stage thread, each of which drops its ends before it
@@ -522,6 +526,16 @@ impl Pipeline {
         st.compute.items = st.layers;
         st.compute.bytes = st.layer_bytes;
         st.compute.stalled = consumer_stall;
+        if let Some(split) = &res.split {
+            let (busy, stalled) = split.take_times();
+            st.cpu = StageStats {
+                bytes: split.pass_bytes(),
+                busy,
+                stalled,
+                items: st.layers,
+            };
+            st.cpu_share = split.share;
+        }
         Ok(st)
     }
 

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::backend::EventH;
 use super::compute::ComputeStream;
+use super::split::{HostRows, RowSplit};
 use crate::checkpoint::{Layer, LayerTensor, ModelIndex, TensorInfo};
 use crate::quant::fp8::{Fp8Layout, Fp8Scale};
 use crate::quant::QuantType;
@@ -164,6 +165,17 @@ impl LayerPlan {
             let fp8 = fp8_source(model, layer, t)?;
             let target = cast_target(model, info, dtype)?;
             match target {
+                // A tensor whose rows all went to the CPU: nothing to cast.
+                Some(to) if info.len == 0 => views.push(ViewPlan {
+                    key: t.key.clone(),
+                    name: info.name.clone(),
+                    offset: 0,
+                    dtype: to,
+                    shape: info.shape.clone(),
+                    bytes: 0,
+                    quant: None,
+                    scale: None,
+                }),
                 Some(to) => {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
@@ -349,6 +361,8 @@ pub struct LayerWeights<'a> {
     pub(crate) release: Option<&'a EventH>,
     /// Set once the release event has been recorded on another stream.
     pub(crate) held: AtomicBool,
+    /// The streamer's row split, when the CPU computes a share of the rows.
+    pub(crate) split: Option<&'a RowSplit>,
 }
 
 impl<'a> LayerWeights<'a> {
@@ -407,6 +421,37 @@ impl<'a> LayerWeights<'a> {
         // the pipeline does not write the slot while this `LayerWeights`
         // (and so the layer function that holds it) is alive.
         Some(unsafe { std::slice::from_raw_parts(view.ptr as *const u8, n) })
+    }
+
+    /// The CPU's rows of the weight with this key, in host memory, when the
+    /// streamer splits rows (a `cpu_share` above 0): the device view
+    /// ([`get`](Self::get)) then holds rows `0 .. first_row` of the tensor
+    /// and these the rest. `None` for a tensor that is not split (1-D
+    /// tensors, FP8 weights, or no split at all): the device view has every
+    /// row. The bytes stay valid as long as the streamer.
+    pub fn host_rows(&self, key: &str) -> Option<HostRows<'a>> {
+        self.split?.rows(self.layer, key)
+    }
+
+    /// Keys of the tensors with [`host_rows`](Self::host_rows), in file order.
+    pub fn host_row_keys(&self) -> impl Iterator<Item = &'a str> + '_ {
+        self.split.into_iter().flat_map(|s| s.keys(self.layer))
+    }
+
+    /// The CPU share the streamer splits rows at (0 without a split).
+    pub fn cpu_share(&self) -> f64 {
+        self.split.map_or(0.0, |s| s.share)
+    }
+
+    /// Adds to the pass's CPU-side statistics ([`PassStats::cpu`]): time the
+    /// CPU spent computing its rows of this layer, and time it waited for
+    /// the device side. A no-op without a split.
+    ///
+    /// [`PassStats::cpu`]: crate::PassStats::cpu
+    pub fn note_cpu_side(&self, busy: std::time::Duration, stalled: std::time::Duration) {
+        if let Some(s) = self.split {
+            s.note(busy, stalled);
+        }
     }
 
     /// Keeps this layer's device slot from being overwritten until the work
@@ -518,6 +563,7 @@ mod tests {
             host_len: Some(slot.len()),
             release: None,
             held: AtomicBool::new(false),
+            split: None,
         };
         // `off + bytes` wraps to a small number: must not become a slice.
         let huge = u64::MAX - 7;

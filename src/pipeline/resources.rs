@@ -204,6 +204,9 @@ pub(crate) struct Resources {
     /// of its own, so that the next layer's copy overlaps this layer's
     /// conversion instead of waiting behind it.
     pub(crate) convert: Option<StreamH>,
+    /// The CPU/GPU row split, when the CPU computes a share of the rows:
+    /// `model` is then the device's part.
+    pub(crate) split: Option<super::split::RowSplit>,
 }
 
 impl Resources {

@@ -14,11 +14,21 @@ pub enum Stage {
     H2d,
     /// The layer function's work on the compute stream.
     Compute,
+    /// The CPU's share of the rows, computed from host memory (as the layer
+    /// function reports it with
+    /// [`LayerWeights::note_cpu_side`](crate::LayerWeights::note_cpu_side)).
+    Cpu,
 }
 
 impl Stage {
     /// Every stage, in data-path order.
-    pub const ALL: [Stage; 4] = [Stage::Read, Stage::Pin, Stage::H2d, Stage::Compute];
+    pub const ALL: [Stage; 5] = [
+        Stage::Read,
+        Stage::Pin,
+        Stage::H2d,
+        Stage::Compute,
+        Stage::Cpu,
+    ];
 
     /// Lower-case name.
     pub fn name(self) -> &'static str {
@@ -27,6 +37,7 @@ impl Stage {
             Stage::Pin => "pin",
             Stage::H2d => "h2d",
             Stage::Compute => "compute",
+            Stage::Cpu => "cpu",
         }
     }
 }
@@ -80,8 +91,13 @@ pub struct PassStats {
     pub pin: StageStats,
     /// See [`Stage::H2d`].
     pub h2d: StageStats,
-    /// See [`Stage::Compute`].
+    /// See [`Stage::Compute`]: the device side of a row split.
     pub compute: StageStats,
+    /// See [`Stage::Cpu`]: the bytes of the CPU's rows, and the time the
+    /// layer function reported for them; zero without a row split.
+    pub cpu: StageStats,
+    /// The share of each split weight's rows the CPU computed (0: none).
+    pub cpu_share: f64,
     /// Layers served from the pinned cache (no disk read).
     pub pinned_cache_hits: usize,
     /// Layers served from the device cache (no read, no transfer).
@@ -100,6 +116,7 @@ impl PassStats {
             Stage::Pin => &self.pin,
             Stage::H2d => &self.h2d,
             Stage::Compute => &self.compute,
+            Stage::Cpu => &self.cpu,
         }
     }
 
@@ -112,6 +129,7 @@ impl PassStats {
     pub fn bound_by(&self) -> Stage {
         Stage::ALL
             .into_iter()
+            .filter(|s| *s != Stage::Cpu || self.cpu_share > 0.0)
             .max_by_key(|s| self.stage(*s).busy)
             .unwrap_or(Stage::Read)
     }
@@ -133,6 +151,9 @@ impl fmt::Display for PassStats {
         )?;
         for s in Stage::ALL {
             let st = self.stage(s);
+            if s == Stage::Cpu && self.cpu_share == 0.0 {
+                continue;
+            }
             writeln!(
                 f,
                 "  {:<8} {:>9.3} GB  busy {:>8.3} s ({:>6.2} GB/s)  stalled {:>8.3} s  items {}",
@@ -142,6 +163,13 @@ impl fmt::Display for PassStats {
                 st.busy_gbps(),
                 st.stalled.as_secs_f64(),
                 st.items
+            )?;
+        }
+        if self.cpu_share > 0.0 {
+            writeln!(
+                f,
+                "  cpu share {:.3} of each split weight's rows",
+                self.cpu_share
             )?;
         }
         if !self.convert.is_zero() {

@@ -53,14 +53,17 @@ static int checks = 0;
     }                                                             \
   } while (0)
 
-static uint64_t fnv1a(const uint8_t *p, uint64_t n) {
-  uint64_t h = 0xcbf29ce484222325ull;
+/* FNV-1a over p[0..n), going on from h (start with FNV_START). */
+#define FNV_START 0xcbf29ce484222325ull
+static uint64_t fnv1a_from(uint64_t h, const uint8_t *p, uint64_t n) {
   for (uint64_t i = 0; i < n; i++) {
     h ^= p[i];
     h *= 0x100000001b3ull;
   }
   return h;
 }
+
+static uint64_t fnv1a(const uint8_t *p, uint64_t n) { return fnv1a_from(FNV_START, p, n); }
 
 static const char *last_error(void) {
   static char buf[1024];
@@ -296,6 +299,63 @@ static ls_config test_config(int32_t device) {
   return c;
 }
 
+/* With a CPU share: each tensor's device rows then its host rows are the
+   file's bytes. */
+static int check_split_layer(void *user, uint32_t layer, const ls_layer_weights *w,
+                             ls_cuda_stream stream) {
+  (void)stream;
+  struct pass_state *st = user;
+  st->calls++;
+  if (layer >= st->e->layers) return 1;
+  for (uint32_t i = 0; i < w->num_tensors && i < MAX_TENSORS; i++) {
+    const ls_tensor_view *v = &w->tensors[i];
+    const struct expected_tensor *x = &st->e->t[layer][i];
+    ls_host_rows h;
+    CHECK(ls_layer_host_rows(w, i, &h) == LS_OK, "ls_layer_host_rows: %s", last_error());
+    CHECK(v->bytes + h.bytes == x->bytes, "%s: %" PRIu64 " + %" PRIu64 " bytes, expected %" PRIu64,
+          v->name, v->bytes, h.bytes, x->bytes);
+    if (v->ndim == 2) {
+      CHECK(h.rows > 0 && h.data != NULL, "%s: a matrix without CPU rows", v->name);
+      CHECK(v->shape[0] == h.first_row && v->shape[1] == h.cols, "%s: shapes", v->name);
+    } else {
+      CHECK(h.rows == 0 && h.data == NULL, "%s: CPU rows of a vector", v->name);
+    }
+    uint8_t *copy = malloc(v->bytes ? v->bytes : 1);
+    CHECK(ls_layer_copy_to_host(w, i, copy, v->bytes) == LS_OK, "copy: %s", last_error());
+    uint64_t hash = fnv1a_from(fnv1a(copy, v->bytes), h.data, h.bytes);
+    CHECK(hash == x->hash, "%s: device rows and host rows differ from the file", v->name);
+    free(copy);
+  }
+  ls_host_rows h;
+  CHECK(ls_layer_host_rows(w, w->num_tensors, &h) == LS_INVALID_ARGUMENT, "host rows index");
+  CHECK(ls_layer_host_rows(w, 0, NULL) == LS_NULL_ARGUMENT, "host rows NULL out");
+  return 0;
+}
+
+static void check_split(const ls_model *m, const struct expected *e, int32_t device) {
+  uint64_t total = 0;
+  for (uint32_t l = 0; l < e->layers; l++)
+    for (uint32_t i = 0; i < e->count[l]; i++) total += e->t[l][i].bytes;
+  ls_config c = test_config(device);
+  c.cpu_share = 1.5;
+  ls_streamer *s = NULL;
+  CHECK(ls_streamer_new(m, &c, &s) == LS_CONFIG, "cpu_share 1.5");
+  CHECK(strstr(last_error(), "cpu_share") != NULL, "message: %s", last_error());
+  c.cpu_share = 0.5;
+  ls_result r = ls_streamer_new(m, &c, &s);
+  CHECK(r == LS_OK, "streamer with cpu_share 0.5: %s", last_error());
+  if (r != LS_OK) return;
+  struct pass_state st = {e, device < 0, 0, -1, 0, NULL, 0};
+  r = ls_streamer_run_pass(s, check_split_layer, &st);
+  CHECK(r == LS_OK && st.calls == e->layers, "split pass: %s", last_error());
+  ls_pass_stats ps;
+  CHECK(ls_streamer_last_pass_stats(s, &ps) == LS_OK, "%s", last_error());
+  CHECK(ps.cpu_share == 0.5 && ps.cpu.bytes > 0 && ps.cpu.bytes + ps.layer_bytes == total,
+        "split stats: share %f, cpu %" PRIu64 " + device %" PRIu64 " bytes, expected %" PRIu64,
+        ps.cpu_share, ps.cpu.bytes, ps.layer_bytes, total);
+  ls_streamer_free(s);
+}
+
 static void check_statics(ls_streamer *s, const struct expected *e, int on_host) {
   for (uint32_t i = 0; i < e->statics; i++) {
     ls_tensor *t = NULL;
@@ -386,6 +446,7 @@ int main(int argc, char **argv) {
     CHECK(r == LS_OK, "pass that frees its streamer: %s", last_error());
     CHECK(fs.calls == e.layers, "%u calls in a pass that frees its streamer", fs.calls);
   }
+  check_split(m, &e, device);
   /* The streamer keeps what it needs: the model can go first. */
   ls_model_free(m);
   CHECK((ls_streamer_compute_stream(s) == NULL) == on_host, "compute stream");

@@ -24,13 +24,24 @@
 //! part adds at the measured pinned H2D bandwidth next to the weights' (the
 //! two share the link), and the decode rate both together allow.
 //!
+//! With `--cpu-share`, a last table (`split`): per batch, the decode rate,
+//! the share, each side's busy and stalled seconds in the last decode pass,
+//! and the planner's share, resident layers and bound: the pass time
+//! `cpu::plan::plan_split` gives from the CPU rates calibrated here at the
+//! batch size, the H2D bandwidth, the device's GEMM time at the peak (0 on
+//! the host) and the VRAM the streamer holds.
+//!
 //! Each batch size's prefill runs once unmeasured first (a new shape's first
 //! GEMMs pay for cuBLAS choosing its kernels), so the tables show the steady
 //! state.
 
 use std::path::PathBuf;
 
+use layer_streamer::cpu::calibrate::calibrate;
+use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
+use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
 use layer_streamer::llm::{generate, GenerateParams, KvTransfer, ModelConfig, ModelOptions};
+use layer_streamer::quant::QuantType;
 use layer_streamer::{LayerStreamer, Result};
 
 use crate::stream_args::{open_model, parse_list, StreamArgs};
@@ -249,6 +260,58 @@ fn header(
     (peak, pinned_h2d)
 }
 
+/// The `split` table's row of batch `b` decoding at `decode` tokens/s: the
+/// CPU side of the last (decode) pass and the planner's bound (see the
+/// module docs); `peak` in FLOP/s.
+fn split_row(
+    streamer: &LayerStreamer,
+    cfg: &ModelConfig,
+    (b, decode): (usize, f64),
+    h2d_bps: f64,
+    peak: Option<f64>,
+) -> Result<String> {
+    let st = streamer.last_pass_stats();
+    let model = streamer.model();
+    let mut types: Vec<QuantType> = model
+        .layers()
+        .iter()
+        .flat_map(|l| &l.tensors)
+        .filter(|t| t.info.shape.len() == 2)
+        .filter_map(|t| t.info.quant.or_else(|| QuantType::from_dtype(t.info.dtype)))
+        .collect();
+    types.sort_by_key(|t| t.ggml_type_id());
+    types.dedup();
+    let exclude = streamer.config().cpu_affinity.clone().unwrap_or_default();
+    let pool = CpuPool::new(&CpuPoolOptions {
+        exclude,
+        ..CpuPoolOptions::default()
+    })?;
+    let rates = calibrate(&pool, &types, b, 64 << 20, 3)?;
+    let layer_flops = cfg.projection_flops_per_token() / cfg.layers.max(1) as f64 * b as f64;
+    let gpu_s = peak.map_or(0.0, |p| layer_flops / p.max(1.0));
+    let mem = streamer.memory();
+    let plan = plan_split(&SplitInputs {
+        layers: layer_costs(model, &rates, |_| gpu_s)?,
+        pcie_bps: h2d_bps,
+        join_s: 0.0,
+        vram_budget: mem.gpu_slot_size * mem.gpu_slots as u64 + mem.gpu_cache_bytes,
+        slots: mem.gpu_slots,
+    })?;
+    let mean = plan.shares.iter().sum::<f64>() / plan.shares.len().max(1) as f64;
+    let s = |d: std::time::Duration| d.as_secs_f64();
+    Ok(format!(
+        "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.3}  {:>13.3}  {:>10.3}  {:>13.3}  {mean:>10.3}  \
+         {:>13}  {:>16.2}",
+        st.cpu_share,
+        s(st.cpu.busy),
+        s(st.cpu.stalled),
+        s(st.compute.busy),
+        s(st.compute.stalled),
+        plan.resident,
+        b as f64 / plan.pass_s.max(1e-9),
+    ))
+}
+
 /// `b` prompts of `len` deterministic ids below `vocab`, different per sequence.
 fn synthetic_prompts(b: usize, len: usize, vocab: u32) -> Vec<Vec<u32>> {
     (0..b)
@@ -312,7 +375,7 @@ pub fn run(a: Args) -> Result<()> {
     println!(
         "batch  prompt  prefill_s  prefill_tok/s  prefill_TFLOP/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  layer_TFLOP/s"
     );
-    let (mut bounds_rows, mut kv_rows) = (Vec::new(), Vec::new());
+    let (mut bounds_rows, mut kv_rows, mut split_rows) = (Vec::new(), Vec::new(), Vec::new());
     let cfg = model.config().clone();
     // Decode tokens attend to the prompt plus, on average, half the new ones.
     let decode_flops = token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0);
@@ -343,6 +406,12 @@ pub fn run(a: Args) -> Result<()> {
             bounds.transfer,
             fmt_opt(model.last_gemm_tflops(), 1)
         );
+        if streamer.cpu_share() > 0.0 {
+            match split_row(&streamer, &cfg, (b, decode), h2d_rate, peak) {
+                Ok(row) => split_rows.push(row),
+                Err(e) => eprintln!("the planner's bound was not computed: {e}"),
+            }
+        }
         let (at, _) = bounds.limit();
         let prefill_tflops = prefill_flops(&cfg, b, a.prompt_len) / prefill_s / 1e12;
         bounds_rows.push(bounds_row(b, decode, &bounds, at, prefill_tflops, peak));
@@ -358,6 +427,14 @@ pub fn run(a: Args) -> Result<()> {
     bounds_rows.iter().for_each(|r| println!("{r}"));
     if a.stream.kv_offload {
         print_kv_rows(&kv_rows);
+    }
+    if !split_rows.is_empty() {
+        println!("split:");
+        println!(
+            "batch  decode_tok/s  cpu_share  cpu_busy_s  cpu_stalled_s  dev_busy_s  \
+             dev_stalled_s  plan_share  plan_resident  plan_bound_tok/s"
+        );
+        split_rows.iter().for_each(|r| println!("{r}"));
     }
     println!("last pass: {}", streamer.last_pass_stats());
     Ok(())

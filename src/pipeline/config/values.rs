@@ -5,7 +5,7 @@
 use crate::io::OpenMode;
 use crate::{DType, Error, Result};
 
-use super::{Budget, Device};
+use super::{Budget, CpuShare, Device};
 
 /// Parses a byte size: a number with an optional unit. Binary units are
 /// powers of 1024 and may be spelled with or without `iB` (`K`, `KiB`, `M`,
@@ -157,6 +157,17 @@ impl OptionText for Budget {
             Budget::None => "none".into(),
             Budget::Auto => "auto".into(),
             Budget::Bytes(b) => format_bytes(b),
+        }
+    }
+}
+
+impl OptionText for CpuShare {
+    fn text(&self) -> String {
+        match *self {
+            CpuShare::Auto => "auto".into(),
+            CpuShare::Off => "off".into(),
+            // `Display` of an f64 reads back to the same value.
+            CpuShare::Fixed(f) => f.to_string(),
         }
     }
 }

@@ -1,0 +1,385 @@
+//! The CUDA forward pass with a CPU/GPU row split (a streamer built with a
+//! `cpu_share`): the device computes the columns of its streamed rows with
+//! the usual GEMMs, writing into the first columns of the full outputs
+//! (rows of the output `n` apart), while the CPU pool computes the other
+//! columns from the host rows. The sides meet four times per layer, as
+//! [`crate::llm::split`] describes: after q/k/v, after o_proj, after
+//! gate/up and after down_proj.
+//!
+//! A meeting: the 16-bit GEMM input (`hi`, and `lo` in exact precision) and,
+//! for o_proj and down_proj, the residual's CPU columns go to pinned
+//! staging and an event is recorded; the device GEMMs are queued; the host
+//! waits for that event alone (no stream or device synchronize), widens the
+//! input to f32 (`hi + lo`, the values the device multiplies), computes its
+//! columns (adding the residual where the device accumulates into it) and
+//! queues their copy into the output's last columns, one copy per token.
+//! The staging is reused only after a later event, so no copy reads or
+//! writes it while the host does.
+
+use std::time::{Duration, Instant};
+
+use super::{CudaModel, SlotWeights};
+use crate::cpu::CpuPool;
+use crate::cuda::cublas::{Cublas, GemmType};
+use crate::cuda::{memcpy_dtoh_async, memcpy_htod_async, Context, Event, Stream};
+use crate::llm::config::ModelConfig;
+use crate::llm::gpu_io::StagingBuf;
+use crate::llm::gpu_kernels::Split;
+use crate::llm::llama::PassBatch;
+use crate::{DType, Error, HostRows, LayerWeights, Result};
+
+/// The host side of the split: the CPU pool, pinned staging and the event
+/// each meeting waits for.
+pub(crate) struct GpuSplit {
+    pool: CpuPool,
+    /// The 16-bit type of the GEMM inputs.
+    dtype: DType,
+    act_hi: StagingBuf,
+    act_lo: StagingBuf,
+    /// The residual's CPU columns, `[t, c]` f32.
+    resid: StagingBuf,
+    /// The CPU's outputs, f32, one `[t, c]` block per weight of a meeting.
+    out: StagingBuf,
+    /// The GEMM input in f32.
+    xf: Vec<f32>,
+    ready: Event,
+}
+
+/// One weight's split: `n` outputs, the first `g` on the device.
+struct Part<'a> {
+    key: &'a str,
+    n: usize,
+    g: usize,
+    host: Option<HostRows<'a>>,
+}
+
+impl Part<'_> {
+    /// Columns the CPU computes.
+    fn c(&self) -> usize {
+        self.n - self.g
+    }
+}
+
+fn part<'a>(w: &LayerWeights<'a>, key: &'a str, n: usize) -> Result<Part<'a>> {
+    let host = w.host_rows(key);
+    let g = host.map_or(n, |h| h.first_row());
+    if host.is_some_and(|h| h.first_row() + h.rows() != n) {
+        return Err(Error::Pipeline(format!(
+            "layer {} tensor {key}: the split's rows do not add up to {n} outputs",
+            w.layer()
+        )));
+    }
+    Ok(Part { key, n, g, host })
+}
+
+/// Queues the device's columns of `y (+)= x · W(part)ᵀ`: rows of `y` are
+/// `part.n` apart.
+///
+/// # Safety
+/// As for [`Cublas::linear_ld`]: `x` holds `t × k` inputs, the weight
+/// `part.g × k` in the live slot, `y` `t` rows of `part.n` f32.
+#[allow(clippy::too_many_arguments)]
+unsafe fn device_columns(
+    blas: &mut Cublas,
+    hw: GemmType,
+    x: Split,
+    w: &SlotWeights<'_, '_>,
+    p: &Part<'_>,
+    y: u64,
+    t: usize,
+    k: usize,
+    beta: f32,
+) -> Result<()> {
+    if p.g == 0 {
+        return Ok(());
+    }
+    let wp = w.ptr(p.key)?;
+    let f = GemmType::F32;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        blas.linear_ld(x.hi, wp, hw, y, f, t, p.g, k, beta, p.n)?;
+        if x.lo != 0 {
+            blas.linear_ld(x.lo, wp, hw, y, f, t, p.g, k, 1.0, p.n)?;
+        }
+    }
+    Ok(())
+}
+
+impl GpuSplit {
+    /// The CPU pool and staging for passes of up to `max_tokens` tokens of
+    /// `cfg`'s shapes.
+    pub(crate) fn new(
+        ctx: &Context,
+        pool: CpuPool,
+        cfg: &ModelConfig,
+        max_tokens: usize,
+        dtype: DType,
+    ) -> Result<GpuSplit> {
+        let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
+        let k_max = h.max(qd).max(inter);
+        let out_max = (qd + 2 * kvd).max(2 * inter).max(h);
+        Ok(GpuSplit {
+            pool,
+            dtype,
+            act_hi: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
+            act_lo: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
+            resid: StagingBuf::new(ctx, max_tokens * h * 4)?,
+            out: StagingBuf::new(ctx, max_tokens * out_max * 4)?,
+            xf: Vec::with_capacity(max_tokens * k_max),
+            ready: Event::new(ctx, false)?,
+        })
+    }
+
+    /// Queues the copies of a meeting's input `x` (`t × k`) and, with
+    /// `resid = (y, p)`, of the CPU columns of `y` (rows `p.n` apart), then
+    /// records the event [`wait`](Self::wait) waits for.
+    ///
+    /// # Safety
+    /// `x` and `y` are live device buffers of those shapes on `s`'s context.
+    unsafe fn fetch(
+        &mut self,
+        s: &Stream,
+        x: Split,
+        t: usize,
+        k: usize,
+        resid: Option<(u64, &Part<'_>)>,
+    ) -> Result<()> {
+        let bytes = t * k * 2;
+        if bytes > self.act_hi.buf.len() {
+            return Err(Error::Pipeline(format!(
+                "{t} tokens exceed the split's staging"
+            )));
+        }
+        // SAFETY: the staging buffers hold `bytes` (checked) and the host
+        // touches them only after `ready`, recorded after these copies;
+        // the device ranges are the caller's contract.
+        unsafe {
+            memcpy_dtoh_async(self.act_hi.buf.as_mut_ptr(), x.hi, bytes, s)?;
+            if x.lo != 0 {
+                memcpy_dtoh_async(self.act_lo.buf.as_mut_ptr(), x.lo, bytes, s)?;
+            }
+            if let Some((y, p)) = resid {
+                let base = self.resid.buf.as_mut_ptr();
+                // Whole rows (a CPU share of 1) are one range.
+                let (c, rows) = if p.g == 0 { (t * p.n, 1) } else { (p.c(), t) };
+                for r in 0..rows {
+                    let src = y + ((r * p.n + p.g) * 4) as u64;
+                    memcpy_dtoh_async(base.add(r * c * 4), src, c * 4, s)?;
+                }
+            }
+        }
+        self.ready.record(s)
+    }
+
+    /// Waits for the last [`fetch`](Self::fetch) and widens its input to
+    /// f32; returns the time waited.
+    fn wait(&mut self, t: usize, k: usize, lo: bool) -> Result<Duration> {
+        let t0 = Instant::now();
+        self.ready.synchronize()?;
+        let waited = t0.elapsed();
+        let n = t * k;
+        let widen = |b: &[u8]| -> f32 {
+            let bits = u16::from_le_bytes([b[0], b[1]]);
+            match self.dtype {
+                DType::F16 => half::f16::from_bits(bits).to_f32(),
+                _ => half::bf16::from_bits(bits).to_f32(),
+            }
+        };
+        self.xf.clear();
+        let hi = self.act_hi.buf.as_slice()[..n * 2].chunks_exact(2);
+        self.xf.extend(hi.map(widen));
+        if lo {
+            let lo = self.act_lo.buf.as_slice()[..n * 2].chunks_exact(2);
+            self.xf.iter_mut().zip(lo).for_each(|(x, b)| *x += widen(b));
+        }
+        Ok(waited)
+    }
+
+    /// The CPU's columns of `p` for `t` tokens into `out` at f32 offset
+    /// `at`; returns the time taken.
+    fn compute(&mut self, p: &Part<'_>, t: usize, at: usize) -> Result<Duration> {
+        let Some(h) = &p.host else {
+            return Ok(Duration::ZERO);
+        };
+        let t0 = Instant::now();
+        let out = &mut self.out.buf.as_mut_slice()[at * 4..(at + t * p.c()) * 4];
+        let out: &mut [f32] = bytemuck::try_cast_slice_mut(out)
+            .map_err(|e| Error::Pipeline(format!("split staging: {e}")))?;
+        self.pool.matmul(&h.matrix()?, &self.xf, t, out)?;
+        Ok(t0.elapsed())
+    }
+
+    /// Queues the copy of `p`'s CPU columns (at f32 offset `at` of `out`,
+    /// plus the fetched residual with `add`) into the last columns of `y`.
+    ///
+    /// # Safety
+    /// `y` is a live device buffer of `t` rows of `p.n` f32 on `s`'s context.
+    unsafe fn send(
+        &mut self,
+        s: &Stream,
+        y: u64,
+        p: &Part<'_>,
+        t: usize,
+        at: usize,
+        add: bool,
+    ) -> Result<()> {
+        let c = p.c();
+        if c == 0 {
+            return Ok(());
+        }
+        if add {
+            let bytes = &self.resid.buf.as_slice()[..t * c * 4];
+            let out = &mut self.out.buf.as_mut_slice()[at * 4..(at + t * c) * 4];
+            for (o, r) in out.chunks_exact_mut(4).zip(bytes.chunks_exact(4)) {
+                let sum = f32::from_le_bytes([o[0], o[1], o[2], o[3]])
+                    + f32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+                o.copy_from_slice(&sum.to_le_bytes());
+            }
+        }
+        let base = self.out.buf.as_ptr();
+        // Whole rows (a CPU share of 1) are one range.
+        let (c, rows) = if p.g == 0 { (t * c, 1) } else { (c, t) };
+        for r in 0..rows {
+            let dst = y + ((r * p.n + p.g) * 4) as u64;
+            // SAFETY: the source row is inside `out`, which the host writes
+            // again only after a later event, recorded after this copy; the
+            // destination row is the caller's contract.
+            unsafe { memcpy_htod_async(dst, base.add((at + r * c) * 4), c * 4, s)? };
+        }
+        Ok(())
+    }
+}
+
+impl CudaModel {
+    /// One decoder layer with the row split; see the module docs.
+    pub(super) fn split_layer(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        w: &SlotWeights<'_, '_>,
+        layer: usize,
+        s: &Stream,
+    ) -> Result<()> {
+        self.split_attention(cfg, b, w, layer, s)?;
+        self.split_mlp(cfg, b.tokens.len(), w, s)
+    }
+
+    /// RMSNorm, the q/k/v meeting, RoPE, the cache write and attention on
+    /// the device, and the o_proj meeting into the residual stream.
+    fn split_attention(
+        &mut self,
+        cfg: &ModelConfig,
+        b: &PassBatch,
+        w: &SlotWeights<'_, '_>,
+        layer: usize,
+        s: &Stream,
+    ) -> Result<()> {
+        let t = b.tokens.len();
+        let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
+        let hw = self.gemm_type();
+        let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
+        let (ws, blas, k) = (&self.ws, &mut self.blas, &self.kernels);
+        let (xn, attn, x) = (ws.xn.split(), ws.attn.split(), ws.x.ptr());
+        let parts = [
+            part(w.w, "self_attn.q_proj.weight", qd)?,
+            part(w.w, "self_attn.k_proj.weight", kvd)?,
+            part(w.w, "self_attn.v_proj.weight", kvd)?,
+        ];
+        let ys = [ws.q.ptr(), ws.k.ptr(), ws.v.ptr()];
+        // SAFETY: as in `CudaModel::attention`: weights of their shapes in
+        // the live slot (the device's rows of split ones), workspaces sized
+        // for max_tokens >= t, staging sized for the same.
+        unsafe {
+            let norm = w.ptr("input_layernorm.weight")?;
+            k.rms_norm(s, x, norm, 0, xn, t, h, cfg.rms_norm_eps)?;
+            sp.fetch(s, xn, t, h, None)?;
+            for (p, &y) in parts.iter().zip(&ys) {
+                device_columns(blas, hw, xn, w, p, y, t, h, 0.0)?;
+            }
+        }
+        let stalled = sp.wait(t, h, xn.lo != 0)?;
+        let mut at = 0;
+        let mut busy = Duration::ZERO;
+        for (p, &y) in parts.iter().zip(&ys) {
+            busy += sp.compute(p, t, at)?;
+            // SAFETY: q, k and v hold t rows of their projections' widths.
+            unsafe { sp.send(s, y, p, t, at, false)? };
+            at += t * p.c();
+        }
+        w.w.note_cpu_side(busy, stalled);
+        let o = part(w.w, "self_attn.o_proj.weight", h)?;
+        let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
+        let biases = [
+            bias("self_attn.q_proj.bias")?,
+            bias("self_attn.k_proj.bias")?,
+            bias("self_attn.v_proj.bias")?,
+        ];
+        let (seq, pos, il) = (ws.seq.ptr(), ws.pos.ptr(), cfg.rope_interleaved);
+        // SAFETY: as above; the caches (the layer's, or an offload slot of
+        // the same size) hold every (seq, pos) of the pass.
+        unsafe {
+            let (q, kp, vp, a) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr(), &self.attn);
+            let rope = (self.cos.ptr(), self.sin.ptr());
+            let (kc, vc) = self.kv.attend(layer, s)?;
+            a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
+            a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
+            self.kv.attended(layer, s)?;
+            sp.fetch(s, attn, t, qd, Some((x, &o)))?;
+            device_columns(blas, hw, attn, w, &o, x, t, qd, 1.0)?;
+        }
+        let stalled = sp.wait(t, qd, attn.lo != 0)?;
+        let busy = sp.compute(&o, t, 0)?;
+        w.w.note_cpu_side(busy, stalled);
+        // SAFETY: x holds t rows of `hidden` f32.
+        unsafe { sp.send(s, x, &o, t, 0, true) }
+    }
+
+    /// RMSNorm, the gate/up meeting, SwiGLU on the device, and the
+    /// down_proj meeting into the residual stream.
+    fn split_mlp(
+        &mut self,
+        cfg: &ModelConfig,
+        t: usize,
+        w: &SlotWeights<'_, '_>,
+        s: &Stream,
+    ) -> Result<()> {
+        let (h, inter) = (cfg.hidden, cfg.intermediate);
+        let hw = self.gemm_type();
+        let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
+        let (ws, blas, k) = (&self.ws, &mut self.blas, &self.kernels);
+        let (xn, act, x) = (ws.xn.split(), ws.act.split(), ws.x.ptr());
+        let gate = part(w.w, "mlp.gate_proj.weight", inter)?;
+        let up = part(w.w, "mlp.up_proj.weight", inter)?;
+        let down = part(w.w, "mlp.down_proj.weight", h)?;
+        let (gp, upp) = (ws.gate_up.ptr(), ws.gate_up.ptr() + (t * inter * 4) as u64);
+        // SAFETY: as in `CudaModel::mlp`, with gate and up as separate
+        // [t, inter] f32 matrices in gate_up (which holds t * 2 * inter).
+        unsafe {
+            let post = w.ptr("post_attention_layernorm.weight")?;
+            k.rms_norm(s, x, post, 0, xn, t, h, cfg.rms_norm_eps)?;
+            sp.fetch(s, xn, t, h, None)?;
+            device_columns(blas, hw, xn, w, &gate, gp, t, h, 0.0)?;
+            device_columns(blas, hw, xn, w, &up, upp, t, h, 0.0)?;
+        }
+        let stalled = sp.wait(t, h, xn.lo != 0)?;
+        let busy = sp.compute(&gate, t, 0)? + sp.compute(&up, t, t * gate.c())?;
+        w.w.note_cpu_side(busy, stalled);
+        // SAFETY: as above.
+        unsafe {
+            sp.send(s, gp, &gate, t, 0, false)?;
+            sp.send(s, upp, &up, t, t * gate.c(), false)?;
+            k.swiglu(s, gp, upp, act, t, inter, inter)?;
+            sp.fetch(s, act, t, inter, Some((x, &down)))?;
+            device_columns(blas, hw, act, w, &down, x, t, inter, 1.0)?;
+        }
+        let stalled = sp.wait(t, inter, act.lo != 0)?;
+        let busy = sp.compute(&down, t, 0)?;
+        w.w.note_cpu_side(busy, stalled);
+        // SAFETY: x holds t rows of `hidden` f32.
+        unsafe { sp.send(s, x, &down, t, 0, true) }
+    }
+}
+
+fn no_split() -> Error {
+    Error::Pipeline("the split layer ran without the split's staging".into())
+}
