@@ -1,6 +1,7 @@
 //! The CUDA forward pass with a CPU/GPU row split: at CPU shares 0.5, a
-//! random one and 1 the logits stay within 2e-2 rel-L2 of share 0 and the
-//! greedy tokens are the same, for bf16 Qwen2 (biases) and Llama (GQA)
+//! random one and 1 the logits stay within 2e-2 rel-L2 of share 0 and pick
+//! share 0's greedy tokens (teacher-forced; a near tie within the measured
+//! error may fall either way), for bf16 Qwen2 (biases) and Llama (GQA)
 //! models in both precisions and the real SmolLM2 Q4_1 GGUF, over batches
 //! of mixed lengths; the pass stats show the CPU side. Skips without a
 //! driver unless `LS_REQUIRE_GPU=1`.
@@ -23,7 +24,16 @@ struct Run {
     greedy: Vec<Vec<u32>>,
 }
 
-fn run(index: &ModelIndex, share: f64, precision: Precision, prompts: &[Vec<u32>]) -> Run {
+/// Greedy tokens of `prompts` at `share`, then the logits of the prompts
+/// teacher-forced with `forced` (or with those greedy tokens): row `j` of a
+/// sequence predicts its `j`-th forced token.
+fn run(
+    index: &ModelIndex,
+    share: f64,
+    precision: Precision,
+    prompts: &[Vec<u32>],
+    forced: Option<&[Vec<u32>]>,
+) -> Run {
     let cfg = StreamerConfig {
         device: Device::Cuda(0),
         dtype: Some(LlamaModel::cuda_dtype(index)),
@@ -40,16 +50,6 @@ fn run(index: &ModelIndex, share: f64, precision: Precision, prompts: &[Vec<u32>
         ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
-    let forced: Vec<Vec<u32>> = prompts.iter().map(|p| p[..2].to_vec()).collect();
-    let logits = teacher_forced(&mut model, &mut s, prompts, &forced).unwrap();
-    let st = s.last_pass_stats();
-    assert_eq!(st.cpu_share, share);
-    if share > 0.0 {
-        assert!(st.cpu.bytes > 0 && !st.cpu.busy.is_zero(), "{st}");
-    } else {
-        assert_eq!(st.cpu.bytes, 0);
-    }
-    model.reset();
     let params = GenerateParams {
         max_new_tokens: 6,
         sampling: Default::default(),
@@ -59,34 +59,64 @@ fn run(index: &ModelIndex, share: f64, precision: Precision, prompts: &[Vec<u32>
     let greedy = generate(&mut model, &mut s, prompts, &params, |_, _| Ok(()))
         .unwrap()
         .tokens;
+    let st = s.last_pass_stats();
+    assert_eq!(st.cpu_share, share);
+    if share > 0.0 {
+        assert!(st.cpu.bytes > 0 && !st.cpu.busy.is_zero(), "{st}");
+    } else {
+        assert_eq!(st.cpu.bytes, 0);
+    }
+    let forced: Vec<Vec<u32>> = forced
+        .unwrap_or(&greedy)
+        .iter()
+        .map(|f| f[..f.len().saturating_sub(1)].to_vec())
+        .collect();
+    let logits = teacher_forced(&mut model, &mut s, prompts, &forced).unwrap();
     Run { logits, greedy }
 }
 
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
+}
+
+/// Splits at shares 0.5, `share` and 1 against whole layers, on the whole
+/// run's greedy tokens (teacher-forced): every row within [`REL_L2`], and
+/// every row's argmax the whole run's token unless the two are a tie within
+/// the row's measured error (a few times its rel-L2 times its RMS: the
+/// sides round differently, so a near tie may fall either way, and free
+/// greedy decoding would then diverge for good).
 fn same_as_whole_layers(
     index: &ModelIndex,
     precision: Precision,
     prompts: &[Vec<u32>],
     share: f64,
 ) {
-    let whole = run(index, 0.0, precision, prompts);
+    let whole = run(index, 0.0, precision, prompts, None);
     for s in [0.5, share, 1.0] {
-        let split = run(index, s, precision, prompts);
-        let rows = split
-            .logits
-            .iter()
-            .flatten()
-            .zip(whole.logits.iter().flatten());
-        for (i, (a, b)) in rows.enumerate() {
-            let d = rel_l2(a, b);
-            assert!(
-                d <= REL_L2,
-                "share {s} {precision:?}, row {i}: rel L2 {d:.3e}"
-            );
+        let split = run(index, s, precision, prompts, Some(&whole.greedy));
+        let (mut rows, mut same) = (0, 0);
+        for (seq, (a_rows, b_rows)) in split.logits.iter().zip(&whole.logits).enumerate() {
+            for (j, (a, b)) in a_rows.iter().zip(b_rows).enumerate() {
+                let d = rel_l2(a, b);
+                assert!(
+                    d <= REL_L2,
+                    "share {s} {precision:?}, sequence {seq} row {j}: rel L2 {d:.3e}"
+                );
+                let want = whole.greedy[seq][j] as usize;
+                let got = argmax(a);
+                let rms =
+                    (b.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt();
+                let margin = (a[got] - a[want]) as f64;
+                assert!(
+                    got == want || margin <= 4.0 * d * rms,
+                    "share {s} {precision:?}, sequence {seq} row {j}: argmax {got}, whole \
+                     layers' token {want}, {margin:.3e} apart (rel L2 {d:.3e}, rms {rms:.3e})"
+                );
+                rows += 1;
+                same += usize::from(got == want);
+            }
         }
-        assert_eq!(
-            split.greedy, whole.greedy,
-            "share {s} {precision:?}: greedy tokens"
-        );
+        eprintln!("share {s} {precision:?}: {same} of {rows} rows pick the whole layers' token");
     }
 }
 
