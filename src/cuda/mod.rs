@@ -29,6 +29,7 @@
 //! ```
 
 mod context;
+mod copy2d;
 pub mod cublas;
 mod cublas_search;
 mod cublaslt;
@@ -44,10 +45,11 @@ use cudarc::driver::sys;
 use crate::error::{Error, Result};
 
 pub use context::Context;
+pub use copy2d::{
+    max_copy_pitch, memcpy_2d_dtod_async, memcpy_2d_dtoh_async, memcpy_2d_htod_async, Rect2d,
+};
 pub use memory::{
-    max_copy_pitch, memcpy_2d_dtod_async, memcpy_2d_dtoh_async, memcpy_2d_htod_async,
     memcpy_dtod_async, memcpy_dtoh_async, memcpy_htod_async, DeviceBuffer, HostRegistration,
-    Rect2d,
 };
 pub use module::{Function, Module};
 pub use stream::{Event, Stream};

@@ -40,7 +40,9 @@ use std::path::PathBuf;
 use layer_streamer::cpu::calibrate::calibrate;
 use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
-use layer_streamer::llm::{generate, GenerateParams, KvTransfer, ModelConfig, ModelOptions};
+use layer_streamer::llm::{
+    generate, GenerateParams, KvTransfer, LlamaModel, ModelConfig, ModelOptions,
+};
 use layer_streamer::quant::QuantType;
 use layer_streamer::{LayerStreamer, Result};
 
@@ -346,6 +348,109 @@ fn bounds_row(
 }
 
 /// Runs `bench-generate`.
+/// What every batch's measurement shares.
+struct Measure<'a> {
+    a: &'a Args,
+    cfg: ModelConfig,
+    params: GenerateParams,
+    /// Two new tokens: the unmeasured first run of each shape.
+    short: GenerateParams,
+    /// Model FLOPs of one decode token.
+    decode_flops: f64,
+    peak: Option<f64>,
+    pinned_h2d: Option<f64>,
+}
+
+/// The rows of the tables printed after the main one.
+#[derive(Default)]
+struct Tables {
+    bounds: Vec<String>,
+    kv: Vec<String>,
+    split: Vec<String>,
+}
+
+impl Measure<'_> {
+    /// Prefills and decodes batch `b` (after one unmeasured run of the
+    /// shape), prints its row and adds its rows to `t`.
+    fn batch(
+        &self,
+        model: &mut LlamaModel,
+        streamer: &mut LayerStreamer,
+        b: usize,
+        t: &mut Tables,
+    ) -> Result<()> {
+        let (a, cfg) = (self.a, &self.cfg);
+        let prompts = synthetic_prompts(b, a.prompt_len, cfg.vocab as u32);
+        // A first pass of a new shape pays for cuBLAS choosing its kernels:
+        // run the same prefill once before measuring the steady state.
+        generate(model, streamer, &prompts, &self.short, |_, _| Ok(()))?;
+        let g = generate(model, streamer, &prompts, &self.params, |_, _| Ok(()))?;
+        // The bytes the last (decode) pass copied to the device, at the
+        // pinned H2D bandwidth (or, without one, the rate that pass saw).
+        let st = streamer.last_pass_stats();
+        let pass_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
+        let h2d_rate = self.pinned_h2d.unwrap_or(pass_rate).max(1.0);
+        let bytes = st.h2d.bytes as f64;
+        let bounds = Bounds::new(b, bytes, h2d_rate, self.decode_flops, self.peak);
+        let prefill_s = g.prefill.as_secs_f64().max(1e-9);
+        let decode = g.decode_tokens_per_s();
+        println!(
+            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>15.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
+            a.prompt_len,
+            g.prefill.as_secs_f64(),
+            g.prompt_tokens as f64 / prefill_s,
+            cfg.projection_flops_per_token() * g.prompt_tokens as f64 / prefill_s / 1e12,
+            decode,
+            g.decode_gb_per_s(),
+            bytes / h2d_rate,
+            bounds.transfer,
+            fmt_opt(model.last_gemm_tflops(), 1)
+        );
+        if streamer.cpu_share() > 0.0 {
+            match split_row(streamer, cfg, (b, decode), h2d_rate, self.peak) {
+                Ok(row) => t.split.push(row),
+                Err(e) => eprintln!("the planner's bound was not computed: {e}"),
+            }
+        }
+        let (at, _) = bounds.limit();
+        let prefill_tflops = prefill_flops(cfg, b, a.prompt_len) / prefill_s / 1e12;
+        t.bounds.push(bounds_row(
+            b,
+            decode,
+            &bounds,
+            at,
+            prefill_tflops,
+            self.peak,
+        ));
+        if let Some(kv) = model.last_kv_transfer() {
+            let x = KvBound::new(b, &kv, bytes, h2d_rate);
+            t.kv.push(kv_row(b, &kv, &x));
+        }
+        Ok(())
+    }
+}
+
+/// Prints the tables after the main one.
+fn print_tables(t: &Tables, kv_offload: bool) {
+    println!("bounds:");
+    println!(
+        "batch  decode_tok/s  xfer_bound_tok/s  compute_bound_tok/s     bound  of_bound  prefill_model_TFLOP/s  gemm_peak_TFLOP/s  of_peak"
+    );
+    t.bounds.iter().for_each(|r| println!("{r}"));
+    if kv_offload {
+        print_kv_rows(&t.kv);
+    }
+    if !t.split.is_empty() {
+        println!("split:");
+        println!(
+            "batch  decode_tok/s  cpu_share  cpu_busy_s  cpu_stalled_s  dev_busy_s  \
+             dev_stalled_s  plan_share  plan_resident  plan_bound_tok/s"
+        );
+        t.split.iter().for_each(|r| println!("{r}"));
+    }
+}
+
+/// Runs `bench-generate`: each batch size's prefill and decode, then the tables.
 pub fn run(a: Args) -> Result<()> {
     let batches = parse_list(&a.batch, "batch size")?;
     let max_b = *batches.iter().max().unwrap_or(&1);
@@ -365,262 +470,36 @@ pub fn run(a: Args) -> Result<()> {
         stop_ids: Vec::new(),
     };
     let (peak, pinned_h2d) = header(&a, &index, &streamer);
-    // Warm-up: fills the caches so the measured passes stream from them.
-    let warm: Vec<u32> = (0..8).map(|i| (i * 31) % vocab).collect();
     let short = GenerateParams {
         max_new_tokens: 2,
         ..params.clone()
     };
+    // Warm-up: fills the caches so the measured passes stream from them.
+    let warm: Vec<u32> = (0..8).map(|i| (i * 31) % vocab).collect();
     generate(&mut model, &mut streamer, &[warm], &short, |_, _| Ok(()))?;
     println!(
         "batch  prompt  prefill_s  prefill_tok/s  prefill_TFLOP/s  decode_tok/s  decode_GB/s  xfer_bound_s  bound_tok/s  layer_TFLOP/s"
     );
-    let (mut bounds_rows, mut kv_rows, mut split_rows) = (Vec::new(), Vec::new(), Vec::new());
     let cfg = model.config().clone();
-    // Decode tokens attend to the prompt plus, on average, half the new ones.
-    let decode_flops = token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0);
+    let m = Measure {
+        a: &a,
+        // Decode tokens attend to the prompt plus, on average, half the new ones.
+        decode_flops: token_flops(&cfg, a.prompt_len as f64 + a.new_tokens as f64 / 2.0),
+        cfg,
+        params,
+        short,
+        peak,
+        pinned_h2d,
+    };
+    let mut tables = Tables::default();
     for &b in &batches {
-        let prompts = synthetic_prompts(b, a.prompt_len, vocab);
-        // A first pass of a new shape pays for cuBLAS choosing its kernels:
-        // run the same prefill once before measuring the steady state.
-        generate(&mut model, &mut streamer, &prompts, &short, |_, _| Ok(()))?;
-        let g = generate(&mut model, &mut streamer, &prompts, &params, |_, _| Ok(()))?;
-        // The bytes the last (decode) pass copied to the device, at the
-        // pinned H2D bandwidth (or, without one, the rate that pass saw).
-        let st = streamer.last_pass_stats();
-        let pass_rate = st.h2d.bytes as f64 / st.h2d.busy.as_secs_f64().max(1e-9);
-        let h2d_rate = pinned_h2d.unwrap_or(pass_rate).max(1.0);
-        let bounds = Bounds::new(b, st.h2d.bytes as f64, h2d_rate, decode_flops, peak);
-        let bound_s = st.h2d.bytes as f64 / h2d_rate;
-        let prefill_s = g.prefill.as_secs_f64().max(1e-9);
-        let decode = g.decode_tokens_per_s();
-        println!(
-            "{b:>5}  {:>6}  {:>9.3}  {:>13.1}  {:>15.1}  {:>12.2}  {:>11.2}  {:>12.3}  {:>11.2}  {}",
-            a.prompt_len,
-            g.prefill.as_secs_f64(),
-            g.prompt_tokens as f64 / prefill_s,
-            cfg.projection_flops_per_token() * g.prompt_tokens as f64 / prefill_s / 1e12,
-            decode,
-            g.decode_gb_per_s(),
-            bound_s,
-            bounds.transfer,
-            fmt_opt(model.last_gemm_tflops(), 1)
-        );
-        if streamer.cpu_share() > 0.0 {
-            match split_row(&streamer, &cfg, (b, decode), h2d_rate, peak) {
-                Ok(row) => split_rows.push(row),
-                Err(e) => eprintln!("the planner's bound was not computed: {e}"),
-            }
-        }
-        let (at, _) = bounds.limit();
-        let prefill_tflops = prefill_flops(&cfg, b, a.prompt_len) / prefill_s / 1e12;
-        bounds_rows.push(bounds_row(b, decode, &bounds, at, prefill_tflops, peak));
-        if let Some(kv) = model.last_kv_transfer() {
-            let x = KvBound::new(b, &kv, st.h2d.bytes as f64, h2d_rate);
-            kv_rows.push(kv_row(b, &kv, &x));
-        }
+        m.batch(&mut model, &mut streamer, b, &mut tables)?;
     }
-    println!("bounds:");
-    println!(
-        "batch  decode_tok/s  xfer_bound_tok/s  compute_bound_tok/s     bound  of_bound  prefill_model_TFLOP/s  gemm_peak_TFLOP/s  of_peak"
-    );
-    bounds_rows.iter().for_each(|r| println!("{r}"));
-    if a.stream.kv_offload {
-        print_kv_rows(&kv_rows);
-    }
-    if !split_rows.is_empty() {
-        println!("split:");
-        println!(
-            "batch  decode_tok/s  cpu_share  cpu_busy_s  cpu_stalled_s  dev_busy_s  \
-             dev_stalled_s  plan_share  plan_resident  plan_bound_tok/s"
-        );
-        split_rows.iter().for_each(|r| println!("{r}"));
-    }
+    print_tables(&tables, a.stream.kv_offload);
     println!("last pass: {}", streamer.last_pass_stats());
     Ok(())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-    use layer_streamer::llm::layout::layer_tensors;
-    use layer_streamer::llm::Precision;
-    use rand::{Rng, SeedableRng};
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: Args,
-    }
-
-    fn rng(test: &str) -> rand::rngs::StdRng {
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("{test}: seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
-
-    fn random_config(rng: &mut impl Rng) -> ModelConfig {
-        let heads = rng.gen_range(1..9usize);
-        let kv_heads = [1, heads][rng.gen_range(0..2)];
-        let head_dim = 2 * rng.gen_range(1..33usize);
-        let v = serde_json::json!({
-            "model_type": "llama",
-            "hidden_size": heads * head_dim,
-            "intermediate_size": rng.gen_range(1..500),
-            "num_hidden_layers": rng.gen_range(1..6),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "vocab_size": rng.gen_range(2..3000),
-        });
-        ModelConfig::from_json(&v).unwrap()
-    }
-
-    #[test]
-    fn batches_and_precision_parse_and_bad_values_name_the_flag() {
-        let mut rng = rng("batches_and_precision_parse_and_bad_values_name_the_flag");
-        let batches: Vec<usize> = (0..rng.gen_range(1..6))
-            .map(|_| rng.gen_range(1..300))
-            .collect();
-        let list = batches
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
-        let cli = Cli::try_parse_from([
-            "x",
-            "--model",
-            "m",
-            "--batch",
-            &list,
-            "--precision",
-            "exact",
-        ])
-        .unwrap();
-        assert_eq!(parse_list(&cli.args.batch, "batch size").unwrap(), batches);
-        assert_eq!(cli.args.stream.precision, Precision::Exact);
-        let cli = Cli::try_parse_from(["x", "--model", "m"]).unwrap();
-        assert_eq!(cli.args.stream.precision, Precision::Fast);
-        let e = Cli::try_parse_from(["x", "--model", "m", "--precision", "double"])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("--precision") && e.contains("double"), "{e}");
-        let e = parse_list(&format!("{list},0"), "batch size").unwrap_err();
-        assert!(e.to_string().contains("batch size \"0\""), "{e}");
-    }
-
-    #[test]
-    fn token_flops_count_every_weight_and_the_attention() {
-        let mut rng = rng("token_flops_count_every_weight_and_the_attention");
-        for _ in 0..20 {
-            let cfg = random_config(&mut rng);
-            // Every matrix of a layer once (two FLOPs per weight), counted
-            // from the tensor list rather than the formula.
-            let per_layer: usize = layer_tensors(&cfg)
-                .iter()
-                .filter(|t| t.shape.len() == 2)
-                .map(|t| t.shape[0] * t.shape[1])
-                .sum();
-            let weights = 2.0 * (per_layer * cfg.layers + cfg.hidden * cfg.vocab) as f64;
-            let ctx = rng.gen_range(1..5000) as f64;
-            let attn = 2.0 * 2.0 * (cfg.layers * cfg.heads * cfg.head_dim) as f64 * ctx;
-            let got = token_flops(&cfg, ctx);
-            assert!(
-                (got - weights - attn).abs() <= 1e-9 * got,
-                "{got} vs {weights} + {attn}"
-            );
-            // Prefill: the tokens' sum over positions 1..=len, one lm_head row.
-            let (b, len) = (rng.gen_range(1..10), rng.gen_range(1..300));
-            let head = 2.0 * (cfg.hidden * cfg.vocab) as f64;
-            let want: f64 = (1..=len)
-                .map(|p| token_flops(&cfg, p as f64) - head)
-                .sum::<f64>()
-                + head;
-            let got = prefill_flops(&cfg, b, len);
-            let want = want * b as f64;
-            assert!((got - want).abs() <= 1e-9 * want, "{got} vs {want}");
-        }
-    }
-
-    #[test]
-    fn bounds_are_the_batch_over_each_resource_time_and_the_lower_one_limits() {
-        let mut rng = rng("bounds_are_the_batch_over_each_resource_time_and_the_lower_one_limits");
-        for _ in 0..100 {
-            let b = rng.gen_range(1..512usize);
-            let bytes = rng.gen_range(1e6..1e11);
-            let rate = rng.gen_range(1e9..1e11);
-            let flops = rng.gen_range(1e6..1e12);
-            let peak = rng.gen_range(1e12..1e15);
-            let x = Bounds::new(b, bytes, rate, flops, Some(peak));
-            // Transfer: one pass of `bytes` yields b tokens.
-            assert!((x.transfer * bytes / rate - b as f64).abs() < 1e-6 * b as f64);
-            // Compute: b tokens of `flops` each take b·flops/peak seconds.
-            let c = x.compute.unwrap();
-            assert!((c * flops / peak - 1.0).abs() < 1e-9, "{c}");
-            let (at, lim) = x.limit();
-            assert_eq!(lim, x.transfer.min(c));
-            assert_eq!(
-                at,
-                if c < x.transfer {
-                    "compute"
-                } else {
-                    "transfer"
-                }
-            );
-            let tok = rng.gen_range(0.0..lim);
-            assert!((x.share(tok) - tok / lim).abs() < 1e-12);
-            // Without a measured peak only the transfer bounds.
-            let t = Bounds::new(b, bytes, rate, flops, None);
-            assert_eq!((t.limit().0, t.limit().1), ("transfer", x.transfer));
-        }
-        // Nothing to copy: the transfer does not bound.
-        let x = Bounds::new(4, 0.0, 1e9, 1e9, Some(1e12));
-        assert_eq!(x.limit(), ("compute", 1e3));
-    }
-
-    #[test]
-    fn kv_offload_parses_and_defaults_off() {
-        let cli = Cli::try_parse_from(["x", "--model", "m", "--kv-offload"]).unwrap();
-        assert!(cli.args.stream.kv_offload);
-        let cli = Cli::try_parse_from(["x", "--model", "m"]).unwrap();
-        assert!(!cli.args.stream.kv_offload);
-        let e = Cli::try_parse_from(["x", "--model", "m", "--kv-offload=yes"])
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("--kv-offload"), "{e}");
-    }
-
-    #[test]
-    fn the_kv_bound_adds_its_bytes_to_the_weights_at_the_h2d_rate() {
-        let mut rng = rng("the_kv_bound_adds_its_bytes_to_the_weights_at_the_h2d_rate");
-        for _ in 0..100 {
-            let b = rng.gen_range(1..512usize);
-            let weights = rng.gen_range(1e6..1e11);
-            let rate = rng.gen_range(1e9..1e11);
-            let kv = KvTransfer {
-                h2d_bytes: rng.gen_range(0..1u64 << 36),
-                d2h_bytes: rng.gen_range(0..1u64 << 30),
-            };
-            let x = KvBound::new(b, &kv, weights, rate);
-            assert!((x.kv_s * rate - kv.h2d_bytes as f64).abs() <= 1e-6 * kv.h2d_bytes as f64);
-            assert!((x.weights_s * rate - weights).abs() <= 1e-6 * weights);
-            let want = b as f64 / ((weights + kv.h2d_bytes as f64) / rate);
-            assert!((x.tokens_per_s - want).abs() <= 1e-9 * want, "{x:?}");
-            // Without KV bytes it is the weights' transfer bound.
-            let none = KvBound::new(b, &KvTransfer::default(), weights, rate);
-            let t = Bounds::new(b, weights, rate, 1.0, None).transfer;
-            assert!((none.tokens_per_s - t).abs() <= 1e-9 * t);
-            assert!(x.tokens_per_s <= none.tokens_per_s);
-            let row = kv_row(b, &kv, &x);
-            assert!(
-                row.contains(&format!("{:.2}", kv.h2d_bytes as f64 / 1e6)),
-                "{row}"
-            );
-        }
-    }
-}
+#[path = "bench_generate_tests.rs"]
+mod tests;
