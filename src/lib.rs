@@ -70,6 +70,8 @@ pub mod ring;
 pub mod serve;
 pub mod streamer;
 pub mod synth;
+#[cfg(test)]
+mod test_rng;
 pub mod tuner;
 
 pub use checkpoint::ModelIndex;

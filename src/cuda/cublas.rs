@@ -372,7 +372,8 @@ impl Drop for Cublas {
     }
 }
 
-fn status(call: &str, s: u32) -> Result<()> {
+/// A cuBLAS or cuBLASLt status as a result naming the call.
+pub(super) fn status(call: &str, s: u32) -> Result<()> {
     if s == 0 {
         Ok(())
     } else {

@@ -25,7 +25,7 @@ use cudarc::cublas::sys as cb;
 use cudarc::cublaslt::sys as lt;
 use cudarc::driver::sys::CUstream;
 
-use super::cublas::GemmType;
+use super::cublas::{status, GemmType};
 use super::{Context, DeviceBuffer};
 use crate::{Error, Result};
 
@@ -468,16 +468,6 @@ impl Drop for Lt {
         self.plans.clear();
         // SAFETY: the handle is live and not used again (plans dropped first).
         let _ = unsafe { (self.fns.destroy)(self.handle) };
-    }
-}
-
-fn status(call: &str, s: u32) -> Result<()> {
-    if s == 0 {
-        Ok(())
-    } else {
-        Err(Error::Pipeline(format!(
-            "{call} failed with cuBLAS status {s}"
-        )))
     }
 }
 

@@ -303,16 +303,9 @@ impl Embedding {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
-    fn rng() -> rand::rngs::StdRng {
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     /// A random `[rows, hidden]` matrix stored as `ty`.
     fn stored(ty: QuantType, rows: usize, hidden: usize, rng: &mut impl Rng) -> Vec<u8> {

@@ -127,11 +127,7 @@ mod tests {
 
     #[test]
     fn gate_and_up_are_one_matrix_in_slots_of_checkpoints_and_casts() {
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| std::process::id() as u64);
-        eprintln!("seed {seed} (LS_SEED replays)");
+        let seed = crate::test_rng::seed();
         // Stored as is, and cast on the device (f32 -> bf16 in the slot's
         // conversion area).
         for (dtype, compute) in [

@@ -402,16 +402,9 @@ impl StaticsMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
-    fn rng() -> rand::rngs::StdRng {
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     #[test]
     fn chunks_cover_every_row_once_within_the_bound() {

@@ -338,15 +338,7 @@ mod tests {
         }
     }
 
-    fn rng() -> rand::rngs::StdRng {
-        use rand::SeedableRng;
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     #[test]
     fn with_offload_a_cache_bigger_than_vram_is_accepted_counting_only_the_slots() {

@@ -285,15 +285,7 @@ mod tests {
             .sum()
     }
 
-    fn rng() -> rand::rngs::StdRng {
-        use rand::SeedableRng;
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     #[test]
     fn host_auto_caches_share_one_ram_budget() {

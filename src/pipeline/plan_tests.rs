@@ -55,11 +55,7 @@ fn host_bytes_refuses_ranges_that_overflow_or_leave_the_slot() {
 fn the_largest_stored_tensor_of_every_layer_starts_aligned_in_its_slot() {
     use crate::synth::{write_model, Arch, Shape, SynthSpec};
     use crate::{LayerStreamer, ModelIndex};
-    let seed = std::env::var("LS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::process::id() as u64);
-    eprintln!("seed {seed} (LS_SEED replays)");
+    let seed = crate::test_rng::seed();
     let dir = tempfile::tempdir().unwrap();
     let spec = SynthSpec {
         arch: Arch::Qwen2,

@@ -155,15 +155,9 @@ pub(super) fn quantize_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
-    fn rng() -> rand::rngs::StdRng {
-        let seed: u64 = std::env::var("LS_SEED")
-            .map(|s| s.parse().expect("LS_SEED must be a u64"))
-            .unwrap_or_else(|_| rand::random());
-        eprintln!("random seed {seed} (replay with LS_SEED={seed})");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     /// Row `h·d + j·d/2 + i` of a head moves to `h·d + 2i + j`: each half's
     /// rows interleave, whole rows move, and nothing crosses heads.

@@ -254,7 +254,7 @@ fn check_tokens(shape: &AttentionShape, seq: &[u32], pos: &[u32]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rand::{Rng, SeedableRng};
+    use rand::Rng;
 
     fn shape(heads: usize, kv_heads: usize, head_dim: usize) -> AttentionShape {
         AttentionShape {
@@ -266,14 +266,7 @@ mod tests {
         }
     }
 
-    fn rng() -> rand::rngs::StdRng {
-        let seed = std::env::var("LS_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(rand::random);
-        eprintln!("seed {seed} (LS_SEED replays)");
-        rand::rngs::StdRng::seed_from_u64(seed)
-    }
+    use crate::test_rng::rng;
 
     /// A random packed pass: runs of random lengths of distinct sequences.
     fn random_pass(rng: &mut impl Rng, s: &AttentionShape) -> (Vec<u32>, Vec<u32>) {

@@ -1,15 +1,8 @@
 use super::*;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
-fn rng() -> rand::rngs::StdRng {
-    let seed = std::env::var("LS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (LS_SEED replays)");
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
+use crate::test_rng::rng;
 
 fn random_geometry(rng: &mut impl Rng) -> Geometry {
     Geometry {

@@ -10,16 +10,9 @@ use super::*;
 use crate::cuda::Rect2d;
 use crate::llm::kv_cache::offload::{new_rects, prefix_rects, seq_runs, Geometry, SeqRun};
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
-fn rng() -> rand::rngs::StdRng {
-    let seed = std::env::var("LS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (LS_SEED replays)");
-    rand::rngs::StdRng::seed_from_u64(seed)
-}
+use crate::test_rng::rng;
 
 /// An event: ('r', slot) for `ready`, ('d', slot) for `done`, ('p', 0) for
 /// the pass start.
