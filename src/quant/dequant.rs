@@ -63,14 +63,34 @@ pub fn dequantize_f32(ty: QuantType, src: &[u8], dst: &mut [f32]) -> Result<()> 
 /// exactly as the device kernels do.
 pub fn dequantize_bf16(ty: QuantType, src: &[u8], dst: &mut [bf16]) -> Result<()> {
     check_lengths(ty, src.len(), dst.len(), "dequantize_bf16")?;
-    if ty == QuantType::BF16 {
+    dequantize_rounded(
+        ty,
+        src,
+        dst,
+        (QuantType::BF16, bf16::from_bits),
+        bf16::from_f32,
+    );
+    Ok(())
+}
+
+/// Decodes `src` into `dst` (lengths checked by the caller) a block at a time
+/// through a small f32 buffer, rounding each value with `round`; a tensor of
+/// the output type itself (`same.0`) is copied as stored (`same.1` of its
+/// bits).
+fn dequantize_rounded<T>(
+    ty: QuantType,
+    src: &[u8],
+    dst: &mut [T],
+    same: (QuantType, fn(u16) -> T),
+    round: fn(f32) -> T,
+) {
+    if ty == same.0 {
         for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *o = bf16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+            *o = same.1(u16::from_le_bytes([b[0], b[1]]));
         }
-        return Ok(());
+        return;
     }
-    // One block at a time through a small f32 buffer: no allocation per call
-    // beyond it, no full f32 copy of the tensor.
+    // No allocation per call beyond the buffer, no full f32 copy of the tensor.
     let be = ty.block_elems() as usize;
     let bb = ty.block_bytes() as usize;
     let mut tmp = [0f32; 256];
@@ -81,10 +101,9 @@ pub fn dequantize_bf16(ty: QuantType, src: &[u8], dst: &mut [bf16]) -> Result<()
             None => plain_to_f32(ty, b, t),
         }
         for (d, &x) in o.iter_mut().zip(t.iter()) {
-            *d = bf16::from_f32(x);
+            *d = round(x);
         }
     }
-    Ok(())
 }
 
 /// Largest finite f16 magnitude.
@@ -112,25 +131,13 @@ pub fn f32_to_f16_sat(x: f32) -> f16 {
 /// stored.
 pub fn dequantize_f16(ty: QuantType, src: &[u8], dst: &mut [f16]) -> Result<()> {
     check_lengths(ty, src.len(), dst.len(), "dequantize_f16")?;
-    if ty == QuantType::F16 {
-        for (o, b) in dst.iter_mut().zip(src.chunks_exact(2)) {
-            *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-        }
-        return Ok(());
-    }
-    let be = ty.block_elems() as usize;
-    let bb = ty.block_bytes() as usize;
-    let mut tmp = [0f32; 256];
-    for (b, o) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(be)) {
-        let t = &mut tmp[..be];
-        match block_fn(ty) {
-            Some(f) => f(b, t),
-            None => plain_to_f32(ty, b, t),
-        }
-        for (d, &x) in o.iter_mut().zip(t.iter()) {
-            *d = f32_to_f16_sat(x);
-        }
-    }
+    dequantize_rounded(
+        ty,
+        src,
+        dst,
+        (QuantType::F16, f16::from_bits),
+        f32_to_f16_sat,
+    );
     Ok(())
 }
 
