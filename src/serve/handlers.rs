@@ -307,7 +307,10 @@ impl Generation {
                 Ok(t) => Step::Text(t),
                 Err(e) => fail(e),
             },
+            // The last tokens' text settles only now (an incomplete
+            // character at the end), and a stop string may be found in it.
             Some(Event::Finished(reason)) => match self.text.finish() {
+                Ok(t) if self.text.stopped() => Step::Done(t, "stop"),
                 Ok(t) => Step::Done(t, reason.as_str()),
                 Err(e) => fail(e),
             },

@@ -206,4 +206,29 @@ mod tests {
         assert!(asm.stopped());
         assert_eq!(out, text);
     }
+
+    #[test]
+    fn a_stop_string_in_the_text_that_settles_at_the_end_stops() {
+        // Byte-level BPE: "\u{e2}" is the token of the single byte 0xE2, the
+        // start of a three-byte character that never completes, so the text
+        // ends in U+FFFD and settles only in `finish`.
+        let (_dir, tok) = tokenizer_of(Arch::Qwen2);
+        let lead = tok.token_id("\u{e2}").expect("a byte-level vocabulary");
+        let mut ids = tok.encode("ab w", false).unwrap();
+        ids.push(lead);
+        let stop = "w\u{FFFD}".to_string();
+        assert!(tok.decode(&ids).unwrap().contains(&stop));
+        let mut asm = TextAssembler::new(tok.clone(), vec![stop]);
+        let mut out = String::new();
+        for &id in &ids {
+            out += &asm.push(id).unwrap();
+        }
+        assert!(
+            !asm.stopped(),
+            "the last character is not settled before the end"
+        );
+        out += &asm.finish().unwrap();
+        assert!(asm.stopped());
+        assert_eq!(out, "ab ");
+    }
 }

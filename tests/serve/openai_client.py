@@ -172,7 +172,7 @@ def functional(cfg):
         stop = text[len(text) // 2 : len(text) // 2 + 2]
         r = c.chat.completions.create(model=cfg["model"], messages=chat["messages"], max_tokens=chat["max_tokens"], temperature=0, stop=[stop])
         got = r.choices[0].message.content
-        check(got == text[: text.index(stop)] and r.choices[0].finish_reason == "stop", f"stop {stop!r}: {got!r}")
+        check(got == text[: text.index(stop)] and r.choices[0].finish_reason == "stop", f"stop {stop!r}: {got!r} (text {text!r}, finish {r.choices[0].finish_reason})")
     bad_requests(cfg)
     status, _, body = raw(cfg, "GET", "/metrics")
     text = body.decode()
