@@ -171,13 +171,16 @@ fn leaves(v: &MetaValue) -> Vec<MetaValue> {
     }
 }
 
-/// gguf-py's list of type tags: the value's, then each nested array's element type.
+/// gguf-py's list of type tags: the value's, then each nested array's element type
+/// (none for an empty array).
 fn type_tags(v: &MetaValue) -> Vec<u64> {
     let mut tags = vec![v.value_type() as u64];
     if let MetaValue::Array(a) = v {
         match a.items.first() {
             Some(first @ MetaValue::Array(_)) => tags.extend(type_tags(first)),
-            _ => tags.push(a.elem as u64),
+            Some(_) => tags.push(a.elem as u64),
+            // gguf-py reads an empty array's element type but lists none.
+            None => {}
         }
     }
     tags
