@@ -14,6 +14,27 @@ mod common;
 
 const BIN: &str = env!("CARGO_BIN_EXE_layer-streamer");
 
+/// Writes a two-layer bf16 model of `arch` into `dir`.
+fn small_model(dir: &Path, arch: Arch, tie: bool, seed: u64) {
+    let spec = SynthSpec {
+        arch,
+        shape: Shape {
+            hidden: 64,
+            intermediate: 96,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 300,
+        },
+        dtype: DType::BF16,
+        tie,
+        shard_size: 1 << 30,
+        seed,
+        threads: 1,
+    };
+    write_model(dir, &spec).unwrap();
+}
+
 fn bench(model: &Path, extra: &[&str]) -> Output {
     Command::new(BIN)
         .args(["bench-generate", "--device", "host", "--model"])
@@ -32,23 +53,7 @@ fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
     }
     let mut rng = common::rng(test);
     let dir = common::tempdir();
-    let spec = SynthSpec {
-        arch: Arch::Qwen2,
-        shape: Shape {
-            hidden: 64,
-            intermediate: 96,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 300,
-        },
-        dtype: DType::BF16,
-        tie: true,
-        shard_size: 1 << 30,
-        seed: rng.gen(),
-        threads: 1,
-    };
-    write_model(dir.path(), &spec).unwrap();
+    small_model(dir.path(), Arch::Qwen2, true, rng.gen());
     let mut batches: Vec<usize> = (0..3).map(|_| rng.gen_range(1..5)).collect();
     batches.dedup();
     let list = batches
@@ -143,23 +148,7 @@ fn a_cpu_share_gets_the_split_table_with_the_planners_bound() {
     }
     let mut rng = common::rng(test);
     let dir = common::tempdir();
-    let spec = SynthSpec {
-        arch: Arch::Llama,
-        shape: Shape {
-            hidden: 64,
-            intermediate: 96,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 300,
-        },
-        dtype: DType::BF16,
-        tie: false,
-        shard_size: 1 << 30,
-        seed: rng.gen(),
-        threads: 1,
-    };
-    write_model(dir.path(), &spec).unwrap();
+    small_model(dir.path(), Arch::Llama, false, rng.gen());
     let share = ["0.25", "0.5", "1"][rng.gen_range(0..3)];
     let args = ["--batch", "2", "--prompt-len", "5", "--new-tokens", "3"];
     let out = bench(dir.path(), &[&args[..], &["--cpu-share", share]].concat());
