@@ -302,7 +302,7 @@ fn split_row(
     let mean = plan.shares.iter().sum::<f64>() / plan.shares.len().max(1) as f64;
     let s = |d: std::time::Duration| d.as_secs_f64();
     Ok(format!(
-        "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.3}  {:>13.3}  {:>10.3}  {:>13.3}  {mean:>10.3}  \
+        "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.6}  {:>13.6}  {:>10.6}  {:>13.6}  {mean:>10.3}  \
          {:>13}  {:>16.2}",
         st.cpu_share,
         s(st.cpu.busy),
