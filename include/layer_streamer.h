@@ -99,6 +99,10 @@ typedef struct {
   uint64_t bytes;
 } ls_budget;
 
+// Where quantized layer weights become the compute dtype: one of the
+// `LS_DEQUANT_*` values.
+typedef uint32_t ls_dequant;
+
 // Everything that shapes a streamer; start from [`ls_config_default`] and
 // change fields. A stage count of 0 switches that stage off.
 typedef struct {
@@ -136,6 +140,8 @@ typedef struct {
   // memory: 0 (off, the default), a fraction in (0, 1], or
   // `LS_CPU_SHARE_AUTO`.
   double cpu_share;
+  // `LS_DEQUANT_AUTO`, `LS_DEQUANT_SLOT` or `LS_DEQUANT_USE`.
+  ls_dequant dequant;
 } ls_config;
 
 // A tensor of the model as stored on disk. Every pointer in it is owned by
@@ -355,6 +361,17 @@ typedef struct {
 
 // Buffered reads through the page cache.
 #define LS_IO_BUFFERED 2
+
+// `LS_DEQUANT_SLOT` for a layer function of one's own (the model API takes
+// `LS_DEQUANT_USE`).
+#define LS_DEQUANT_AUTO 0
+
+// Dequantized into each device slot before the layer function runs.
+#define LS_DEQUANT_SLOT 1
+
+// Handed to the layer function as stored blocks (`ls_tensor` says the
+// quant type), which dequantizes at use; slots hold only the stored bytes.
+#define LS_DEQUANT_USE 2
 
 // No cache.
 #define LS_BUDGET_NONE 0

@@ -76,19 +76,87 @@ extern "C" __global__ void rms_norm_split(const float* __restrict__ x,
 }
 
 // (hi, lo)[r * cols + c] = split(silu(gate[r * stride + c]) * up[r * stride + c])
-// for rows x cols f32 elements. Separate gate and up matrices have stride ==
+// for rows x cols elements. Separate gate and up matrices have stride ==
 // cols; the output of one GEMM over the fused [gate | up] weight is read with
-// up = gate + cols and stride == 2 * cols.
+// up = gate + cols and stride == 2 * cols. Rows go along the grid's y, four
+// columns a thread along x (no division per element); gate and up are f32
+// (swiglu_split) or 16-bit of `kind` (swiglu_split_h: GEMM outputs in 16 bits).
+// expf, not __expf: the fast intrinsic loses accuracy for large |x|.
+__device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+
+__device__ __forceinline__ void load4(const float* p, float v[4]) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+}
+
+__device__ __forceinline__ void load4(const uint16_t* p, float v[4], u64 kind) {
+    const uint2 q = *reinterpret_cast<const uint2*>(p);
+    v[0] = load_h((uint16_t)(q.x & 0xffffu), kind), v[1] = load_h((uint16_t)(q.x >> 16), kind);
+    v[2] = load_h((uint16_t)(q.y & 0xffffu), kind), v[3] = load_h((uint16_t)(q.y >> 16), kind);
+}
+
+__device__ __forceinline__ uint2 pack4(const uint16_t h[4]) {
+    return make_uint2((uint32_t)h[0] | ((uint32_t)h[1] << 16), (uint32_t)h[2] | ((uint32_t)h[3] << 16));
+}
+
+// Four results at out[i..i + 4] (i a multiple of 4, hi and lo 8-byte aligned).
+__device__ __forceinline__ void store_split4(const float x[4], uint16_t* hi, uint16_t* lo, u64 i,
+                                             u64 kind) {
+    uint16_t h[4], l[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        h[k] = to_h(x[k], kind);
+        l[k] = lo ? to_h(x[k] - load_h(h[k], kind), kind) : 0;
+    }
+    *reinterpret_cast<uint2*>(hi + i) = pack4(h);
+    if (lo) *reinterpret_cast<uint2*>(lo + i) = pack4(l);
+}
+
+__device__ __forceinline__ float load1(const float* p, u64) { return *p; }
+__device__ __forceinline__ float load1(const uint16_t* p, u64 kind) { return load_h(*p, kind); }
+__device__ __forceinline__ void load4(const float* p, float v[4], u64) { load4(p, v); }
+
+template <typename T>
+__device__ void swiglu_rows(const T* __restrict__ gate, const T* __restrict__ up,
+                            uint16_t* __restrict__ hi, uint16_t* __restrict__ lo, u64 rows,
+                            u64 cols, u64 stride, u64 kind) {
+    // Four at a time when every row of gate, up and out starts aligned.
+    const bool vec = cols % 4 == 0 && stride % 4 == 0 && aligned16(gate) && aligned16(up) &&
+                     aligned8(hi) && (!lo || aligned8(lo)) && (sizeof(T) == 4 || aligned8(gate));
+    const u64 step = (u64)gridDim.x * blockDim.x;
+    const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (u64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T* g = gate + r * stride;
+        const T* u = up + r * stride;
+        const u64 o = r * cols;
+        if (vec) {
+            for (u64 c = first * 4; c < cols; c += step * 4) {
+                float gv[4], uv[4], y[4];
+                load4(g + c, gv, kind);
+                load4(u + c, uv, kind);
+#pragma unroll
+                for (int k = 0; k < 4; ++k) y[k] = silu_mul(gv[k], uv[k]);
+                store_split4(y, hi, lo, o + c, kind);
+            }
+        } else {
+            for (u64 c = first; c < cols; c += step) {
+                store_split(silu_mul(load1(g + c, kind), load1(u + c, kind)), hi, lo, o + c,
+                            kind);
+            }
+        }
+    }
+}
+
 extern "C" __global__ void swiglu_split(const float* __restrict__ gate,
                                         const float* __restrict__ up, uint16_t* __restrict__ hi,
                                         uint16_t* __restrict__ lo, u64 rows, u64 cols,
                                         u64 stride, u64 kind) {
-    const u64 n = rows * cols;
-    for (u64 i = grid_thread(); i < n; i += grid_threads()) {
-        const u64 r = i / cols;
-        const u64 src = r * stride + (i - r * cols);
-        const float g = gate[src];
-        // expf, not __expf: the fast intrinsic loses accuracy for large |x|.
-        store_split(g / (1.0f + expf(-g)) * up[src], hi, lo, i, kind);
-    }
+    swiglu_rows(gate, up, hi, lo, rows, cols, stride, kind);
+}
+
+extern "C" __global__ void swiglu_split_h(const uint16_t* __restrict__ gate,
+                                          const uint16_t* __restrict__ up,
+                                          uint16_t* __restrict__ hi, uint16_t* __restrict__ lo,
+                                          u64 rows, u64 cols, u64 stride, u64 kind) {
+    swiglu_rows(gate, up, hi, lo, rows, cols, stride, kind);
 }

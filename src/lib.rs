@@ -78,6 +78,7 @@ pub use checkpoint::ModelIndex;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use pipeline::{
-    Budget, CpuShare, Device, HostRows, LayerWeights, PassStats, StreamerConfig, TensorView,
+    Budget, CpuShare, Dequant, Device, HostRows, LayerWeights, PassStats, StreamerConfig,
+    TensorView,
 };
 pub use streamer::{ComputeStream, DeviceTensor, LayerStreamer, LayerStreamerBuilder};

@@ -167,7 +167,7 @@ impl LayerStreamer {
         let mut plans = model
             .layers()
             .iter()
-            .map(|l| LayerPlan::new(model, l, cfg.dtype))
+            .map(|l| LayerPlan::new(model, l, cfg.dtype, cfg.dequant.keeps_blocks()))
             .collect::<Result<Vec<_>>>()?;
         let backend = backend(model, &cfg, &plans)?;
         let after = AfterBuild {

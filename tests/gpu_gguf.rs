@@ -1,6 +1,6 @@
 //! A real GGUF model on CUDA: SmolLM2-135M-Instruct as a Q4_1 file
 //! (`scripts/test-env smollm2`), dequantized on the device into f16
-//! (`LlamaModel::cuda_dtype`), against what Hugging Face transformers
+//! (`LlamaModel::cuda_dtype`) in the slots and at use, against what Hugging Face transformers
 //! computes from the same file (`tests/fixtures/reference/smollm2-q4_1`): the
 //! logits of the prompt and of 16 teacher-forced steps within 2e-2 relative
 //! L2 with 95 % argmax agreement in both precisions, and the chat answer.
@@ -12,7 +12,7 @@ use layer_streamer::llm::reference::{check, Reference};
 use layer_streamer::llm::{
     generate, GenerateParams, LlamaModel, ModelOptions, Precision, Tokenizer,
 };
-use layer_streamer::{DType, Device, LayerStreamer, ModelIndex};
+use layer_streamer::{DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
 
 #[test]
 fn gpu_smollm2_matches_transformers_in_both_precisions() {
@@ -26,13 +26,21 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
     let index = ModelIndex::open(&gguf).unwrap();
     let dtype = LlamaModel::cuda_dtype(&index);
     assert_eq!(dtype, DType::F16, "a Q4_1 model computes in f16 on CUDA");
-    let mut s = LayerStreamer::builder(&index)
-        .device(Device::Cuda(0))
-        .dtype(dtype)
-        .build()
-        .unwrap();
     let len = reference.prompt_ids.len() + reference.greedy_ids.len() + 1;
-    for precision in [Precision::Exact, Precision::Fast] {
+    // Dequantized in the slots, and at use (the model commands' choice).
+    for (dequant, precision) in [
+        (Dequant::Slot, Precision::Exact),
+        (Dequant::Slot, Precision::Fast),
+        (Dequant::Use, Precision::Exact),
+        (Dequant::Use, Precision::Fast),
+    ] {
+        let cfg = StreamerConfig {
+            device: Device::Cuda(0),
+            dequant,
+            ..StreamerConfig::default()
+        };
+        let cfg = LlamaModel::streamer_config(&index, cfg);
+        let mut s = LayerStreamer::builder(&index).config(cfg).build().unwrap();
         let opts = ModelOptions {
             max_batch: 1,
             max_len: len.max(64),
@@ -43,7 +51,7 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
         let mut model = LlamaModel::load(&s, opts).unwrap();
         let rep = check(&mut model, &mut s, &reference, 1).unwrap();
         eprintln!(
-            "{test} {precision}: max rel_l2 {:.3e}, argmax agreement {:.1}%",
+            "{test} {dequant:?} {precision}: max rel_l2 {:.3e}, argmax agreement {:.1}%",
             rep.max_rel_l2(),
             100.0 * rep.argmax_agreement()
         );
@@ -63,7 +71,7 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
             .unwrap()
             .decode(&out.tokens[0])
             .unwrap();
-        eprintln!("{test} {precision}: answer {answer:?}");
+        eprintln!("{test} {dequant:?} {precision}: answer {answer:?}");
         assert!(answer.contains("Paris"), "{precision}: {answer:?}");
     }
 }

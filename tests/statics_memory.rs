@@ -2,7 +2,8 @@
 //! (`llm::StaticsMemory`, printed by `inspect` and `bench-generate`): an
 //! untied quantized model keeps its embedding in host memory as stored and
 //! its output as stored blocks plus a bounded scratch on the device; a tied
-//! one keeps the blocks on the device once, for both.
+//! one keeps the blocks on the device once, for both. Quantized layers add
+//! the scratch their weights are dequantized into at use.
 
 mod common;
 
@@ -39,12 +40,16 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
         let m = StaticsMemory::for_model(&index, batch).unwrap();
         let len = |n: &str| index.tensor(n).unwrap().len;
         let q6k = (vocab * hidden / 256 * 210) as u64;
+        // Quantized layers are dequantized at use into one scratch: gate
+        // and up side by side, the largest operand.
+        let weight_scratch = (2 * 512 * hidden * 2) as u64;
         if tie {
             // The output's blocks are the embedding: one copy, as stored.
             assert_eq!(len("model.embed_tokens.weight"), q6k);
             let want = StaticsMemory {
                 output_device: q6k,
                 output_scratch: (vocab * hidden * 2) as u64,
+                weight_scratch,
                 ..StaticsMemory::default()
             };
             assert_eq!(m, want);
@@ -61,9 +66,11 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
             embedding_host: q6k,
             output_device: q6k,
             output_scratch: (vocab * hidden * 2) as u64,
+            weight_scratch,
         };
         assert_eq!(m, want);
-        assert_eq!(m.device_bytes(), q6k + (vocab * hidden * 2) as u64);
+        let scratches = (vocab * hidden * 2) as u64 + weight_scratch;
+        assert_eq!(m.device_bytes(), q6k + scratches);
         // Several chunks of `rows` rows: the scratch and one chunk's logits.
         let rows = rng.gen_range(1..vocab);
         let out = Some("lm_head.weight");

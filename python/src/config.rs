@@ -4,14 +4,14 @@
 
 use layer_streamer::io::OpenMode;
 use layer_streamer::pipeline::parse_size;
-use layer_streamer::{Budget, DType, Device, StreamerConfig};
+use layer_streamer::{Budget, DType, Dequant, Device, StreamerConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString};
 
 use crate::errors::InputError;
 
 /// Every keyword the constructor takes after the model directory.
-pub const OPTIONS: [&str; 15] = [
+pub const OPTIONS: [&str; 16] = [
     "device",
     "dtype",
     "n_gpu",
@@ -27,6 +27,7 @@ pub const OPTIONS: [&str; 15] = [
     "gpu_cache",
     "cpu_affinity",
     "progress",
+    "dequant",
 ];
 
 /// The defaults of the Python constructor (those of `llm-layer-prefetch`'s
@@ -65,6 +66,10 @@ pub fn from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<StreamerConfi
             "gpu_cache" => c.gpu_cache = budget(&key, v)?,
             "cpu_affinity" => c.cpu_affinity = v.extract::<Option<Vec<usize>>>()?,
             "progress" => c.progress = v.is_truthy()?,
+            "dequant" => {
+                let s: String = v.extract()?;
+                c.dequant = Dequant::parse(&s).map_err(crate::errors::to_py)?;
+            }
             other => {
                 return Err(InputError::new_err(format!(
                     "unknown option {other:?}: the options are {}",
@@ -224,5 +229,6 @@ pub fn to_kwargs<'py>(py: Python<'py>, c: &StreamerConfig) -> PyResult<Bound<'py
     d.set_item("gpu_cache", budget_to_py(py, c.gpu_cache)?)?;
     d.set_item("cpu_affinity", c.cpu_affinity.clone())?;
     d.set_item("progress", c.progress)?;
+    d.set_item("dequant", c.dequant.name())?;
     Ok(d)
 }

@@ -8,7 +8,7 @@
 use super::error::Failure;
 use crate::io::OpenMode;
 use crate::pipeline::config::streamer_options;
-use crate::{Budget, CpuShare, DType, Device, StreamerConfig};
+use crate::{Budget, CpuShare, DType, Dequant, Device, StreamerConfig};
 
 /// Element type of a tensor: one of the `LS_DTYPE_*` values.
 pub type ls_dtype = u32;
@@ -47,6 +47,18 @@ pub const LS_IO_AUTO: ls_io_mode = 0;
 pub const LS_IO_DIRECT: ls_io_mode = 1;
 /// Buffered reads through the page cache.
 pub const LS_IO_BUFFERED: ls_io_mode = 2;
+
+/// Where quantized layer weights become the compute dtype: one of the
+/// `LS_DEQUANT_*` values.
+pub type ls_dequant = u32;
+/// `LS_DEQUANT_SLOT` for a layer function of one's own (the model API takes
+/// `LS_DEQUANT_USE`).
+pub const LS_DEQUANT_AUTO: ls_dequant = 0;
+/// Dequantized into each device slot before the layer function runs.
+pub const LS_DEQUANT_SLOT: ls_dequant = 1;
+/// Handed to the layer function as stored blocks (`ls_tensor` says the
+/// quant type), which dequantizes at use; slots hold only the stored bytes.
+pub const LS_DEQUANT_USE: ls_dequant = 2;
 
 /// Kind of a cache budget: one of the `LS_BUDGET_*` values.
 pub type ls_budget_kind = u32;
@@ -111,6 +123,8 @@ pub struct ls_config {
     /// memory: 0 (off, the default), a fraction in (0, 1], or
     /// `LS_CPU_SHARE_AUTO`.
     pub cpu_share: f64,
+    /// `LS_DEQUANT_AUTO`, `LS_DEQUANT_SLOT` or `LS_DEQUANT_USE`.
+    pub dequant: ls_dequant,
 }
 
 /// A type of a [`StreamerConfig`] field and the type of its `ls_config` field.
@@ -243,6 +257,27 @@ impl CField for u64 {
     }
 }
 
+impl CField for Dequant {
+    type C = ls_dequant;
+    fn to_c(&self) -> ls_dequant {
+        match self {
+            Dequant::Auto => LS_DEQUANT_AUTO,
+            Dequant::Slot => LS_DEQUANT_SLOT,
+            Dequant::Use => LS_DEQUANT_USE,
+        }
+    }
+    fn from_c(c: ls_dequant, field: &str) -> Result<Dequant, Failure> {
+        match c {
+            LS_DEQUANT_AUTO => Ok(Dequant::Auto),
+            LS_DEQUANT_SLOT => Ok(Dequant::Slot),
+            LS_DEQUANT_USE => Ok(Dequant::Use),
+            d => Err(Failure::invalid(format!(
+                "{field} is {d}, not an LS_DEQUANT_* value"
+            ))),
+        }
+    }
+}
+
 /// A switch is a `uint8_t`, non-zero for on.
 impl CField for bool {
     type C = u8;
@@ -334,9 +369,11 @@ mod tests {
             },
             progress: 1,
             cpu_share: LS_CPU_SHARE_AUTO,
+            dequant: LS_DEQUANT_USE,
             ..c
         };
         let r = host.to_rust().unwrap();
+        assert_eq!(r.dequant, Dequant::Use);
         assert_eq!(r.device, Device::Host);
         assert_eq!(r.dtype, None);
         assert_eq!(r.pinned_cache, Budget::Bytes(1 << 20));
@@ -365,6 +402,7 @@ mod tests {
         for bad in [
             ls_config { dtype: 99, ..c },
             ls_config { io_mode: 3, ..c },
+            ls_config { dequant: 3, ..c },
             ls_config { device: -2, ..c },
             ls_config {
                 gpu_cache: ls_budget { kind: 9, bytes: 0 },

@@ -12,13 +12,18 @@
 //! projections write f32, which RoPE rotates before k and v go into the KV
 //! cache (16-bit with `Fast`; f32 with `Exact`, since a 16-bit cache alone
 //! moves the logits by about 1e-3; see [`attention`](crate::llm::attention)).
-//! The gate and up projections are one GEMM when the slot holds them
-//! as one matrix. o_proj and down_proj accumulate straight into the residual
+//! The gate and up projections are one GEMM when the slot (or the scratch
+//! of weights dequantized at use, see [`gpu_weights`](super::gpu_weights))
+//! holds them as one matrix; with `Fast` it writes the weights' 16-bit
+//! dtype, as serving engines do, which halves the traffic of the largest
+//! activation and of the SwiGLU kernel that reads it. o_proj and down_proj accumulate straight into the residual
 //! stream (beta = 1), so the residual add costs no kernel. Every buffer is
 //! allocated once in
 //! [`CudaModel::load`]; a pass queues all of its work on the compute stream
 //! and synchronizes once, to read the logits (or, when the tokens are chosen
 //! on the device, only their ids).
+
+use std::sync::Arc;
 
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
@@ -30,11 +35,12 @@ use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
 use crate::llm::gpu_output::{load_embedding_and_output, OutputHead};
 use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
+use crate::llm::gpu_weights::{AtUse, SlotWeights};
 use crate::llm::kv_cache::{KvCache, KvTransfer};
 use crate::llm::layout::static_names;
-use crate::llm::llama::{ModelOptions, PassBatch};
+use crate::llm::llama::{ModelOptions, PassBatch, Precision};
 use crate::llm::sampling::TokenDraw;
-use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result, TensorView};
+use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
 #[path = "gpu_split.rs"]
 mod split;
@@ -47,8 +53,9 @@ struct Workspace {
     k: DeviceBuffer,
     v: DeviceBuffer,
     attn: SplitBuf,
-    /// `[t, 2 * inter]` f32: `[gate | up]` rows from one fused GEMM, or the
-    /// gate matrix `[t, inter]` followed by the up matrix.
+    /// `[t, 2 * inter]` f32 or 16-bit values (see `CudaModel::gate_up_16`):
+    /// `[gate | up]` rows from one fused GEMM, or the gate matrix
+    /// `[t, inter]` followed by the up matrix.
     gate_up: DeviceBuffer,
     act: SplitBuf,
     last: SplitBuf,
@@ -85,6 +92,12 @@ pub(crate) struct CudaModel {
     gemm_tflops: Option<(usize, f64)>,
     /// The CPU side when the streamer splits rows (`cpu_share` above 0).
     split: Option<Box<split::GpuSplit>>,
+    /// Whether the gate and up GEMMs write the weights' 16-bit dtype (fast
+    /// precision) rather than f32 (exact).
+    gate_up_16: bool,
+    /// The scratch of weights dequantized at use, when the streamer hands
+    /// them over as stored blocks.
+    at_use: Option<Arc<AtUse>>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -165,6 +178,13 @@ impl CudaModel {
             Some(pool) => Some(Box::new(split::GpuSplit::new(ctx, pool, cfg, t, dtype)?)),
             None => None,
         };
+        let at_use = AtUse::for_streamer(ctx, streamer, cfg)?;
+        if split.is_some() && at_use.is_some() {
+            return Err(Error::config(
+                "a CPU share needs the quantized weights dequantized in the slots: \
+                 build the streamer with dequant slot",
+            ));
+        }
         let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
         Ok(CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
@@ -183,6 +203,8 @@ impl CudaModel {
             io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
             split,
+            gate_up_16: p == Precision::Fast,
+            at_use,
         })
     }
 
@@ -379,6 +401,7 @@ impl CudaModel {
         let w = SlotWeights {
             w,
             dtype: self.dtype,
+            at_use: self.at_use.clone(),
         };
         if self.split.is_some() {
             return self.split_layer(cfg, b, &w, layer, s);
@@ -419,11 +442,11 @@ impl CudaModel {
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
-            let q_w = w.ptr("self_attn.q_proj.weight")?;
+            let q_w = w.matrix("self_attn.q_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
-            let k_w = w.ptr("self_attn.k_proj.weight")?;
+            let k_w = w.matrix("self_attn.k_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
-            let v_w = w.ptr("self_attn.v_proj.weight")?;
+            let v_w = w.matrix("self_attn.v_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
             let (q, kp, vp) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr());
             let rope = (self.cos.ptr(), self.sin.ptr());
@@ -436,7 +459,7 @@ impl CudaModel {
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;
             // o_proj accumulates into the residual stream (beta = 1).
-            let o_w = w.ptr("self_attn.o_proj.weight")?;
+            let o_w = w.matrix("self_attn.o_proj.weight", 0, s)?;
             linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)
         }
     }
@@ -453,60 +476,42 @@ impl CudaModel {
     ) -> Result<()> {
         let (h, inter) = (cfg.hidden, cfg.intermediate);
         let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
+        // The gate and up products in 16 bits (fast) or f32 (exact).
+        let (gt, in16) = match self.gate_up_16 {
+            true => (hw, true),
+            false => (f, false),
+        };
+        let e = if in16 { 2 } else { 4 };
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, act, gu) = (ws.xn.split(), ws.act.split(), ws.gate_up.ptr());
-        let (g_w, u_w) = (
-            w.view("mlp.gate_proj.weight")?,
-            w.view("mlp.up_proj.weight")?,
-        );
+        let (gk, uk) = ("mlp.gate_proj.weight", "mlp.up_proj.weight");
+        let (g_st, u_st) = (w.stored(gk)?, w.stored(uk)?);
+        // Dequantized at use, gate and up land side by side in the scratch.
+        let fused =
+            (g_st && u_st) || (!g_st && !u_st && gate_up_adjacent(&w.view(gk)?, &w.view(uk)?));
         // SAFETY: as in `attention`: weights of their configured shapes in
-        // the live slot (gate and up as one [2 * inter, h] matrix when
-        // adjacent), workspaces sized for max_tokens >= t tokens (gate_up
-        // holds t * 2 * inter f32s either way).
+        // the live slot or the scratch (gate and up as one [2 * inter, h]
+        // matrix when `fused`), workspaces sized for max_tokens >= t tokens
+        // (gate_up holds t * 2 * inter f32s either way).
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
-            if gate_up_adjacent(&g_w, &u_w) {
-                linear_split(blas, hw, xn, g_w.ptr(), gu, f, t, 2 * inter, h, 0.0)?;
-                k.swiglu(s, gu, gu + 4 * inter as u64, act, t, inter, 2 * inter)?;
+            let g_w = w.matrix(gk, 0, s)?;
+            let u_w = w.matrix(uk, inter * h, s)?;
+            if fused {
+                linear_split(blas, hw, xn, g_w, gu, gt, t, 2 * inter, h, 0.0)?;
+                let up = gu + e * inter as u64;
+                k.swiglu(s, (gu, up, in16), act, t, inter, 2 * inter)?;
             } else {
-                let up = gu + 4 * (t * inter) as u64;
-                linear_split(blas, hw, xn, g_w.ptr(), gu, f, t, inter, h, 0.0)?;
-                linear_split(blas, hw, xn, u_w.ptr(), up, f, t, inter, h, 0.0)?;
-                k.swiglu(s, gu, up, act, t, inter, inter)?;
+                let up = gu + e * (t * inter) as u64;
+                linear_split(blas, hw, xn, g_w, gu, gt, t, inter, h, 0.0)?;
+                linear_split(blas, hw, xn, u_w, up, gt, t, inter, h, 0.0)?;
+                k.swiglu(s, (gu, up, in16), act, t, inter, inter)?;
             }
             // down_proj accumulates into the residual stream (beta = 1).
-            let d_w = w.ptr("mlp.down_proj.weight")?;
+            let d_w = w.matrix("mlp.down_proj.weight", 0, s)?;
             linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)
         }
-    }
-}
-
-/// A layer's weights in its device slot, all of the model's 16-bit dtype.
-struct SlotWeights<'a, 'w> {
-    w: &'a LayerWeights<'w>,
-    dtype: DType,
-}
-
-impl SlotWeights<'_, '_> {
-    /// The device address of tensor `key`, checking its dtype.
-    fn ptr(&self, key: &str) -> Result<u64> {
-        self.view(key).map(|v| v.ptr())
-    }
-
-    /// Tensor `key`, checking its dtype.
-    fn view(&self, key: &str) -> Result<TensorView<'_>> {
-        let v = self.w.tensor(key)?;
-        if v.dtype() != self.dtype {
-            return Err(Error::config(format!(
-                "{} is {} on the device but the embedding is {}; build the streamer \
-                 with LlamaModel::cuda_dtype",
-                v.name(),
-                v.dtype(),
-                self.dtype
-            )));
-        }
-        Ok(v)
     }
 }
 

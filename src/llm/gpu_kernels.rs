@@ -33,6 +33,8 @@ pub(crate) struct ModelKernels {
     embed: Function,
     rms_norm: Function,
     swiglu: Function,
+    /// SwiGLU over 16-bit gate and up (GEMM outputs in the model's dtype).
+    swiglu_h: Function,
 }
 
 /// Threads per block of the row kernels.
@@ -88,6 +90,7 @@ impl ModelKernels {
             embed: module.function("embed_gather")?,
             rms_norm: module.function("rms_norm_split")?,
             swiglu: module.function("swiglu_split")?,
+            swiglu_h: module.function("swiglu_split_h")?,
             _module: module,
         })
     }
@@ -161,31 +164,36 @@ impl ModelKernels {
         )
     }
 
-    /// `split(silu(gate) * up)` for `rows × cols` f32 elements, row `r` of
+    /// `split(silu(gate) * up)` for `rows × cols` elements, row `r` of
     /// `gate` and `up` starting `r * stride` elements in: `stride == cols`
-    /// for separate matrices, `up = gate + 4 * cols` and `stride == 2 * cols`
-    /// for the `[t, gate | up]` output of a fused projection.
+    /// for separate matrices, `up = gate + cols` elements and `stride == 2 *
+    /// cols` for the `[t, gate | up]` output of a fused projection. `gate`
+    /// and `up` are f32, or of the model's 16-bit dtype when `input16`.
     ///
     /// # Safety
-    /// `gate` and `up` hold `(rows - 1) * stride + cols` f32s each, `out.hi`
-    /// (and `out.lo` unless 0) `rows * cols` 16-bit values.
+    /// `gate` and `up` hold `(rows - 1) * stride + cols` elements each,
+    /// `out.hi` (and `out.lo` unless 0) `rows * cols` 16-bit values.
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn swiglu(
         &self,
         s: &Stream,
-        gate: u64,
-        up: u64,
+        (gate, up, input16): (u64, u64, bool),
         out: Split,
         rows: usize,
         cols: usize,
         stride: usize,
     ) -> Result<()> {
-        let blocks = (rows * cols)
-            .div_ceil(ROW_BLOCK as usize)
-            .clamp(1, 132 * 16);
+        // Four columns a thread along x, rows along y (each block strides
+        // over rows when there are more than the grid's y).
+        let x_blocks = cols.div_ceil(4 * ROW_BLOCK as usize);
+        let f = if input16 {
+            &self.swiglu_h
+        } else {
+            &self.swiglu
+        };
         launch(
-            &self.swiglu,
-            (blocks as u32, 1),
+            f,
+            (grid(x_blocks), grid(rows)),
             ROW_BLOCK,
             0,
             s,

@@ -332,22 +332,36 @@ pub struct StaticsMemory {
     /// The dequantization scratch of a quantized output matrix and the
     /// logits of one chunk.
     pub output_scratch: u64,
+    /// The scratch that quantized layer weights are dequantized into at use
+    /// ([`Dequant::Use`](crate::Dequant::Use), the model commands' choice),
+    /// counted by [`for_model`](Self::for_model) for quantized layers.
+    pub weight_scratch: u64,
 }
 
 impl StaticsMemory {
     /// Device bytes in all.
     pub fn device_bytes(&self) -> u64 {
-        self.embedding_device + self.output_device + self.output_scratch
+        self.embedding_device + self.output_device + self.output_scratch + self.weight_scratch
     }
 
     /// What the CUDA forward pass of `index` (its `config.json`, its
     /// embedding and output tensors) holds with up to `max_batch` output rows
-    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`].
+    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`], dequantizing
+    /// quantized layer weights at use.
     pub fn for_model(index: &ModelIndex, max_batch: usize) -> Result<StaticsMemory> {
         let cfg = crate::llm::ModelConfig::from_model(index)?;
         let (embed, _, head) = crate::llm::layout::static_names(index, &cfg);
         let chunk = OUTPUT_CHUNK_BYTES;
-        StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)
+        let mut m = StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)?;
+        let quantized = index
+            .layers()
+            .iter()
+            .flat_map(|l| &l.tensors)
+            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
+        if quantized {
+            m.weight_scratch = 2 * crate::llm::gpu_weights::scratch_elems(&cfg) as u64;
+        }
+        Ok(m)
     }
 
     /// What the forward pass in a 16-bit dtype holds for the

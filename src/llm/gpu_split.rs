@@ -368,7 +368,7 @@ impl CudaModel {
         unsafe {
             sp.send(s, gp, &gate, t, 0, false)?;
             sp.send(s, upp, &up, t, t * gate.c(), false)?;
-            k.swiglu(s, gp, upp, act, t, inter, inter)?;
+            k.swiglu(s, (gp, upp, false), act, t, inter, inter)?;
             sp.fetch(s, act, t, inter, Some((x, &down)))?;
             device_columns(blas, hw, act, w, &down, x, t, inter, 1.0)?;
         }

@@ -197,6 +197,33 @@ impl LlamaModel {
         }
     }
 
+    /// `cfg` made ready for this model, as the model commands build their
+    /// streamers: on CUDA the compute dtype is [`cuda_dtype`](Self::cuda_dtype)
+    /// and [`Dequant::Auto`](crate::Dequant::Auto) becomes
+    /// [`Dequant::Use`](crate::Dequant::Use) (quantized weights stay stored in
+    /// the slots and the GPU cache, and each GEMM dequantizes its weight into
+    /// one shared scratch), or [`Dequant::Slot`](crate::Dequant::Slot) with a
+    /// CPU share; on the host the file dtypes.
+    pub fn streamer_config(
+        index: &crate::ModelIndex,
+        mut cfg: crate::StreamerConfig,
+    ) -> crate::StreamerConfig {
+        match cfg.device {
+            crate::Device::Host => cfg.dtype = None,
+            crate::Device::Cuda(_) => {
+                cfg.dtype = Some(Self::cuda_dtype(index));
+                // The CPU share's layer function reads dequantized slots.
+                if cfg.dequant == crate::Dequant::Auto {
+                    cfg.dequant = match cfg.cpu_share {
+                        crate::CpuShare::Off => crate::Dequant::Use,
+                        _ => crate::Dequant::Slot,
+                    };
+                }
+            }
+        }
+        cfg
+    }
+
     /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)
     /// is dequantized into on CUDA, a chunk of rows at a time, to `bytes`
     /// (at least one row; the default is

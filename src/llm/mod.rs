@@ -33,6 +33,7 @@ mod gpu_io;
 mod gpu_kernels;
 mod gpu_output;
 mod gpu_sampling;
+mod gpu_weights;
 mod host;
 mod kv_cache;
 pub mod layout;

@@ -7,7 +7,7 @@ mod values;
 
 pub use values::{
     format_bytes, parse_compute_dtype, parse_count, parse_cpu_list, parse_size, parse_switch,
-    OptionText,
+    Dequant, OptionText,
 };
 
 /// Where layer weights go.
@@ -154,6 +154,14 @@ macro_rules! streamer_options {
                 /// to it on the device; `file` (`None`) keeps each tensor's file dtype.
                 dtype: Option<$crate::DType> = Some($crate::DType::BF16),
                     parse $crate::pipeline::config::parse_compute_dtype, flag "dtype";
+                /// Where quantized layer weights (ggml blocks, FP8) become `dtype`:
+                /// `slot` (dequantized into each device slot before the layer function
+                /// runs), `use` (handed over as stored, for a layer function that
+                /// dequantizes at use: slots and the GPU cache hold only the stored
+                /// bytes), or `auto` (`slot`; the model commands take `use`).
+                dequant: $crate::pipeline::config::Dequant =
+                    $crate::pipeline::config::Dequant::Auto,
+                    parse $crate::pipeline::config::Dequant::parse, flag "dequant";
                 /// How files are opened: `auto` (O_DIRECT, buffered where refused),
                 /// `direct` or `buffered`.
                 io_mode: $crate::io::OpenMode = $crate::io::OpenMode::Auto,
@@ -414,6 +422,7 @@ mod tests {
                 crate::io::OpenMode::Buffered,
             ][rng.gen_range(0..3)],
             progress: rng.gen(),
+            dequant: Dequant::ALL[rng.gen_range(0..3)],
             cpu_share: [
                 CpuShare::Auto,
                 CpuShare::Off,

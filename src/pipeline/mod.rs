@@ -18,7 +18,7 @@ pub(crate) mod stages;
 pub mod stats;
 
 pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
-pub use config::{parse_size, Budget, CpuShare, Device, StreamerConfig};
+pub use config::{parse_size, Budget, CpuShare, Dequant, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
 pub use split::{HostRows, ROW_MULTIPLE};
 pub use stats::{gbps as gbps_of, PassStats, Stage, StageStats};

@@ -147,12 +147,30 @@ pub(crate) struct LayerPlan {
 }
 
 impl LayerPlan {
+    /// The plan of `layer` for the compute dtype `dtype` (`None`: the file
+    /// dtypes); with `keep_blocks`, quantized weights and FP8 scales travel
+    /// as stored while plain floats are still cast.
     pub(crate) fn new(
         model: &ModelIndex,
         layer: &Layer,
         dtype: Option<DType>,
+        keep_blocks: bool,
     ) -> Result<LayerPlan> {
-        let casts_of = |t: &LayerTensor| cast_target(model, &t.info, dtype);
+        let scales: Vec<&str> = layer
+            .tensors
+            .iter()
+            .filter_map(|t| t.info.scale.as_ref().map(|s| s.tensor.as_str()))
+            .collect();
+        let casts_of = |t: &LayerTensor| {
+            let info = &t.info;
+            let stored = info.quant.is_some()
+                || info.scale.is_some()
+                || scales.contains(&info.name.as_str());
+            match keep_blocks && stored {
+                true => Ok(None),
+                false => cast_target(model, info, dtype),
+            }
+        };
         let shift = layer_shift(layer, |t| casts_of(t).is_ok_and(|c| c.is_none()));
         // Conversions land CAST_ALIGN-aligned in the slot: offsets count from
         // `shift`, so the first is aligned up from the raw bytes' end there.
@@ -163,7 +181,7 @@ impl LayerPlan {
         for t in &layer.tensors {
             let info = &t.info;
             let fp8 = fp8_source(model, layer, t)?;
-            let target = cast_target(model, info, dtype)?;
+            let target = casts_of(t)?;
             match target {
                 // A tensor whose rows all went to the CPU: nothing to cast.
                 Some(to) if info.len == 0 => views.push(ViewPlan {

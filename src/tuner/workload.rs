@@ -269,10 +269,7 @@ impl Workload for Generation {
     ) -> Result<RunFn<'m>> {
         use crate::llm::{LlamaModel, ModelOptions};
         let (n, precision) = self.parse(arg)?;
-        let mut cfg = cfg.clone();
-        if matches!(cfg.device, crate::Device::Cuda(_)) {
-            cfg.dtype = Some(LlamaModel::cuda_dtype(model));
-        }
+        let cfg = LlamaModel::streamer_config(model, cfg.clone());
         let mut s = LayerStreamer::builder(model).config(cfg).build()?;
         // Decode keeps a short history per sequence, reset before the cache fills.
         const DECODE_LEN: usize = 256;

@@ -244,12 +244,14 @@ fn header(
     let max_batch = max_batch.and_then(|b| b.into_iter().max()).unwrap_or(1);
     if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch) {
         println!(
-            "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding and output \
-             ({:.2} GB output, {:.2} GB scratch); {:.2} GB of embedding in host memory",
+            "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding, output and \
+             scratches ({:.2} GB output, {:.2} GB output scratch, {:.2} GB weight scratch); \
+             {:.2} GB of embedding in host memory",
             mem as f64 / 1e9,
             m.device_bytes() as f64 / 1e9,
             m.output_device as f64 / 1e9,
             m.output_scratch as f64 / 1e9,
+            m.weight_scratch as f64 / 1e9,
             m.embedding_host as f64 / 1e9
         );
     }

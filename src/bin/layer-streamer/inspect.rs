@@ -124,7 +124,8 @@ fn to_json(index: &ModelIndex) -> Value {
         "config": index.config(),
         "cuda_statics": StaticsMemory::for_model(index, 1).ok().map(|m| json!({
             "embedding_device": m.embedding_device, "embedding_host": m.embedding_host,
-            "output_device": m.output_device, "output_scratch": m.output_scratch })),
+            "output_device": m.output_device, "output_scratch": m.output_scratch,
+            "weight_scratch": m.weight_scratch })),
     })
 }
 
@@ -250,12 +251,13 @@ fn statics_text(out: &mut String, index: &ModelIndex) {
     if let Ok(m) = StaticsMemory::for_model(index, 1) {
         _ = writeln!(
             out,
-            "on CUDA, embedding and output: {} on the device ({} embedding, {} output, {} \
-             scratch), {} embedding in host memory",
+            "on CUDA, embedding, output and scratches: {} on the device ({} embedding, {} \
+             output, {} output scratch, {} weight scratch), {} embedding in host memory",
             human(m.device_bytes()),
             human(m.embedding_device),
             human(m.output_device),
             human(m.output_scratch),
+            human(m.weight_scratch),
             human(m.embedding_host)
         );
     }

@@ -34,17 +34,15 @@ impl StreamArgs {
         Ok(self.opts.config.device)
     }
 
-    /// Builds a streamer over `index`: on CUDA in [`LlamaModel::cuda_dtype`]
-    /// (whatever `--dtype` says), on the host in the file dtypes.
+    /// Builds a streamer over `index` with [`LlamaModel::streamer_config`]:
+    /// on CUDA in [`LlamaModel::cuda_dtype`] (whatever `--dtype` says), on
+    /// the host in the file dtypes.
     pub fn build(&self, index: &ModelIndex) -> Result<LayerStreamer> {
-        let mut cfg = self.opts.config()?;
-        cfg.dtype = match cfg.device {
-            Device::Host => None,
-            Device::Cuda(_) => {
-                layer_streamer::cuda::check_available()?;
-                Some(LlamaModel::cuda_dtype(index))
-            }
-        };
+        let cfg = self.opts.config()?;
+        if let Device::Cuda(_) = cfg.device {
+            layer_streamer::cuda::check_available()?;
+        }
+        let cfg = LlamaModel::streamer_config(index, cfg);
         LayerStreamer::builder(index).config(cfg).build()
     }
 }

@@ -172,6 +172,12 @@ impl OptionText for CpuShare {
     }
 }
 
+impl OptionText for Dequant {
+    fn text(&self) -> String {
+        self.name().into()
+    }
+}
+
 impl OptionText for Device {
     fn text(&self) -> String {
         self.to_string()
@@ -312,5 +318,55 @@ mod tests {
         assert_eq!(parse_compute_dtype("file").unwrap(), None);
         assert_eq!(parse_compute_dtype("f16").unwrap(), Some(DType::F16));
         assert!(parse_compute_dtype("f17").is_err());
+    }
+}
+
+/// Where quantized layer weights (ggml blocks, FP8) become the compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Dequant {
+    /// `slot` for a layer function of one's own; `use` for the crate's
+    /// model ([`LlamaModel::streamer_config`](crate::llm::LlamaModel::streamer_config),
+    /// the model commands).
+    #[default]
+    Auto,
+    /// Dequantized into each device slot (next to the stored bytes) before
+    /// the layer function runs, on the transfer side of the pipeline.
+    Slot,
+    /// Handed to the layer function as stored ([`TensorView::quant`](crate::TensorView::quant),
+    /// [`TensorView::fp8_scale`](crate::TensorView::fp8_scale)), which
+    /// dequantizes at use: slots and the GPU cache hold only the stored bytes.
+    Use,
+}
+
+impl Dequant {
+    /// Every value, as the parser reads them.
+    pub const ALL: [Dequant; 3] = [Dequant::Auto, Dequant::Slot, Dequant::Use];
+
+    /// Parses `auto`, `slot` or `use`.
+    pub fn parse(s: &str) -> Result<Dequant> {
+        let t = s.trim();
+        Dequant::ALL
+            .into_iter()
+            .find(|d| t.eq_ignore_ascii_case(d.name()))
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "invalid dequantization place {s:?}: expected auto, slot or use"
+                ))
+            })
+    }
+
+    /// The name the parser reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dequant::Auto => "auto",
+            Dequant::Slot => "slot",
+            Dequant::Use => "use",
+        }
+    }
+
+    /// Whether quantized tensors stay as stored: `Use` ([`Auto`](Self::Auto)
+    /// is `Slot` to the streamer).
+    pub fn keeps_blocks(self) -> bool {
+        self == Dequant::Use
     }
 }

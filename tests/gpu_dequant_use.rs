@@ -1,0 +1,138 @@
+//! Quantized weights dequantized at use on CUDA (`dequant use`, the model
+//! commands' choice): the slots and the GPU cache hold only the stored bytes
+//! and each GEMM's weight is dequantized into one shared scratch just before
+//! it. The logits equal those of the weights dequantized in the slots
+//! (`dequant slot`) for ggml block types and FP8, tied and untied, with and
+//! without layers resident in the GPU cache, in both precisions; the slots
+//! and the GPU cache take less. Skips without a driver unless `LS_REQUIRE_GPU=1`.
+
+mod common;
+
+use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
+use layer_streamer::quant::QuantType;
+use layer_streamer::synth::{quantize_fp8, write_gguf, Arch, Shape, SynthGgufSpec};
+use layer_streamer::{Budget, DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
+use rand::Rng;
+
+fn gguf(dir: &std::path::Path, ty: QuantType, rng: &mut impl Rng) -> ModelIndex {
+    let spec = SynthGgufSpec {
+        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
+        shape: Shape {
+            hidden: 256,
+            intermediate: 512,
+            layers: 3,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 384,
+        },
+        ty,
+        tie: rng.gen_bool(0.5),
+        seed: rng.gen(),
+    };
+    let path = dir.join(format!("{ty}.gguf"));
+    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
+    ModelIndex::open(&path).unwrap()
+}
+
+fn fp8(dir: &std::path::Path, rng: &mut impl Rng) -> ModelIndex {
+    let (src, dst) = (dir.join("bf16"), dir.join("fp8"));
+    std::fs::create_dir_all(&src).unwrap();
+    common::models::small_model(&src, rng, 3, DType::BF16);
+    quantize_fp8(&src, &dst, &mut |_, _| {}).unwrap();
+    ModelIndex::open(&dst).unwrap()
+}
+
+/// The logits of `prompts` through a CUDA streamer with `dequant`, and the
+/// device bytes of its slots and cache.
+fn logits(
+    index: &ModelIndex,
+    dequant: Dequant,
+    gpu_cache: Budget,
+    opts: ModelOptions,
+    prompts: &[&[u32]],
+) -> (Vec<Vec<f32>>, u64) {
+    let cfg = StreamerConfig {
+        device: Device::Cuda(0),
+        dequant,
+        gpu_cache,
+        ..StreamerConfig::default()
+    };
+    let cfg = LlamaModel::streamer_config(index, cfg);
+    assert_eq!(cfg.dtype, Some(DType::F16));
+    let mut s = LayerStreamer::builder(index).config(cfg).build().unwrap();
+    let mut m = LlamaModel::load(&s, opts).unwrap();
+    let mut out = Vec::new();
+    for _ in 0..2 {
+        m.reset();
+        out = m.forward(&mut s, prompts).unwrap();
+    }
+    assert_eq!(s.last_pass_stats().layer_bytes, index.total_layer_bytes());
+    (out, s.memory().device_bytes())
+}
+
+#[test]
+fn gpu_dequantized_at_use_equals_dequantized_in_the_slots() {
+    let test = "gpu_dequantized_at_use_equals_dequantized_in_the_slots";
+    let Some(_ctx) = common::gpu(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let mut types: Vec<QuantType> = QuantType::ALL
+        .into_iter()
+        .filter(|t| t.is_quantized())
+        .collect();
+    let mut models = Vec::new();
+    for _ in 0..4 {
+        let ty = types.swap_remove(rng.gen_range(0..types.len()));
+        models.push((ty.to_string(), gguf(dir.path(), ty, &mut rng)));
+    }
+    models.push(("fp8".into(), fp8(dir.path(), &mut rng)));
+    for (name, index) in &models {
+        let vocab = index.config().and_then(|c| c["vocab_size"].as_u64());
+        let vocab = vocab.unwrap_or(384) as u32;
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|_| {
+                (0..rng.gen_range(1..12))
+                    .map(|_| rng.gen_range(0..vocab))
+                    .collect()
+            })
+            .collect();
+        let inputs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let precision = [Precision::Fast, Precision::Exact][rng.gen_range(0..2)];
+        let opts = ModelOptions {
+            max_batch: 3,
+            max_len: 32,
+            max_tokens: 48,
+            precision,
+            kv_offload: false,
+        };
+        // Resident layers hold what the slots hold: stored bytes under `use`.
+        let cache = [Budget::None, Budget::Auto][rng.gen_range(0..2)];
+        let (slot, slot_bytes) = logits(index, Dequant::Slot, cache, opts, &inputs);
+        let (used, use_bytes) = logits(index, Dequant::Auto, cache, opts, &inputs);
+        assert!(
+            use_bytes < slot_bytes,
+            "{name}: slots {use_bytes} vs {slot_bytes}"
+        );
+        for (r, (a, b)) in slot.iter().zip(&used).enumerate() {
+            assert_eq!(a.len(), b.len());
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let same = a.iter().zip(b).filter(|(x, y)| x.to_bits() == y.to_bits());
+            eprintln!(
+                "{test}: {name} {precision} cache {cache:?} row {r}: {} of {} logits \
+                 bit-identical",
+                same.count(),
+                a.len()
+            );
+            // The same f16 weights and GEMMs; only a different reduction
+            // order (another GEMM shape for gate and up) may move a logit.
+            for (c, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 1e-5 * scale,
+                    "{name} row {r} column {c}: {x} dequantized in the slots, {y} at use"
+                );
+            }
+        }
+    }
+}
