@@ -24,7 +24,7 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
-use crate::llm::gpu_embed::{model_dtype, Embedding};
+use crate::llm::gpu_embed::{model_dtype, Embedding, EmbeddingLookup};
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
@@ -161,12 +161,11 @@ impl CudaModel {
         let cache_dtype = kv_cache_dtype(dtype, opts.precision);
         let attn = Attention::new(ctx, dtype, cache_dtype, shape, t)?;
         // Every other buffer is allocated: the free memory counts them.
-        let split = match crate::llm::split::pool_for(streamer)? {
-            Some(pool) => Some(Box::new(split::GpuSplit::new(ctx, pool, cfg, t, dtype)?)),
-            None => None,
-        };
+        let split = crate::llm::split::pool_for(streamer)?
+            .map(|pool| split::GpuSplit::new(ctx, pool, cfg, t, dtype).map(Box::new))
+            .transpose()?;
         let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
-        Ok(CudaModel {
+        let mut m = CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
             sampling: SamplingKernel::load(ctx)?,
             dtype,
@@ -183,7 +182,9 @@ impl CudaModel {
             io: PassIo::new(ctx, t, b, cfg.vocab)?,
             gemm_tflops: None,
             split,
-        })
+        };
+        m.embed.choose_lookup(ctx)?;
+        Ok(m)
     }
 
     fn gemm_type(&self) -> GemmType {
@@ -192,6 +193,11 @@ impl CudaModel {
         } else {
             GemmType::BF16
         }
+    }
+
+    /// See [`LlamaModel::embedding_lookup`](crate::llm::LlamaModel::embedding_lookup).
+    pub(crate) fn embedding_lookup(&self) -> EmbeddingLookup {
+        self.embed.lookup()
     }
 
     /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).
