@@ -117,6 +117,64 @@ fn registration_refuses_unaligned_memory() {
 }
 
 #[test]
+fn mapped_registration_refuses_unaligned_or_empty_ranges() {
+    let Some(ctx) = common::gpu("mapped_registration_refuses_unaligned_or_empty_ranges") else {
+        return;
+    };
+    let mem = PageAligned::new(8192);
+    // SAFETY: the ranges are inside the live allocation; they are refused anyway.
+    let r = unsafe { HostRegistration::register_mapped(&ctx, mem.ptr.add(8), 4096) };
+    assert!(matches!(r, Err(Error::Input(_))), "{r:?}");
+    // SAFETY: as above.
+    let r = unsafe { HostRegistration::register_mapped(&ctx, mem.ptr, 0) };
+    assert!(matches!(r, Err(Error::Input(_))), "{r:?}");
+}
+
+/// The device reads a mapped registration in place: a copy out of its
+/// device address gives the host's bytes, and after the host rewrites them,
+/// the new ones. A plain registration has no device address.
+#[test]
+fn mapped_registration_is_read_in_place_by_the_device() {
+    use rand::Rng;
+
+    let test = "mapped_registration_is_read_in_place_by_the_device";
+    let Some(ctx) = common::gpu(test) else {
+        return;
+    };
+    let mut rng = common::rng(test);
+    let len = 4096 * rng.gen_range(1..64);
+    let mut mem = PageAligned::new(len);
+    let plain = PageAligned::new(4096);
+    let plain_reg = plain.register(&ctx).unwrap();
+    assert_eq!(plain_reg.device_ptr(), None);
+    // SAFETY: the range is this live allocation, dropped after the
+    // registration; the host writes it only while no copy is queued.
+    let reg = unsafe { HostRegistration::register_mapped(&ctx, mem.ptr, len) }.unwrap();
+    let at = reg
+        .device_ptr()
+        .expect("a mapped registration has a device address");
+    assert_eq!(reg.len(), len);
+    let dev = DeviceBuffer::alloc(&ctx, len).unwrap();
+    let stream = Stream::new(&ctx).unwrap();
+    for round in 0..2 {
+        rng.fill_bytes(mem.as_mut_slice());
+        let off = rng.gen_range(0..len);
+        let n = rng.gen_range(1..=len - off);
+        // SAFETY: [at + off, at + n) is inside the mapped range and `dev`
+        // holds len >= n bytes; both outlive the synchronize below.
+        unsafe { memcpy_dtod_async(dev.ptr(), at + off as u64, n, &stream).unwrap() };
+        stream.synchronize().unwrap();
+        let mut back = vec![0u8; n];
+        dev.copy_to_host(0, &mut back).unwrap();
+        assert!(
+            back == mem.as_slice()[off..off + n],
+            "round {round}: {n} bytes at {off} read through the device address differ"
+        );
+    }
+    drop((reg, plain_reg));
+}
+
+#[test]
 fn event_orders_work_across_streams() {
     let Some(ctx) = common::gpu("event_orders_work_across_streams") else {
         return;

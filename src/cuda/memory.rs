@@ -198,11 +198,17 @@ static REGISTERED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// Page-locks caller-owned host memory for the GPU (`cuMemHostRegister`), so
 /// async copies from and to it run by DMA without staging. Unregistered on drop;
 /// the memory itself stays the caller's.
+///
+/// A mapped registration ([`HostRegistration::register_mapped`]) also maps
+/// the range into the device's address space: kernels read it in place,
+/// over the bus, through [`HostRegistration::device_ptr`].
 pub struct HostRegistration {
     ctx: Context,
     /// Start of the registered range; page-aligned, registered until Drop.
     ptr: *mut u8,
     len: usize,
+    /// The range's device address when it is mapped.
+    device_ptr: Option<u64>,
 }
 
 // SAFETY: the registration is a property of the address range, not of a thread;
@@ -225,6 +231,42 @@ impl HostRegistration {
     /// allocated for as long as the returned registration lives, and must not
     /// overlap another live registration.
     pub unsafe fn register(ctx: &Context, ptr: *mut u8, len: usize) -> Result<HostRegistration> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { Self::register_with(ctx, ptr, len, false) }
+    }
+
+    /// Registers `[ptr, ptr + len)` as [`register`](Self::register) does
+    /// (same checks, same `RLIMIT_MEMLOCK` accounting) and maps it into the
+    /// device's address space (`CU_MEMHOSTREGISTER_DEVICEMAP`): while it
+    /// is registered, kernels and copies on the device may read (and write)
+    /// it at [`device_ptr`](Self::device_ptr), always `Some` for such a
+    /// registration, over the bus. A driver that refuses the mapping is an
+    /// [`Error::Cuda`].
+    ///
+    /// # Safety
+    /// As for [`register`](Self::register). Besides: for as long as work
+    /// queued on the device may read the range through the device address,
+    /// the registration must stay alive (dropping it unmaps the range under
+    /// a running kernel) and the host must not write the bytes it reads.
+    pub unsafe fn register_mapped(
+        ctx: &Context,
+        ptr: *mut u8,
+        len: usize,
+    ) -> Result<HostRegistration> {
+        // SAFETY: forwarded from this function's contract.
+        unsafe { Self::register_with(ctx, ptr, len, true) }
+    }
+
+    /// [`register`](Self::register), and the device mapping when `mapped`.
+    ///
+    /// # Safety
+    /// As for [`register`](Self::register).
+    unsafe fn register_with(
+        ctx: &Context,
+        ptr: *mut u8,
+        len: usize,
+        mapped: bool,
+    ) -> Result<HostRegistration> {
         ctx.bind()?;
         let page = page_size();
         if len == 0 || !(ptr as usize).is_multiple_of(page) {
@@ -233,7 +275,11 @@ impl HostRegistration {
             )));
         }
         check_memlock(len as u64)?;
-        let flags = sys::CU_MEMHOSTREGISTER_PORTABLE;
+        let flags = if mapped {
+            sys::CU_MEMHOSTREGISTER_PORTABLE | sys::CU_MEMHOSTREGISTER_DEVICEMAP
+        } else {
+            sys::CU_MEMHOSTREGISTER_PORTABLE
+        };
         // SAFETY: the caller guarantees the range is valid and outlives the
         // registration; the context is current.
         let res = unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, flags) };
@@ -245,11 +291,23 @@ impl HostRegistration {
             return Err(e);
         }
         REGISTERED_BYTES.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(HostRegistration {
+        let mut reg = HostRegistration {
             ctx: ctx.clone(),
             ptr,
             len,
-        })
+            device_ptr: None,
+        };
+        if mapped {
+            // On failure `reg` is dropped, which unregisters the range.
+            reg.device_ptr = Some(mapped_device_ptr(ptr)?);
+        }
+        Ok(reg)
+    }
+
+    /// The device address of the range's first byte, for a registration made
+    /// by [`register_mapped`](Self::register_mapped); `None` otherwise.
+    pub fn device_ptr(&self) -> Option<u64> {
+        self.device_ptr
     }
 
     /// Start of the registered range.
@@ -278,6 +336,7 @@ impl std::fmt::Debug for HostRegistration {
         f.debug_struct("HostRegistration")
             .field("ptr", &self.ptr)
             .field("len", &self.len)
+            .field("device_ptr", &self.device_ptr.map(|p| format!("{p:#x}")))
             .finish()
     }
 }
@@ -293,6 +352,17 @@ impl Drop for HostRegistration {
         self.ctx
             .record_drop_error("cuMemHostUnregister (in drop)", res);
     }
+}
+
+/// The device address of `ptr`, the start of a range just registered with
+/// `CU_MEMHOSTREGISTER_DEVICEMAP` in the current context.
+fn mapped_device_ptr(ptr: *mut u8) -> Result<u64> {
+    let mut dev: sys::CUdeviceptr = 0;
+    // SAFETY: the range at `ptr` is registered and mapped (the caller's
+    // contract); the out-pointer is to a live local; flags must be 0.
+    let res = unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dev, ptr.cast(), 0) };
+    check("cuMemHostGetDevicePointer_v2", res)?;
+    Ok(dev)
 }
 
 fn page_size() -> usize {

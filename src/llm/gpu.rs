@@ -29,7 +29,7 @@ use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
-use crate::llm::gpu_embed::{model_dtype, Embedding};
+use crate::llm::gpu_embed::{model_dtype, Embedding, EmbeddingLookup};
 use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
@@ -68,6 +68,44 @@ struct Workspace {
     specs: DeviceBuffer,
     /// The token chosen for each output row.
     out_ids: DeviceBuffer,
+}
+
+impl Workspace {
+    /// The buffers of passes of up to `t` tokens and `b` output rows;
+    /// `gate_up_16`: the gate and up products may be 16-bit (fast precision
+    /// without a CPU share).
+    fn new(
+        ctx: &crate::cuda::Context,
+        cfg: &ModelConfig,
+        (t, b): (usize, usize),
+        p: Precision,
+        gate_up_16: bool,
+    ) -> Result<Workspace> {
+        let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
+        let gate_up_bytes = if gate_up_16 && p == Precision::Fast {
+            2
+        } else {
+            4
+        };
+        Ok(Workspace {
+            x: alloc(t * cfg.hidden * 4)?,
+            xn: SplitBuf::new(ctx, t * cfg.hidden, p)?,
+            q: alloc(t * cfg.q_dim() * 4)?,
+            k: alloc(t * cfg.kv_dim() * 4)?,
+            v: alloc(t * cfg.kv_dim() * 4)?,
+            attn: SplitBuf::new(ctx, t * cfg.q_dim(), p)?,
+            gate_up: alloc(t * 2 * cfg.intermediate * gate_up_bytes)?,
+            act: SplitBuf::new(ctx, t * cfg.intermediate, p)?,
+            last: SplitBuf::new(ctx, b * cfg.hidden, p)?,
+            logits: alloc(b * cfg.vocab * 4)?,
+            ids: alloc(t * 4)?,
+            seq: alloc(t * 4)?,
+            pos: alloc(t * 4)?,
+            rows: alloc(b * 4)?,
+            specs: alloc(b * SPEC_BYTES)?,
+            out_ids: alloc(b * 4)?,
+        })
+    }
 }
 
 /// Everything the CUDA forward pass keeps between passes.
@@ -146,24 +184,9 @@ impl CudaModel {
         cos_d.copy_from_host(0, &f32_bytes(&cos))?;
         let sin_d = alloc(sin.len() * 4)?;
         sin_d.copy_from_host(0, &f32_bytes(&sin))?;
-        let ws = Workspace {
-            x: alloc(t * cfg.hidden * 4)?,
-            xn: SplitBuf::new(ctx, t * cfg.hidden, p)?,
-            q: alloc(t * cfg.q_dim() * 4)?,
-            k: alloc(t * cfg.kv_dim() * 4)?,
-            v: alloc(t * cfg.kv_dim() * 4)?,
-            attn: SplitBuf::new(ctx, t * cfg.q_dim(), p)?,
-            gate_up: alloc(t * 2 * cfg.intermediate * 4)?,
-            act: SplitBuf::new(ctx, t * cfg.intermediate, p)?,
-            last: SplitBuf::new(ctx, b * cfg.hidden, p)?,
-            logits: alloc(b * cfg.vocab * 4)?,
-            ids: alloc(t * 4)?,
-            seq: alloc(t * 4)?,
-            pos: alloc(t * 4)?,
-            rows: alloc(b * 4)?,
-            specs: alloc(b * SPEC_BYTES)?,
-            out_ids: alloc(b * 4)?,
-        };
+        // The CPU share's meetings read f32 gate and up products.
+        let split_pool = crate::llm::split::pool_for(streamer)?;
+        let ws = Workspace::new(ctx, cfg, (t, b), p, split_pool.is_none())?;
         let shape = AttentionShape {
             heads: cfg.heads,
             kv_heads: cfg.kv_heads,
@@ -174,10 +197,9 @@ impl CudaModel {
         let cache_dtype = kv_cache_dtype(dtype, opts.precision);
         let attn = Attention::new(ctx, dtype, cache_dtype, shape, t)?;
         // Every other buffer is allocated: the free memory counts them.
-        let split = match crate::llm::split::pool_for(streamer)? {
-            Some(pool) => Some(Box::new(split::GpuSplit::new(ctx, pool, cfg, t, dtype)?)),
-            None => None,
-        };
+        let split = split_pool
+            .map(|pool| split::GpuSplit::new(ctx, pool, cfg, t, dtype).map(Box::new))
+            .transpose()?;
         let at_use = AtUse::for_streamer(ctx, streamer, cfg)?;
         if split.is_some() && at_use.is_some() {
             return Err(Error::config(
@@ -186,7 +208,7 @@ impl CudaModel {
             ));
         }
         let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
-        Ok(CudaModel {
+        let mut m = CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
             sampling: SamplingKernel::load(ctx)?,
             dtype,
@@ -205,7 +227,9 @@ impl CudaModel {
             split,
             gate_up_16: p == Precision::Fast,
             at_use,
-        })
+        };
+        m.embed.choose_lookup(ctx)?;
+        Ok(m)
     }
 
     fn gemm_type(&self) -> GemmType {
@@ -214,6 +238,11 @@ impl CudaModel {
         } else {
             GemmType::BF16
         }
+    }
+
+    /// See [`LlamaModel::embedding_lookup`](crate::llm::LlamaModel::embedding_lookup).
+    pub(crate) fn embedding_lookup(&self) -> EmbeddingLookup {
+        self.embed.lookup()
     }
 
     /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).

@@ -237,6 +237,15 @@ impl LlamaModel {
         }
     }
 
+    /// How the CUDA forward pass looks up the embedding rows of a pass's
+    /// tokens, as chosen at load; `None` on the host backend.
+    pub fn embedding_lookup(&self) -> Option<crate::llm::EmbeddingLookup> {
+        match &self.exec {
+            Exec::Cuda(m) => Some(m.embedding_lookup()),
+            Exec::Host(_) => None,
+        }
+    }
+
     /// The model's configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.cfg

@@ -48,6 +48,7 @@ pub mod tokenizer;
 pub use chat::{ChatTemplate, Message};
 pub use config::ModelConfig;
 pub use generate::{generate, GenerateParams, Generation};
+pub use gpu_embed::{EmbeddingLookup, HOST_GATHER_ENV};
 pub use gpu_output::{StaticsMemory, OUTPUT_CHUNK_BYTES};
 pub use gpu_sampling::sample_on_device;
 pub use kv_cache::KvTransfer;

@@ -117,6 +117,22 @@ pub(crate) struct ViewPlan {
     pub(crate) scale: Option<Fp8Scale>,
 }
 
+impl ViewPlan {
+    /// The view of `t` converted to `dtype`, `bytes` bytes at `offset`.
+    fn cast(t: &LayerTensor, offset: u64, dtype: DType, bytes: u64) -> ViewPlan {
+        ViewPlan {
+            key: t.key.clone(),
+            name: t.info.name.clone(),
+            offset,
+            dtype,
+            shape: t.info.shape.clone(),
+            bytes,
+            quant: None,
+            scale: None,
+        }
+    }
+}
+
 /// Where a layer lives between passes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Home {
@@ -156,20 +172,10 @@ impl LayerPlan {
         dtype: Option<DType>,
         keep_blocks: bool,
     ) -> Result<LayerPlan> {
-        let scales: Vec<&str> = layer
-            .tensors
-            .iter()
-            .filter_map(|t| t.info.scale.as_ref().map(|s| s.tensor.as_str()))
-            .collect();
-        let casts_of = |t: &LayerTensor| {
-            let info = &t.info;
-            let stored = info.quant.is_some()
-                || info.scale.is_some()
-                || scales.contains(&info.name.as_str());
-            match keep_blocks && stored {
-                true => Ok(None),
-                false => cast_target(model, info, dtype),
-            }
+        let scales = fp8_scales(layer);
+        let casts_of = |t: &LayerTensor| match keep_blocks && is_blocks(t, &scales) {
+            true => Ok(None),
+            false => cast_target(model, &t.info, dtype),
         };
         let shift = layer_shift(layer, |t| casts_of(t).is_ok_and(|c| c.is_none()));
         // Conversions land CAST_ALIGN-aligned in the slot: offsets count from
@@ -184,16 +190,7 @@ impl LayerPlan {
             let target = casts_of(t)?;
             match target {
                 // A tensor whose rows all went to the CPU: nothing to cast.
-                Some(to) if info.len == 0 => views.push(ViewPlan {
-                    key: t.key.clone(),
-                    name: info.name.clone(),
-                    offset: 0,
-                    dtype: to,
-                    shape: info.shape.clone(),
-                    bytes: 0,
-                    quant: None,
-                    scale: None,
-                }),
+                Some(to) if info.len == 0 => views.push(ViewPlan::cast(t, 0, to, 0)),
                 Some(to) => {
                     let n = info.shape.iter().product::<usize>();
                     let out_bytes = (n * to.size()) as u64;
@@ -206,27 +203,16 @@ impl LayerPlan {
                         dst: conv,
                         n,
                     });
-                    views.push(ViewPlan {
-                        key: t.key.clone(),
-                        name: info.name.clone(),
-                        offset: conv,
-                        dtype: to,
-                        shape: info.shape.clone(),
-                        bytes: out_bytes,
-                        quant: None,
-                        scale: None,
-                    });
+                    views.push(ViewPlan::cast(t, conv, to, out_bytes));
                     conv += out_bytes.div_ceil(CAST_ALIGN) * CAST_ALIGN;
                 }
                 None => views.push(ViewPlan {
-                    key: t.key.clone(),
-                    name: info.name.clone(),
                     offset: t.slot_offset,
                     dtype: info.dtype,
-                    shape: info.shape.clone(),
                     bytes: info.len,
                     quant: info.quant,
                     scale: info.scale.clone(),
+                    ..ViewPlan::cast(t, 0, info.dtype, 0)
                 }),
             }
         }
@@ -244,6 +230,20 @@ impl LayerPlan {
             home: Home::Stream,
         })
     }
+}
+
+/// The names of the FP8 scale tensors of `layer`'s weights.
+fn fp8_scales(layer: &Layer) -> Vec<&str> {
+    let scales = layer.tensors.iter().filter_map(|t| t.info.scale.as_ref());
+    scales.map(|s| s.tensor.as_str()).collect()
+}
+
+/// Whether `t` is a quantized weight (ggml blocks or FP8) or one of the FP8
+/// scales `scales`: what travels as stored when the layer function
+/// dequantizes at use.
+fn is_blocks(t: &LayerTensor, scales: &[&str]) -> bool {
+    let info = &t.info;
+    info.quant.is_some() || info.scale.is_some() || scales.contains(&info.name.as_str())
 }
 
 /// The shift (below [`CAST_ALIGN`]) that puts the most bytes of `layer`'s
