@@ -63,7 +63,7 @@ for combo in "${COMBOS[@]}"; do
     tieflag=""
     [ "$tie" = tie ] && tieflag="--tie"
     if ! "$PYTHON" "$HF_REF" "$dir" --arch "$arch" --preset "$preset" --dtype "$dtype" $tieflag \
-        --prompt-len 12 --steps 16 >"$LOGS/$name.hf.log" 2>&1; then
+        --prompt-len 12 --steps 64 >"$LOGS/$name.hf.log" 2>&1; then
         summary+=("$(printf '%-34s %-8s %s' "$name" "-" "HF REFERENCE FAILED (see $LOGS/$name.hf.log)")")
         failed=1
         continue
