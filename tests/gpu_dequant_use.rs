@@ -67,6 +67,12 @@ fn logits(
         out = m.forward(&mut s, prompts).unwrap();
     }
     assert_eq!(s.last_pass_stats().layer_bytes, index.total_layer_bytes());
+    // Layer 0's phases were timed in the pass (every pass here has the
+    // prompts' tokens).
+    let p = m.last_layer_phases().expect("layer 0's phases on CUDA");
+    let tokens: usize = prompts.iter().map(|p| p.len()).sum();
+    assert_eq!(p.tokens, tokens);
+    assert!(p.gemm_s > 0.0 && p.attention_s > 0.0 && p.other_s > 0.0, "{p:?}");
     (out, s.memory().device_bytes())
 }
 

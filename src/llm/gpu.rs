@@ -30,12 +30,14 @@ use crate::cuda::{DeviceBuffer, Event, Stream};
 use crate::llm::attention::{kv_cache_dtype, Attention, AttentionShape};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_embed::{model_dtype, Embedding, EmbeddingLookup};
-use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split, SplitBuf};
+use crate::llm::gpu_gemm::{gate_up_adjacent, linear_split};
 use crate::llm::gpu_io::PassIo;
 use crate::llm::gpu_kernels::ModelKernels;
 use crate::llm::gpu_output::{load_embedding_and_output, OutputHead};
-use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel, SPEC_BYTES};
+use crate::llm::gpu_phases::Phases;
+use crate::llm::gpu_sampling::{ids_from_bytes, spec_bytes, SamplingKernel};
 use crate::llm::gpu_weights::{AtUse, SlotWeights};
+use crate::llm::gpu_workspace::Workspace;
 use crate::llm::kv_cache::{KvCache, KvTransfer};
 use crate::llm::layout::static_names;
 use crate::llm::llama::{ModelOptions, PassBatch, Precision};
@@ -44,69 +46,6 @@ use crate::{DType, DeviceTensor, Error, LayerStreamer, LayerWeights, Result};
 
 #[path = "gpu_split.rs"]
 mod split;
-
-/// Device buffers of one pass, sized for `max_tokens` tokens.
-struct Workspace {
-    x: DeviceBuffer,
-    xn: SplitBuf,
-    q: DeviceBuffer,
-    k: DeviceBuffer,
-    v: DeviceBuffer,
-    attn: SplitBuf,
-    /// `[t, 2 * inter]` f32 or 16-bit values (see `CudaModel::gate_up_16`):
-    /// `[gate | up]` rows from one fused GEMM, or the gate matrix
-    /// `[t, inter]` followed by the up matrix.
-    gate_up: DeviceBuffer,
-    act: SplitBuf,
-    last: SplitBuf,
-    logits: DeviceBuffer,
-    ids: DeviceBuffer,
-    seq: DeviceBuffer,
-    pos: DeviceBuffer,
-    rows: DeviceBuffer,
-    /// Each output row's sampling rule (`SPEC_BYTES` each).
-    specs: DeviceBuffer,
-    /// The token chosen for each output row.
-    out_ids: DeviceBuffer,
-}
-
-impl Workspace {
-    /// The buffers of passes of up to `t` tokens and `b` output rows;
-    /// `gate_up_16`: the gate and up products may be 16-bit (fast precision
-    /// without a CPU share).
-    fn new(
-        ctx: &crate::cuda::Context,
-        cfg: &ModelConfig,
-        (t, b): (usize, usize),
-        p: Precision,
-        gate_up_16: bool,
-    ) -> Result<Workspace> {
-        let alloc = |bytes: usize| DeviceBuffer::alloc(ctx, bytes.max(4));
-        let gate_up_bytes = if gate_up_16 && p == Precision::Fast {
-            2
-        } else {
-            4
-        };
-        Ok(Workspace {
-            x: alloc(t * cfg.hidden * 4)?,
-            xn: SplitBuf::new(ctx, t * cfg.hidden, p)?,
-            q: alloc(t * cfg.q_dim() * 4)?,
-            k: alloc(t * cfg.kv_dim() * 4)?,
-            v: alloc(t * cfg.kv_dim() * 4)?,
-            attn: SplitBuf::new(ctx, t * cfg.q_dim(), p)?,
-            gate_up: alloc(t * 2 * cfg.intermediate * gate_up_bytes)?,
-            act: SplitBuf::new(ctx, t * cfg.intermediate, p)?,
-            last: SplitBuf::new(ctx, b * cfg.hidden, p)?,
-            logits: alloc(b * cfg.vocab * 4)?,
-            ids: alloc(t * 4)?,
-            seq: alloc(t * 4)?,
-            pos: alloc(t * 4)?,
-            rows: alloc(b * 4)?,
-            specs: alloc(b * SPEC_BYTES)?,
-            out_ids: alloc(b * 4)?,
-        })
-    }
-}
 
 /// Everything the CUDA forward pass keeps between passes.
 pub(crate) struct CudaModel {
@@ -136,6 +75,8 @@ pub(crate) struct CudaModel {
     /// The scratch of weights dequantized at use, when the streamer hands
     /// them over as stored blocks.
     at_use: Option<Arc<AtUse>>,
+    /// Events between the phases of layer 0.
+    phases: Phases,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -227,6 +168,7 @@ impl CudaModel {
             split,
             gate_up_16: p == Precision::Fast,
             at_use,
+            phases: Phases::new(ctx)?,
         };
         m.embed.choose_lookup(ctx)?;
         Ok(m)
@@ -248,6 +190,10 @@ impl CudaModel {
     /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).
     pub(crate) fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
         self.head.set_chunk_bytes(bytes)
+    }
+
+    pub(crate) fn last_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
+        self.phases.best()
     }
 
     pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
@@ -354,7 +300,9 @@ impl CudaModel {
             if layer == 0 {
                 me.timing.0.record(s)?;
             }
+            me.phases.time_layer(layer == 0);
             me.layer(cfg, b, w, layer, s)?;
+            me.phases.time_layer(false);
             if layer == 0 {
                 me.timing.1.record(s)?;
                 timed = true;
@@ -406,6 +354,7 @@ impl CudaModel {
     /// Keeps the GEMM throughput of layer 0's timed work when this pass has
     /// the most tokens so far.
     fn record_tflops(&mut self, cfg: &ModelConfig, t: usize) -> Result<()> {
+        self.phases.finish(t)?;
         let ms = Event::elapsed_ms(&self.timing.0, &self.timing.1)? as f64;
         let per_token = 2.0
             * (cfg.hidden * (cfg.q_dim() + 2 * cfg.kv_dim())
@@ -470,13 +419,16 @@ impl CudaModel {
         // in LlamaModel::forward).
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
+            self.phases.mark(s)?;
             k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
+            self.phases.mark(s)?;
             let q_w = w.matrix("self_attn.q_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
             let k_w = w.matrix("self_attn.k_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
             let v_w = w.matrix("self_attn.v_proj.weight", 0, s)?;
             linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
+            self.phases.mark(s)?;
             let (q, kp, vp) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr());
             let rope = (self.cos.ptr(), self.sin.ptr());
             let a = &self.attn;
@@ -487,9 +439,11 @@ impl CudaModel {
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;
+            self.phases.mark(s)?;
             // o_proj accumulates into the residual stream (beta = 1).
             let o_w = w.matrix("self_attn.o_proj.weight", 0, s)?;
-            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)
+            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
+            self.phases.mark(s)
         }
     }
 
@@ -525,21 +479,26 @@ impl CudaModel {
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
+            self.phases.mark(s)?;
             let g_w = w.matrix(gk, 0, s)?;
             let u_w = w.matrix(uk, inter * h, s)?;
             if fused {
                 linear_split(blas, hw, xn, g_w, gu, gt, t, 2 * inter, h, 0.0)?;
+                self.phases.mark(s)?;
                 let up = gu + e * inter as u64;
                 k.swiglu(s, (gu, up, in16), act, t, inter, 2 * inter)?;
             } else {
                 let up = gu + e * (t * inter) as u64;
                 linear_split(blas, hw, xn, g_w, gu, gt, t, inter, h, 0.0)?;
                 linear_split(blas, hw, xn, u_w, up, gt, t, inter, h, 0.0)?;
+                self.phases.mark(s)?;
                 k.swiglu(s, (gu, up, in16), act, t, inter, inter)?;
             }
+            self.phases.mark(s)?;
             // down_proj accumulates into the residual stream (beta = 1).
             let d_w = w.matrix("mlp.down_proj.weight", 0, s)?;
-            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)
+            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
+            self.phases.mark(s)
         }
     }
 }

@@ -461,6 +461,16 @@ impl LlamaModel {
             Exec::Host(_) => None,
         }
     }
+
+    /// Where layer 0's time went in the CUDA pass with the most tokens so
+    /// far: its GEMMs, attention and the rest, timed by events between the
+    /// phases. `None` on the host and for layers split with the CPU.
+    pub fn last_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
+        match &self.exec {
+            Exec::Cuda(c) => c.last_layer_phases(),
+            Exec::Host(_) => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use layer_streamer::cpu::calibrate::calibrate;
 use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
 use layer_streamer::llm::{
-    generate, GenerateParams, KvTransfer, LlamaModel, ModelConfig, ModelOptions,
+    generate, GenerateParams, KvTransfer, LayerPhases, LlamaModel, ModelConfig, ModelOptions,
 };
 use layer_streamer::quant::QuantType;
 use layer_streamer::{LayerStreamer, Result};
@@ -455,6 +455,26 @@ fn print_tables(t: &Tables, kv_offload: bool) {
     }
 }
 
+/// Where layer 0's time went in the pass with the most tokens: its GEMMs
+/// (with their rate in projection FLOPs), attention, and norms with SwiGLU.
+pub fn phases_line(p: &LayerPhases, cfg: &ModelConfig) -> String {
+    let share = |s: f64| 100.0 * s / p.total_s().max(1e-12);
+    let flops = cfg.projection_flops_per_token() / cfg.layers as f64 * p.tokens as f64;
+    format!(
+        "layer 0 of a {}-token pass: {:.3} ms; GEMMs {:.3} ms ({:.1} %, {:.1} TFLOP/s), attention \
+         {:.3} ms ({:.1} %), norms and SwiGLU {:.3} ms ({:.1} %)",
+        p.tokens,
+        p.total_s() * 1e3,
+        p.gemm_s * 1e3,
+        share(p.gemm_s),
+        flops / p.gemm_s.max(1e-12) / 1e12,
+        p.attention_s * 1e3,
+        share(p.attention_s),
+        p.other_s * 1e3,
+        share(p.other_s)
+    )
+}
+
 /// Runs `bench-generate`: each batch size's prefill and decode, then the tables.
 pub fn run(a: Args) -> Result<()> {
     let batches = parse_list(&a.batch, "batch size")?;
@@ -501,6 +521,9 @@ pub fn run(a: Args) -> Result<()> {
         m.batch(&mut model, &mut streamer, b, &mut tables)?;
     }
     print_tables(&tables, a.stream.kv_offload);
+    if let Some(p) = model.last_layer_phases() {
+        println!("{}", phases_line(&p, model.config()));
+    }
     println!("last pass: {}", streamer.last_pass_stats());
     Ok(())
 }

@@ -181,3 +181,40 @@ fn the_kv_bound_adds_its_bytes_to_the_weights_at_the_h2d_rate() {
         );
     }
 }
+
+#[test]
+fn phases_line_gives_each_share_and_the_gemm_rate_of_one_layer() {
+    let mut rng = rng("phases_line_gives_each_share_and_the_gemm_rate_of_one_layer");
+    let cfg = random_config(&mut rng);
+    let p = LayerPhases {
+        tokens: rng.gen_range(1..20000),
+        gemm_s: rng.gen_range(1e-4..1e-2),
+        attention_s: rng.gen_range(1e-5..1e-3),
+        other_s: rng.gen_range(1e-5..1e-3),
+    };
+    let line = phases_line(&p, &cfg);
+    let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
+    let layer_flops = 2.0 * (h * (qd + 2 * kvd) + qd * h + 3 * h * inter) as f64;
+    let tflops = layer_flops * p.tokens as f64 / p.gemm_s / 1e12;
+    let total = p.gemm_s + p.attention_s + p.other_s;
+    for want in [
+        format!("{}-token pass: {:.3} ms", p.tokens, total * 1e3),
+        format!(
+            "GEMMs {:.3} ms ({:.1} %, {tflops:.1} TFLOP/s)",
+            p.gemm_s * 1e3,
+            100.0 * p.gemm_s / total
+        ),
+        format!(
+            "attention {:.3} ms ({:.1} %)",
+            p.attention_s * 1e3,
+            100.0 * p.attention_s / total
+        ),
+        format!(
+            "SwiGLU {:.3} ms ({:.1} %)",
+            p.other_s * 1e3,
+            100.0 * p.other_s / total
+        ),
+    ] {
+        assert!(line.contains(&want), "{line:?} lacks {want:?}");
+    }
+}
