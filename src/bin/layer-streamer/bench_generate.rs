@@ -68,9 +68,11 @@ pub struct Args {
     /// Batch sizes to measure, comma-separated (e.g. 1,8,32,128,256).
     #[arg(long, default_value = "1,8")]
     pub batch: String,
-    /// Most tokens per pass.
-    #[arg(long, default_value_t = 4096)]
-    pub max_tokens: usize,
+    /// Most tokens per pass; default: the prompts of the largest batch in
+    /// one pass, up to DEFAULT_PASS_TOKENS (16384). A pass streams the whole
+    /// model, so fewer tokens a pass leave prefill bound by the copies.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
     #[command(flatten)]
     pub stream: StreamArgs,
 }
@@ -475,6 +477,19 @@ pub fn phases_line(p: &LayerPhases, cfg: &ModelConfig) -> String {
     )
 }
 
+/// Most tokens a pass takes by default: the prefill of 32 prompts of 512
+/// tokens in one pass, which keeps a 7B model's pass compute-bound on an
+/// H200 (its workspace is about 2.7 GB).
+pub const DEFAULT_PASS_TOKENS: usize = 16384;
+
+/// Tokens per pass: `max_tokens` when given, else the prompts of the
+/// largest batch (`max_b × prompt_len`) up to [`DEFAULT_PASS_TOKENS`]; never
+/// fewer than `max_b` (a decode pass holds a token of every sequence).
+pub fn pass_tokens(max_tokens: Option<usize>, max_b: usize, prompt_len: usize) -> usize {
+    let auto = || (max_b * prompt_len).min(DEFAULT_PASS_TOKENS);
+    max_tokens.unwrap_or_else(auto).max(max_b).max(1)
+}
+
 /// Runs `bench-generate`: each batch size's prefill and decode, then the tables.
 pub fn run(a: Args) -> Result<()> {
     let batches = parse_list(&a.batch, "batch size")?;
@@ -482,7 +497,7 @@ pub fn run(a: Args) -> Result<()> {
     let opts = ModelOptions {
         max_batch: max_b,
         max_len: a.prompt_len + a.new_tokens,
-        max_tokens: a.max_tokens.max(max_b),
+        max_tokens: pass_tokens(a.max_tokens, max_b, a.prompt_len),
         precision: a.stream.precision,
         kv_offload: a.stream.kv_offload,
     };

@@ -218,3 +218,20 @@ fn phases_line_gives_each_share_and_the_gemm_rate_of_one_layer() {
         assert!(line.contains(&want), "{line:?} lacks {want:?}");
     }
 }
+
+#[test]
+fn passes_take_the_largest_batchs_prompts_up_to_the_default_or_the_given_tokens() {
+    let mut rng =
+        rng("passes_take_the_largest_batchs_prompts_up_to_the_default_or_the_given_tokens");
+    for _ in 0..100 {
+        let (b, len) = (rng.gen_range(1..300), rng.gen_range(1..2000));
+        let auto = pass_tokens(None, b, len);
+        assert_eq!(auto, (b * len).min(DEFAULT_PASS_TOKENS).max(b));
+        let given = rng.gen_range(1..50000);
+        assert_eq!(pass_tokens(Some(given), b, len), given.max(b));
+    }
+    let cli = Cli::try_parse_from(["x", "--model", "m"]).unwrap();
+    assert_eq!(cli.args.max_tokens, None);
+    let cli = Cli::try_parse_from(["x", "--model", "m", "--max-tokens", "8192"]).unwrap();
+    assert_eq!(cli.args.max_tokens, Some(8192));
+}
