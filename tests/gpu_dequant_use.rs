@@ -8,39 +8,11 @@
 
 mod common;
 
+use common::models::{small_fp8, small_gguf};
 use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
 use layer_streamer::quant::QuantType;
-use layer_streamer::synth::{quantize_fp8, write_gguf, Arch, Shape, SynthGgufSpec};
 use layer_streamer::{Budget, DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
-
-fn gguf(dir: &std::path::Path, ty: QuantType, rng: &mut impl Rng) -> ModelIndex {
-    let spec = SynthGgufSpec {
-        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
-        shape: Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 3,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 384,
-        },
-        ty,
-        tie: rng.gen_bool(0.5),
-        seed: rng.gen(),
-    };
-    let path = dir.join(format!("{ty}.gguf"));
-    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&path).unwrap()
-}
-
-fn fp8(dir: &std::path::Path, rng: &mut impl Rng) -> ModelIndex {
-    let (src, dst) = (dir.join("bf16"), dir.join("fp8"));
-    std::fs::create_dir_all(&src).unwrap();
-    common::models::small_model(&src, rng, 3, DType::BF16);
-    quantize_fp8(&src, &dst, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&dst).unwrap()
-}
 
 /// The logits of `prompts` through a CUDA streamer with `dequant`, and the
 /// device bytes of its slots and cache.
@@ -72,7 +44,10 @@ fn logits(
     let p = m.last_layer_phases().expect("layer 0's phases on CUDA");
     let tokens: usize = prompts.iter().map(|p| p.len()).sum();
     assert_eq!(p.tokens, tokens);
-    assert!(p.gemm_s > 0.0 && p.attention_s > 0.0 && p.other_s > 0.0, "{p:?}");
+    assert!(
+        p.gemm_s > 0.0 && p.attention_s > 0.0 && p.other_s > 0.0,
+        "{p:?}"
+    );
     (out, s.memory().device_bytes())
 }
 
@@ -91,9 +66,10 @@ fn gpu_dequantized_at_use_equals_dequantized_in_the_slots() {
     let mut models = Vec::new();
     for _ in 0..4 {
         let ty = types.swap_remove(rng.gen_range(0..types.len()));
-        models.push((ty.to_string(), gguf(dir.path(), ty, &mut rng)));
+        let dims = (3, 512, 384);
+        models.push((ty.to_string(), small_gguf(dir.path(), ty, dims, &mut rng)));
     }
-    models.push(("fp8".into(), fp8(dir.path(), &mut rng)));
+    models.push(("fp8".into(), small_fp8(dir.path(), &mut rng, 3)));
     for (name, index) in &models {
         let vocab = index.config().and_then(|c| c["vocab_size"].as_u64());
         let vocab = vocab.unwrap_or(384) as u32;

@@ -7,42 +7,12 @@
 
 mod common;
 
-use common::models::{read_tensor, small_model};
+use common::models::{read_tensor, small_fp8, small_gguf};
 use common::tempdir;
 use half::f16;
 use layer_streamer::quant::{self, fp8, QuantType};
-use layer_streamer::synth::{quantize_fp8, write_gguf, Arch, Shape, SynthGgufSpec};
 use layer_streamer::{DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
-
-fn gguf_model(dir: &std::path::Path, ty: QuantType, rng: &mut impl Rng) -> ModelIndex {
-    let spec = SynthGgufSpec {
-        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
-        shape: Shape {
-            hidden: 256,
-            intermediate: 256 * rng.gen_range(1..3),
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 320,
-        },
-        ty,
-        tie: rng.gen_bool(0.5),
-        seed: rng.gen(),
-    };
-    let path = dir.join(format!("{ty}.gguf"));
-    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&path).unwrap()
-}
-
-fn fp8_model(dir: &std::path::Path, rng: &mut impl Rng) -> ModelIndex {
-    let src = dir.join("bf16");
-    let dst = dir.join("fp8");
-    std::fs::create_dir_all(&src).unwrap();
-    small_model(&src, rng, 2, DType::BF16);
-    quantize_fp8(&src, &dst, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&dst).unwrap()
-}
 
 fn streamer(model: &ModelIndex, dequant: Dequant, rng: &mut impl Rng) -> LayerStreamer {
     let cfg = StreamerConfig {
@@ -134,9 +104,12 @@ fn use_hands_over_stored_blocks_and_slot_dequantizes_them() {
     let mut models: Vec<ModelIndex> = QuantType::ALL
         .into_iter()
         .filter(|t| t.is_quantized())
-        .map(|ty| gguf_model(dir.path(), ty, &mut rng))
+        .map(|ty| {
+            let inter = 256 * rng.gen_range(1..3);
+            small_gguf(dir.path(), ty, (2, inter, 320), &mut rng)
+        })
         .collect();
-    models.push(fp8_model(dir.path(), &mut rng));
+    models.push(small_fp8(dir.path(), &mut rng, 2));
     for model in &models {
         let mut slots = Vec::new();
         for dequant in Dequant::ALL {

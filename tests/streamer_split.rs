@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::models::{read_tensor, small_model};
+use common::models::{read_tensor, small_gguf, small_model};
 use common::tempdir;
 use layer_streamer::pipeline::ROW_MULTIPLE;
 use layer_streamer::quant::QuantType;
-use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
 use layer_streamer::{Budget, CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
 
@@ -96,30 +95,6 @@ fn check_split(model: &ModelIndex, s: &mut LayerStreamer, share: f64) -> u64 {
     host_total
 }
 
-fn gguf_model(dir: &std::path::Path, ty: QuantType, rng: &mut impl Rng) -> ModelIndex {
-    let spec = SynthGgufSpec {
-        arch: if rng.gen_bool(0.5) {
-            Arch::Llama
-        } else {
-            Arch::Qwen2
-        },
-        shape: Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 384,
-        },
-        ty,
-        tie: rng.gen_bool(0.5),
-        seed: rng.gen(),
-    };
-    let path = dir.join(format!("{ty}.gguf"));
-    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&path).unwrap()
-}
-
 #[test]
 fn both_views_are_the_files_rows_for_every_stored_type() {
     let mut rng = common::rng("both_views_are_the_files_rows_for_every_stored_type");
@@ -131,7 +106,7 @@ fn both_views_are_the_files_rows_for_every_stored_type() {
         models.push(small_model(&d, &mut rng, 3, dtype));
     }
     for ty in QuantType::ALL.into_iter().filter(|t| t.is_quantized()) {
-        models.push(gguf_model(dir.path(), ty, &mut rng));
+        models.push(small_gguf(dir.path(), ty, (2, 512, 384), &mut rng));
     }
     for model in &models {
         let share = [rng.gen_range(0.05..0.95), 0.5, 1.0][rng.gen_range(0..3)];

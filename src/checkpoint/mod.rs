@@ -319,6 +319,13 @@ impl ModelIndex {
         self.statics.iter().map(|t| t.len).sum()
     }
 
+    /// Whether any layer tensor is quantized: ggml blocks or an FP8 weight
+    /// with its scale.
+    pub fn has_quantized_layers(&self) -> bool {
+        let mut tensors = self.layers.iter().flat_map(|l| &l.tensors);
+        tensors.any(|t| t.info.quant.is_some() || t.info.scale.is_some())
+    }
+
     /// The distinct element types of all tensors, sorted.
     pub fn dtypes(&self) -> Vec<DType> {
         let mut v: Vec<DType> = self

@@ -353,11 +353,7 @@ impl StaticsMemory {
         let (embed, _, head) = crate::llm::layout::static_names(index, &cfg);
         let chunk = OUTPUT_CHUNK_BYTES;
         let mut m = StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)?;
-        let quantized = index
-            .layers()
-            .iter()
-            .flat_map(|l| &l.tensors)
-            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
+        let quantized = index.has_quantized_layers();
         if quantized {
             m.weight_scratch = 2 * crate::llm::gpu_weights::scratch_elems(&cfg) as u64;
         }

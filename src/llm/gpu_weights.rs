@@ -47,13 +47,7 @@ impl AtUse {
         cfg: &ModelConfig,
     ) -> Result<Option<Arc<AtUse>>> {
         let keeps = streamer.config().dequant.keeps_blocks() && streamer.config().dtype.is_some();
-        let quantized = streamer
-            .model()
-            .layers()
-            .iter()
-            .flat_map(|l| &l.tensors)
-            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
-        if !(keeps && quantized) {
+        if !(keeps && streamer.model().has_quantized_layers()) {
             return Ok(None);
         }
         let elems = scratch_elems(cfg);

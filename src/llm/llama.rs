@@ -177,11 +177,7 @@ impl LlamaModel {
     /// device).
     pub fn cuda_dtype(index: &crate::ModelIndex) -> crate::DType {
         use crate::DType;
-        let quantized = index
-            .layers()
-            .iter()
-            .flat_map(|l| &l.tensors)
-            .any(|t| t.info.quant.is_some() || t.info.scale.is_some());
+        let quantized = index.has_quantized_layers();
         if quantized {
             return DType::F16;
         }

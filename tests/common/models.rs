@@ -121,3 +121,44 @@ pub fn shards(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Writes a random GGUF model to `dir/<ty>.gguf` and opens it: layer
+/// matrices of block type `ty`, `layers` layers of hidden size 256 and
+/// `intermediate`, 4 heads over 2 KV heads, a vocabulary of `vocab`, a
+/// random architecture (Llama or Qwen2), tied or not.
+pub fn small_gguf(
+    dir: &Path,
+    ty: layer_streamer::quant::QuantType,
+    (layers, intermediate, vocab): (usize, usize, usize),
+    rng: &mut impl Rng,
+) -> ModelIndex {
+    use layer_streamer::synth::{write_gguf, SynthGgufSpec};
+    let spec = SynthGgufSpec {
+        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
+        shape: Shape {
+            hidden: 256,
+            intermediate,
+            layers,
+            heads: 4,
+            kv_heads: 2,
+            vocab,
+        },
+        ty,
+        tie: rng.gen_bool(0.5),
+        seed: rng.gen(),
+    };
+    let path = dir.join(format!("{ty}.gguf"));
+    write_gguf(&path, &spec, &mut |_, _| {}).expect("write a synthetic GGUF model");
+    ModelIndex::open(&path).expect("open the synthetic GGUF model")
+}
+
+/// Writes a small random bf16 model into `dir/bf16` and its FP8 copy
+/// (128×128 block scales, `synth::quantize_fp8`) into `dir/fp8`, and opens
+/// the copy.
+pub fn small_fp8(dir: &Path, rng: &mut impl Rng, layers: usize) -> ModelIndex {
+    let (src, dst) = (dir.join("bf16"), dir.join("fp8"));
+    std::fs::create_dir_all(&src).expect("create the source directory");
+    small_model(&src, rng, layers, DType::BF16);
+    layer_streamer::synth::quantize_fp8(&src, &dst, &mut |_, _| {}).expect("quantize to FP8");
+    ModelIndex::open(&dst).expect("open the FP8 model")
+}
