@@ -1,5 +1,6 @@
 //! Dequantization on the device: `kernels/dequant.cu`, two kernels per
-//! [`QuantType`] (bf16 and f16 output), each bit-identical to
+//! [`QuantType`] (bf16 and f16 output; a block type's kernels write 8
+//! consecutive elements per thread), each bit-identical to
 //! [`dequantize_bf16`](super::dequantize_bf16) /
 //! [`dequantize_f16`](super::dequantize_f16) on the host.
 //!
@@ -198,7 +199,9 @@ impl DequantKernels {
         let mut args = [src, dst, n];
         let mut params: Vec<*mut c_void> =
             args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // The block types' kernels write 8 elements per thread.
+        let per_thread = if ty.is_quantized() { 8 } else { 1 };
+        let grid = (n / per_thread).div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
         // SAFETY: every dequant kernel takes (const uint8_t*, uint16_t*, u64),
         // passed as three 64-bit values that `params` points to for the call;
         // the device ranges for n elements are the caller's contract above.
@@ -257,7 +260,8 @@ impl DequantKernels {
         let mut args = [src, ids, dst, tokens, hidden, out];
         let mut params: Vec<*mut c_void> =
             args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // 8 elements per thread (hidden is a multiple of the block, so of 8).
+        let grid = (n / 8).div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
         // SAFETY: every gather kernel takes (const uint8_t*, const uint32_t*,
         // float*, u64, u64, u64), passed as six 64-bit values that `params`
         // points to for the call; the device ranges are the caller's
