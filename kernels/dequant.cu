@@ -1,6 +1,7 @@
 // Dequantization of ggml blocks (as GGUF stores them) into bf16 or f16, two
-// kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), compiled into
-// their own PTX module (kernels/ptx/dequant.ptx) and loaded by
+// kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), and the
+// fused dequantize-and-multiply of a few tokens (`gemv_<type>`, at the end),
+// compiled into their own PTX module (kernels/ptx/dequant.ptx) and loaded by
 // `quant::device::DequantKernels`.
 //
 // For the block types each thread computes 8 consecutive outputs (grid-stride
@@ -524,3 +525,157 @@ DEQUANT_GATHER(q5_1, 32, 24)
 DEQUANT_GATHER(q4_k, 256, 144)
 DEQUANT_GATHER(q5_k, 256, 176)
 DEQUANT_GATHER(q6_k, 256, 210)
+
+// Fused dequantization and product for a few tokens (decode):
+// y[b * ldy + r] (+)= sum_k W[r, k] * x[b, k] for b < t (t <= 8) and
+// r < rows, W a [rows, k] matrix of ggml blocks (row r at w + r * row_bytes,
+// k a multiple of QK, checked on the host). Each weight is the decoded value
+// rounded to the model dtype (bf16, or f16 saturating) as the dequantization
+// kernels above write it, so the product uses the weights the dequantize +
+// GEMM path multiplies. x is [t, k] 16-bit of the model dtype, x_hi plus
+// x_lo when x_lo is not null (summed in f32). Products accumulate in f32.
+//
+// flags: bit 0 the model dtype (0 bf16, 1 f16), of x, of the weights'
+// rounding and of a 16-bit y; bit 1 y is 16-bit (else f32); bit 2 y
+// accumulates (beta = 1, f32 y only; else beta = 0 and y is not read).
+//
+// One warp per output row (rows stride over the grid's warps); its lanes
+// stride over the row's 8-element chunks with one decode8 each, keep one
+// accumulator per token, and are summed with shuffles; lane b writes token
+// b's output.
+#define GEMV_F16 1u
+#define GEMV_Y16 2u
+#define GEMV_ACCUMULATE 4u
+
+__device__ __forceinline__ float h_to_f32(uint16_t h, bool f16) {
+    return f16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h);
+}
+
+// Eight 16-bit values at p (16-byte aligned when vec) widened to f32.
+__device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, bool f16, float out[8]) {
+    uint32_t w[4];
+    if (vec) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+        w[2] = v.z;
+        w[3] = v.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            w[k] = (uint32_t)p[2 * k] | ((uint32_t)p[2 * k + 1] << 16);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = h_to_f32((uint16_t)(w[i / 2] >> (16 * (i % 2))), f16);
+    }
+}
+
+// acc[b] += dot(wv, x[b, c * 8 .. c * 8 + 8]) for b < t.
+__device__ __forceinline__ void gemv_chunk(const float wv[8], const uint16_t* x_hi,
+                                           const uint16_t* x_lo, u64 off, u64 k, unsigned t,
+                                           bool vec, bool f16, float acc[8]) {
+#pragma unroll
+    for (unsigned b = 0; b < 8; ++b) {
+        if (b < t) {
+            float xv[8];
+            load_h8(x_hi + b * k + off, vec, f16, xv);
+            if (x_lo) {
+                float lv[8];
+                load_h8(x_lo + b * k + off, vec, f16, lv);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    xv[i] = __fadd_rn(xv[i], lv[i]);
+                }
+            }
+            float s = acc[b];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                s = fmaf(wv[i], xv[i], s);
+            }
+            acc[b] = s;
+        }
+    }
+}
+
+// Sums each token's accumulator over the warp; lane b < t writes token b.
+__device__ __forceinline__ void gemv_store(float acc[8], void* y, u64 r, u64 ldy, unsigned t,
+                                           unsigned flags) {
+    const unsigned lane = threadIdx.x % 32;
+    float mine = 0.0f;
+#pragma unroll
+    for (unsigned b = 0; b < 8; ++b) {
+        if (b < t) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], o);
+            }
+            if (lane == b) {
+                mine = acc[b];
+            }
+        }
+    }
+    if (lane >= t) {
+        return;
+    }
+    const u64 i = (u64)lane * ldy + r;
+    if (flags & GEMV_Y16) {
+        static_cast<uint16_t*>(y)[i] = (flags & GEMV_F16) ? __half_as_ushort(__float2half_rn(mine))
+                                                          : f32_to_bf16_bits(mine);
+    } else {
+        float* yf = static_cast<float*>(y);
+        yf[i] = (flags & GEMV_ACCUMULATE) ? yf[i] + mine : mine;
+    }
+}
+
+template <typename D, unsigned QK, unsigned BYTES>
+__device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
+                                          const uint16_t* __restrict__ x_hi,
+                                          const uint16_t* __restrict__ x_lo, void* y, u64 rows,
+                                          u64 k, u64 t, u64 ldy, u64 flags) {
+    const bool f16 = (flags & GEMV_F16) != 0;
+    const bool vec = aligned16(x_hi) && (x_lo == nullptr || aligned16(x_lo));
+    const u64 warps = blockDim.x / 32, row_bytes = k / QK * BYTES, chunks = k / 8;
+    const unsigned lane = threadIdx.x % 32, nt = (unsigned)t;
+    for (u64 r = (u64)blockIdx.x * warps + threadIdx.x / 32; r < rows;
+         r += (u64)gridDim.x * warps) {
+        const uint8_t* wr = w + r * row_bytes;
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (u64 c = lane; c < chunks; c += 32) {
+            float wv[8];
+            D::decode8(wr + (c / (QK / 8)) * BYTES, (unsigned)(c % (QK / 8)) * 8u, wv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                wv[i] = f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(wv[i]))
+                            : bf16_bits_to_f32(f32_to_bf16_bits(wv[i]));
+            }
+            gemv_chunk(wv, x_hi, x_lo, c * 8, k, nt, vec, f16, acc);
+        }
+        gemv_store(acc, y, r, ldy, nt, (unsigned)flags);
+    }
+}
+
+// `gemv_NAME(w, x_hi, x_lo, y, rows, k, t, ldy, flags)`.
+#define GEMV_KERNEL(NAME, QK, BYTES)                                                   \
+    struct NAME##_decoder {                                                            \
+        static __device__ __forceinline__ void decode8(const uint8_t* b, unsigned e0,   \
+                                                       float out[8]) {                 \
+            NAME##_decode8(b, e0, out);                                                \
+        }                                                                              \
+    };                                                                                 \
+    extern "C" __global__ void gemv_##NAME(const uint8_t* __restrict__ w,              \
+                                           const uint16_t* __restrict__ x_hi,          \
+                                           const uint16_t* __restrict__ x_lo, void* y, \
+                                           u64 rows, u64 k, u64 t, u64 ldy, u64 flags) { \
+        gemv_rows<NAME##_decoder, QK, BYTES>(w, x_hi, x_lo, y, rows, k, t, ldy, flags); \
+    }
+
+GEMV_KERNEL(q8_0, 32, 34)
+GEMV_KERNEL(q4_0, 32, 18)
+GEMV_KERNEL(q4_1, 32, 20)
+GEMV_KERNEL(q5_0, 32, 22)
+GEMV_KERNEL(q5_1, 32, 24)
+GEMV_KERNEL(q4_k, 256, 144)
+GEMV_KERNEL(q5_k, 256, 176)
+GEMV_KERNEL(q6_k, 256, 210)

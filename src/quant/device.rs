@@ -16,6 +16,10 @@ use crate::cuda::{Context, Function, Module, Stream};
 use crate::error::{Error, Result};
 use crate::DType;
 
+#[path = "gemv.rs"]
+mod gemv;
+pub use gemv::{gemv_kernel_name, Gemv, GEMV_MAX_TOKENS};
+
 /// PTX of `kernels/dequant.cu`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
 
@@ -111,6 +115,8 @@ pub struct DequantKernels {
     fp8: [Function; 2],
     /// [`gather_kernel_name`], indexed like [`QuantType::ALL`].
     gather: Vec<Option<Function>>,
+    /// [`gemv_kernel_name`], indexed like [`QuantType::ALL`].
+    gemv: Vec<Option<Function>>,
 }
 
 impl DequantKernels {
@@ -128,19 +134,19 @@ impl DequantKernels {
             module.function(FP8_KERNEL)?,
             module.function(FP8_KERNEL_F16)?,
         ];
-        let gather = QuantType::ALL
-            .into_iter()
-            .map(|t| {
-                gather_kernel_name(t)
-                    .map(|n| module.function(n))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let optional = |name: fn(QuantType) -> Option<&'static str>| {
+            QuantType::ALL
+                .into_iter()
+                .map(|t| name(t).map(|n| module.function(n)).transpose())
+                .collect::<Result<Vec<_>>>()
+        };
+        let (gather, gemv) = (optional(gather_kernel_name)?, optional(gemv_kernel_name)?);
         Ok(DequantKernels {
             _module: module,
             functions,
             fp8,
             gather,
+            gemv,
         })
     }
 
@@ -385,5 +391,9 @@ mod tests {
         }
         let e = kernel_name_for(QuantType::Q4_K, DType::F32).unwrap_err();
         assert!(e.to_string().contains("bf16 or f16, not"), "{e}");
+        for name in QuantType::ALL.into_iter().filter_map(gemv_kernel_name) {
+            let entry = format!(".entry {name}(");
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        }
     }
 }
