@@ -1,10 +1,14 @@
 // Dequantization of ggml blocks (as GGUF stores them) into bf16 or f16, two
-// kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), compiled into
-// their own PTX module (kernels/ptx/dequant.ptx) and loaded by
+// kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), and the
+// fused dequantize-and-multiply of a few tokens (`gemv_<type>`, at the end),
+// compiled into their own PTX module (kernels/ptx/dequant.ptx) and loaded by
 // `quant::device::DequantKernels`.
 //
-// Each thread computes one output element (grid-stride over n = blocks *
-// elements per block) from its block's scales and its packed value. Products
+// For the block types each thread computes 8 consecutive outputs (grid-stride
+// over n / 8 groups; a block's 32 or 256 elements are a whole number of
+// groups) with one `NAME_decode8`, which decodes the sub-block's scales once,
+// and writes them with one 16-byte store where the output allows. The plain
+// float types (f32, f16, bf16) compute one element per thread. Products
 // and sums are single f32 operations with round-to-nearest (__fmul_rn,
 // __fadd_rn, __fsub_rn: never contracted into an FMA) in the order of the
 // host decoder (src/quant/blocks.rs), then rounded to bf16 or f16 to nearest
@@ -34,8 +38,9 @@ __device__ __forceinline__ uint16_t f32_to_f16_sat_bits(float x) {
     return __half_as_ushort(__float2half_rn(x));
 }
 
-// One element decoder per type, `float NAME_value(block, e)`, and two kernels
-// over it: `dequant_NAME_bf16` and `dequant_NAME_f16`.
+// One element decoder per type, `float NAME_value(block, e)`; for the plain
+// float types two kernels over it, `dequant_NAME_bf16` and `dequant_NAME_f16`
+// (the block types' kernels are built on `NAME_decode8` below).
 #define DEQUANT_KERNEL_OUT(NAME, QK, BYTES, OUT, CONVERT)                               \
     extern "C" __global__ void dequant_##NAME##_##OUT(const uint8_t* __restrict__ src,  \
                                                       uint16_t* __restrict__ dst, u64 n) { \
@@ -45,13 +50,16 @@ __device__ __forceinline__ uint16_t f32_to_f16_sat_bits(float x) {
         }                                                                              \
     }
 
-#define DEQUANT_KERNEL(NAME, QK, BYTES, ...)                                           \
+#define DEQUANT_VALUE(NAME, ...)                                                       \
     __device__ __forceinline__ float NAME##_value(const uint8_t* b, unsigned e) {      \
         float x;                                                                       \
         (void)e;                                                                       \
         __VA_ARGS__                                                                    \
         return x;                                                                      \
-    }                                                                                  \
+    }
+
+#define DEQUANT_KERNEL(NAME, QK, BYTES, ...)                                           \
+    DEQUANT_VALUE(NAME, __VA_ARGS__)                                                   \
     DEQUANT_KERNEL_OUT(NAME, QK, BYTES, bf16, f32_to_bf16_bits)                        \
     DEQUANT_KERNEL_OUT(NAME, QK, BYTES, f16, f32_to_f16_sat_bits)
 
@@ -95,7 +103,7 @@ extern "C" __global__ void dequant_bf16_f16(const uint8_t* __restrict__ src,
 }
 
 // Q8_0: f16 d, 32 x i8.
-DEQUANT_KERNEL(q8_0, 32, 34, {
+DEQUANT_VALUE(q8_0, {
     x = __fmul_rn((float)(int8_t)b[2 + e], f16_at(b));
 })
 
@@ -111,23 +119,23 @@ __device__ __forceinline__ unsigned high_bit32(const uint8_t* qh, unsigned e) {
 }
 
 // Q4_0: f16 d, 16 bytes of nibbles; x = d * (q - 8).
-DEQUANT_KERNEL(q4_0, 32, 18, {
+DEQUANT_VALUE(q4_0, {
     x = __fmul_rn(f16_at(b), (float)((int)nibble32(b + 2, e) - 8));
 })
 
 // Q4_1: f16 d, f16 m, 16 bytes of nibbles; x = d * q + m.
-DEQUANT_KERNEL(q4_1, 32, 20, {
+DEQUANT_VALUE(q4_1, {
     x = __fadd_rn(__fmul_rn(f16_at(b), (float)nibble32(b + 4, e)), f16_at(b + 2));
 })
 
 // Q5_0: f16 d, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * (q - 16).
-DEQUANT_KERNEL(q5_0, 32, 22, {
+DEQUANT_VALUE(q5_0, {
     int q = (int)(nibble32(b + 6, e) | (high_bit32(b + 2, e) << 4));
     x = __fmul_rn(f16_at(b), (float)(q - 16));
 })
 
 // Q5_1: f16 d, f16 m, 4 bytes of fifth bits, 16 bytes of nibbles; x = d * q + m.
-DEQUANT_KERNEL(q5_1, 32, 24, {
+DEQUANT_VALUE(q5_1, {
     unsigned q = nibble32(b + 8, e) | (high_bit32(b + 4, e) << 4);
     x = __fadd_rn(__fmul_rn(f16_at(b), (float)q), f16_at(b + 2));
 })
@@ -162,24 +170,235 @@ __device__ __forceinline__ unsigned k_nibble(const uint8_t* qs, unsigned e) {
 }
 
 // Q4_K: f16 d, f16 dmin, 12 scale bytes, 128 bytes of nibbles.
-DEQUANT_KERNEL(q4_k, 256, 144, { x = k_value(b, e, k_nibble(b + 16, e)); })
+DEQUANT_VALUE(q4_k, { x = k_value(b, e, k_nibble(b + 16, e)); })
 
 // Q5_K: as Q4_K with 32 bytes of fifth bits before the nibbles: bit j of byte
 // l is element l of sub-block j.
-DEQUANT_KERNEL(q5_k, 256, 176, {
+DEQUANT_VALUE(q5_k, {
     unsigned q = k_nibble(b + 48, e) | (((b[16 + e % 32] >> (e / 32)) & 1u) << 4);
     x = k_value(b, e, q);
 })
 
 // Q6_K: 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 signed scales,
 // f16 d; x = (d * scale) * (q - 32).
-DEQUANT_KERNEL(q6_k, 256, 210, {
+DEQUANT_VALUE(q6_k, {
     unsigned half = e / 128, r = e % 128;
     unsigned low = r < 64 ? (b[half * 64 + r] & 0x0fu) : (b[half * 64 + r - 64] >> 4);
     unsigned high = (b[128 + half * 32 + r % 32] >> (2 * (r / 32))) & 3u;
     float ds = __fmul_rn(f16_at(b + 208), (float)(int8_t)b[192 + e / 16]);
     x = __fmul_rn(ds, (float)((int)(low | (high << 4)) - 32));
 })
+
+// Eight consecutive elements e0..e0+8 of one block (e0 a multiple of 8), one
+// decoder per block type, `NAME_decode8(block, e0, out)`: the sub-block's
+// scale and min are decoded once and the packed values read with as few
+// loads as the address's alignment allows. Every output is bit-identical to
+// `NAME_value(block, e0 + i)` (the same f32 operations in the same order).
+
+// The 4 bytes at p as a little-endian u32, with the widest loads p's
+// alignment allows.
+__device__ __forceinline__ uint32_t load_u32(const uint8_t* p) {
+    const u64 a = (u64)p;
+    if ((a & 3u) == 0) {
+        return *reinterpret_cast<const uint32_t*>(p);
+    }
+    if ((a & 1u) == 0) {
+        const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+        return (uint32_t)h[0] | ((uint32_t)h[1] << 16);
+    }
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) |
+           ((uint32_t)p[3] << 24);
+}
+
+// The 8 bytes at p as two little-endian u32 (bytes 0..4, 4..8).
+__device__ __forceinline__ uint2 load_u64(const uint8_t* p) {
+    if (((u64)p & 7u) == 0) {
+        return *reinterpret_cast<const uint2*>(p);
+    }
+    return make_uint2(load_u32(p), load_u32(p + 4));
+}
+
+// Byte i (0..8, a compile-time constant once unrolled) of 8 loaded bytes.
+__device__ __forceinline__ unsigned byte_of(uint2 v, int i) {
+    return ((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xffu;
+}
+
+// Q8_0: bytes 2 + e0 .. 2 + e0 + 8.
+__device__ __forceinline__ void q8_0_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const float d = f16_at(b);
+    const uint2 q = load_u64(b + 2 + e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = __fmul_rn((float)(int8_t)byte_of(q, i), d);
+    }
+}
+
+// The 8 nibbles of elements e0..e0+8 of a 16-byte Q4_x/Q5_x payload (see
+// nibble32): low nibbles of qs[e0..] below 16, high nibbles of qs[e0-16..]
+// from 16 on.
+__device__ __forceinline__ uint2 nibbles8(const uint8_t* qs, unsigned e0) {
+    const uint2 v = load_u64(qs + (e0 & 15u));
+    const unsigned s = e0 < 16 ? 0u : 4u;
+    return make_uint2((v.x >> s) & 0x0f0f0f0fu, (v.y >> s) & 0x0f0f0f0fu);
+}
+
+// Q4_0: x = d * (q - 8).
+__device__ __forceinline__ void q4_0_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const float d = f16_at(b);
+    const uint2 q = nibbles8(b + 2, e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = __fmul_rn(d, (float)((int)byte_of(q, i) - 8));
+    }
+}
+
+// Q4_1: x = d * q + m.
+__device__ __forceinline__ void q4_1_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    const uint2 q = nibbles8(b + 4, e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = __fadd_rn(__fmul_rn(d, (float)byte_of(q, i)), m);
+    }
+}
+
+// Q5_0: x = d * (q - 16), the fifth bits of e0..e0+8 in byte e0 / 8 of qh.
+__device__ __forceinline__ void q5_0_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const float d = f16_at(b);
+    const unsigned h = b[2 + e0 / 8];
+    const uint2 q = nibbles8(b + 6, e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int v = (int)(byte_of(q, i) | (((h >> i) & 1u) << 4));
+        out[i] = __fmul_rn(d, (float)(v - 16));
+    }
+}
+
+// Q5_1: x = d * q + m.
+__device__ __forceinline__ void q5_1_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const float d = f16_at(b), m = f16_at(b + 2);
+    const unsigned h = b[4 + e0 / 8];
+    const uint2 q = nibbles8(b + 8, e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const unsigned v = byte_of(q, i) | (((h >> i) & 1u) << 4);
+        out[i] = __fadd_rn(__fmul_rn(d, (float)v), m);
+    }
+}
+
+// The nibbles of elements e0..e0+8 of a K block's qs (see k_nibble).
+__device__ __forceinline__ uint2 k_nibbles8(const uint8_t* qs, unsigned e0) {
+    const unsigned j = e0 / 32;
+    const uint2 v = load_u64(qs + (j / 2) * 32 + e0 % 32);
+    const unsigned s = 4 * (j % 2);
+    return make_uint2((v.x >> s) & 0x0f0f0f0fu, (v.y >> s) & 0x0f0f0f0fu);
+}
+
+// Sub-block scale and min of a Q4_K/Q5_K block for elements from e0, as
+// k_value computes them: dl = d * sc, ml = dmin * m.
+__device__ __forceinline__ void k_scales(const uint8_t* b, unsigned e0, float* dl, float* ml) {
+    unsigned sc, m;
+    scale_min_k4(e0 / 32, b + 4, &sc, &m);
+    *dl = __fmul_rn(f16_at(b), (float)sc);
+    *ml = __fmul_rn(f16_at(b + 2), (float)m);
+}
+
+// Q4_K: x = dl * q - ml.
+__device__ __forceinline__ void q4_k_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    float dl, ml;
+    k_scales(b, e0, &dl, &ml);
+    const uint2 q = k_nibbles8(b + 16, e0);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = __fsub_rn(__fmul_rn(dl, (float)byte_of(q, i)), ml);
+    }
+}
+
+// Q5_K: the fifth bit of element e is bit e / 32 of qh[e % 32].
+__device__ __forceinline__ void q5_k_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    float dl, ml;
+    k_scales(b, e0, &dl, &ml);
+    const uint2 q = k_nibbles8(b + 48, e0);
+    const uint2 h = load_u64(b + 16 + e0 % 32);
+    const unsigned j = e0 / 32;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const unsigned v = byte_of(q, i) | (((byte_of(h, i) >> j) & 1u) << 4);
+        out[i] = __fsub_rn(__fmul_rn(dl, (float)v), ml);
+    }
+}
+
+// Q6_K: elements e0..e0+8 share one half (e / 128), one 32-quarter of it and
+// one signed scale (e / 16).
+__device__ __forceinline__ void q6_k_decode8(const uint8_t* b, unsigned e0, float out[8]) {
+    const unsigned half = e0 / 128, r = e0 % 128;
+    const uint2 lo = load_u64(b + half * 64 + r % 64);
+    const unsigned ls = r < 64 ? 0u : 4u;
+    const uint2 hi = load_u64(b + 128 + half * 32 + r % 32);
+    const unsigned hs = 2 * (r / 32);
+    const float ds = __fmul_rn(f16_at(b + 208), (float)(int8_t)b[192 + e0 / 16]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const unsigned low = (byte_of(lo, i) >> ls) & 0x0fu;
+        const unsigned high = (byte_of(hi, i) >> hs) & 3u;
+        out[i] = __fmul_rn(ds, (float)((int)(low | (high << 4)) - 32));
+    }
+}
+
+// Eight converted outputs (as four pairs) at p = dst + 8 * group: one 16-byte
+// store when dst is 16-byte aligned (mis, dst's address mod 16, is then 0 for
+// every group), four 4-byte stores when it is 4-byte aligned, else eight
+// 2-byte stores.
+__device__ __forceinline__ void store8(uint16_t* p, const uint32_t w[4], unsigned mis) {
+    if (mis == 0) {
+        *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else if ((mis & 3u) == 0) {
+        uint32_t* q = reinterpret_cast<uint32_t*>(p);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            q[k] = w[k];
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            p[2 * k] = (uint16_t)(w[k] & 0xffffu);
+            p[2 * k + 1] = (uint16_t)(w[k] >> 16);
+        }
+    }
+}
+
+// `dequant_NAME_bf16` / `dequant_NAME_f16` of a block type: group g is
+// elements 8g..8g+8, in block g / (QK / 8).
+#define DEQUANT_KERNEL8_OUT(NAME, QK, BYTES, OUT, CONVERT)                              \
+    extern "C" __global__ void dequant_##NAME##_##OUT(const uint8_t* __restrict__ src,  \
+                                                      uint16_t* __restrict__ dst, u64 n) { \
+        const u64 groups = n / 8;                                                      \
+        const unsigned mis = (unsigned)((u64)dst & 15u);                               \
+        for (u64 g = grid_thread(); g < groups; g += grid_threads()) {                 \
+            float v[8];                                                                \
+            NAME##_decode8(src + (g / ((QK) / 8)) * (BYTES),                           \
+                           (unsigned)(g % ((QK) / 8)) * 8u, v);                        \
+            uint32_t w[4];                                                             \
+            _Pragma("unroll") for (int k = 0; k < 4; ++k) {                            \
+                w[k] = (uint32_t)CONVERT(v[2 * k]) |                                   \
+                       ((uint32_t)CONVERT(v[2 * k + 1]) << 16);                        \
+            }                                                                          \
+            store8(dst + 8 * g, w, mis);                                               \
+        }                                                                              \
+    }
+
+#define DEQUANT_KERNEL8(NAME, QK, BYTES)                                               \
+    DEQUANT_KERNEL8_OUT(NAME, QK, BYTES, bf16, f32_to_bf16_bits)                       \
+    DEQUANT_KERNEL8_OUT(NAME, QK, BYTES, f16, f32_to_f16_sat_bits)
+
+DEQUANT_KERNEL8(q8_0, 32, 34)
+DEQUANT_KERNEL8(q4_0, 32, 18)
+DEQUANT_KERNEL8(q4_1, 32, 20)
+DEQUANT_KERNEL8(q5_0, 32, 22)
+DEQUANT_KERNEL8(q5_1, 32, 24)
+DEQUANT_KERNEL8(q4_k, 256, 144)
+DEQUANT_KERNEL8(q5_k, 256, 176)
+DEQUANT_KERNEL8(q6_k, 256, 210)
 
 // FP8 weights as safetensors checkpoints store them: a [rows, cols] matrix of
 // E4M3 (float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN) or E5M2 (the
@@ -263,20 +482,38 @@ extern "C" __global__ void dequant_fp8_f16(const uint8_t* __restrict__ src,
 // widened. The embedding lookup of a tied quantized model, whose matrix
 // stays on the device as its blocks for the output GEMM: the same values as
 // a lookup in the dequantized 16-bit matrix. hidden is a multiple of QK
-// (checked on the host).
+// (checked on the host), so a group of 8 outputs never crosses a row.
+__device__ __forceinline__ void store8_f32(float* p, const float v[8], bool vec) {
+    if (vec) {
+        float4* q = reinterpret_cast<float4*>(p);
+        q[0] = make_float4(v[0], v[1], v[2], v[3]);
+        q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            p[k] = v[k];
+        }
+    }
+}
+
 #define DEQUANT_GATHER(NAME, QK, BYTES)                                                \
     extern "C" __global__ void gather_##NAME##_f32(const uint8_t* __restrict__ src,    \
                                                    const uint32_t* __restrict__ ids,   \
                                                    float* __restrict__ dst, u64 tokens, \
                                                    u64 hidden, u64 out_f16) {          \
-        const u64 n = tokens * hidden;                                                 \
+        const u64 per_row = hidden / 8, groups = tokens * per_row;                     \
         const u64 row_bytes = hidden / (QK) * (BYTES);                                 \
-        for (u64 i = grid_thread(); i < n; i += grid_threads()) {                      \
-            const u64 t = i / hidden, c = i % hidden;                                  \
+        const bool vec = aligned16(dst);                                               \
+        for (u64 g = grid_thread(); g < groups; g += grid_threads()) {                 \
+            const u64 t = g / per_row, c = (g % per_row) * 8;                          \
             const uint8_t* b = src + (u64)ids[t] * row_bytes + (c / (QK)) * (BYTES);   \
-            const float x = NAME##_value(b, (unsigned)(c % (QK)));                     \
-            dst[i] = out_f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(x))                 \
-                             : bf16_bits_to_f32(f32_to_bf16_bits(x));                  \
+            float v[8];                                                                \
+            NAME##_decode8(b, (unsigned)(c % (QK)), v);                                \
+            _Pragma("unroll") for (int k = 0; k < 8; ++k) {                            \
+                v[k] = out_f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(v[k]))            \
+                               : bf16_bits_to_f32(f32_to_bf16_bits(v[k]));             \
+            }                                                                          \
+            store8_f32(dst + 8 * g, v, vec);                                           \
         }                                                                              \
     }
 
@@ -288,3 +525,157 @@ DEQUANT_GATHER(q5_1, 32, 24)
 DEQUANT_GATHER(q4_k, 256, 144)
 DEQUANT_GATHER(q5_k, 256, 176)
 DEQUANT_GATHER(q6_k, 256, 210)
+
+// Fused dequantization and product for a few tokens (decode):
+// y[b * ldy + r] (+)= sum_k W[r, k] * x[b, k] for b < t (t <= 8) and
+// r < rows, W a [rows, k] matrix of ggml blocks (row r at w + r * row_bytes,
+// k a multiple of QK, checked on the host). Each weight is the decoded value
+// rounded to the model dtype (bf16, or f16 saturating) as the dequantization
+// kernels above write it, so the product uses the weights the dequantize +
+// GEMM path multiplies. x is [t, k] 16-bit of the model dtype, x_hi plus
+// x_lo when x_lo is not null (summed in f32). Products accumulate in f32.
+//
+// flags: bit 0 the model dtype (0 bf16, 1 f16), of x, of the weights'
+// rounding and of a 16-bit y; bit 1 y is 16-bit (else f32); bit 2 y
+// accumulates (beta = 1, f32 y only; else beta = 0 and y is not read).
+//
+// One warp per output row (rows stride over the grid's warps); its lanes
+// stride over the row's 8-element chunks with one decode8 each, keep one
+// accumulator per token, and are summed with shuffles; lane b writes token
+// b's output.
+#define GEMV_F16 1u
+#define GEMV_Y16 2u
+#define GEMV_ACCUMULATE 4u
+
+__device__ __forceinline__ float h_to_f32(uint16_t h, bool f16) {
+    return f16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h);
+}
+
+// Eight 16-bit values at p (16-byte aligned when vec) widened to f32.
+__device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, bool f16, float out[8]) {
+    uint32_t w[4];
+    if (vec) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x;
+        w[1] = v.y;
+        w[2] = v.z;
+        w[3] = v.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            w[k] = (uint32_t)p[2 * k] | ((uint32_t)p[2 * k + 1] << 16);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        out[i] = h_to_f32((uint16_t)(w[i / 2] >> (16 * (i % 2))), f16);
+    }
+}
+
+// acc[b] += dot(wv, x[b, c * 8 .. c * 8 + 8]) for b < t.
+__device__ __forceinline__ void gemv_chunk(const float wv[8], const uint16_t* x_hi,
+                                           const uint16_t* x_lo, u64 off, u64 k, unsigned t,
+                                           bool vec, bool f16, float acc[8]) {
+#pragma unroll
+    for (unsigned b = 0; b < 8; ++b) {
+        if (b < t) {
+            float xv[8];
+            load_h8(x_hi + b * k + off, vec, f16, xv);
+            if (x_lo) {
+                float lv[8];
+                load_h8(x_lo + b * k + off, vec, f16, lv);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    xv[i] = __fadd_rn(xv[i], lv[i]);
+                }
+            }
+            float s = acc[b];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                s = fmaf(wv[i], xv[i], s);
+            }
+            acc[b] = s;
+        }
+    }
+}
+
+// Sums each token's accumulator over the warp; lane b < t writes token b.
+__device__ __forceinline__ void gemv_store(float acc[8], void* y, u64 r, u64 ldy, unsigned t,
+                                           unsigned flags) {
+    const unsigned lane = threadIdx.x % 32;
+    float mine = 0.0f;
+#pragma unroll
+    for (unsigned b = 0; b < 8; ++b) {
+        if (b < t) {
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) {
+                acc[b] += __shfl_xor_sync(0xffffffffu, acc[b], o);
+            }
+            if (lane == b) {
+                mine = acc[b];
+            }
+        }
+    }
+    if (lane >= t) {
+        return;
+    }
+    const u64 i = (u64)lane * ldy + r;
+    if (flags & GEMV_Y16) {
+        static_cast<uint16_t*>(y)[i] = (flags & GEMV_F16) ? __half_as_ushort(__float2half_rn(mine))
+                                                          : f32_to_bf16_bits(mine);
+    } else {
+        float* yf = static_cast<float*>(y);
+        yf[i] = (flags & GEMV_ACCUMULATE) ? yf[i] + mine : mine;
+    }
+}
+
+template <typename D, unsigned QK, unsigned BYTES>
+__device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
+                                          const uint16_t* __restrict__ x_hi,
+                                          const uint16_t* __restrict__ x_lo, void* y, u64 rows,
+                                          u64 k, u64 t, u64 ldy, u64 flags) {
+    const bool f16 = (flags & GEMV_F16) != 0;
+    const bool vec = aligned16(x_hi) && (x_lo == nullptr || aligned16(x_lo));
+    const u64 warps = blockDim.x / 32, row_bytes = k / QK * BYTES, chunks = k / 8;
+    const unsigned lane = threadIdx.x % 32, nt = (unsigned)t;
+    for (u64 r = (u64)blockIdx.x * warps + threadIdx.x / 32; r < rows;
+         r += (u64)gridDim.x * warps) {
+        const uint8_t* wr = w + r * row_bytes;
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (u64 c = lane; c < chunks; c += 32) {
+            float wv[8];
+            D::decode8(wr + (c / (QK / 8)) * BYTES, (unsigned)(c % (QK / 8)) * 8u, wv);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                wv[i] = f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(wv[i]))
+                            : bf16_bits_to_f32(f32_to_bf16_bits(wv[i]));
+            }
+            gemv_chunk(wv, x_hi, x_lo, c * 8, k, nt, vec, f16, acc);
+        }
+        gemv_store(acc, y, r, ldy, nt, (unsigned)flags);
+    }
+}
+
+// `gemv_NAME(w, x_hi, x_lo, y, rows, k, t, ldy, flags)`.
+#define GEMV_KERNEL(NAME, QK, BYTES)                                                   \
+    struct NAME##_decoder {                                                            \
+        static __device__ __forceinline__ void decode8(const uint8_t* b, unsigned e0,   \
+                                                       float out[8]) {                 \
+            NAME##_decode8(b, e0, out);                                                \
+        }                                                                              \
+    };                                                                                 \
+    extern "C" __global__ void gemv_##NAME(const uint8_t* __restrict__ w,              \
+                                           const uint16_t* __restrict__ x_hi,          \
+                                           const uint16_t* __restrict__ x_lo, void* y, \
+                                           u64 rows, u64 k, u64 t, u64 ldy, u64 flags) { \
+        gemv_rows<NAME##_decoder, QK, BYTES>(w, x_hi, x_lo, y, rows, k, t, ldy, flags); \
+    }
+
+GEMV_KERNEL(q8_0, 32, 34)
+GEMV_KERNEL(q4_0, 32, 18)
+GEMV_KERNEL(q4_1, 32, 20)
+GEMV_KERNEL(q5_0, 32, 22)
+GEMV_KERNEL(q5_1, 32, 24)
+GEMV_KERNEL(q4_k, 256, 144)
+GEMV_KERNEL(q5_k, 256, 176)
+GEMV_KERNEL(q6_k, 256, 210)

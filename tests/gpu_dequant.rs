@@ -64,10 +64,18 @@ fn device_dequantization_is_bit_exact_with_the_host() {
         .flat_map(|t| [(t, DType::BF16), (t, DType::F16)])
     {
         // A large case (more elements than one launch has threads, so the
-        // grid-stride loop wraps) and a small one at an odd source offset.
-        for (n_blocks, src_off) in [
-            ((1usize << 21) / ty.block_elems() as usize, 0usize),
-            (rng.gen_range(1..40), 1 + 2 * rng.gen_range(0..8)),
+        // grid-stride loop wraps) into a 16-byte aligned output, one block
+        // and a few blocks at an odd source offset into outputs 2 bytes past
+        // a 16-byte boundary and at a random even offset (the kernels store
+        // 16, 4 or 2 bytes at a time by the output's alignment).
+        for (n_blocks, src_off, dst_off) in [
+            ((1usize << 21) / ty.block_elems() as usize, 0usize, 0usize),
+            (1, 1 + 2 * rng.gen_range(0..8), 2),
+            (
+                rng.gen_range(2..40),
+                1 + 2 * rng.gen_range(0..8),
+                2 * rng.gen_range(0..8),
+            ),
         ] {
             let blocks = quant_blocks::random_blocks(ty, n_blocks, &mut rng);
             let n = n_blocks * ty.block_elems() as usize;
@@ -77,7 +85,6 @@ fn device_dequantization_is_bit_exact_with_the_host() {
             host_src[src_off..src_off + blocks.len()].copy_from_slice(&blocks);
             let src = DeviceBuffer::alloc(&ctx, host_src.len()).unwrap();
             src.copy_from_host(0, &host_src).unwrap();
-            let dst_off = 2 * rng.gen_range(0..8);
             let dst = DeviceBuffer::alloc(&ctx, dst_off + 2 * n + SLACK).unwrap();
             dst.copy_from_host(0, &vec![SENTINEL; dst.len()]).unwrap();
             // SAFETY: src holds n_blocks whole blocks at src_off, dst has room
@@ -149,10 +156,13 @@ fn gathered_rows_are_the_host_rows_rounded_and_widened() {
         let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
         let idb = upload(&ctx, &id_bytes, 0);
         let n = tokens * hidden;
-        let dst = DeviceBuffer::alloc(&ctx, 4 * n + SLACK).unwrap();
+        // Outputs 16-byte aligned or not (the kernels store 16 or 4 bytes
+        // at a time by the output's alignment).
+        let off = 4 * rng.gen_range(0..4);
+        let dst = DeviceBuffer::alloc(&ctx, off + 4 * n + SLACK).unwrap();
         dst.copy_from_host(0, &vec![SENTINEL; dst.len()]).unwrap();
         // SAFETY: src holds `rows` rows of blocks and every id is below
-        // rows; idb holds the ids, dst room for n f32s; all live until the
+        // rows; idb holds the ids, dst room for n f32s at off; all live until the
         // synchronize below.
         unsafe {
             kernels
@@ -161,7 +171,7 @@ fn gathered_rows_are_the_host_rows_rounded_and_widened() {
                     to,
                     src.ptr(),
                     idb.ptr(),
-                    dst.ptr(),
+                    dst.ptr() + off as u64,
                     tokens as u64,
                     hidden as u64,
                     &stream,
@@ -172,10 +182,13 @@ fn gathered_rows_are_the_host_rows_rounded_and_widened() {
         let mut out = vec![0u8; dst.len()];
         dst.copy_to_host(0, &mut out).unwrap();
         assert!(
-            out[4 * n..].iter().all(|&b| b == SENTINEL),
+            out[..off]
+                .iter()
+                .chain(&out[off + 4 * n..])
+                .all(|&b| b == SENTINEL),
             "{ty} to {to}: stray write"
         );
-        for (i, (w, g)) in want.iter().zip(out.chunks_exact(4)).enumerate() {
+        for (i, (w, g)) in want.iter().zip(out[off..].chunks_exact(4)).enumerate() {
             let got = f32::from_le_bytes([g[0], g[1], g[2], g[3]]);
             assert_eq!(
                 got.to_bits(),

@@ -4,7 +4,10 @@
 //! it. The logits equal those of the weights dequantized in the slots
 //! (`dequant slot`) for ggml block types and FP8, tied and untied, with and
 //! without layers resident in the GPU cache, in both precisions; the slots
-//! and the GPU cache take less. Skips without a driver unless `LS_REQUIRE_GPU=1`.
+//! and the GPU cache take less. Every pass here has more than 8 tokens, so
+//! that the weights at use go through the same GEMMs (passes of fewer take
+//! the fused GEMV, checked in tests/gpu_gemv.rs). Skips without a driver
+//! unless `LS_REQUIRE_GPU=1`.
 
 mod common;
 
@@ -73,9 +76,10 @@ fn gpu_dequantized_at_use_equals_dequantized_in_the_slots() {
     for (name, index) in &models {
         let vocab = index.config().and_then(|c| c["vocab_size"].as_u64());
         let vocab = vocab.unwrap_or(384) as u32;
+        // 3 prompts of 3 or more tokens: one pass of more than 8.
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|_| {
-                (0..rng.gen_range(1..12))
+                (0..rng.gen_range(3..12))
                     .map(|_| rng.gen_range(0..vocab))
                     .collect()
             })

@@ -1,6 +1,7 @@
 //! The forward pass on CUDA: cuBLAS GEMMs (bf16 or f16 operands, as the
-//! weights are; f32 accumulation)
-//! for every projection, the kernels of `kernels/model.cu` for the rest.
+//! weights are; f32 accumulation) for every projection (a fused GEMV for
+//! weights stored as ggml blocks in passes of at most 8 tokens, see
+//! [`gpu_weights`](super::gpu_weights)), the kernels of `kernels/model.cu` for the rest.
 //!
 //! The residual stream stays f32 on the device. GEMM inputs (RMSNorm,
 //! attention and SwiGLU outputs) are 16-bit: in [`Fast`](crate::llm::Precision::Fast) each is
@@ -400,7 +401,7 @@ impl CudaModel {
     ) -> Result<()> {
         let t = b.tokens.len();
         let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let (ws, hw, f) = (&self.ws, self.gemm_type(), GemmType::F32);
+        let (ws, f) = (&self.ws, GemmType::F32);
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, attn) = (ws.xn.split(), ws.attn.split());
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
@@ -422,12 +423,13 @@ impl CudaModel {
             self.phases.mark(s)?;
             k.rms_norm(s, ws.x.ptr(), norm, 0, xn, t, h, cfg.rms_norm_eps)?;
             self.phases.mark(s)?;
-            let q_w = w.matrix("self_attn.q_proj.weight", 0, s)?;
-            linear_split(blas, hw, xn, q_w, ws.q.ptr(), f, t, qd, h, 0.0)?;
-            let k_w = w.matrix("self_attn.k_proj.weight", 0, s)?;
-            linear_split(blas, hw, xn, k_w, ws.k.ptr(), f, t, kvd, h, 0.0)?;
-            let v_w = w.matrix("self_attn.v_proj.weight", 0, s)?;
-            linear_split(blas, hw, xn, v_w, ws.v.ptr(), f, t, kvd, h, 0.0)?;
+            // y (+)= x · Wᵀ for [n, k] weight `key`: a fused GEMV or a GEMM.
+            let mut linear = |key: &str, x, y, (n, kk), beta| {
+                w.linear(blas, key, 0, x, (y, f), (t, n, kk), beta, s)
+            };
+            linear("self_attn.q_proj.weight", xn, ws.q.ptr(), (qd, h), 0.0)?;
+            linear("self_attn.k_proj.weight", xn, ws.k.ptr(), (kvd, h), 0.0)?;
+            linear("self_attn.v_proj.weight", xn, ws.v.ptr(), (kvd, h), 0.0)?;
             self.phases.mark(s)?;
             let (q, kp, vp) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr());
             let rope = (self.cos.ptr(), self.sin.ptr());
@@ -441,8 +443,7 @@ impl CudaModel {
             self.kv.attended(layer, s)?;
             self.phases.mark(s)?;
             // o_proj accumulates into the residual stream (beta = 1).
-            let o_w = w.matrix("self_attn.o_proj.weight", 0, s)?;
-            linear_split(blas, hw, attn, o_w, ws.x.ptr(), f, t, h, qd, 1.0)?;
+            linear("self_attn.o_proj.weight", attn, ws.x.ptr(), (h, qd), 1.0)?;
             self.phases.mark(s)
         }
     }
@@ -469,9 +470,11 @@ impl CudaModel {
         let (xn, act, gu) = (ws.xn.split(), ws.act.split(), ws.gate_up.ptr());
         let (gk, uk) = ("mlp.gate_proj.weight", "mlp.up_proj.weight");
         let (g_st, u_st) = (w.stored(gk)?, w.stored(uk)?);
-        // Dequantized at use, gate and up land side by side in the scratch.
-        let fused =
-            (g_st && u_st) || (!g_st && !u_st && gate_up_adjacent(&w.view(gk)?, &w.view(uk)?));
+        // Dequantized at use, gate and up land side by side in the scratch;
+        // as fused GEMVs (few tokens), each writes its own [t, inter] half.
+        let gemv = w.gemv_type(gk, t)?.is_some() && w.gemv_type(uk, t)?.is_some();
+        let fused = !gemv
+            && ((g_st && u_st) || (!g_st && !u_st && gate_up_adjacent(&w.view(gk)?, &w.view(uk)?)));
         // SAFETY: as in `attention`: weights of their configured shapes in
         // the live slot or the scratch (gate and up as one [2 * inter, h]
         // matrix when `fused`), workspaces sized for max_tokens >= t tokens
@@ -480,24 +483,24 @@ impl CudaModel {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
             self.phases.mark(s)?;
-            let g_w = w.matrix(gk, 0, s)?;
-            let u_w = w.matrix(uk, inter * h, s)?;
             if fused {
+                let g_w = w.matrix(gk, 0, s)?;
+                w.matrix(uk, inter * h, s)?;
                 linear_split(blas, hw, xn, g_w, gu, gt, t, 2 * inter, h, 0.0)?;
                 self.phases.mark(s)?;
                 let up = gu + e * inter as u64;
                 k.swiglu(s, (gu, up, in16), act, t, inter, 2 * inter)?;
             } else {
                 let up = gu + e * (t * inter) as u64;
-                linear_split(blas, hw, xn, g_w, gu, gt, t, inter, h, 0.0)?;
-                linear_split(blas, hw, xn, u_w, up, gt, t, inter, h, 0.0)?;
+                w.linear(blas, gk, 0, xn, (gu, gt), (t, inter, h), 0.0, s)?;
+                w.linear(blas, uk, inter * h, xn, (up, gt), (t, inter, h), 0.0, s)?;
                 self.phases.mark(s)?;
                 k.swiglu(s, (gu, up, in16), act, t, inter, inter)?;
             }
             self.phases.mark(s)?;
             // down_proj accumulates into the residual stream (beta = 1).
-            let d_w = w.matrix("mlp.down_proj.weight", 0, s)?;
-            linear_split(blas, hw, act, d_w, ws.x.ptr(), f, t, h, inter, 1.0)?;
+            let (d, ds) = ("mlp.down_proj.weight", (t, h, inter));
+            w.linear(blas, d, 0, act, (ws.x.ptr(), f), ds, 1.0, s)?;
             self.phases.mark(s)
         }
     }

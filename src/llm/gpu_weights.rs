@@ -9,14 +9,24 @@
 //! each GEMM; they write each weight once per pass, as the slot's
 //! dequantization did.
 //!
+//! A pass of at most [`GEMV_MAX_TOKENS`] tokens (decoding) multiplies a
+//! weight stored as ggml blocks without the scratch: one fused kernel
+//! ([`DequantKernels::gemv`]) decodes each row and multiplies it with the
+//! tokens, reading the stored bytes once instead of writing and reading
+//! the dequantized matrix and launching a GEMM ([`SlotWeights::linear`]).
+//!
 //! [`Dequant::Use`]: crate::Dequant::Use
 
 use std::sync::Arc;
 
+use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{Context, DeviceBuffer, Stream};
 use crate::llm::config::ModelConfig;
-use crate::quant::device::DequantKernels;
+use crate::llm::gpu_gemm::linear_split;
+use crate::llm::gpu_kernels::Split;
+use crate::quant::device::{DequantKernels, Gemv, GEMV_MAX_TOKENS};
 use crate::quant::fp8::Fp8Layout;
+use crate::quant::QuantType;
 use crate::{DType, Error, LayerStreamer, LayerWeights, Result, TensorView};
 
 /// The scratch weights stored as blocks are dequantized into before their
@@ -168,5 +178,86 @@ impl SlotWeights<'_, '_> {
                 "{name} (the scale of FP8 weight {weight})"
             ))),
         }
+    }
+}
+
+impl SlotWeights<'_, '_> {
+    /// The block type of weight `key` when a pass of `t` tokens multiplies
+    /// it with the fused GEMV ([`DequantKernels::gemv`]): a ggml block type
+    /// handed over as stored blocks, and at most [`GEMV_MAX_TOKENS`] tokens.
+    /// FP8 weights and larger passes dequantize for a GEMM.
+    pub(crate) fn gemv_type(&self, key: &str, t: usize) -> Result<Option<QuantType>> {
+        let q = self.w.tensor(key)?.quant();
+        let few = (1..=GEMV_MAX_TOKENS).contains(&(t as u64));
+        Ok(q.filter(|q| q.is_quantized() && few && self.at_use.is_some()))
+    }
+
+    /// Queues `y = beta · y + x · Wᵀ` on `s` for weight `key` (`[n, k]`),
+    /// `t` tokens of `x` (`[t, k]`, `hi + lo`, of the model's dtype) and
+    /// `y` (`[t, n]` of `yt`): the fused GEMV when
+    /// [`gemv_type`](Self::gemv_type) says so, else the weight's
+    /// [`matrix`](Self::matrix) (dequantized at `at` in the scratch when
+    /// stored) and [`linear_split`]. The GEMV multiplies the same rounded
+    /// weights the GEMM would.
+    ///
+    /// # Safety
+    /// As for [`linear_split`] with `w` the weight: `x` and `y` device
+    /// memory of the stream's context for those shapes, live until the
+    /// queued work completes; cuBLAS's stream is `s`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn linear(
+        &self,
+        blas: &mut Cublas,
+        key: &str,
+        at: usize,
+        x: Split,
+        (y, yt): (u64, GemmType),
+        (t, n, k): (usize, usize, usize),
+        beta: f32,
+        s: &Stream,
+    ) -> Result<()> {
+        let xw = match self.dtype {
+            DType::F16 => GemmType::F16,
+            _ => GemmType::BF16,
+        };
+        let (Some(ty), Some(u)) = (self.gemv_type(key, t)?, &self.at_use) else {
+            let w = self.matrix(key, at, s)?;
+            // SAFETY: `w` is the weight as an [n, k] matrix of the model's
+            // dtype (in the slot or the scratch, queued on `s`); the rest
+            // is the caller's contract.
+            return unsafe { linear_split(blas, xw, x, w, y, yt, t, n, k, beta) };
+        };
+        let v = self.w.tensor(key)?;
+        let bytes = ty.row_bytes(k as u64).ok().map(|b| b * n as u64);
+        if v.numel() != n * k || bytes != Some(v.bytes()) {
+            return Err(Error::Pipeline(format!(
+                "{} holds {} elements in {} bytes, not [{n}, {k}] of {ty}",
+                v.name(),
+                v.numel(),
+                v.bytes()
+            )));
+        }
+        let g = Gemv {
+            ty,
+            dtype: self.dtype,
+            w: v.ptr(),
+            x_hi: x.hi,
+            x_lo: x.lo,
+            y,
+            y_dtype: match yt {
+                GemmType::F32 => DType::F32,
+                GemmType::F16 => DType::F16,
+                GemmType::BF16 => DType::BF16,
+            },
+            beta,
+            rows: n as u64,
+            k: k as u64,
+            t: t as u64,
+            ldy: n as u64,
+        };
+        // SAFETY: the view's bytes are the weight's n rows of k / block
+        // elements' blocks in the live slot (their size checked above); x
+        // and y are the caller's contract.
+        unsafe { u.kernels.gemv(&g, s) }
     }
 }

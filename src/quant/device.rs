@@ -1,5 +1,6 @@
 //! Dequantization on the device: `kernels/dequant.cu`, two kernels per
-//! [`QuantType`] (bf16 and f16 output), each bit-identical to
+//! [`QuantType`] (bf16 and f16 output; a block type's kernels write 8
+//! consecutive elements per thread), each bit-identical to
 //! [`dequantize_bf16`](super::dequantize_bf16) /
 //! [`dequantize_f16`](super::dequantize_f16) on the host.
 //!
@@ -14,6 +15,10 @@ use super::QuantType;
 use crate::cuda::{Context, Function, Module, Stream};
 use crate::error::{Error, Result};
 use crate::DType;
+
+#[path = "gemv.rs"]
+mod gemv;
+pub use gemv::{gemv_kernel_name, Gemv, GEMV_MAX_TOKENS};
 
 /// PTX of `kernels/dequant.cu`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
@@ -110,6 +115,8 @@ pub struct DequantKernels {
     fp8: [Function; 2],
     /// [`gather_kernel_name`], indexed like [`QuantType::ALL`].
     gather: Vec<Option<Function>>,
+    /// [`gemv_kernel_name`], indexed like [`QuantType::ALL`].
+    gemv: Vec<Option<Function>>,
 }
 
 impl DequantKernels {
@@ -127,19 +134,19 @@ impl DequantKernels {
             module.function(FP8_KERNEL)?,
             module.function(FP8_KERNEL_F16)?,
         ];
-        let gather = QuantType::ALL
-            .into_iter()
-            .map(|t| {
-                gather_kernel_name(t)
-                    .map(|n| module.function(n))
-                    .transpose()
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let optional = |name: fn(QuantType) -> Option<&'static str>| {
+            QuantType::ALL
+                .into_iter()
+                .map(|t| name(t).map(|n| module.function(n)).transpose())
+                .collect::<Result<Vec<_>>>()
+        };
+        let (gather, gemv) = (optional(gather_kernel_name)?, optional(gemv_kernel_name)?);
         Ok(DequantKernels {
             _module: module,
             functions,
             fp8,
             gather,
+            gemv,
         })
     }
 
@@ -198,7 +205,9 @@ impl DequantKernels {
         let mut args = [src, dst, n];
         let mut params: Vec<*mut c_void> =
             args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // The block types' kernels write 8 elements per thread.
+        let per_thread = if ty.is_quantized() { 8 } else { 1 };
+        let grid = (n / per_thread).div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
         // SAFETY: every dequant kernel takes (const uint8_t*, uint16_t*, u64),
         // passed as three 64-bit values that `params` points to for the call;
         // the device ranges for n elements are the caller's contract above.
@@ -257,7 +266,8 @@ impl DequantKernels {
         let mut args = [src, ids, dst, tokens, hidden, out];
         let mut params: Vec<*mut c_void> =
             args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-        let grid = n.div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
+        // 8 elements per thread (hidden is a multiple of the block, so of 8).
+        let grid = (n / 8).div_ceil(BLOCK as u64).clamp(1, MAX_GRID) as u32;
         // SAFETY: every gather kernel takes (const uint8_t*, const uint32_t*,
         // float*, u64, u64, u64), passed as six 64-bit values that `params`
         // points to for the call; the device ranges are the caller's
@@ -381,5 +391,9 @@ mod tests {
         }
         let e = kernel_name_for(QuantType::Q4_K, DType::F32).unwrap_err();
         assert!(e.to_string().contains("bf16 or f16, not"), "{e}");
+        for name in QuantType::ALL.into_iter().filter_map(gemv_kernel_name) {
+            let entry = format!(".entry {name}(");
+            assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
+        }
     }
 }

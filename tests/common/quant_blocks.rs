@@ -24,7 +24,7 @@ fn f16_scale(rng: &mut StdRng) -> u16 {
 }
 
 /// Byte offsets of a block's f16 fields.
-fn f16_fields(ty: QuantType) -> &'static [usize] {
+pub fn f16_fields(ty: QuantType) -> &'static [usize] {
     match ty {
         QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => &[0],
         QuantType::Q4_1 | QuantType::Q5_1 | QuantType::Q4_K | QuantType::Q5_K => &[0, 2],
