@@ -8,7 +8,7 @@ use crate::kernels::Kernels;
 use crate::pipeline::alloc;
 use crate::pipeline::pass::Pipeline;
 use crate::pipeline::placement::{self, AfterBuild, Room};
-use crate::pipeline::plan::{LayerPlan, LayerWeights};
+use crate::pipeline::plan::{Home, LayerPlan, LayerWeights};
 use crate::pipeline::split::RowSplit;
 use crate::pipeline::{Backend, Budget, CpuShare, Device, PassStats, StreamerConfig};
 use crate::quant::device::DequantKernels;
@@ -222,6 +222,14 @@ impl LayerStreamer {
     /// What the streamer allocated.
     pub fn memory(&self) -> &MemoryUse {
         &self.memory
+    }
+
+    /// The layers the GPU cache keeps resident, in order: spread over the
+    /// model, so that the layers that stream sit evenly between them.
+    pub fn resident_layers(&self) -> Vec<usize> {
+        let plans = self.pipeline.res().plans.iter().enumerate();
+        let resident = plans.filter(|(_, p)| matches!(p.home, Home::Gpu(_)));
+        resident.map(|(i, _)| i).collect()
     }
 
     /// Statistics of the last completed pass.

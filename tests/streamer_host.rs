@@ -147,10 +147,12 @@ fn caches_that_hold_everything_stop_all_io_after_the_first_pass() {
     assert_eq!(second.read.bytes, 0, "pass 2 reads nothing");
     assert_eq!(second.gpu_cache_hits, mem.gpu_cache_layers);
     assert_eq!(second.pinned_cache_hits, mem.pinned_cache_layers);
+    let resident = s.resident_layers();
+    assert_eq!(resident.len(), mem.gpu_cache_layers);
     let pinned_bytes: u64 = model
         .layers()
         .iter()
-        .skip(mem.gpu_cache_layers)
+        .filter(|l| !resident.contains(&l.index))
         .map(|l| l.slot_bytes)
         .sum();
     assert_eq!(

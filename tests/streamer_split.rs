@@ -9,6 +9,7 @@ use common::models::{read_tensor, small_gguf, small_model};
 use common::tempdir;
 use layer_streamer::pipeline::ROW_MULTIPLE;
 use layer_streamer::quant::QuantType;
+use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{Budget, CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
 
@@ -126,7 +127,27 @@ fn both_views_are_the_files_rows_for_every_stored_type() {
 fn shares_zero_half_and_one_stream_less_as_the_share_grows() {
     let mut rng = common::rng("shares_zero_half_and_one_stream_less_as_the_share_grows");
     let dir = tempdir();
-    let model = small_model(dir.path(), &mut rng, 4, DType::BF16);
+    // Tensors whose CPU rows span more than two 4096-byte read units: the
+    // reads of a layer are widened to them, so the rows of smaller tensors
+    // share the device's reads and their slot does not shrink.
+    let spec = SynthSpec {
+        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
+        shape: Shape {
+            hidden: 256,
+            intermediate: 512,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            vocab: 320,
+        },
+        dtype: DType::BF16,
+        tie: rng.gen_bool(0.5),
+        shard_size: rng.gen_range(300_000..2_000_000),
+        seed: rng.gen(),
+        threads: 1,
+    };
+    write_model(dir.path(), &spec).unwrap();
+    let model = ModelIndex::open(dir.path()).unwrap();
     let mut slot = Vec::new();
     for share in [0.0, 0.5, 1.0] {
         let cfg = StreamerConfig {

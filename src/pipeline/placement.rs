@@ -160,7 +160,7 @@ pub(crate) fn place_layers(
             }
         }
     };
-    let gpu_used = fill(plans, gpu_budget, |p| p.device_bytes, Home::Gpu);
+    let gpu_used = fill_spread(plans, gpu_budget, |p| p.device_bytes, Home::Gpu);
     let streams_any = plans.iter().any(|p| !matches!(p.home, Home::Gpu(_)));
     let pinned_budget = match cfg.pinned_cache {
         Budget::None => 0,
@@ -177,6 +177,51 @@ pub(crate) fn place_layers(
         },
     };
     fill(plans, pinned_budget, |p| p.copy_bytes, Home::Pinned);
+}
+
+/// Gives streamed layers the home `home(i)` while `budget` lasts, spread
+/// over the model: the layers left streaming sit evenly between the ones
+/// given a home, so that each one's copy overlaps the compute of the homed
+/// layers before it (homed layers first would leave the last streamed ones
+/// waiting, one at a time, for a slot to free up). Returns the bytes used.
+fn fill_spread(
+    plans: &mut [LayerPlan],
+    budget: u64,
+    size: fn(&LayerPlan) -> u64,
+    home: fn(usize) -> Home,
+) -> u64 {
+    let open: Vec<usize> = (0..plans.len())
+        .filter(|&i| plans[i].home == Home::Stream)
+        .collect();
+    // How many fit in order; those that stay streaming are spread evenly.
+    let (mut fit, mut used) = (0, 0);
+    for &i in &open {
+        let need = page_round(size(&plans[i]));
+        if used + need <= budget {
+            used += need;
+            fit += 1;
+        }
+    }
+    let (n, streamed) = (open.len(), open.len() - fit);
+    let stays = |j: usize| (j + 1) * streamed / n.max(1) > j * streamed / n.max(1);
+    let mut chosen = vec![false; n];
+    let mut used = 0;
+    // The spread layers first, then any the budget still holds.
+    for pass in [false, true] {
+        for (j, &i) in open.iter().enumerate() {
+            let need = page_round(size(&plans[i]));
+            if !chosen[j] && (pass || !stays(j)) && used + need <= budget {
+                used += need;
+                chosen[j] = true;
+            }
+        }
+    }
+    // Homes are numbered in layer order, as the caches' buffers are made.
+    let picked = open.iter().zip(&chosen).filter(|(_, &c)| c);
+    for (k, (&i, _)) in picked.enumerate() {
+        plans[i].home = home(k);
+    }
+    used
 }
 
 /// Gives streamed layers, in order, the home `home(i)` while `budget` lasts;
@@ -286,6 +331,50 @@ mod tests {
     }
 
     use crate::test_rng::rng;
+
+    #[test]
+    fn resident_layers_are_spread_and_fill_the_budget_numbered_in_order() {
+        let mut rng = rng();
+        for round in 0..200 {
+            let n = rng.gen_range(1..60);
+            let mut p = plans(&mut rng, n);
+            if round % 2 == 0 {
+                // Equal layers: the streamed ones sit evenly.
+                p.iter_mut()
+                    .for_each(|l| (l.copy_bytes, l.device_bytes) = (MIB, MIB));
+            }
+            let budget = rng.gen_range(0..=n as u64 * 5) * MIB / 2;
+            let used = fill_spread(&mut p, budget, |l| l.device_bytes, Home::Gpu);
+            assert_eq!(used, cached(&p, true));
+            assert!(used <= budget, "{used} > {budget}");
+            // No streamed layer would still fit.
+            for l in p.iter().filter(|l| l.home == Home::Stream) {
+                assert!(used + page_round(l.device_bytes) > budget);
+            }
+            let homes: Vec<usize> = p
+                .iter()
+                .filter_map(|l| match l.home {
+                    Home::Gpu(g) => Some(g),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(homes, (0..homes.len()).collect::<Vec<_>>());
+            if round % 2 == 0 {
+                let fit = (budget / MIB).min(n as u64) as usize;
+                assert_eq!(homes.len(), fit);
+                let streamed: Vec<usize> = (0..n).filter(|&i| p[i].home == Home::Stream).collect();
+                let gaps: Vec<usize> = streamed.windows(2).map(|w| w[1] - w[0]).collect();
+                let (lo, hi) = (gaps.iter().min(), gaps.iter().max());
+                assert!(
+                    hi.zip(lo).is_none_or(|(h, l)| h - l <= 1),
+                    "n {n}, streamed {streamed:?}"
+                );
+                // The last layer streams when any does: the copies of a
+                // pass end with its compute, not before it.
+                assert!(streamed.last().is_none_or(|&l| l == n - 1), "{streamed:?}");
+            }
+        }
+    }
 
     #[test]
     fn host_auto_caches_share_one_ram_budget() {
