@@ -13,7 +13,6 @@ mod common;
 
 use common::models::{small_fp8, small_gguf};
 use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
-use layer_streamer::quant::QuantType;
 use layer_streamer::{Budget, DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
 
@@ -62,13 +61,8 @@ fn gpu_dequantized_at_use_equals_dequantized_in_the_slots() {
     };
     let mut rng = common::rng(test);
     let dir = common::tempdir();
-    let mut types: Vec<QuantType> = QuantType::ALL
-        .into_iter()
-        .filter(|t| t.is_quantized())
-        .collect();
     let mut models = Vec::new();
-    for _ in 0..4 {
-        let ty = types.swap_remove(rng.gen_range(0..types.len()));
+    for ty in common::models::block_types(&mut rng, 4) {
         let dims = (3, 512, 384);
         models.push((ty.to_string(), small_gguf(dir.path(), ty, dims, &mut rng)));
     }

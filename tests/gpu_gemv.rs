@@ -17,7 +17,6 @@ use layer_streamer::llm::reference::rel_l2;
 use layer_streamer::llm::{LlamaModel, ModelOptions, Precision};
 use layer_streamer::quant::device::{DequantKernels, Gemv, GEMV_MAX_TOKENS};
 use layer_streamer::quant::{self, QuantType};
-use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
 use layer_streamer::{DType, Dequant, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -292,28 +291,6 @@ fn gemv_matches_the_host_product_of_the_rounded_weights() {
     }
 }
 
-/// A random GGUF model of `ty` (hidden 256, so that k is a whole number of
-/// blocks of every type).
-fn gguf(dir: &std::path::Path, ty: QuantType, rng: &mut StdRng) -> ModelIndex {
-    let spec = SynthGgufSpec {
-        arch: [Arch::Llama, Arch::Qwen2][rng.gen_range(0..2)],
-        shape: Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 384,
-        },
-        ty,
-        tie: rng.gen_bool(0.5),
-        seed: rng.gen(),
-    };
-    let path = dir.join(format!("{ty}.gguf"));
-    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
-    ModelIndex::open(&path).unwrap()
-}
-
 /// The logits of every pass of `passes` (one slice of tokens per sequence
 /// each) through a CUDA streamer with `dequant`.
 fn run(
@@ -352,13 +329,9 @@ fn gpu_decoding_through_the_fused_gemv_matches_the_gemms() {
     };
     let mut rng = common::rng(test);
     let dir = common::tempdir();
-    let mut types: Vec<QuantType> = QuantType::ALL
-        .into_iter()
-        .filter(|t| t.is_quantized())
-        .collect();
-    for _ in 0..3 {
-        let ty = types.swap_remove(rng.gen_range(0..types.len()));
-        let index = gguf(dir.path(), ty, &mut rng);
+    for ty in common::models::block_types(&mut rng, 3) {
+        // Hidden 256: k is a whole number of blocks of every type.
+        let index = common::models::small_gguf(dir.path(), ty, (2, 512, 384), &mut rng);
         for batch in [1usize, 3] {
             let precision = [Precision::Fast, Precision::Exact][rng.gen_range(0..2)];
             let opts = ModelOptions {

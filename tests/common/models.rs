@@ -162,3 +162,16 @@ pub fn small_fp8(dir: &Path, rng: &mut impl Rng, layers: usize) -> ModelIndex {
     layer_streamer::synth::quantize_fp8(&src, &dst, &mut |_, _| {}).expect("quantize to FP8");
     ModelIndex::open(&dst).expect("open the FP8 model")
 }
+
+/// `n` distinct ggml block types (at most all of them), drawn at random.
+pub fn block_types(rng: &mut impl Rng, n: usize) -> Vec<layer_streamer::quant::QuantType> {
+    use layer_streamer::quant::QuantType;
+    let mut all: Vec<QuantType> = QuantType::ALL
+        .into_iter()
+        .filter(|t| t.is_quantized())
+        .collect();
+    let n = n.min(all.len());
+    (0..n)
+        .map(|_| all.swap_remove(rng.gen_range(0..all.len())))
+        .collect()
+}
