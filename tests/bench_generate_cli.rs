@@ -81,6 +81,43 @@ fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("precision exact"), "{text}");
+    check_bounds_tables(&text, &batches);
+    let bad = bench(dir.path(), &["--precision", "double"]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("--precision") && err.contains("double"),
+        "{err}"
+    );
+    check_kv_offload_on_the_host(dir.path());
+}
+
+/// The host backend keeps its KV cache in RAM: --kv-offload is said in the
+/// header and its table says that nothing is copied.
+fn check_kv_offload_on_the_host(dir: &Path) {
+    let args = ["--batch", "1", "--prompt-len", "5", "--new-tokens", "3"];
+    let out = bench(dir, &[&args[..], &["--kv-offload"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    for part in [
+        "KV cache in host RAM (--kv-offload)",
+        "kv-offload (per decode pass):",
+        "(none: the host backend keeps its KV cache in RAM)",
+    ] {
+        assert!(text.contains(part), "{part} missing: {text}");
+    }
+    let out = bench(dir, &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("kv-offload"),
+        "{text}"
+    );
+}
+
+/// The first table and the bounds table have a row per batch, agree on the
+/// decode rate and the transfer bound, and, with no GEMM peak on the host,
+/// name the transfer as the bound.
+fn check_bounds_tables(text: &str, batches: &[usize]) {
     let lines: Vec<&str> = text.lines().collect();
     let table = |header: &str| -> Vec<Vec<&str>> {
         let at = lines
@@ -112,31 +149,6 @@ fn every_batch_gets_its_bounds_and_the_host_is_transfer_bound() {
         );
         assert_eq!((brow[7], brow[8]), ("-", "-"), "{text}");
     }
-    let bad = bench(dir.path(), &["--precision", "double"]);
-    let err = String::from_utf8_lossy(&bad.stderr);
-    assert!(
-        !bad.status.success() && err.contains("--precision") && err.contains("double"),
-        "{err}"
-    ); // The host backend keeps its KV cache in RAM: --kv-offload is said in
-       // the header and its table says that nothing is copied.
-    let args = ["--batch", "1", "--prompt-len", "5", "--new-tokens", "3"];
-    let out = bench(dir.path(), &[&args[..], &["--kv-offload"]].concat());
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{text}\n{err}");
-    for part in [
-        "KV cache in host RAM (--kv-offload)",
-        "kv-offload (per decode pass):",
-        "(none: the host backend keeps its KV cache in RAM)",
-    ] {
-        assert!(text.contains(part), "{part} missing: {text}");
-    }
-    let out = bench(dir.path(), &args);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && !text.contains("kv-offload"),
-        "{text}"
-    );
 }
 
 #[test]

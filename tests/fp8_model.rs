@@ -352,6 +352,33 @@ fn refused(like: &Path, tensors: &Tensors, qc: Option<Value>, file: &str, needle
     }
 }
 
+/// Unknown method, block size other than 128, a compressed-tensors format
+/// that is not FP8: errors naming config.json and the field.
+fn refused_configs(dir: &Path, good: &Tensors, qc: &Value) {
+    let cfg = "config.json";
+    let mut q = qc.clone();
+    q["quant_method"] = json!("awq");
+    refused(dir, good, Some(q), cfg, &["quant_method \"awq\""]);
+    let mut q = qc.clone();
+    q["weight_block_size"] = json!([64, 64]);
+    refused(
+        dir,
+        good,
+        Some(q),
+        cfg,
+        &["weight_block_size", "[64,64]", "128"],
+    );
+    let mut q = qc.clone();
+    q.as_object_mut().unwrap().remove("weight_block_size");
+    refused(dir, good, Some(q), cfg, &["weight_block_size"]);
+    let mut q = compressed_config("channel");
+    q["format"] = json!("pack-quantized");
+    refused(dir, good, Some(q), cfg, &["pack-quantized"]);
+    let mut q = compressed_config("group");
+    q["format"] = json!("float-quantized");
+    refused(dir, good, Some(q), cfg, &["strategy \"group\""]);
+}
+
 #[test]
 fn bad_fp8_checkpoints_are_errors_naming_file_and_tensor() {
     let mut rng = common::rng("bad_fp8_checkpoints_are_errors_naming_file_and_tensor");
@@ -403,30 +430,7 @@ fn bad_fp8_checkpoints_are_errors_naming_file_and_tensor() {
         st,
         &[".weight is f8_e4m3", "quantization_config"],
     );
-    // Unknown method, block size other than 128, a compressed-tensors format
-    // that is not FP8.
-    let cfg = "config.json";
-    let mut q = qc.clone();
-    q["quant_method"] = json!("awq");
-    refused(dst.path(), &good, Some(q), cfg, &["quant_method \"awq\""]);
-    let mut q = qc.clone();
-    q["weight_block_size"] = json!([64, 64]);
-    refused(
-        dst.path(),
-        &good,
-        Some(q),
-        cfg,
-        &["weight_block_size", "[64,64]", "128"],
-    );
-    let mut q = qc.clone();
-    q.as_object_mut().unwrap().remove("weight_block_size");
-    refused(dst.path(), &good, Some(q), cfg, &["weight_block_size"]);
-    let mut q = compressed_config("channel");
-    q["format"] = json!("pack-quantized");
-    refused(dst.path(), &good, Some(q), cfg, &["pack-quantized"]);
-    let mut q = compressed_config("group");
-    q["format"] = json!("float-quantized");
-    refused(dst.path(), &good, Some(q), cfg, &["strategy \"group\""]);
+    refused_configs(dst.path(), &good, &qc);
 
     // FP8 weights dequantize to bf16 or f16 only.
     let index = ModelIndex::open(dst.path()).unwrap();

@@ -263,6 +263,56 @@ fn smollm2_gguf_reads_as_gguf_python_reads_it() {
     );
 }
 
+/// Metadata of every scalar type, an integer array, a string array and a
+/// nested array, with random values.
+fn add_every_metadata_type(w: &mut GgufWriter, rng: &mut impl Rng) {
+    let scalars = [
+        MetaValue::U8(rng.gen()),
+        MetaValue::I8(rng.gen()),
+        MetaValue::U16(rng.gen()),
+        MetaValue::I16(rng.gen()),
+        MetaValue::U32(rng.gen()),
+        MetaValue::I32(rng.gen()),
+        MetaValue::F32(rng.gen()),
+        MetaValue::Bool(rng.gen()),
+        MetaValue::String("naïve ✓".into()),
+        MetaValue::U64(rng.gen()),
+        MetaValue::I64(rng.gen()),
+        MetaValue::F64(rng.gen()),
+    ];
+    for (i, v) in scalars.iter().enumerate() {
+        w.metadata(format!("test.scalar.{i}"), v.clone()).unwrap();
+    }
+    let ints: Vec<MetaValue> = (0..rng.gen_range(0..50))
+        .map(|_| MetaValue::I32(rng.gen()))
+        .collect();
+    w.metadata(
+        "test.ints",
+        MetaValue::Array(MetaArray {
+            elem: ValueType::I32,
+            items: ints,
+        }),
+    )
+    .unwrap();
+    w.metadata(
+        "test.strings",
+        MetaValue::strings(["a", "", "<0x0A>", "Ġthe"]),
+    )
+    .unwrap();
+    let inner = MetaValue::Array(MetaArray {
+        elem: ValueType::U8,
+        items: vec![MetaValue::U8(1)],
+    });
+    w.metadata(
+        "test.nested",
+        MetaValue::Array(MetaArray {
+            elem: ValueType::Array,
+            items: vec![inner],
+        }),
+    )
+    .unwrap();
+}
+
 /// A file with every metadata type and a tensor of every type: what our
 /// writer writes, gguf-py reads back the same, values included.
 #[test]
@@ -275,51 +325,7 @@ fn written_gguf_reads_back_in_gguf_python() {
             w.metadata("general.alignment", MetaValue::U32(alignment))
                 .unwrap();
         }
-        let scalars = [
-            MetaValue::U8(rng.gen()),
-            MetaValue::I8(rng.gen()),
-            MetaValue::U16(rng.gen()),
-            MetaValue::I16(rng.gen()),
-            MetaValue::U32(rng.gen()),
-            MetaValue::I32(rng.gen()),
-            MetaValue::F32(rng.gen()),
-            MetaValue::Bool(rng.gen()),
-            MetaValue::String("naïve ✓".into()),
-            MetaValue::U64(rng.gen()),
-            MetaValue::I64(rng.gen()),
-            MetaValue::F64(rng.gen()),
-        ];
-        for (i, v) in scalars.iter().enumerate() {
-            w.metadata(format!("test.scalar.{i}"), v.clone()).unwrap();
-        }
-        let ints: Vec<MetaValue> = (0..rng.gen_range(0..50))
-            .map(|_| MetaValue::I32(rng.gen()))
-            .collect();
-        w.metadata(
-            "test.ints",
-            MetaValue::Array(MetaArray {
-                elem: ValueType::I32,
-                items: ints,
-            }),
-        )
-        .unwrap();
-        w.metadata(
-            "test.strings",
-            MetaValue::strings(["a", "", "<0x0A>", "Ġthe"]),
-        )
-        .unwrap();
-        let inner = MetaValue::Array(MetaArray {
-            elem: ValueType::U8,
-            items: vec![MetaValue::U8(1)],
-        });
-        w.metadata(
-            "test.nested",
-            MetaValue::Array(MetaArray {
-                elem: ValueType::Array,
-                items: vec![inner],
-            }),
-        )
-        .unwrap();
+        add_every_metadata_type(&mut w, &mut rng);
         let mut data = Vec::new();
         for ty in QuantType::ALL {
             let dims = [ty.block_elems() * rng.gen_range(1..3), rng.gen_range(1..4)];

@@ -11,7 +11,7 @@ mod common;
 mod quant_blocks;
 
 use half::{bf16, f16};
-use layer_streamer::cuda::{DeviceBuffer, Stream};
+use layer_streamer::cuda::{Context, DeviceBuffer, Stream};
 use layer_streamer::llm::reference::rel_l2;
 use layer_streamer::llm::{LlamaModel, ModelOptions};
 use layer_streamer::quant::device::DequantKernels;
@@ -124,6 +124,67 @@ fn device_dequantization_is_bit_exact_with_the_host() {
     }
 }
 
+/// Rows `ids` of the `[_, hidden]` matrix of `ty` blocks, dequantized on
+/// the host into `to` and widened to f32, one after another.
+fn host_rows_widened(
+    ty: QuantType,
+    to: DType,
+    blocks: &[u8],
+    ids: &[u32],
+    hidden: usize,
+) -> Vec<f32> {
+    let row_bytes = ty.row_bytes(hidden as u64).unwrap() as usize;
+    let mut want = Vec::with_capacity(ids.len() * hidden);
+    for &id in ids {
+        let row = &blocks[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+        let bits = host_blocks(ty, to, row, hidden);
+        want.extend(bits.iter().map(|&b| match to {
+            DType::F16 => f16::from_bits(b).to_f32(),
+            _ => bf16::from_bits(b).to_f32(),
+        }));
+    }
+    want
+}
+
+/// A gather of a plain float type, and of rows that are not whole blocks,
+/// are refused before anything is launched.
+fn gathers_of_plain_floats_and_broken_rows_are_refused(
+    ctx: &Context,
+    kernels: &DequantKernels,
+    stream: &Stream,
+) {
+    // SAFETY: refused before anything is launched.
+    unsafe {
+        let buf = DeviceBuffer::alloc(ctx, 4096).unwrap();
+        let e = kernels
+            .gather_rows_f32(
+                QuantType::F16,
+                DType::F16,
+                buf.ptr(),
+                buf.ptr(),
+                buf.ptr(),
+                1,
+                32,
+                stream,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("only block types"), "{e}");
+        let e = kernels
+            .gather_rows_f32(
+                QuantType::Q4_K,
+                DType::F16,
+                buf.ptr(),
+                buf.ptr(),
+                buf.ptr(),
+                1,
+                100,
+                stream,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("block of 256"), "{e}");
+    }
+}
+
 /// The embedding lookup in a quantized matrix on the device: rows gathered
 /// by random ids (repeats included) are the host's dequantization of those
 /// rows into bf16 or f16, widened to f32, bit for bit, with nothing written
@@ -139,19 +200,10 @@ fn gathered_rows_are_the_host_rows_rounded_and_widened() {
     for (ty, to) in block_types.flat_map(|t| [(t, DType::BF16), (t, DType::F16)]) {
         let be = ty.block_elems() as usize;
         let (rows, hidden) = (rng.gen_range(1..200), be * rng.gen_range(1..12));
-        let row_bytes = ty.row_bytes(hidden as u64).unwrap() as usize;
         let blocks = quant_blocks::random_blocks(ty, rows * hidden / be, &mut rng);
         let tokens = rng.gen_range(1..300);
         let ids: Vec<u32> = (0..tokens).map(|_| rng.gen_range(0..rows as u32)).collect();
-        let mut want = Vec::with_capacity(tokens * hidden);
-        for &id in &ids {
-            let row = &blocks[id as usize * row_bytes..(id as usize + 1) * row_bytes];
-            let bits = host_blocks(ty, to, row, hidden);
-            want.extend(bits.iter().map(|&b| match to {
-                DType::F16 => f16::from_bits(b).to_f32(),
-                _ => bf16::from_bits(b).to_f32(),
-            }));
-        }
+        let want = host_rows_widened(ty, to, &blocks, &ids, hidden);
         let src = upload(&ctx, &blocks, 0);
         let id_bytes: Vec<u8> = ids.iter().flat_map(|i| i.to_le_bytes()).collect();
         let idb = upload(&ctx, &id_bytes, 0);
@@ -200,36 +252,7 @@ fn gathered_rows_are_the_host_rows_rounded_and_widened() {
             );
         }
     }
-    // SAFETY: refused before anything is launched.
-    unsafe {
-        let buf = DeviceBuffer::alloc(&ctx, 4096).unwrap();
-        let e = kernels
-            .gather_rows_f32(
-                QuantType::F16,
-                DType::F16,
-                buf.ptr(),
-                buf.ptr(),
-                buf.ptr(),
-                1,
-                32,
-                &stream,
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains("only block types"), "{e}");
-        let e = kernels
-            .gather_rows_f32(
-                QuantType::Q4_K,
-                DType::F16,
-                buf.ptr(),
-                buf.ptr(),
-                buf.ptr(),
-                1,
-                100,
-                &stream,
-            )
-            .unwrap_err();
-        assert!(e.to_string().contains("block of 256"), "{e}");
-    }
+    gathers_of_plain_floats_and_broken_rows_are_refused(&ctx, &kernels, &stream);
 }
 
 #[test]

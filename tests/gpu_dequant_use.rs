@@ -95,24 +95,10 @@ fn gpu_dequantized_at_use_equals_dequantized_in_the_slots() {
             use_bytes < slot_bytes,
             "{name}: slots {use_bytes} vs {slot_bytes}"
         );
-        for (r, (a, b)) in slot.iter().zip(&used).enumerate() {
-            assert_eq!(a.len(), b.len());
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let same = a.iter().zip(b).filter(|(x, y)| x.to_bits() == y.to_bits());
-            eprintln!(
-                "{test}: {name} {precision} cache {cache:?} row {r}: {} of {} logits \
-                 bit-identical",
-                same.count(),
-                a.len()
-            );
-            // The same f16 weights and GEMMs; only a different reduction
-            // order (another GEMM shape for gate and up) may move a logit.
-            for (c, (x, y)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-5 * scale,
-                    "{name} row {r} column {c}: {x} dequantized in the slots, {y} at use"
-                );
-            }
-        }
+        // The same f16 weights and GEMMs; only a different reduction order
+        // (another GEMM shape for gate and up) may move a logit.
+        let what = format!("{test}: {name} {precision} cache {cache:?}");
+        let sides = ("dequantized in the slots", "at use");
+        common::reference::assert_rows_close(&slot, &used, 1e-5, &what, sides);
     }
 }

@@ -83,7 +83,6 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
 /// order), and match the host backend's.
 #[test]
 fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
-    use layer_streamer::llm::reference::rel_l2;
     use layer_streamer::quant::QuantType;
     use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
     use rand::Rng;
@@ -151,37 +150,33 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
         // another reduction order for the narrower GEMMs (split-K), which
         // moves a logit by a few f32 ulps of the row's largest; a column
         // landing in the wrong place moves it by the whole logit.
-        for (r, (a, b)) in one.iter().zip(&chunked).enumerate() {
-            assert_eq!(a.len(), b.len());
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let same = a
-                .iter()
-                .zip(b)
-                .filter(|(x, y)| x.to_bits() == y.to_bits())
-                .count();
-            eprintln!(
-                "{test}: {ty} tie={tie} row {r}: {same} of {} logits bit-identical with chunks \
-                 of {rows} rows",
-                a.len()
-            );
-            for (c, (x, y)) in a.iter().zip(b).enumerate() {
-                assert!(
-                    (x - y).abs() <= 1e-5 * scale,
-                    "{ty} tie={tie} row {r} column {c}: {x} in one chunk, {y} in chunks of {rows}"
-                );
-            }
-        }
-        let mut h = LayerStreamer::builder(&index)
-            .device(Device::Host)
-            .file_dtype()
-            .build()
-            .unwrap();
-        let mut host = LlamaModel::load(&h, opts).unwrap();
-        let want = host.forward(&mut h, &inputs).unwrap();
-        for (g, w) in one.iter().zip(&want) {
-            let err = rel_l2(g, w);
-            eprintln!("{test}: {ty} tie={tie}: GPU (f16) against host rel_l2 {err:.2e}");
-            assert!(err < 2e-2, "{ty} tie={tie}: rel_l2 {err}");
-        }
+        let what = format!("{test}: {ty} tie={tie}");
+        let sides = ("in one chunk", &*format!("in chunks of {rows} rows"));
+        common::reference::assert_rows_close(&one, &chunked, 1e-5, &what, sides);
+        let what = format!("{test}: {ty} tie={tie}");
+        assert_near_host(&index, opts, &inputs, &one, &what);
+    }
+}
+
+/// The host backend's logits of `inputs` are within 2e-2 rel-L2 of `gpu`'s.
+fn assert_near_host(
+    index: &ModelIndex,
+    opts: ModelOptions,
+    inputs: &[&[u32]],
+    gpu: &[Vec<f32>],
+    what: &str,
+) {
+    use layer_streamer::llm::reference::rel_l2;
+    let mut h = LayerStreamer::builder(index)
+        .device(Device::Host)
+        .file_dtype()
+        .build()
+        .unwrap();
+    let mut host = LlamaModel::load(&h, opts).unwrap();
+    let want = host.forward(&mut h, inputs).unwrap();
+    for (g, w) in gpu.iter().zip(&want) {
+        let err = rel_l2(g, w);
+        eprintln!("{what}: GPU (f16) against host rel_l2 {err:.2e}");
+        assert!(err < 2e-2, "{what}: rel_l2 {err}");
     }
 }

@@ -170,33 +170,13 @@ fn stored_to_f16(info: &layer_streamer::checkpoint::TensorInfo, bytes: &[u8]) ->
 #[test]
 fn quantized_gguf_models_stream_in_f16() {
     use layer_streamer::llm::LlamaModel;
-    use layer_streamer::synth::{write_gguf, Arch, Shape, SynthGgufSpec};
+    use layer_streamer::synth::Arch;
     use layer_streamer::{Device, LayerStreamer, ModelIndex};
 
     let mut rng = common::rng("quantized_gguf_models_stream_in_f16");
     let dir = common::tempdir();
-    let blocks: Vec<QuantType> = QuantType::ALL
-        .into_iter()
-        .filter(|t| t.is_quantized())
-        .collect();
-    let ty = blocks[rng.gen_range(0..blocks.len())];
-    let spec = SynthGgufSpec {
-        arch: Arch::Llama,
-        shape: Shape {
-            hidden: 256,
-            intermediate: 512,
-            layers: 2,
-            heads: 4,
-            kv_heads: 2,
-            vocab: 384,
-        },
-        ty,
-        tie: rng.gen_bool(0.5),
-        seed: rng.gen(),
-    };
-    let path = dir.path().join("m.gguf");
-    write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
-    let index = ModelIndex::open(&path).unwrap();
+    let ty = common::models::block_types(&mut rng, 1)[0];
+    let index = common::models::small_gguf(dir.path(), ty, (2, 512, 384), &mut rng);
     assert_eq!(LlamaModel::cuda_dtype(&index), DType::F16, "{ty}");
 
     let mut s = LayerStreamer::builder(&index)

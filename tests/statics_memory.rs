@@ -37,7 +37,7 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
         write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
         let index = ModelIndex::open(&path).unwrap();
         let batch = rng.gen_range(1..9);
-        let m = StaticsMemory::for_model(&index, batch).unwrap();
+        let m = StaticsMemory::for_model(&index, batch, true).unwrap();
         let len = |n: &str| index.tensor(n).unwrap().len;
         let q6k = (vocab * hidden / 256 * 210) as u64;
         // Quantized layers are dequantized at use into one scratch: gate
@@ -100,7 +100,7 @@ fn a_tied_16_bit_embedding_is_one_device_matrix() {
         rng.gen(),
     );
     let index = ModelIndex::open(dir.path()).unwrap();
-    let m = StaticsMemory::for_model(&index, 1).unwrap();
+    let m = StaticsMemory::for_model(&index, 1, true).unwrap();
     let embed = index.tensor("model.embed_tokens.weight").unwrap();
     let matrix = 2 * embed.shape.iter().product::<usize>() as u64;
     let want = if tie {

@@ -334,7 +334,8 @@ pub struct StaticsMemory {
     pub output_scratch: u64,
     /// The scratch that quantized layer weights are dequantized into at use
     /// ([`Dequant::Use`](crate::Dequant::Use), the model commands' choice),
-    /// counted by [`for_model`](Self::for_model) for quantized layers.
+    /// counted by [`for_model`](Self::for_model) for quantized layers when
+    /// asked.
     pub weight_scratch: u64,
 }
 
@@ -346,15 +347,15 @@ impl StaticsMemory {
 
     /// What the CUDA forward pass of `index` (its `config.json`, its
     /// embedding and output tensors) holds with up to `max_batch` output rows
-    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`], dequantizing
-    /// quantized layer weights at use.
-    pub fn for_model(index: &ModelIndex, max_batch: usize) -> Result<StaticsMemory> {
+    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`]; with `at_use`
+    /// (quantized layer weights dequantized at use, the model commands'
+    /// choice) the weight scratch too.
+    pub fn for_model(index: &ModelIndex, max_batch: usize, at_use: bool) -> Result<StaticsMemory> {
         let cfg = crate::llm::ModelConfig::from_model(index)?;
         let (embed, _, head) = crate::llm::layout::static_names(index, &cfg);
         let chunk = OUTPUT_CHUNK_BYTES;
         let mut m = StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)?;
-        let quantized = index.has_quantized_layers();
-        if quantized {
+        if at_use && index.has_quantized_layers() {
             m.weight_scratch = 2 * crate::llm::gpu_weights::scratch_elems(&cfg) as u64;
         }
         Ok(m)

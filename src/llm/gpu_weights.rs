@@ -91,7 +91,11 @@ impl SlotWeights<'_, '_> {
 
     /// Tensor `key`, checking its dtype.
     pub(crate) fn view(&self, key: &str) -> Result<TensorView<'_>> {
-        let v = self.w.tensor(key)?;
+        self.checked(self.w.tensor(key)?)
+    }
+
+    /// `v`, when it is of the model's dtype.
+    fn checked<'v>(&self, v: TensorView<'v>) -> Result<TensorView<'v>> {
         if v.dtype() != self.dtype {
             return Err(Error::config(format!(
                 "{} is {} on the device but the embedding is {}; build the streamer \
@@ -120,7 +124,7 @@ impl SlotWeights<'_, '_> {
     pub(crate) fn matrix(&self, key: &str, at: usize, s: &Stream) -> Result<u64> {
         let v = self.w.tensor(key)?;
         if v.quant().is_none() && v.fp8_scale().is_none() {
-            return self.view(key).map(|v| v.ptr());
+            return self.checked(v).map(|v| v.ptr());
         }
         let Some(u) = &self.at_use else {
             return Err(Error::config(format!(

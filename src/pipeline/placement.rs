@@ -190,37 +190,14 @@ fn fill_spread(
     size: fn(&LayerPlan) -> u64,
     home: fn(usize) -> Home,
 ) -> u64 {
-    let open: Vec<usize> = (0..plans.len())
-        .filter(|&i| plans[i].home == Home::Stream)
-        .collect();
+    let open = streamed(plans);
     // How many fit in order; those that stay streaming are spread evenly.
-    let (mut fit, mut used) = (0, 0);
-    for &i in &open {
-        let need = page_round(size(&plans[i]));
-        if used + need <= budget {
-            used += need;
-            fit += 1;
-        }
-    }
-    let (n, streamed) = (open.len(), open.len() - fit);
-    let stays = |j: usize| (j + 1) * streamed / n.max(1) > j * streamed / n.max(1);
-    let mut chosen = vec![false; n];
-    let mut used = 0;
-    // The spread layers first, then any the budget still holds.
-    for pass in [false, true] {
-        for (j, &i) in open.iter().enumerate() {
-            let need = page_round(size(&plans[i]));
-            if !chosen[j] && (pass || !stays(j)) && used + need <= budget {
-                used += need;
-                chosen[j] = true;
-            }
-        }
-    }
-    // Homes are numbered in layer order, as the caches' buffers are made.
-    let picked = open.iter().zip(&chosen).filter(|(_, &c)| c);
-    for (k, (&i, _)) in picked.enumerate() {
-        plans[i].home = home(k);
-    }
+    let (in_order, _) = pick(plans, &open, budget, size, |_| true);
+    let n = open.len().max(1);
+    let left = open.len() - in_order.iter().filter(|&&c| c).count();
+    let stays = |j: usize| (j + 1) * left / n > j * left / n;
+    let (chosen, used) = pick(plans, &open, budget, size, |j| !stays(j));
+    assign(plans, &open, &chosen, home);
     used
 }
 
@@ -232,17 +209,50 @@ fn fill(
     size: fn(&LayerPlan) -> u64,
     home: fn(usize) -> Home,
 ) -> u64 {
+    let open = streamed(plans);
+    let (chosen, used) = pick(plans, &open, budget, size, |_| true);
+    assign(plans, &open, &chosen, home);
+    used
+}
+
+/// The layers that have no home yet.
+fn streamed(plans: &[LayerPlan]) -> Vec<usize> {
+    (0..plans.len())
+        .filter(|&i| plans[i].home == Home::Stream)
+        .collect()
+}
+
+/// Which of the layers `open` fit `budget`: those `first` names, in order,
+/// then any other the rest still holds. Returns the choice (by position in
+/// `open`) and the bytes it takes.
+fn pick(
+    plans: &[LayerPlan],
+    open: &[usize],
+    budget: u64,
+    size: fn(&LayerPlan) -> u64,
+    first: impl Fn(usize) -> bool,
+) -> (Vec<bool>, u64) {
+    let mut chosen = vec![false; open.len()];
     let mut used = 0;
-    let mut n = 0;
-    for p in plans.iter_mut().filter(|p| p.home == Home::Stream) {
-        let need = page_round(size(p));
-        if used + need <= budget {
-            used += need;
-            p.home = home(n);
-            n += 1;
+    for pass in [false, true] {
+        for (j, &i) in open.iter().enumerate() {
+            let need = page_round(size(&plans[i]));
+            if !chosen[j] && (pass || first(j)) && used + need <= budget {
+                used += need;
+                chosen[j] = true;
+            }
         }
     }
-    used
+    (chosen, used)
+}
+
+/// Gives the chosen layers of `open` the homes `home(0)`, `home(1)`, … in
+/// layer order, as the caches' buffers are made.
+fn assign(plans: &mut [LayerPlan], open: &[usize], chosen: &[bool], home: fn(usize) -> Home) {
+    let picked = open.iter().zip(chosen).filter(|(_, &c)| c);
+    for (k, (&i, _)) in picked.enumerate() {
+        plans[i].home = home(k);
+    }
 }
 
 fn limit(what: &str, asked: u64, available: u64, hint: &str) -> Error {

@@ -19,3 +19,35 @@ pub fn dir(name: &str) -> PathBuf {
     );
     dir
 }
+
+/// Asserts that every logit of `b` is within `tol` times its row's largest
+/// magnitude in `a` of the same logit of `a` (rows of equal lengths), and
+/// prints how many are bit-identical: two ways of computing the same
+/// products, `sides` naming them, `what` the case.
+pub fn assert_rows_close(
+    a: &[Vec<f32>],
+    b: &[Vec<f32>],
+    tol: f32,
+    what: &str,
+    sides: (&str, &str),
+) {
+    assert_eq!(a.len(), b.len(), "{what}: rows");
+    for (r, (a, b)) in a.iter().zip(b).enumerate() {
+        assert_eq!(a.len(), b.len());
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let same = a.iter().zip(b).filter(|(x, y)| x.to_bits() == y.to_bits());
+        eprintln!(
+            "{what} row {r}: {} of {} logits bit-identical",
+            same.count(),
+            a.len()
+        );
+        for (c, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * scale,
+                "{what} row {r} column {c}: {x} {}, {y} {}",
+                sides.0,
+                sides.1
+            );
+        }
+    }
+}

@@ -244,10 +244,8 @@ fn header(
     let mem = streamer.memory().device_bytes();
     let max_batch = parse_list(&a.batch, "batch size").ok();
     let max_batch = max_batch.and_then(|b| b.into_iter().max()).unwrap_or(1);
-    if let Ok(mut m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch) {
-        if !streamer.config().dequant.keeps_blocks() {
-            m.weight_scratch = 0;
-        }
+    let at_use = streamer.config().dequant.keeps_blocks();
+    if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch, at_use) {
         println!(
             "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding, output and \
              scratches ({:.2} GB output, {:.2} GB output scratch, {:.2} GB weight scratch); \

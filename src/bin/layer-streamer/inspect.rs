@@ -24,7 +24,8 @@
 //!   "config": object | null,                 // config.json as found
 //!   "cuda_statics": {                        // the embedding and output on CUDA
 //!     "embedding_device": u64, "embedding_host": u64,  // (one output row); null
-//!     "output_device": u64, "output_scratch": u64      // without a config
+//!     "output_device": u64, "output_scratch": u64,     // without a config
+//!     "weight_scratch": u64             // quantized layers dequantized at use
 //!   } | null
 //! }
 //! ```
@@ -46,7 +47,7 @@ use serde_json::{json, Value};
 dtypes, layer_prefix, num_layers, total_layer_bytes, total_static_bytes, max_slot_bytes, \
 layers[{index,data_bytes,slot_bytes,tensors[{key,name,dtype,shape,file,file_offset,len,slot_offset}],\
 reads[{file,file_offset,len,slot_offset,required_end}]}], statics[{name,dtype,shape,file,file_offset,len}], config, \
-cuda_statics{embedding_device,embedding_host,output_device,output_scratch}}. \
+cuda_statics{embedding_device,embedding_host,output_device,output_scratch,weight_scratch}}. \
 `file` indexes `files`; offsets are absolute byte offsets."
 )]
 pub struct Args {
@@ -122,7 +123,7 @@ fn to_json(index: &ModelIndex) -> Value {
         "layers": layers,
         "statics": index.statics().iter().map(static_json).collect::<Vec<_>>(),
         "config": index.config(),
-        "cuda_statics": StaticsMemory::for_model(index, 1).ok().map(|m| json!({
+        "cuda_statics": StaticsMemory::for_model(index, 1, true).ok().map(|m| json!({
             "embedding_device": m.embedding_device, "embedding_host": m.embedding_host,
             "output_device": m.output_device, "output_scratch": m.output_scratch,
             "weight_scratch": m.weight_scratch })),
@@ -248,7 +249,7 @@ fn statics_text(out: &mut String, index: &ModelIndex) {
             human(t.len)
         );
     }
-    if let Ok(m) = StaticsMemory::for_model(index, 1) {
+    if let Ok(m) = StaticsMemory::for_model(index, 1, true) {
         _ = writeln!(
             out,
             "on CUDA, embedding, output and scratches: {} on the device ({} embedding, {} \
