@@ -136,9 +136,10 @@ typedef struct {
   ls_budget gpu_cache;
   // Non-zero: draw a progress bar on stderr during each pass.
   uint8_t progress;
-  // Share of the rows of every 2-D layer weight the CPU computes from host
-  // memory: 0 (off, the default), a fraction in (0, 1], or
-  // `LS_CPU_SHARE_AUTO`.
+  // Share of the rows of the 2-D weights of each streamed layer the CPU
+  // computes from host memory (layers the GPU cache keeps stay whole): 0
+  // (off, the default), a fraction in (0, 1], or `LS_CPU_SHARE_AUTO`
+  // (balanced against PCIe from rates measured at build).
   double cpu_share;
   // `LS_DEQUANT_AUTO`, `LS_DEQUANT_SLOT` or `LS_DEQUANT_USE`.
   ls_dequant dequant;

@@ -10,6 +10,7 @@ use crate::pipeline::pass::Pipeline;
 use crate::pipeline::placement::{self, AfterBuild, Room};
 use crate::pipeline::plan::{Home, LayerPlan, LayerWeights};
 use crate::pipeline::split::RowSplit;
+use crate::pipeline::split_auto;
 use crate::pipeline::{Backend, Budget, CpuShare, Device, PassStats, StreamerConfig};
 use crate::quant::device::DequantKernels;
 use crate::{cuda, DType, Error, Result};
@@ -26,6 +27,7 @@ pub struct LayerStreamerBuilder<'m> {
     model: &'m ModelIndex,
     cfg: StreamerConfig,
     reserve: u64,
+    split_only: Option<Vec<String>>,
 }
 
 macro_rules! setters {
@@ -102,10 +104,26 @@ impl<'m> LayerStreamerBuilder<'m> {
         self
     }
 
+    /// With a CPU share, splits only the 2-D weights whose key ends with one
+    /// of `suffixes` (the others stream whole); by default every 2-D weight
+    /// is split. A layer function meets the CPU once per group of split
+    /// weights it multiplies, so fewer groups mean fewer meetings:
+    /// [`LlamaModel::SPLIT_WEIGHTS`](crate::llm::LlamaModel::SPLIT_WEIGHTS)
+    /// names the MLP's three, most of a layer's bytes.
+    pub fn split_only(mut self, suffixes: &[&str]) -> Self {
+        self.split_only = Some(suffixes.iter().map(|s| s.to_string()).collect());
+        self
+    }
+
     /// Allocates every slot, cache and stream, opens every file, and starts
     /// the stage threads.
     pub fn build(self) -> Result<LayerStreamer> {
-        LayerStreamer::build(self.model, self.cfg, self.reserve)
+        LayerStreamer::build(
+            self.model,
+            self.cfg,
+            self.reserve,
+            self.split_only.as_deref(),
+        )
     }
 }
 
@@ -139,10 +157,16 @@ impl LayerStreamer {
             model,
             cfg: StreamerConfig::default(),
             reserve: 0,
+            split_only: None,
         }
     }
 
-    fn build(model: &ModelIndex, cfg: StreamerConfig, reserve: u64) -> Result<LayerStreamer> {
+    fn build(
+        model: &ModelIndex,
+        cfg: StreamerConfig,
+        reserve: u64,
+        split_only: Option<&[String]>,
+    ) -> Result<LayerStreamer> {
         cfg.validate()?;
         if model.num_layers() == 0 {
             return Err(Error::model(
@@ -150,37 +174,41 @@ impl LayerStreamer {
                 "the model has no layers to stream",
             ));
         }
-        let (split, device_model) = match cfg.cpu_share {
-            CpuShare::Off => (None, None),
-            CpuShare::Fixed(share) => {
-                let (split, m) = RowSplit::new(model, share)?;
-                (Some(split), Some(m))
-            }
-            CpuShare::Auto => {
-                return Err(Error::config(
-                    "cpu_share auto needs the planner's rates at the batch size at hand, \
-                     which a streamer is not given: use off or a fraction in [0, 1]",
-                ))
-            }
+        let plan = |m: &ModelIndex| -> Result<Vec<LayerPlan>> {
+            m.layers()
+                .iter()
+                .map(|l| LayerPlan::new(m, l, cfg.dtype, cfg.dequant.keeps_blocks()))
+                .collect()
         };
-        let model = device_model.as_ref().unwrap_or(model);
-        let mut plans = model
-            .layers()
-            .iter()
-            .map(|l| LayerPlan::new(model, l, cfg.dtype, cfg.dequant.keeps_blocks()))
-            .collect::<Result<Vec<_>>>()?;
-        let backend = backend(model, &cfg, &plans)?;
+        let whole = plan(model)?;
+        let backend = backend(model, &cfg, &whole)?;
         let after = AfterBuild {
             statics: statics_bytes(model, cfg.dtype),
             reserve,
         };
         let mut room = Room::measure(&backend)?;
+        let (split, resident) = split_rows(
+            model,
+            (&cfg, split_only),
+            &backend,
+            &room,
+            after,
+            whole.clone(),
+        )?;
+        let (mut split, device_model) = split.unzip();
+        let (model, mut plans) = match &device_model {
+            Some(device_model) => (device_model, plan(device_model)?),
+            None => (model, whole),
+        };
         if let Some(s) = &split {
             // The CPU's rows live in the page cache: `auto` caches leave
             // them their room.
             room.ram = room.ram.map(|r| r.saturating_sub(s.pass_bytes()));
         }
-        placement::place_layers(&room, &cfg, after, &mut plans);
+        placement::place_layers(&room, &cfg, after, &mut plans, resident.as_deref());
+        if let Some(s) = &mut split {
+            s.pin(&backend)?;
+        }
         let (mut res, memory) = alloc::allocate(backend, model, &cfg, plans)?;
         res.split = split;
         let compute = ComputeStream {
@@ -206,6 +234,31 @@ impl LayerStreamer {
     /// device's rows of each tensor.
     pub(crate) fn device_layers(&self) -> &[crate::checkpoint::Layer] {
         self.pipeline.res().model.layers()
+    }
+
+    /// The CPU rows of every split tensor of `layer` (none without a split,
+    /// or for a layer the GPU cache keeps whole).
+    pub(crate) fn host_rows_of(&self, layer: usize) -> Vec<crate::HostRows<'_>> {
+        let Some(split) = self.pipeline.res().split.as_ref() else {
+            return Vec::new();
+        };
+        split
+            .keys(layer)
+            .filter_map(|k| split.rows(layer, k))
+            .collect()
+    }
+
+    /// Where a row split's CPU rows are, in a line: page-locked memory (and
+    /// how much), or the file pages and why; `None` without a split.
+    pub fn split_rows_note(&self) -> Option<String> {
+        let split = self.pipeline.res().split.as_ref()?;
+        let gb = split.pass_bytes() as f64 / 1e9;
+        Some(match &split.pin_error {
+            None => format!("CPU rows: {gb:.2} GB in page-locked memory"),
+            Some(e) => {
+                format!("CPU rows: {gb:.2} GB read from the file pages (page-locking failed: {e})")
+            }
+        })
     }
 
     /// The share of each split weight's rows the CPU computes: 0 when whole
@@ -313,6 +366,42 @@ impl Drop for LayerStreamer {
 }
 
 /// The backend `cfg` asks for, with the cast kernels when the model needs them.
+/// The row split of a streamer built with a CPU share, and the layers the
+/// GPU cache keeps: those it would keep of the whole layers, which stay
+/// whole (the device computes a resident layer faster than the CPU could
+/// compute any of its rows); every other layer is split at the share.
+#[allow(clippy::type_complexity)]
+fn split_rows(
+    model: &ModelIndex,
+    (cfg, split_only): (&StreamerConfig, Option<&[String]>),
+    backend: &Backend,
+    room: &Room,
+    after: AfterBuild,
+    mut whole: Vec<LayerPlan>,
+) -> Result<(Option<(RowSplit, ModelIndex)>, Option<Vec<bool>>)> {
+    if cfg.cpu_share == CpuShare::Off {
+        return Ok((None, None));
+    }
+    placement::place_layers(room, cfg, after, &mut whole, None);
+    let resident: Vec<bool> = whole
+        .iter()
+        .map(|p| matches!(p.home, Home::Gpu(_)))
+        .collect();
+    let share = match cfg.cpu_share {
+        CpuShare::Fixed(share) => share,
+        _ => split_auto::auto_share(model, cfg, backend, &resident)?,
+    };
+    if share == 0.0 {
+        return Ok((None, None));
+    }
+    let shares: Vec<f64> = resident
+        .iter()
+        .map(|&r| if r { 0.0 } else { share })
+        .collect();
+    let split = RowSplit::new(model, &shares, split_only)?;
+    Ok((Some(split), Some(resident)))
+}
+
 fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Result<Backend> {
     // Plain casts into bf16 use the cast kernels; dequantizations, and plain
     // casts into f16, the dequantization kernels (see `dequant_source`).

@@ -1,17 +1,24 @@
 //! The CUDA forward pass with a CPU/GPU row split: at CPU shares 0.5, a
-//! random one and 1 the logits stay within 2e-2 rel-L2 of share 0 and pick
+//! random one and 1, with the CPU computing all its rows, none of them
+//! (copied to the device pass by pass) or as many as balance the sides
+//! ([`SplitUpload`]), with every weight split or the MLP's only, the logits stay within 2e-2 rel-L2 of share 0 and pick
 //! share 0's greedy tokens (teacher-forced; a near tie within the measured
 //! error may fall either way), for bf16 Qwen2 (biases) and Llama (GQA)
-//! models in both precisions and the real SmolLM2 Q4_1 GGUF, over batches
-//! of mixed lengths; the pass stats show the CPU side. Skips without a
-//! driver unless `LS_REQUIRE_GPU=1`.
+//! models in both precisions, small Q4_K and Q6_K GGUF models and the real
+//! SmolLM2 Q4_1 GGUF (blocks dequantized at use, as the model commands load
+//! them), over batches of
+//! mixed lengths; the pass stats show the CPU side. Skips without a driver
+//! unless `LS_REQUIRE_GPU=1`.
 
 mod common;
 
 use std::path::Path;
 
 use layer_streamer::llm::reference::{rel_l2, teacher_forced};
-use layer_streamer::llm::{generate, GenerateParams, LlamaModel, ModelOptions, Precision};
+use layer_streamer::llm::{
+    generate, GenerateParams, LlamaModel, ModelOptions, Precision, SplitUpload,
+};
+use layer_streamer::quant::QuantType;
 use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::{CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
@@ -29,19 +36,23 @@ struct Run {
 /// sequence predicts its `j`-th forced token.
 fn run(
     index: &ModelIndex,
-    share: f64,
+    (share, mode, only): (f64, SplitUpload, bool),
     precision: Precision,
     prompts: &[Vec<u32>],
     forced: Option<&[Vec<u32>]>,
 ) -> Run {
     let cfg = StreamerConfig {
         device: Device::Cuda(0),
-        dtype: Some(LlamaModel::cuda_dtype(index)),
         cpu_share: CpuShare::fraction(share).unwrap(),
         n_gpu: 1,
         ..StreamerConfig::default()
     };
-    let mut s = LayerStreamer::builder(index).config(cfg).build().unwrap();
+    let cfg = LlamaModel::streamer_config(index, cfg);
+    let mut b = LayerStreamer::builder(index).config(cfg);
+    if only {
+        b = b.split_only(&LlamaModel::SPLIT_WEIGHTS);
+    }
+    let mut s = b.build().unwrap();
     let opts = ModelOptions {
         max_batch: prompts.len(),
         max_len: 64,
@@ -50,6 +61,7 @@ fn run(
         ..ModelOptions::default()
     };
     let mut model = LlamaModel::load(&s, opts).unwrap();
+    model.set_split_upload(mode);
     let params = GenerateParams {
         max_new_tokens: 6,
         sampling: Default::default(),
@@ -62,7 +74,12 @@ fn run(
     let st = s.last_pass_stats();
     assert_eq!(st.cpu_share, share);
     if share > 0.0 {
-        assert!(st.cpu.bytes > 0 && !st.cpu.busy.is_zero(), "{st}");
+        assert!(st.cpu.bytes > 0, "{st}");
+        match mode {
+            SplitUpload::Never => assert!(!st.cpu.busy.is_zero(), "{mode:?}: {st}"),
+            SplitUpload::Always => assert!(st.cpu.busy.is_zero(), "{mode:?}: {st}"),
+            SplitUpload::Auto => {}
+        }
     } else {
         assert_eq!(st.cpu.bytes, 0);
     }
@@ -91,16 +108,37 @@ fn same_as_whole_layers(
     prompts: &[Vec<u32>],
     share: f64,
 ) {
-    let whole = run(index, 0.0, precision, prompts, None);
-    for s in [0.5, share, 1.0] {
-        let split = run(index, s, precision, prompts, Some(&whole.greedy));
+    let whole = run(
+        index,
+        (0.0, SplitUpload::Auto, false),
+        precision,
+        prompts,
+        None,
+    );
+    let modes = [
+        (SplitUpload::Never, false),
+        (SplitUpload::Always, false),
+        (SplitUpload::Auto, false),
+        (SplitUpload::Never, true),
+    ];
+    let runs = [0.5, share, 1.0]
+        .into_iter()
+        .flat_map(|s| modes.map(|(m, o)| (s, m, o)));
+    for (s, mode, only) in runs {
+        let split = run(
+            index,
+            (s, mode, only),
+            precision,
+            prompts,
+            Some(&whole.greedy),
+        );
         let (mut rows, mut same) = (0, 0);
         for (seq, (a_rows, b_rows)) in split.logits.iter().zip(&whole.logits).enumerate() {
             for (j, (a, b)) in a_rows.iter().zip(b_rows).enumerate() {
                 let d = rel_l2(a, b);
                 assert!(
                     d <= REL_L2,
-                    "share {s} {precision:?}, sequence {seq} row {j}: rel L2 {d:.3e}"
+                    "share {s} {mode:?} (MLP only: {only}) {precision:?}, sequence {seq} row {j}: rel L2 {d:.3e}"
                 );
                 let want = whole.greedy[seq][j] as usize;
                 let got = argmax(a);
@@ -109,14 +147,16 @@ fn same_as_whole_layers(
                 let margin = (a[got] - a[want]) as f64;
                 assert!(
                     got == want || margin <= 4.0 * d * rms,
-                    "share {s} {precision:?}, sequence {seq} row {j}: argmax {got}, whole \
+                    "share {s} {mode:?} (MLP only: {only}) {precision:?}, sequence {seq} row {j}: argmax {got}, whole \
                      layers' token {want}, {margin:.3e} apart (rel L2 {d:.3e}, rms {rms:.3e})"
                 );
                 rows += 1;
                 same += usize::from(got == want);
             }
         }
-        eprintln!("share {s} {precision:?}: {same} of {rows} rows pick the whole layers' token");
+        eprintln!(
+            "share {s} {mode:?} (MLP only: {only}) {precision:?}: {same} of {rows} rows pick the whole layers' token"
+        );
     }
 }
 
@@ -156,6 +196,23 @@ fn gpu_split_bf16_models_match_whole_layers_in_both_precisions() {
         for precision in [Precision::Fast, Precision::Exact] {
             same_as_whole_layers(&index, precision, &p, rng.gen_range(0.05..0.95));
         }
+    }
+}
+
+#[test]
+fn gpu_split_quantized_gguf_models_match_whole_layers() {
+    let test = "gpu_split_quantized_gguf_models_match_whole_layers";
+    if common::gpu(test).is_none() {
+        return;
+    }
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    // The blocks of a Q4_K_M file, multiplied at use on the device (fused
+    // GEMV for the decode steps, dequantized for the prompts).
+    for ty in [QuantType::Q4_K, QuantType::Q6_K] {
+        let index = common::models::small_gguf(dir.path(), ty, (2, 512, 384), &mut rng);
+        let p = prompts(&mut rng, 384);
+        same_as_whole_layers(&index, Precision::Fast, &p, rng.gen_range(0.05..0.95));
     }
 }
 

@@ -1,7 +1,8 @@
 //! The CPU/GPU row split on the CUDA backend: each split weight's device
 //! view holds its first rows (as stored, or cast to bf16) and the host view
 //! the rest, exactly the file's bytes, in several pipeline configurations
-//! and for a block-quantized model. Skips without a driver.
+//! and for a block-quantized model; layers the GPU cache keeps are whole.
+//! Skips without a driver.
 
 mod common;
 
@@ -37,6 +38,7 @@ fn check_split(model: &ModelIndex, cfg: StreamerConfig) {
         .build()
         .unwrap_or_else(|e| panic!("{cfg:?}: {e}"));
     let cast = cfg.dtype == Some(DType::BF16);
+    let resident = s.resident_layers();
     for pass in 0..2 {
         s.run_pass((), |(), w, layer, stream| {
             let cs = stream.cuda().expect("a CUDA stream");
@@ -45,6 +47,9 @@ fn check_split(model: &ModelIndex, cfg: StreamerConfig) {
                 let v = w.tensor(&t.key)?;
                 let dev = device_bytes(cs, v.ptr(), v.bytes() as usize);
                 let cut = match w.host_rows(&t.key) {
+                    Some(_) if resident.contains(&layer) => {
+                        panic!("layer {layer} {}: split, but the GPU cache keeps it", t.key)
+                    }
                     Some(h) => {
                         assert_eq!(v.shape(), &[h.first_row(), h.cols()][..], "{}", t.key);
                         let cut = file.len() - h.bytes().len();

@@ -55,7 +55,10 @@ pub(crate) fn open(path: &Path) -> Result<ModelIndex> {
     let has_output = tensors.iter().any(|t| t.name == "lm_head.weight");
     let config = hf_config(&meta, has_output)?;
     let embedded = Embedded {
+        // llama.cpp writes "none" for a file with no vocabulary (its vocab
+        // size then comes from `<arch>.vocab_size`): token ids only.
         tokenizer: match meta.get("tokenizer.ggml.model") {
+            Some(m) if m.as_str() == Some("none") => None,
             Some(_) => Some(tokenizer_json(&meta)?),
             None => None,
         },

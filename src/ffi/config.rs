@@ -119,9 +119,10 @@ pub struct ls_config {
     pub gpu_cache: ls_budget,
     /// Non-zero: draw a progress bar on stderr during each pass.
     pub progress: u8,
-    /// Share of the rows of every 2-D layer weight the CPU computes from host
-    /// memory: 0 (off, the default), a fraction in (0, 1], or
-    /// `LS_CPU_SHARE_AUTO`.
+    /// Share of the rows of the 2-D weights of each streamed layer the CPU
+    /// computes from host memory (layers the GPU cache keeps stay whole): 0
+    /// (off, the default), a fraction in (0, 1], or `LS_CPU_SHARE_AUTO`
+    /// (balanced against PCIe from rates measured at build).
     pub cpu_share: f64,
     /// `LS_DEQUANT_AUTO`, `LS_DEQUANT_SLOT` or `LS_DEQUANT_USE`.
     pub dequant: ls_dequant,

@@ -139,16 +139,11 @@ impl CudaModel {
         let cache_dtype = kv_cache_dtype(dtype, opts.precision);
         let attn = Attention::new(ctx, dtype, cache_dtype, shape, t)?;
         // Every other buffer is allocated: the free memory counts them.
-        let split = split_pool
-            .map(|pool| split::GpuSplit::new(ctx, pool, cfg, t, dtype).map(Box::new))
-            .transpose()?;
         let at_use = AtUse::for_streamer(ctx, streamer, cfg)?;
-        if split.is_some() && at_use.is_some() {
-            return Err(Error::config(
-                "a CPU share needs the quantized weights dequantized in the slots: \
-                 build the streamer with dequant slot",
-            ));
-        }
+        let how = (t, dtype, at_use.is_some());
+        let split = split_pool
+            .map(|pool| split::GpuSplit::new(ctx, streamer, pool, cfg, how).map(Box::new))
+            .transpose()?;
         let kv = KvCache::alloc(ctx, cfg, opts, cache_dtype, 0)?;
         let mut m = CudaModel {
             kernels: ModelKernels::load(ctx, dtype)?,
@@ -382,7 +377,8 @@ impl CudaModel {
             dtype: self.dtype,
             at_use: self.at_use.clone(),
         };
-        if self.split.is_some() {
+        // A layer the GPU cache keeps is whole: no rows on the CPU.
+        if self.split.is_some() && w.w.host_row_keys().next().is_some() {
             return self.split_layer(cfg, b, &w, layer, s);
         }
         self.attention(cfg, b, &w, layer, s)?;

@@ -15,16 +15,24 @@
 //! queues their copy into the output's last columns, one copy per token.
 //! The staging is reused only after a later event, so no copy reads or
 //! writes it while the host does.
+//!
+//! A pass may give the device some or all of the CPU's rows
+//! ([`Upload::cpu_fraction`]): they are copied from page-locked memory into
+//! one device buffer on the compute stream, right before their product,
+//! and their columns follow the slot's. A meeting where the CPU has no
+//! rows left is skipped.
 
 use std::time::{Duration, Instant};
 
 use super::{CudaModel, SlotWeights};
-use crate::cpu::CpuPool;
-use crate::cuda::cublas::{Cublas, GemmType};
+use crate::cpu::{CpuPool, HostMatrix};
+use crate::cuda::cublas::Cublas;
 use crate::cuda::{memcpy_dtoh_async, memcpy_htod_async, Context, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_io::StagingBuf;
 use crate::llm::gpu_kernels::Split;
+use crate::llm::gpu_split_pass::{SplitUpload, Upload};
+use crate::llm::gpu_weights::{rows_product, AtUse, RowsSrc};
 use crate::llm::llama::PassBatch;
 use crate::{DType, Error, HostRows, LayerWeights, Result};
 
@@ -43,24 +51,45 @@ pub(crate) struct GpuSplit {
     /// The GEMM input in f32.
     xf: Vec<f32>,
     ready: Event,
+    /// Where a pass's copied CPU rows go; `None` when none can be copied.
+    upload: Option<Upload>,
+    /// The fraction of its rows the CPU computes in the pass under way.
+    fraction: f64,
 }
 
-/// One weight's split: `n` outputs, the first `g` on the device.
+/// One weight's split: `n` outputs, the first `g` in the slot, the next `u`
+/// copied to the device for this pass, the rest on the CPU.
 struct Part<'a> {
     key: &'a str,
     n: usize,
     g: usize,
+    u: usize,
     host: Option<HostRows<'a>>,
 }
 
 impl Part<'_> {
+    /// Columns the device computes.
+    fn d(&self) -> usize {
+        self.g + self.u
+    }
+
     /// Columns the CPU computes.
     fn c(&self) -> usize {
-        self.n - self.g
+        self.n - self.d()
+    }
+
+    /// The CPU's rows as a matrix, `None` when it has none.
+    fn cpu_matrix(&self) -> Result<Option<HostMatrix<'_>>> {
+        match &self.host {
+            Some(h) if self.c() > 0 => Ok(Some(h.skip(self.u)?.matrix()?)),
+            _ => Ok(None),
+        }
     }
 }
 
-fn part<'a>(w: &LayerWeights<'a>, key: &'a str, n: usize) -> Result<Part<'a>> {
+/// Weight `key` with `n` outputs as split in this pass: of the CPU's rows,
+/// the first `1 - fraction` go to the device (whole row tiles).
+fn part<'a>(w: &LayerWeights<'a>, key: &'a str, n: usize, fraction: f64) -> Result<Part<'a>> {
     let host = w.host_rows(key);
     let g = host.map_or(n, |h| h.first_row());
     if host.is_some_and(|h| h.first_row() + h.rows() != n) {
@@ -69,52 +98,87 @@ fn part<'a>(w: &LayerWeights<'a>, key: &'a str, n: usize) -> Result<Part<'a>> {
             w.layer()
         )));
     }
-    Ok(Part { key, n, g, host })
+    let cpu = n - g;
+    let keep = crate::cpu::plan::cpu_rows(cpu, fraction, crate::pipeline::ROW_MULTIPLE);
+    Ok(Part {
+        key,
+        n,
+        g,
+        u: cpu - keep,
+        host,
+    })
 }
 
-/// Queues the device's columns of `y (+)= x · W(part)ᵀ`: rows of `y` are
-/// `part.n` apart.
+/// Queues the device's columns of `y (+)= x · W(part)ᵀ`: the slot's rows,
+/// then the CPU rows copied for this pass (through `upload`), into the
+/// first `part.d()` columns of `y`, whose rows are `part.n` apart.
 ///
 /// # Safety
-/// As for [`Cublas::linear_ld`]: `x` holds `t × k` inputs, the weight
-/// `part.g × k` in the live slot, `y` `t` rows of `part.n` f32.
+/// As for [`rows_product`]: `x` holds `t × k` inputs, the slot the
+/// weight's `part.g` rows, `y` `t` rows of `part.n` f32; `upload` is on the
+/// stream's context.
 #[allow(clippy::too_many_arguments)]
 unsafe fn device_columns(
     blas: &mut Cublas,
-    hw: GemmType,
+    at_use: Option<&AtUse>,
+    upload: Option<&Upload>,
     x: Split,
     w: &SlotWeights<'_, '_>,
     p: &Part<'_>,
     y: u64,
-    t: usize,
-    k: usize,
+    (t, k): (usize, usize),
     beta: f32,
+    s: &Stream,
 ) -> Result<()> {
-    if p.g == 0 {
+    let how = (w.dtype, at_use);
+    if p.g > 0 {
+        let src = w.rows_src(p.key, s)?;
+        // SAFETY: forwarded from the caller.
+        unsafe { rows_product(blas, how, src, x, y, (t, p.g, k, p.n), beta, s)? };
+    }
+    let (Some(h), true) = (&p.host, p.u > 0) else {
         return Ok(());
+    };
+    let up =
+        upload.ok_or_else(|| Error::Pipeline("CPU rows to copy but no device buffer".into()))?;
+    let row = h
+        .ty()
+        .row_bytes(k as u64)
+        .map_err(|e| Error::Pipeline(format!("{}: {e}", p.key)))?;
+    let bytes = &h.bytes()[..(row as usize * p.u).min(h.bytes().len())];
+    if bytes.len() > up.buf.len() {
+        return Err(Error::Pipeline(format!(
+            "{}: CPU rows exceed the copy buffer",
+            p.key
+        )));
     }
-    let wp = w.ptr(p.key)?;
-    let f = GemmType::F32;
-    // SAFETY: forwarded from the caller.
+    let src = if h.ty().is_quantized() {
+        RowsSrc::Blocks(h.ty(), up.buf.ptr())
+    } else {
+        RowsSrc::Plain(up.buf.ptr())
+    };
+    let yd = y + (p.g * 4) as u64;
+    // SAFETY: the rows are page-locked and never written; the buffer holds
+    // them (checked) and is rewritten only by a later copy on `s`, after
+    // this product; the rest is the caller's contract.
     unsafe {
-        blas.linear_ld(x.hi, wp, hw, y, f, t, p.g, k, beta, p.n)?;
-        if x.lo != 0 {
-            blas.linear_ld(x.lo, wp, hw, y, f, t, p.g, k, 1.0, p.n)?;
-        }
+        memcpy_htod_async(up.buf.ptr(), bytes.as_ptr(), bytes.len(), s)?;
+        rows_product(blas, how, src, x, yd, (t, p.u, k, p.n), beta, s)
     }
-    Ok(())
 }
 
 impl GpuSplit {
     /// The CPU pool and staging for passes of up to `max_tokens` tokens of
-    /// `cfg`'s shapes.
+    /// `cfg`'s shapes, and the copy buffer for `streamer`'s CPU rows
+    /// ([`Upload`]; `at_use`: blocks are dequantized at use).
     pub(crate) fn new(
         ctx: &Context,
+        streamer: &crate::LayerStreamer,
         pool: CpuPool,
         cfg: &ModelConfig,
-        max_tokens: usize,
-        dtype: DType,
+        (max_tokens, dtype, at_use): (usize, DType, bool),
     ) -> Result<GpuSplit> {
+        let upload = Upload::new(ctx, streamer, &pool, dtype, at_use)?;
         let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         let k_max = h.max(qd).max(inter);
         let out_max = (qd + 2 * kvd).max(2 * inter).max(h);
@@ -127,6 +191,8 @@ impl GpuSplit {
             out: StagingBuf::new(ctx, max_tokens * out_max * 4)?,
             xf: Vec::with_capacity(max_tokens * k_max),
             ready: Event::new(ctx, false)?,
+            upload,
+            fraction: 1.0,
         })
     }
 
@@ -161,14 +227,23 @@ impl GpuSplit {
             if let Some((y, p)) = resid {
                 let base = self.resid.buf.as_mut_ptr();
                 // Whole rows (a CPU share of 1) are one range.
-                let (c, rows) = if p.g == 0 { (t * p.n, 1) } else { (p.c(), t) };
+                let (c, rows) = if p.d() == 0 { (t * p.n, 1) } else { (p.c(), t) };
                 for r in 0..rows {
-                    let src = y + ((r * p.n + p.g) * 4) as u64;
+                    let src = y + ((r * p.n + p.d()) * 4) as u64;
                     memcpy_dtoh_async(base.add(r * c * 4), src, c * 4, s)?;
                 }
             }
         }
         self.ready.record(s)
+    }
+
+    /// [`wait`](Self::wait) when the CPU has columns in this meeting.
+    fn wait_if(&mut self, meet: bool, t: usize, k: usize, lo: bool) -> Result<Duration> {
+        if meet {
+            self.wait(t, k, lo)
+        } else {
+            Ok(Duration::ZERO)
+        }
     }
 
     /// Waits for the last [`fetch`](Self::fetch) and widens its input to
@@ -198,14 +273,14 @@ impl GpuSplit {
     /// The CPU's columns of `p` for `t` tokens into `out` at f32 offset
     /// `at`; returns the time taken.
     fn compute(&mut self, p: &Part<'_>, t: usize, at: usize) -> Result<Duration> {
-        let Some(h) = &p.host else {
+        let Some(m) = p.cpu_matrix()? else {
             return Ok(Duration::ZERO);
         };
         let t0 = Instant::now();
         let out = &mut self.out.buf.as_mut_slice()[at * 4..(at + t * p.c()) * 4];
         let out: &mut [f32] = bytemuck::try_cast_slice_mut(out)
             .map_err(|e| Error::Pipeline(format!("split staging: {e}")))?;
-        self.pool.matmul(&h.matrix()?, &self.xf, t, out)?;
+        self.pool.matmul(&m, &self.xf, t, out)?;
         Ok(t0.elapsed())
     }
 
@@ -238,9 +313,9 @@ impl GpuSplit {
         }
         let base = self.out.buf.as_ptr();
         // Whole rows (a CPU share of 1) are one range.
-        let (c, rows) = if p.g == 0 { (t * c, 1) } else { (c, t) };
+        let (c, rows) = if p.d() == 0 { (t * c, 1) } else { (c, t) };
         for r in 0..rows {
-            let dst = y + ((r * p.n + p.g) * 4) as u64;
+            let dst = y + ((r * p.n + p.d()) * 4) as u64;
             // SAFETY: the source row is inside `out`, which the host writes
             // again only after a later event, recorded after this copy; the
             // destination row is the caller's contract.
@@ -251,6 +326,24 @@ impl GpuSplit {
 }
 
 impl CudaModel {
+    /// Which CPU rows the passes copy to the device; see [`SplitUpload`].
+    pub(crate) fn set_split_upload(&mut self, mode: SplitUpload) {
+        if let Some(u) = self.split.as_mut().and_then(|s| s.upload.as_mut()) {
+            u.mode = mode;
+        }
+    }
+
+    /// How passes share the CPU rows out ([`Upload`]), in a line; `None`
+    /// without a split.
+    pub(crate) fn split_note(&self) -> Option<String> {
+        let sp = self.split.as_ref()?;
+        Some(match &sp.upload {
+            Some(u) => u.describe(),
+            None => "the CPU computes all its rows in every pass (they can't be copied as stored)"
+                .into(),
+        })
+    }
+
     /// One decoder layer with the row split; see the module docs.
     pub(super) fn split_layer(
         &mut self,
@@ -260,6 +353,9 @@ impl CudaModel {
         layer: usize,
         s: &Stream,
     ) -> Result<()> {
+        let t = b.tokens.len();
+        let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
+        sp.fraction = sp.upload.as_ref().map_or(1.0, |u| u.cpu_fraction(t));
         self.split_attention(cfg, b, w, layer, s)?;
         self.split_mlp(cfg, b.tokens.len(), w, s)
     }
@@ -276,28 +372,31 @@ impl CudaModel {
     ) -> Result<()> {
         let t = b.tokens.len();
         let (h, qd, kvd) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim());
-        let hw = self.gemm_type();
+        let au = self.at_use.as_deref();
         let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
         let (ws, blas, k) = (&self.ws, &mut self.blas, &self.kernels);
         let (xn, attn, x) = (ws.xn.split(), ws.attn.split(), ws.x.ptr());
         let parts = [
-            part(w.w, "self_attn.q_proj.weight", qd)?,
-            part(w.w, "self_attn.k_proj.weight", kvd)?,
-            part(w.w, "self_attn.v_proj.weight", kvd)?,
+            part(w.w, "self_attn.q_proj.weight", qd, sp.fraction)?,
+            part(w.w, "self_attn.k_proj.weight", kvd, sp.fraction)?,
+            part(w.w, "self_attn.v_proj.weight", kvd, sp.fraction)?,
         ];
         let ys = [ws.q.ptr(), ws.k.ptr(), ws.v.ptr()];
+        let meet = parts.iter().any(|p| p.c() > 0);
         // SAFETY: as in `CudaModel::attention`: weights of their shapes in
         // the live slot (the device's rows of split ones), workspaces sized
         // for max_tokens >= t, staging sized for the same.
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
             k.rms_norm(s, x, norm, 0, xn, t, h, cfg.rms_norm_eps)?;
-            sp.fetch(s, xn, t, h, None)?;
+            if meet {
+                sp.fetch(s, xn, t, h, None)?;
+            }
             for (p, &y) in parts.iter().zip(&ys) {
-                device_columns(blas, hw, xn, w, p, y, t, h, 0.0)?;
+                device_columns(blas, au, sp.upload.as_ref(), xn, w, p, y, (t, h), 0.0, s)?;
             }
         }
-        let stalled = sp.wait(t, h, xn.lo != 0)?;
+        let stalled = sp.wait_if(meet, t, h, xn.lo != 0)?;
         let mut at = 0;
         let mut busy = Duration::ZERO;
         for (p, &y) in parts.iter().zip(&ys) {
@@ -307,7 +406,7 @@ impl CudaModel {
             at += t * p.c();
         }
         w.w.note_cpu_side(busy, stalled);
-        let o = part(w.w, "self_attn.o_proj.weight", h)?;
+        let o = part(w.w, "self_attn.o_proj.weight", h, sp.fraction)?;
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -324,10 +423,23 @@ impl CudaModel {
             a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;
-            sp.fetch(s, attn, t, qd, Some((x, &o)))?;
-            device_columns(blas, hw, attn, w, &o, x, t, qd, 1.0)?;
+            if o.c() > 0 {
+                sp.fetch(s, attn, t, qd, Some((x, &o)))?;
+            }
+            device_columns(
+                blas,
+                au,
+                sp.upload.as_ref(),
+                attn,
+                w,
+                &o,
+                x,
+                (t, qd),
+                1.0,
+                s,
+            )?;
         }
-        let stalled = sp.wait(t, qd, attn.lo != 0)?;
+        let stalled = sp.wait_if(o.c() > 0, t, qd, attn.lo != 0)?;
         let busy = sp.compute(&o, t, 0)?;
         w.w.note_cpu_side(busy, stalled);
         // SAFETY: x holds t rows of `hidden` f32.
@@ -344,24 +456,49 @@ impl CudaModel {
         s: &Stream,
     ) -> Result<()> {
         let (h, inter) = (cfg.hidden, cfg.intermediate);
-        let hw = self.gemm_type();
+        let au = self.at_use.as_deref();
         let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
         let (ws, blas, k) = (&self.ws, &mut self.blas, &self.kernels);
         let (xn, act, x) = (ws.xn.split(), ws.act.split(), ws.x.ptr());
-        let gate = part(w.w, "mlp.gate_proj.weight", inter)?;
-        let up = part(w.w, "mlp.up_proj.weight", inter)?;
-        let down = part(w.w, "mlp.down_proj.weight", h)?;
+        let gate = part(w.w, "mlp.gate_proj.weight", inter, sp.fraction)?;
+        let up = part(w.w, "mlp.up_proj.weight", inter, sp.fraction)?;
+        let down = part(w.w, "mlp.down_proj.weight", h, sp.fraction)?;
         let (gp, upp) = (ws.gate_up.ptr(), ws.gate_up.ptr() + (t * inter * 4) as u64);
+        let meet = gate.c() + up.c() > 0;
         // SAFETY: as in `CudaModel::mlp`, with gate and up as separate
         // [t, inter] f32 matrices in gate_up (which holds t * 2 * inter).
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, x, post, 0, xn, t, h, cfg.rms_norm_eps)?;
-            sp.fetch(s, xn, t, h, None)?;
-            device_columns(blas, hw, xn, w, &gate, gp, t, h, 0.0)?;
-            device_columns(blas, hw, xn, w, &up, upp, t, h, 0.0)?;
+            if meet {
+                sp.fetch(s, xn, t, h, None)?;
+            }
+            device_columns(
+                blas,
+                au,
+                sp.upload.as_ref(),
+                xn,
+                w,
+                &gate,
+                gp,
+                (t, h),
+                0.0,
+                s,
+            )?;
+            device_columns(
+                blas,
+                au,
+                sp.upload.as_ref(),
+                xn,
+                w,
+                &up,
+                upp,
+                (t, h),
+                0.0,
+                s,
+            )?;
         }
-        let stalled = sp.wait(t, h, xn.lo != 0)?;
+        let stalled = sp.wait_if(meet, t, h, xn.lo != 0)?;
         let busy = sp.compute(&gate, t, 0)? + sp.compute(&up, t, t * gate.c())?;
         w.w.note_cpu_side(busy, stalled);
         // SAFETY: as above.
@@ -369,10 +506,23 @@ impl CudaModel {
             sp.send(s, gp, &gate, t, 0, false)?;
             sp.send(s, upp, &up, t, t * gate.c(), false)?;
             k.swiglu(s, (gp, upp, false), act, t, inter, inter)?;
-            sp.fetch(s, act, t, inter, Some((x, &down)))?;
-            device_columns(blas, hw, act, w, &down, x, t, inter, 1.0)?;
+            if down.c() > 0 {
+                sp.fetch(s, act, t, inter, Some((x, &down)))?;
+            }
+            device_columns(
+                blas,
+                au,
+                sp.upload.as_ref(),
+                act,
+                w,
+                &down,
+                x,
+                (t, inter),
+                1.0,
+                s,
+            )?;
         }
-        let stalled = sp.wait(t, inter, act.lo != 0)?;
+        let stalled = sp.wait_if(down.c() > 0, t, inter, act.lo != 0)?;
         let busy = sp.compute(&down, t, 0)?;
         w.w.note_cpu_side(busy, stalled);
         // SAFETY: x holds t rows of `hidden` f32.

@@ -265,3 +265,104 @@ impl SlotWeights<'_, '_> {
         unsafe { u.kernels.gemv(&g, s) }
     }
 }
+
+/// Where the rows of a weight lie on the device for [`rows_product`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowsSrc {
+    /// A 16-bit matrix of the model's dtype.
+    Plain(u64),
+    /// Stored ggml blocks of this type, whole rows back to back.
+    Blocks(QuantType, u64),
+}
+
+impl SlotWeights<'_, '_> {
+    /// Weight `key` in the slot as [`rows_product`] reads it: stored blocks
+    /// as they are, anything else as the 16-bit matrix [`matrix`](Self::matrix)
+    /// gives (FP8 dequantized into the scratch at 0 on `s`).
+    pub(crate) fn rows_src(&self, key: &str, s: &Stream) -> Result<RowsSrc> {
+        let v = self.w.tensor(key)?;
+        match v.quant() {
+            Some(q) if q.is_quantized() && self.at_use.is_some() => Ok(RowsSrc::Blocks(q, v.ptr())),
+            _ => self.matrix(key, 0, s).map(RowsSrc::Plain),
+        }
+    }
+}
+
+/// Queues `y[:, ..rows] = beta · y + x · Wᵀ` on `s` for `rows` rows of a
+/// weight (`k` elements each) at `src`: f32 `y` rows `ldy` apart, `t`
+/// tokens of `x` (`hi + lo` of `dtype`). Blocks go through the fused GEMV
+/// for at most [`GEMV_MAX_TOKENS`] tokens, else are dequantized into the
+/// at-use scratch (at 0) for a GEMM.
+///
+/// # Safety
+/// `src` holds those rows (of `dtype`, or whole blocks of its type) on the
+/// device, `x` `t × k` and `y` `t` rows of `ldy >= rows` f32, live until
+/// the queued work completes; cuBLAS's stream is `s`; no queued work still
+/// reads the scratch at 0 unless ordered before on `s`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn rows_product(
+    blas: &mut Cublas,
+    (dtype, at_use): (DType, Option<&AtUse>),
+    src: RowsSrc,
+    x: Split,
+    y: u64,
+    (t, rows, k, ldy): (usize, usize, usize, usize),
+    beta: f32,
+    s: &Stream,
+) -> Result<()> {
+    let hw = match dtype {
+        DType::F16 => GemmType::F16,
+        _ => GemmType::BF16,
+    };
+    let f = GemmType::F32;
+    let w = match src {
+        RowsSrc::Plain(w) => w,
+        RowsSrc::Blocks(ty, w) => {
+            let u = at_use.ok_or_else(|| {
+                Error::Pipeline(format!(
+                    "{ty} rows reached the split without the at-use kernels"
+                ))
+            })?;
+            if (1..=GEMV_MAX_TOKENS).contains(&(t as u64)) {
+                let g = Gemv {
+                    ty,
+                    dtype,
+                    w,
+                    x_hi: x.hi,
+                    x_lo: x.lo,
+                    y,
+                    y_dtype: DType::F32,
+                    beta,
+                    rows: rows as u64,
+                    k: k as u64,
+                    t: t as u64,
+                    ldy: ldy as u64,
+                };
+                // SAFETY: the caller's contract: whole blocks of `rows`
+                // rows at `w`, `x` and `y` of those shapes.
+                return unsafe { u.kernels.gemv(&g, s) };
+            }
+            let n = rows * k;
+            if n > u.elems {
+                return Err(Error::Pipeline(format!(
+                    "{rows} rows of {k} do not fit the dequantization scratch of {}",
+                    u.elems
+                )));
+            }
+            let dst = u.scratch.ptr();
+            // SAFETY: `n` elements' blocks at `w` (the caller's contract)
+            // into the scratch, which holds `n` (checked); ordered on `s`.
+            unsafe { u.kernels.dequantize(ty, dtype, w, dst, n as u64, s)? };
+            dst
+        }
+    };
+    // SAFETY: `w` is `rows × k` of `dtype` on the device; `x`, `y` are the
+    // caller's contract.
+    unsafe {
+        blas.linear_ld(x.hi, w, hw, y, f, t, rows, k, beta, ldy)?;
+        if x.lo != 0 {
+            blas.linear_ld(x.lo, w, hw, y, f, t, rows, k, 1.0, ldy)?;
+        }
+    }
+    Ok(())
+}

@@ -193,13 +193,24 @@ impl LlamaModel {
         }
     }
 
+    /// The weights a CPU/GPU row split divides for this forward pass
+    /// ([`LayerStreamerBuilder::split_only`](crate::LayerStreamerBuilder::split_only)):
+    /// the MLP's, 87 % of a 7B layer's bytes. The CPU then meets the device
+    /// twice per layer (gate/up, down) instead of four times; attention's
+    /// projections stream whole.
+    pub const SPLIT_WEIGHTS: [&'static str; 3] = [
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    ];
+
     /// `cfg` made ready for this model, as the model commands build their
     /// streamers: on CUDA the compute dtype is [`cuda_dtype`](Self::cuda_dtype)
     /// and [`Dequant::Auto`](crate::Dequant::Auto) becomes
     /// [`Dequant::Use`](crate::Dequant::Use) (quantized weights stay stored in
     /// the slots and the GPU cache, and each GEMM dequantizes its weight into
-    /// one shared scratch), or [`Dequant::Slot`](crate::Dequant::Slot) with a
-    /// CPU share; on the host the file dtypes.
+    /// one shared scratch, or the fused GEMV reads them); on the host the
+    /// file dtypes.
     pub fn streamer_config(
         index: &crate::ModelIndex,
         mut cfg: crate::StreamerConfig,
@@ -208,16 +219,32 @@ impl LlamaModel {
             crate::Device::Host => cfg.dtype = None,
             crate::Device::Cuda(_) => {
                 cfg.dtype = Some(Self::cuda_dtype(index));
-                // The CPU share's layer function reads dequantized slots.
                 if cfg.dequant == crate::Dequant::Auto {
-                    cfg.dequant = match cfg.cpu_share {
-                        crate::CpuShare::Off => crate::Dequant::Use,
-                        _ => crate::Dequant::Slot,
-                    };
+                    cfg.dequant = crate::Dequant::Use;
                 }
             }
         }
         cfg
+    }
+
+    /// Which of the CPU's rows of a CPU/GPU row split each CUDA pass copies
+    /// to the device instead ([`SplitUpload`](crate::llm::SplitUpload); the
+    /// default is `LS_SPLIT_UPLOAD`, else `auto`). Nothing changes without a
+    /// split or on the host backend, where the CPU computes its rows.
+    pub fn set_split_upload(&mut self, mode: crate::llm::SplitUpload) {
+        if let Exec::Cuda(m) = &mut self.exec {
+            m.set_split_upload(mode);
+        }
+    }
+
+    /// How the CUDA passes share a CPU/GPU row split's CPU rows out, in a
+    /// line (see [`set_split_upload`](Self::set_split_upload)); `None`
+    /// without a split or on the host backend.
+    pub fn split_note(&self) -> Option<String> {
+        match &self.exec {
+            Exec::Cuda(m) => m.split_note(),
+            Exec::Host(_) => None,
+        }
     }
 
     /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)

@@ -77,10 +77,14 @@ impl Budget {
 /// The share of each layer's rows the CPU computes (see [`crate::cpu::plan`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum CpuShare {
-    /// Chosen per batch size from the measured rates (`auto`).
+    /// The share that balances a streamed layer's CPU and PCIe time when
+    /// decoding, from rates measured at build (`auto`; see
+    /// `pipeline::split_auto`); none on the host backend.
     Auto,
-    /// This fraction of the rows of every 2-D layer weight, in `[0, 1]`; `0`
-    /// streams whole layers (the default).
+    /// This fraction of the rows of every 2-D weight of the layers that
+    /// stream, in `[0, 1]` (layers the GPU cache keeps stay whole); `0`
+    /// streams whole layers (the default). On CUDA, passes of many tokens
+    /// hand CPU rows back to the device (see `LS_SPLIT_UPLOAD`).
     Fixed(f64),
     /// No CPU share: whole layers stream to the device.
     #[default]
@@ -168,10 +172,11 @@ macro_rules! streamer_options {
                     parse $crate::io::OpenMode::parse, flag "io";
                 /// Show a progress bar per pass.
                 progress: bool = false, parse $crate::pipeline::config::parse_switch, flag "progress";
-                /// Share of the rows of every 2-D layer weight that the CPU computes
-                /// from host memory while the rest streams to the device: `off` (`0`),
-                /// a fraction in `[0, 1]`, or `auto` (chosen per batch size from
-                /// measured rates).
+                /// Share of the rows of the 2-D weights of each streamed layer that
+                /// the CPU computes from host memory while the rest streams to the
+                /// device (layers the GPU cache keeps stay whole): `off` (`0`), a
+                /// fraction in `[0, 1]`, or `auto` (balances the CPU against PCIe,
+                /// from rates measured at build; off on the host backend).
                 cpu_share: $crate::pipeline::config::CpuShare =
                     $crate::pipeline::config::CpuShare::Off,
                     parse $crate::pipeline::config::CpuShare::parse, flag "cpu-share";

@@ -14,6 +14,7 @@ pub(crate) mod plan;
 pub(crate) mod readers;
 pub(crate) mod resources;
 pub(crate) mod split;
+pub(crate) mod split_auto;
 pub(crate) mod stages;
 pub mod stats;
 

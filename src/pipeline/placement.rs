@@ -129,12 +129,15 @@ fn host_slot_count(cfg: &StreamerConfig) -> u64 {
     (cfg.n_cpu_pinned.max(1) + cfg.n_cpu) as u64
 }
 
-/// Decides which layers the caches keep, within their budgets.
+/// Decides which layers the caches keep, within their budgets; with
+/// `resident`, the GPU cache keeps exactly the layers it marks (a row split
+/// chose them on the whole layers, before splitting the others).
 pub(crate) fn place_layers(
     room: &Room,
     cfg: &StreamerConfig,
     after: AfterBuild,
     plans: &mut [LayerPlan],
+    resident: Option<&[bool]>,
 ) {
     let all = slot_sizes(plans);
     let dev_slots = (cfg.n_gpu + 1) as u64 * all.device;
@@ -160,7 +163,17 @@ pub(crate) fn place_layers(
             }
         }
     };
-    let gpu_used = fill_spread(plans, gpu_budget, |p| p.device_bytes, Home::Gpu);
+    let gpu_used = match resident {
+        Some(keep) => {
+            let open = streamed(plans);
+            let chosen: Vec<bool> = open.iter().map(|&i| keep.get(i) == Some(&true)).collect();
+            let used = open.iter().zip(&chosen).filter(|(_, &c)| c);
+            let used = used.map(|(&i, _)| page_round(plans[i].device_bytes)).sum();
+            assign(plans, &open, &chosen, Home::Gpu);
+            used
+        }
+        None => fill_spread(plans, gpu_budget, |p| p.device_bytes, Home::Gpu),
+    };
     let streams_any = plans.iter().any(|p| !matches!(p.home, Home::Gpu(_)));
     let pinned_budget = match cfg.pinned_cache {
         Budget::None => 0,
@@ -410,7 +423,7 @@ mod tests {
                 statics,
                 reserve: 0,
             };
-            place_layers(&room, &cfg, after, &mut p);
+            place_layers(&room, &cfg, after, &mut p, None);
             let sizes = slot_sizes(&p);
             let streams_any = p.iter().any(|p| !matches!(p.home, Home::Gpu(_)));
             let dev_slots = if streams_any {
@@ -454,7 +467,7 @@ mod tests {
                 ram: Some(64 << 30),
                 memlock: None,
             };
-            place_layers(&room, &cfg, after, &mut p);
+            place_layers(&room, &cfg, after, &mut p, None);
             let sizes = slot_sizes(&p);
             let streams_any = p.iter().any(|p| !matches!(p.home, Home::Gpu(_)));
             let slots = if streams_any {

@@ -24,6 +24,8 @@ use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::backend::{Backend, PinnedBuf};
+use super::resources::SlotPtr;
 use crate::checkpoint::{plan_reads, Layer, LayerTensor, ModelIndex, ShardFile, TensorInfo};
 use crate::cpu::plan::cpu_rows;
 use crate::cpu::HostMatrix;
@@ -57,9 +59,32 @@ pub struct HostRows<'a> {
     rows: usize,
     cols: usize,
     bytes: &'a [u8],
+    pinned: bool,
 }
 
 impl<'a> HostRows<'a> {
+    /// Whether the rows are in page-locked memory, where a device copy
+    /// reads them at the PCIe rate (else they are file pages).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned
+    }
+
+    /// The last `rows() - n` of these rows (`n` at most `rows()`): a part
+    /// the CPU computes while the first `n` go to the device.
+    pub fn skip(&self, n: usize) -> Result<HostRows<'a>> {
+        let n = n.min(self.rows);
+        let row = (self.ty.row_bytes(self.cols as u64))
+            .map_err(|e| Error::Pipeline(format!("host rows: {e}")))?;
+        let at = usize::try_from(row * n as u64)
+            .map_err(|_| Error::Pipeline("host rows beyond the address space".into()))?;
+        Ok(HostRows {
+            first_row: self.first_row + n,
+            rows: self.rows - n,
+            bytes: &self.bytes[at.min(self.bytes.len())..],
+            ..*self
+        })
+    }
+
     /// The stored type (bf16, f16, f32 or a ggml block type).
     pub fn ty(&self) -> QuantType {
         self.ty
@@ -95,12 +120,19 @@ impl<'a> HostRows<'a> {
 /// A streamer's row split: the whole model, its CPU rows per layer, and the
 /// memory maps they are read from.
 pub(crate) struct RowSplit {
-    /// The CPU share every split tensor was planned with.
+    /// The largest CPU share of a layer (layers the GPU cache keeps are
+    /// whole: share 0).
     pub(crate) share: f64,
     /// The model as it is on disk (the pipeline streams a copy with fewer rows).
     pub(crate) full: ModelIndex,
     maps: Vec<Option<memmap2::Mmap>>,
     layers: Vec<Vec<HostRowsPlan>>,
+    /// The CPU rows copied into page-locked memory, back to back in plan
+    /// order ([`pin`](Self::pin)), with each plan's offset there; the maps
+    /// are dropped then.
+    pinned: Option<(PinnedBuf, Vec<Vec<usize>>)>,
+    /// Why [`pin`](Self::pin) left the rows in the maps, if it did.
+    pub(crate) pin_error: Option<String>,
     /// Nanoseconds the CPU side worked and waited in the pass under way, as
     /// the layer function reports them.
     busy_ns: AtomicU64,
@@ -108,13 +140,27 @@ pub(crate) struct RowSplit {
 }
 
 impl RowSplit {
-    /// Splits every layer of `model` at CPU share `share` (in `(0, 1]`):
+    /// Splits layer `i` of `model` at CPU share `shares[i]` (in `[0, 1]`;
+    /// 0 leaves the layer whole, as for the layers the GPU cache keeps):
     /// the split, and the model of the device's rows for the pipeline.
-    pub(crate) fn new(model: &ModelIndex, share: f64) -> Result<(RowSplit, ModelIndex)> {
+    /// With `only`, tensors whose key ends with none of its suffixes stay
+    /// whole.
+    pub(crate) fn new(
+        model: &ModelIndex,
+        shares: &[f64],
+        only: Option<&[String]>,
+    ) -> Result<(RowSplit, ModelIndex)> {
+        if shares.len() != model.num_layers() {
+            return Err(Error::Pipeline(format!(
+                "{} CPU shares for {} layers",
+                shares.len(),
+                model.num_layers()
+            )));
+        }
         let mut device_layers = Vec::with_capacity(model.num_layers());
         let mut host = Vec::with_capacity(model.num_layers());
-        for layer in model.layers() {
-            let (d, h) = split_layer(model.files(), layer, share)?;
+        for (layer, &share) in model.layers().iter().zip(shares) {
+            let (d, h) = split_layer(model.files(), layer, share, only)?;
             device_layers.push(d);
             host.push(h);
         }
@@ -127,29 +173,105 @@ impl RowSplit {
             .collect::<Result<Vec<_>>>()?;
         advise_will_need(&maps, &host);
         let split = RowSplit {
-            share,
+            share: shares.iter().copied().fold(0.0, f64::max),
             full: model.clone(),
             maps,
             layers: host,
+            pinned: None,
+            pin_error: None,
             busy_ns: AtomicU64::new(0),
             stalled_ns: AtomicU64::new(0),
         };
         Ok((split, model.with_layers(device_layers)))
     }
 
+    /// Copies every CPU row into page-locked host memory of `backend` (one
+    /// buffer, filled by a few threads from the maps, which are dropped):
+    /// the CPU reads them from there, and a pass that gives the device all
+    /// the rows copies them from there at the PCIe rate. Where page-locked
+    /// memory can't be had (a memlock limit), the rows stay in the maps:
+    /// `Ok(false)`.
+    pub(crate) fn pin(&mut self, backend: &Backend) -> Result<bool> {
+        let mut at = Vec::with_capacity(self.layers.len());
+        let mut total = 0usize;
+        for layer in &self.layers {
+            let mut offs = Vec::with_capacity(layer.len());
+            for p in layer {
+                offs.push(total);
+                // 64-byte starts: whole cache lines for the vector loads.
+                total += usize::try_from(p.len).map_err(|_| too_big(p))?.div_ceil(64) * 64;
+            }
+            at.push(offs);
+        }
+        let buf = match backend.pinned(total) {
+            Ok(buf) => buf,
+            Err(e) => {
+                self.pin_error = Some(e.to_string());
+                return Ok(false);
+            }
+        };
+        let base = SlotPtr(buf.ptr() as *mut u8);
+        let jobs: Vec<(&HostRowsPlan, usize)> = self
+            .layers
+            .iter()
+            .flatten()
+            .zip(at.iter().flatten().copied())
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get().min(8));
+        std::thread::scope(|sc| {
+            for part in jobs.chunks(jobs.len().div_ceil(threads).max(1)) {
+                let maps = &self.maps;
+                sc.spawn(move || {
+                    let dst = base;
+                    for (p, off) in part {
+                        let Some(src) = map_range(maps, p) else {
+                            continue;
+                        };
+                        // SAFETY: `off .. off + len` lies inside `buf` (sized
+                        // above from the same lengths) and the jobs' ranges do
+                        // not overlap; `buf` outlives the scope.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(src.as_ptr(), dst.0.add(*off), src.len())
+                        };
+                    }
+                });
+            }
+        });
+        let missing = self
+            .layers
+            .iter()
+            .flatten()
+            .find(|p| map_range(&self.maps, p).is_none());
+        if let Some(p) = missing {
+            return Err(too_big(p));
+        }
+        self.pinned = Some((buf, at));
+        self.maps.clear();
+        Ok(true)
+    }
+
     /// The CPU rows of tensor `key` of `layer`; `None` when the tensor is
     /// not split (or there is no such tensor).
     pub(crate) fn rows(&self, layer: usize, key: &str) -> Option<HostRows<'_>> {
-        let p = self.layers.get(layer)?.iter().find(|p| p.key == key)?;
-        let map = self.maps.get(p.file)?.as_ref()?;
-        let start = usize::try_from(p.offset).ok()?;
-        let end = start.checked_add(usize::try_from(p.len).ok()?)?;
+        let plans = self.layers.get(layer)?;
+        let j = plans.iter().position(|p| p.key == key)?;
+        let p = &plans[j];
+        let bytes = match &self.pinned {
+            Some((buf, at)) => {
+                let start = *at.get(layer)?.get(j)?;
+                // SAFETY: `pin` sized the buffer to hold `len` bytes at
+                // `start` and wrote them; nothing writes it afterwards.
+                unsafe { std::slice::from_raw_parts(buf.ptr().add(start), p.len as usize) }
+            }
+            None => map_range(&self.maps, p)?,
+        };
         Some(HostRows {
             ty: p.ty,
             first_row: p.first_row,
             rows: p.rows,
             cols: p.cols,
-            bytes: map.get(start..end)?,
+            bytes,
+            pinned: self.pinned.is_some(),
         })
     }
 
@@ -184,6 +306,21 @@ impl RowSplit {
     pub(crate) fn pass_bytes(&self) -> u64 {
         self.layers.iter().flatten().map(|p| p.len).sum()
     }
+}
+
+/// The bytes of `p`'s rows in its file's map.
+fn map_range<'m>(maps: &'m [Option<memmap2::Mmap>], p: &HostRowsPlan) -> Option<&'m [u8]> {
+    let map = maps.get(p.file)?.as_ref()?;
+    let start = usize::try_from(p.offset).ok()?;
+    let end = start.checked_add(usize::try_from(p.len).ok()?)?;
+    map.get(start..end)
+}
+
+fn too_big(p: &HostRowsPlan) -> Error {
+    Error::Pipeline(format!(
+        "tensor {}: its CPU rows ({} bytes at {}) are not inside its file",
+        p.key, p.len, p.offset
+    ))
 }
 
 /// Asks the kernel to start reading the CPU's rows into the page cache, so
@@ -225,6 +362,7 @@ fn split_layer(
     files: &[ShardFile],
     layer: &Layer,
     share: f64,
+    only: Option<&[String]>,
 ) -> Result<(Layer, Vec<HostRowsPlan>)> {
     let scales: HashSet<&str> = layer
         .tensors
@@ -235,7 +373,8 @@ fn split_layer(
     let mut host = Vec::new();
     for t in &layer.tensors {
         let mut info = t.info.clone();
-        if let Some(ty) = splittable(&info, &scales) {
+        let chosen = only.is_none_or(|o| o.iter().any(|s| t.key.ends_with(s.as_str())));
+        if let Some(ty) = splittable(&info, &scales).filter(|_| chosen) {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             let row_bytes = ty.row_bytes(cols as u64).map_err(|e| {
                 let file = files.get(info.file).map(|f| f.path.as_path());

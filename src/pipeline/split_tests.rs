@@ -40,7 +40,7 @@ fn cpu_rows_are_the_tail_and_one_dimensional_tensors_stay_whole() {
         let scales = HashSet::new();
         assert_eq!(splittable(&w.info, &scales), Some(QuantType::BF16));
         assert_eq!(splittable(&b.info, &scales), None);
-        let (dev, host) = split_layer(&[], &layer, share).unwrap();
+        let (dev, host) = split_layer(&[], &layer, share, None).unwrap();
         assert_eq!(host.len(), 1);
         let h = &host[0];
         let cpu = cpu_rows(rows, share, ROW_MULTIPLE);

@@ -305,6 +305,7 @@ fn split_row(
         slots: mem.gpu_slots,
     })?;
     let mean = plan.shares.iter().sum::<f64>() / plan.shares.len().max(1) as f64;
+    eprintln!("batch {b}, last decode pass:\n{st}");
     let s = |d: std::time::Duration| d.as_secs_f64();
     Ok(format!(
         "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.6}  {:>13.6}  {:>10.6}  {:>13.6}  {mean:>10.3}  \
@@ -508,6 +509,11 @@ pub fn run(a: Args) -> Result<()> {
         stop_ids: Vec::new(),
     };
     let (peak, pinned_h2d) = header(&a, &index, &streamer);
+    let notes = [streamer.split_rows_note(), model.split_note()];
+    notes
+        .into_iter()
+        .flatten()
+        .for_each(|n| println!("split: {n}"));
     let short = GenerateParams {
         max_new_tokens: 2,
         ..params.clone()

@@ -43,7 +43,9 @@ impl StreamArgs {
             layer_streamer::cuda::check_available()?;
         }
         let cfg = LlamaModel::streamer_config(index, cfg);
-        LayerStreamer::builder(index).config(cfg).build()
+        (LayerStreamer::builder(index).config(cfg))
+            .split_only(&LlamaModel::SPLIT_WEIGHTS)
+            .build()
     }
 }
 

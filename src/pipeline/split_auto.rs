@@ -1,0 +1,75 @@
+//! `cpu_share auto`: the share of a streamed layer's rows that makes its two
+//! sides finish together when decoding one token, from rates measured when
+//! the streamer is built: the CPU's products on the layer's stored types
+//! (on the pool the model will compute with) and a page-locked copy to the
+//! device. [`crate::cpu::plan::layer_share`] balances them. Larger passes
+//! hand CPU rows back to the device pass by pass (the CUDA forward pass's
+//! upload), so one share at build serves every batch.
+
+use std::time::Instant;
+
+use super::backend::Backend;
+use super::StreamerConfig;
+use crate::checkpoint::ModelIndex;
+use crate::cpu::calibrate::calibrate;
+use crate::cpu::plan::{layer_share, LayerCost};
+use crate::cpu::{CpuPool, CpuPoolOptions};
+use crate::cuda::{memcpy_htod_async, DeviceBuffer, Stream};
+use crate::quant::QuantType;
+use crate::Result;
+
+/// Bytes of the copy that measures the PCIe rate.
+const COPY_BYTES: usize = 64 << 20;
+
+/// The CPU share for the layers of `model` that stream (`resident[i]`
+/// false), or 0 where a split does not pay: on the host backend (the
+/// device is the CPU already) or with every layer resident.
+pub(crate) fn auto_share(
+    model: &ModelIndex,
+    cfg: &StreamerConfig,
+    backend: &Backend,
+    resident: &[bool],
+) -> Result<f64> {
+    let Backend::Cuda { ctx, .. } = backend else {
+        return Ok(0.0);
+    };
+    let streamed = model.layers().iter().zip(resident).filter(|(_, r)| !**r);
+    let Some((layer, _)) = streamed.max_by_key(|(l, _)| l.data_bytes) else {
+        return Ok(0.0);
+    };
+    let mut types: Vec<QuantType> = (layer.tensors.iter())
+        .filter(|t| t.info.shape.len() == 2)
+        .filter_map(|t| t.info.quant.or_else(|| QuantType::from_dtype(t.info.dtype)))
+        .collect();
+    types.sort_by_key(|t| t.ggml_type_id());
+    types.dedup();
+    let pool = CpuPool::new(&CpuPoolOptions {
+        exclude: cfg.cpu_affinity.clone().unwrap_or_default(),
+        ..CpuPoolOptions::default()
+    })?;
+    let cpu_s = calibrate(&pool, &types, 1, 32 << 20, 2)?.layer_seconds(model, layer)?;
+    let pcie = copy_rate(ctx, backend)?;
+    let cost = LayerCost {
+        bytes: layer.data_bytes,
+        cpu_s,
+        gpu_s: 0.0,
+    };
+    Ok(layer_share(&cost, false, pcie, 0.0).0)
+}
+
+/// Bytes per second of a page-locked host-to-device copy: the best of three.
+fn copy_rate(ctx: &crate::cuda::Context, backend: &Backend) -> Result<f64> {
+    let host = backend.pinned(COPY_BYTES)?;
+    let dev = DeviceBuffer::alloc(ctx, COPY_BYTES)?;
+    let s = Stream::new(ctx)?;
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        // SAFETY: both buffers hold COPY_BYTES and outlive the copy, which
+        // the stream's synchronize waits for.
+        unsafe { memcpy_htod_async(dev.ptr(), host.ptr(), COPY_BYTES, &s)? };
+        s.synchronize()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(COPY_BYTES as f64 / best.max(1e-9))
+}
