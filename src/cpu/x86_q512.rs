@@ -107,7 +107,56 @@ pub(super) unsafe fn dot<const N: usize>(ty: QuantType, row: &[u8], xs: &[&[f32]
             }
         }
     }
-    acc.map(|a| _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1])))
+    let acc = acc.map(|a| _mm512_add_ps(a[0], a[1]));
+    if N < 4 {
+        return acc.map(|a| _mm512_reduce_add_ps(a));
+    }
+    let sums = sums8(std::array::from_fn(|t| {
+        acc.get(t).copied().unwrap_or(_mm512_setzero_ps())
+    }));
+    std::array::from_fn(|t| sums[t])
+}
+
+/// The 128-bit lanes of `p` and `q` folded in half: `[p0 + p2, p1 + p3,
+/// q0 + q2, q1 + q3]`.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn fold_halves(p: __m512, q: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b01_00_01_00>(p, q),
+        _mm512_shuffle_f32x4::<0b11_10_11_10>(p, q),
+    )
+}
+
+/// The 128-bit lanes of two [`fold_halves`] results folded again: lane `i`
+/// holds four partial sums of vector `i` of the four folded.
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn fold_quarters(u: __m512, v: __m512) -> __m512 {
+    _mm512_add_ps(
+        _mm512_shuffle_f32x4::<0b10_00_10_00>(u, v),
+        _mm512_shuffle_f32x4::<0b11_01_11_01>(u, v),
+    )
+}
+
+/// The horizontal sums of eight vectors, together (a third of the shuffles
+/// of eight separate reductions).
+#[inline]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn sums8(v: [__m512; 8]) -> [f32; 8] {
+    let a = fold_quarters(fold_halves(v[0], v[1]), fold_halves(v[2], v[3]));
+    let b = fold_quarters(fold_halves(v[4], v[5]), fold_halves(v[6], v[7]));
+    // Per lane i: [a_i0 + a_i1, a_i2 + a_i3, b_i0 + b_i1, b_i2 + b_i3].
+    let c = _mm512_add_ps(
+        _mm512_shuffle_ps::<0b10_00_10_00>(a, b),
+        _mm512_shuffle_ps::<0b11_01_11_01>(a, b),
+    );
+    // Element 4i: the sum of v[i]; element 4i + 2: that of v[4 + i].
+    let d = _mm512_add_ps(c, _mm512_shuffle_ps::<0b10_11_00_01>(c, c));
+    let mut out = [0f32; 16];
+    // SAFETY: `out` holds 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), d) };
+    std::array::from_fn(|t| out[4 * (t % 4) + 2 * (t / 4)])
 }
 
 /// A Q8_0 block (f16 `d`, 32 × i8): `d·q`.
