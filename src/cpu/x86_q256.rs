@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::x86_q512::{in_memory, q4_k_scales};
+use super::x86_q512::{in_memory, q4_k_scales, PREFETCH};
 use crate::quant::QuantType;
 
 /// Whether the fused kernels (this module's and [`super::x86_q512`]'s)
@@ -94,9 +94,11 @@ pub(super) unsafe fn dot<const N: usize>(ty: QuantType, row: &[u8], xs: &[&[f32]
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     for i in 0..blocks {
         // SAFETY: block `i` is the `bb` bytes at `i·bb` of `row`, its
-        // elements the `be` floats at `i·be` of every `xs[t]`.
+        // elements the `be` floats at `i·be` of every `xs[t]`; a prefetch
+        // reads nothing and may point anywhere.
         unsafe {
             let b = row.as_ptr().add(i * bb);
+            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
             match ty {
                 QuantType::Q8_0 => q8_0(b, &mut acc, &xp, i * be),
                 QuantType::Q4_0 => q4_0(b, &mut acc, &xp, i * be),
