@@ -99,21 +99,42 @@ pub(super) unsafe fn dot<const N: usize>(ty: QuantType, row: &[u8], xs: &[&[f32]
     debug_assert!(row.len() == blocks * bb && xs.iter().all(|x| x.len() == blocks * be));
     let xp: [*const f32; N] = std::array::from_fn(|t| xs[t].as_ptr());
     let mut acc = [[_mm512_setzero_ps(); 2]; N];
-    for i in 0..blocks {
-        // SAFETY: block `i` is the `bb` bytes at `i·bb` of `row`, its
-        // elements the `be` floats at `i·be` of every `xs[t]`; a prefetch
-        // reads nothing and may point anywhere.
-        unsafe {
-            let b = row.as_ptr().add(i * bb);
-            _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
-            match ty {
-                QuantType::Q8_0 => q8_0(b, &mut acc, &xp, i * be),
-                QuantType::Q4_0 => q4_0(b, &mut acc, &xp, i * be),
-                QuantType::Q4_1 => q4_1(b, &mut acc, &xp, i * be),
-                QuantType::Q4_K => q4_k(b, &mut acc, &xp, i * be),
-                QuantType::Q6_K => q6_k(b, &mut acc, &xp, i * be),
-                _ => unreachable!("fused kernels take has_kernel types only"),
+    // One or two tokens: a second set of accumulators for odd blocks, so
+    // that consecutive blocks' sums do not wait on each other.
+    let mut odd = [[_mm512_setzero_ps(); 2]; N];
+    macro_rules! each_block {
+        ($f:ident) => {{
+            let mut i = 0;
+            while i < blocks {
+                // SAFETY: block `i` is the `bb` bytes at `i·bb` of `row`, and
+                // so is block `i + 1 < blocks`; their elements are the `be`
+                // floats at `i·be` of every `xs[t]`; a prefetch reads nothing
+                // and may point anywhere.
+                unsafe {
+                    let b = row.as_ptr().add(i * bb);
+                    _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
+                    $f(b, &mut acc, &xp, i * be);
+                    if N <= 2 && i + 1 < blocks {
+                        $f(b.add(bb), &mut odd, &xp, (i + 1) * be);
+                        i += 1;
+                    }
+                }
+                i += 1;
             }
+        }};
+    }
+    match ty {
+        QuantType::Q8_0 => each_block!(q8_0),
+        QuantType::Q4_0 => each_block!(q4_0),
+        QuantType::Q4_1 => each_block!(q4_1),
+        QuantType::Q4_K => each_block!(q4_k),
+        QuantType::Q6_K => each_block!(q6_k),
+        _ => unreachable!("fused kernels take has_kernel types only"),
+    }
+    if N <= 2 {
+        for (a, o) in acc.iter_mut().zip(odd) {
+            a[0] = _mm512_add_ps(a[0], o[0]);
+            a[1] = _mm512_add_ps(a[1], o[1]);
         }
     }
     let acc = acc.map(|a| _mm512_add_ps(a[0], a[1]));
