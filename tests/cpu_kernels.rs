@@ -3,6 +3,8 @@
 //! tokens, on random data.
 
 mod common;
+#[path = "common/quant_blocks.rs"]
+mod quant_blocks;
 
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions, HostMatrix, Isa};
 use layer_streamer::quant::{self, QuantType};
@@ -28,8 +30,21 @@ fn weights(rng: &mut StdRng, ty: QuantType, rows: usize, k: usize) -> (Vec<u8>, 
 /// sum of magnitudes; one element missed or read twice is far above it.
 fn check(pool: &CpuPool, rng: &mut StdRng, ty: QuantType, rows: usize, k: usize, tokens: usize) {
     let (bytes, vals) = weights(rng, ty, rows, k);
+    check_weights(pool, rng, ty, (&bytes, &vals), rows, k, tokens);
+}
+
+/// [`check`] on given weights: `bytes` as stored, `vals` as decoded.
+fn check_weights(
+    pool: &CpuPool,
+    rng: &mut StdRng,
+    ty: QuantType,
+    (bytes, vals): (&[u8], &[f32]),
+    rows: usize,
+    k: usize,
+    tokens: usize,
+) {
     let x: Vec<f32> = (0..tokens * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
-    let w = HostMatrix::new(ty, &bytes, rows, k).expect("matrix");
+    let w = HostMatrix::new(ty, bytes, rows, k).expect("matrix");
     let mut y = vec![f32::NAN; tokens * rows];
     pool.matmul(&w, &x, tokens, &mut y).expect("matmul");
     let bound_ulps = (k / 8 + 40) as f64 * f32::EPSILON as f64;
@@ -206,4 +221,38 @@ fn workers_keep_off_excluded_cpus() {
         seen.iter().all(|&c| c >= 0 && c as usize != first),
         "{seen:?} ran on {first}"
     );
+}
+
+#[test]
+fn raw_blocks_with_extreme_scales_match_f64_for_every_token_count() {
+    // Random payloads (every nibble, 6-bit scale and min) under extreme f16
+    // scales; rows that are not a multiple of the row block; rows of several
+    // blocks, for K-quants longer than the stretch several tokens share.
+    let mut rng = common::rng("raw_blocks_with_extreme_scales_match_f64_for_every_token_count");
+    let types = [
+        QuantType::Q8_0,
+        QuantType::Q4_0,
+        QuantType::Q4_1,
+        QuantType::Q4_K,
+        QuantType::Q6_K,
+        QuantType::Q5_K,
+    ];
+    for pool in pools() {
+        for ty in types {
+            let be = ty.block_elems() as usize;
+            for tokens in 1..=9 {
+                let blocks = if be == 256 {
+                    rng.gen_range(1..6)
+                } else {
+                    rng.gen_range(1..40)
+                };
+                let rows = 16 * rng.gen_range(0..3) + rng.gen_range(1..16);
+                let k = blocks * be;
+                let bytes = quant_blocks::random_blocks(ty, rows * blocks, &mut rng);
+                let mut vals = vec![0f32; rows * k];
+                quant::dequantize_f32(ty, &bytes, &mut vals).expect("dequantize");
+                check_weights(&pool, &mut rng, ty, (&bytes, &vals), rows, k, tokens);
+            }
+        }
+    }
 }

@@ -3,9 +3,13 @@
 //! on a thread pool pinned to cores the stage threads do not use.
 //!
 //! Weights stay in their stored type: bf16, f16 and f32 rows are widened to
-//! f32 in registers; rows of ggml block types are decoded a tile (256
-//! elements) at a time into an L1-resident buffer by the crate's host
-//! dequantizer and multiplied there, so a row is never materialized in f32.
+//! f32 in registers. Rows of Q8_0, Q4_0, Q4_1, Q4_K and Q6_K blocks are
+//! decoded in registers too on AVX2 and AVX-512 (each block's integers
+//! widened, converted and scaled, then multiplied into every token's
+//! accumulators, up to eight tokens per decode on AVX-512); other block types
+//! and the portable path decode a tile (256 elements) at a time into an
+//! L1-resident buffer with the crate's host dequantizer. A row is never
+//! materialized in f32.
 //! Activations stay f32 on every path (no rounding of `x` to bf16 or int8):
 //! the split must change only where sums happen, not what is summed. All
 //! accumulation is in f32, in eight or more independent lanes per row.
@@ -39,7 +43,9 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]
-mod x86_decode;
+mod x86_q256;
+#[cfg(target_arch = "x86_64")]
+mod x86_q512;
 
 pub use pool::{CpuPool, CpuPoolOptions};
 
