@@ -543,6 +543,15 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = model.last_layer_phases() {
         println!("{}", phases_line(&p, model.config()));
     }
+    if let Some((free, total)) = streamer.context().and_then(|c| c.mem_info().ok()) {
+        // After the ceilings' buffers are freed: what the model and its
+        // streamer hold (with the CUDA context), as nvidia-smi counts it.
+        println!(
+            "device memory in use after the run: {} MiB of {} MiB (every process, CUDA context included)",
+            (total - free) >> 20,
+            total >> 20
+        );
+    }
     println!("last pass: {}", streamer.last_pass_stats());
     Ok(())
 }
