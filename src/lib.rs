@@ -31,8 +31,8 @@
 //! // the layer's weights already on the device; it queues work on `stream`.
 //! let state = streamer.run_pass(embed.ptr(), |activations, w, layer, stream| {
 //!     let up = w.tensor("mlp.up_proj.weight")?;
-//!     assert_eq!(up.dtype, DType::BF16);
-//!     let _ = (layer, up.ptr, up.shape, stream.raw()); // launch kernels here
+//!     assert_eq!(up.dtype(), DType::BF16);
+//!     let _ = (layer, up.ptr(), up.shape(), stream.raw()); // launch kernels here
 //!     Ok(activations)
 //! })?;
 //! let _ = state;
