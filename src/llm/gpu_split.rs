@@ -140,7 +140,7 @@ unsafe fn device_columns(
         return Ok(());
     };
     let up =
-        upload.ok_or_else(|| Error::Pipeline("CPU rows to copy but no device buffer".into()))?;
+        upload.ok_or_else(|| Error::Pipeline(format!("{}: CPU rows to copy, no buffer", p.key)))?;
     let row = h
         .ty()
         .row_bytes(k as u64)
@@ -323,6 +323,71 @@ impl GpuSplit {
         }
         Ok(())
     }
+    /// One meeting: queues the copy of the input `x` (`t × k`) for the CPU
+    /// (with `add`, also the residual's CPU columns of the one output) and
+    /// the device's columns of each `(part, output)`; computes the CPU's
+    /// columns once the copy has landed and queues them into the outputs
+    /// (with `add`, accumulated into the residual stream `y`). A meeting
+    /// where the CPU has no columns copies nothing and waits for nothing.
+    ///
+    /// # Safety
+    /// As for [`device_columns`] for every part and output, and `x` of `t × k`
+    /// on `s`'s context.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn meet(
+        &mut self,
+        (blas, at_use): (&mut Cublas, Option<&AtUse>),
+        w: &SlotWeights<'_, '_>,
+        x: Split,
+        outs: &[(&Part<'_>, u64)],
+        (t, k): (usize, usize),
+        add: bool,
+        s: &Stream,
+    ) -> Result<()> {
+        if add && outs.len() != 1 {
+            return Err(Error::Pipeline(format!(
+                "a meeting that adds into the residual stream has one output, not {}",
+                outs.len()
+            )));
+        }
+        let any = outs.iter().any(|(p, _)| p.c() > 0);
+        let beta = if add { 1.0 } else { 0.0 };
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            if any {
+                let resid = if add {
+                    Some((outs[0].1, outs[0].0))
+                } else {
+                    None
+                };
+                self.fetch(s, x, t, k, resid)?;
+            }
+            for &(p, y) in outs {
+                device_columns(
+                    blas,
+                    at_use,
+                    self.upload.as_ref(),
+                    x,
+                    w,
+                    p,
+                    y,
+                    (t, k),
+                    beta,
+                    s,
+                )?;
+            }
+        }
+        let stalled = self.wait_if(any, t, k, x.lo != 0)?;
+        let (mut at, mut busy) = (0, Duration::ZERO);
+        for &(p, y) in outs {
+            busy += self.compute(p, t, at)?;
+            // SAFETY: `y` holds t rows of `p.n` f32 (the caller's contract).
+            unsafe { self.send(s, y, p, t, at, add)? };
+            at += t * p.c();
+        }
+        w.w.note_cpu_side(busy, stalled);
+        Ok(())
+    }
 }
 
 impl CudaModel {
@@ -376,37 +441,11 @@ impl CudaModel {
         let sp = self.split.as_deref_mut().ok_or_else(no_split)?;
         let (ws, blas, k) = (&self.ws, &mut self.blas, &self.kernels);
         let (xn, attn, x) = (ws.xn.split(), ws.attn.split(), ws.x.ptr());
-        let parts = [
-            part(w.w, "self_attn.q_proj.weight", qd, sp.fraction)?,
-            part(w.w, "self_attn.k_proj.weight", kvd, sp.fraction)?,
-            part(w.w, "self_attn.v_proj.weight", kvd, sp.fraction)?,
-        ];
-        let ys = [ws.q.ptr(), ws.k.ptr(), ws.v.ptr()];
-        let meet = parts.iter().any(|p| p.c() > 0);
-        // SAFETY: as in `CudaModel::attention`: weights of their shapes in
-        // the live slot (the device's rows of split ones), workspaces sized
-        // for max_tokens >= t, staging sized for the same.
-        unsafe {
-            let norm = w.ptr("input_layernorm.weight")?;
-            k.rms_norm(s, x, norm, 0, xn, t, h, cfg.rms_norm_eps)?;
-            if meet {
-                sp.fetch(s, xn, t, h, None)?;
-            }
-            for (p, &y) in parts.iter().zip(&ys) {
-                device_columns(blas, au, sp.upload.as_ref(), xn, w, p, y, (t, h), 0.0, s)?;
-            }
-        }
-        let stalled = sp.wait_if(meet, t, h, xn.lo != 0)?;
-        let mut at = 0;
-        let mut busy = Duration::ZERO;
-        for (p, &y) in parts.iter().zip(&ys) {
-            busy += sp.compute(p, t, at)?;
-            // SAFETY: q, k and v hold t rows of their projections' widths.
-            unsafe { sp.send(s, y, p, t, at, false)? };
-            at += t * p.c();
-        }
-        w.w.note_cpu_side(busy, stalled);
+        let q = part(w.w, "self_attn.q_proj.weight", qd, sp.fraction)?;
+        let kp = part(w.w, "self_attn.k_proj.weight", kvd, sp.fraction)?;
+        let v = part(w.w, "self_attn.v_proj.weight", kvd, sp.fraction)?;
         let o = part(w.w, "self_attn.o_proj.weight", h, sp.fraction)?;
+        let qkv = [(&q, ws.q.ptr()), (&kp, ws.k.ptr()), (&v, ws.v.ptr())];
         let bias = |key: &str| if cfg.qkv_bias { w.ptr(key) } else { Ok(0) };
         let biases = [
             bias("self_attn.q_proj.bias")?,
@@ -414,36 +453,23 @@ impl CudaModel {
             bias("self_attn.v_proj.bias")?,
         ];
         let (seq, pos, il) = (ws.seq.ptr(), ws.pos.ptr(), cfg.rope_interleaved);
-        // SAFETY: as above; the caches (the layer's, or an offload slot of
-        // the same size) hold every (seq, pos) of the pass.
+        // SAFETY: as in `CudaModel::attention`: weights of their shapes in
+        // the live slot (the device's rows of split ones), workspaces sized
+        // for max_tokens >= t, staging sized for the same; the caches (the
+        // layer's, or an offload slot of the same size) hold every
+        // (seq, pos) of the pass; x holds t rows of `hidden` f32.
         unsafe {
-            let (q, kp, vp, a) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr(), &self.attn);
+            let norm = w.ptr("input_layernorm.weight")?;
+            k.rms_norm(s, x, norm, 0, xn, t, h, cfg.rms_norm_eps)?;
+            sp.meet((blas, au), w, xn, &qkv, (t, h), false, s)?;
+            let (qp, kpp, vp, a) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr(), &self.attn);
             let rope = (self.cos.ptr(), self.sin.ptr());
             let (kc, vc) = self.kv.attend(layer, s)?;
-            a.write_cache(s, q, kp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
-            a.run(s, q, kc, vc, seq, pos, attn.hi, attn.lo)?;
+            a.write_cache(s, qp, kpp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
+            a.run(s, qp, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;
-            if o.c() > 0 {
-                sp.fetch(s, attn, t, qd, Some((x, &o)))?;
-            }
-            device_columns(
-                blas,
-                au,
-                sp.upload.as_ref(),
-                attn,
-                w,
-                &o,
-                x,
-                (t, qd),
-                1.0,
-                s,
-            )?;
+            sp.meet((blas, au), w, attn, &[(&o, x)], (t, qd), true, s)
         }
-        let stalled = sp.wait_if(o.c() > 0, t, qd, attn.lo != 0)?;
-        let busy = sp.compute(&o, t, 0)?;
-        w.w.note_cpu_side(busy, stalled);
-        // SAFETY: x holds t rows of `hidden` f32.
-        unsafe { sp.send(s, x, &o, t, 0, true) }
     }
 
     /// RMSNorm, the gate/up meeting, SwiGLU on the device, and the
@@ -464,69 +490,17 @@ impl CudaModel {
         let up = part(w.w, "mlp.up_proj.weight", inter, sp.fraction)?;
         let down = part(w.w, "mlp.down_proj.weight", h, sp.fraction)?;
         let (gp, upp) = (ws.gate_up.ptr(), ws.gate_up.ptr() + (t * inter * 4) as u64);
-        let meet = gate.c() + up.c() > 0;
         // SAFETY: as in `CudaModel::mlp`, with gate and up as separate
-        // [t, inter] f32 matrices in gate_up (which holds t * 2 * inter).
+        // [t, inter] f32 matrices in gate_up (which holds t * 2 * inter);
+        // x holds t rows of `hidden` f32.
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, x, post, 0, xn, t, h, cfg.rms_norm_eps)?;
-            if meet {
-                sp.fetch(s, xn, t, h, None)?;
-            }
-            device_columns(
-                blas,
-                au,
-                sp.upload.as_ref(),
-                xn,
-                w,
-                &gate,
-                gp,
-                (t, h),
-                0.0,
-                s,
-            )?;
-            device_columns(
-                blas,
-                au,
-                sp.upload.as_ref(),
-                xn,
-                w,
-                &up,
-                upp,
-                (t, h),
-                0.0,
-                s,
-            )?;
-        }
-        let stalled = sp.wait_if(meet, t, h, xn.lo != 0)?;
-        let busy = sp.compute(&gate, t, 0)? + sp.compute(&up, t, t * gate.c())?;
-        w.w.note_cpu_side(busy, stalled);
-        // SAFETY: as above.
-        unsafe {
-            sp.send(s, gp, &gate, t, 0, false)?;
-            sp.send(s, upp, &up, t, t * gate.c(), false)?;
+            let gu = [(&gate, gp), (&up, upp)];
+            sp.meet((blas, au), w, xn, &gu, (t, h), false, s)?;
             k.swiglu(s, (gp, upp, false), act, t, inter, inter)?;
-            if down.c() > 0 {
-                sp.fetch(s, act, t, inter, Some((x, &down)))?;
-            }
-            device_columns(
-                blas,
-                au,
-                sp.upload.as_ref(),
-                act,
-                w,
-                &down,
-                x,
-                (t, inter),
-                1.0,
-                s,
-            )?;
+            sp.meet((blas, au), w, act, &[(&down, x)], (t, inter), true, s)
         }
-        let stalled = sp.wait_if(down.c() > 0, t, inter, act.lo != 0)?;
-        let busy = sp.compute(&down, t, 0)?;
-        w.w.note_cpu_side(busy, stalled);
-        // SAFETY: x holds t rows of `hidden` f32.
-        unsafe { sp.send(s, x, &down, t, 0, true) }
     }
 }
 

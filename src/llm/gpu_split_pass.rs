@@ -22,11 +22,10 @@
 //! come from a copy timed then. [`SplitUpload`] (or `LS_SPLIT_UPLOAD` =
 //! `auto`, `never`, `always`) can fix the choice.
 
-use std::time::Instant;
-
 use crate::cpu::calibrate::calibrate;
 use crate::cpu::CpuPool;
-use crate::cuda::{memcpy_htod_async, Context, DeviceBuffer, Stream};
+use crate::cuda::{Context, DeviceBuffer};
+use crate::pipeline::split_auto::h2d_rate;
 use crate::quant::QuantType;
 use crate::{DType, Error, HostRows, LayerStreamer, Result};
 
@@ -186,20 +185,10 @@ impl Upload {
 }
 
 /// Host-to-device bytes per second from the CPU rows' page-locked memory:
-/// the largest CPU part copied a few times.
+/// the largest CPU part copied into `buf`.
 fn copy_rate(ctx: &Context, buf: &DeviceBuffer, rows: &[Vec<HostRows<'_>>]) -> Result<f64> {
-    let h = rows.iter().flatten().max_by_key(|h| h.bytes().len());
-    let Some(h) = h else { return Ok(1e9) };
-    let s = Stream::new(ctx)?;
-    let len = h.bytes().len().min(buf.len());
-    let mut best = f64::MAX;
-    for _ in 0..3 {
-        let t0 = Instant::now();
-        // SAFETY: `len` bytes of page-locked rows into a buffer at least
-        // that long; the stream is synchronized before either is dropped.
-        unsafe { memcpy_htod_async(buf.ptr(), h.bytes().as_ptr(), len, &s)? };
-        s.synchronize()?;
-        best = best.min(t0.elapsed().as_secs_f64());
+    match rows.iter().flatten().max_by_key(|h| h.bytes().len()) {
+        Some(h) => h2d_rate(ctx, h.bytes(), buf),
+        None => Ok(1e9),
     }
-    Ok(len as f64 / best.max(1e-9))
 }

@@ -57,19 +57,29 @@ pub(crate) fn auto_share(
     Ok(layer_share(&cost, false, pcie, 0.0).0)
 }
 
-/// Bytes per second of a page-locked host-to-device copy: the best of three.
+/// Bytes per second of a page-locked host-to-device copy of `COPY_BYTES`.
 fn copy_rate(ctx: &crate::cuda::Context, backend: &Backend) -> Result<f64> {
     let host = backend.pinned(COPY_BYTES)?;
     let dev = DeviceBuffer::alloc(ctx, COPY_BYTES)?;
+    // SAFETY: `pinned` made COPY_BYTES of page-locked memory, written by
+    // nobody while `host` lives.
+    let src = unsafe { std::slice::from_raw_parts(host.ptr(), COPY_BYTES) };
+    h2d_rate(ctx, src, &dev)
+}
+
+/// Bytes per second of copying `src` (page-locked) into `dst` (at least as
+/// long): the best of three copies, each waited for on a stream of its own.
+pub(crate) fn h2d_rate(ctx: &crate::cuda::Context, src: &[u8], dst: &DeviceBuffer) -> Result<f64> {
+    let len = src.len().min(dst.len());
     let s = Stream::new(ctx)?;
     let mut best = f64::MAX;
     for _ in 0..3 {
         let t0 = Instant::now();
-        // SAFETY: both buffers hold COPY_BYTES and outlive the copy, which
-        // the stream's synchronize waits for.
-        unsafe { memcpy_htod_async(dev.ptr(), host.ptr(), COPY_BYTES, &s)? };
+        // SAFETY: `len` bytes of `src` into `dst`, which holds them; the
+        // stream is synchronized before either can be dropped.
+        unsafe { memcpy_htod_async(dst.ptr(), src.as_ptr(), len, &s)? };
         s.synchronize()?;
         best = best.min(t0.elapsed().as_secs_f64());
     }
-    Ok(COPY_BYTES as f64 / best.max(1e-9))
+    Ok(len as f64 / best.max(1e-9))
 }
