@@ -573,11 +573,12 @@ __device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, bool f16, f
 }
 
 // acc[b] += dot(wv, x[b, c * 8 .. c * 8 + 8]) for b < t.
+template <unsigned NT>
 __device__ __forceinline__ void gemv_chunk(const float wv[8], const uint16_t* x_hi,
                                            const uint16_t* x_lo, u64 off, u64 k, unsigned t,
                                            bool vec, bool f16, float acc[8]) {
 #pragma unroll
-    for (unsigned b = 0; b < 8; ++b) {
+    for (unsigned b = 0; b < NT; ++b) {
         if (b < t) {
             float xv[8];
             load_h8(x_hi + b * k + off, vec, f16, xv);
@@ -600,12 +601,13 @@ __device__ __forceinline__ void gemv_chunk(const float wv[8], const uint16_t* x_
 }
 
 // Sums each token's accumulator over the warp; lane b < t writes token b.
+template <unsigned NT>
 __device__ __forceinline__ void gemv_store(float acc[8], void* y, u64 r, u64 ldy, unsigned t,
                                            unsigned flags) {
     const unsigned lane = threadIdx.x % 32;
     float mine = 0.0f;
 #pragma unroll
-    for (unsigned b = 0; b < 8; ++b) {
+    for (unsigned b = 0; b < NT; ++b) {
         if (b < t) {
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) {
@@ -629,7 +631,16 @@ __device__ __forceinline__ void gemv_store(float acc[8], void* y, u64 r, u64 ldy
     }
 }
 
-template <typename D, unsigned QK, unsigned BYTES>
+// f rounded to bf16 (to nearest, ties to even) and widened back: one
+// conversion instruction, the same value as f32_to_bf16_bits gives for every
+// number (only NaN payloads may differ).
+__device__ __forceinline__ float round_bf16(float f) {
+    uint16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return bf16_bits_to_f32(r);
+}
+
+template <typename D, unsigned QK, unsigned BYTES, unsigned NT>
 __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
                                           const uint16_t* __restrict__ x_hi,
                                           const uint16_t* __restrict__ x_lo, void* y, u64 rows,
@@ -648,13 +659,33 @@ __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 wv[i] = f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(wv[i]))
-                            : bf16_bits_to_f32(f32_to_bf16_bits(wv[i]));
+                            : round_bf16(wv[i]);
             }
-            gemv_chunk(wv, x_hi, x_lo, c * 8, k, nt, vec, f16, acc);
+            gemv_chunk<NT>(wv, x_hi, x_lo, c * 8, k, nt, vec, f16, acc);
         }
-        gemv_store(acc, y, r, ldy, nt, (unsigned)flags);
+        gemv_store<NT>(acc, y, r, ldy, nt, (unsigned)flags);
     }
 }
+
+// Calls F (the variadic part: a template of the token count NT_, whose
+// template arguments may hold commas) with ARGS for the least of 1,
+// 2, 4 and 8 that covers t: the loops over tokens are unrolled to NT_, so
+// that one token does not issue the instructions of eight (predicated off,
+// they still take issue slots: decoding one token ran at half the rate).
+#define GEMV_BY_TOKENS(ARGS, ...)      \
+    if (t <= 1) {                       \
+        constexpr unsigned NT_ = 1;     \
+        __VA_ARGS__ ARGS;               \
+    } else if (t <= 2) {                \
+        constexpr unsigned NT_ = 2;     \
+        __VA_ARGS__ ARGS;               \
+    } else if (t <= 4) {                \
+        constexpr unsigned NT_ = 4;     \
+        __VA_ARGS__ ARGS;               \
+    } else {                            \
+        constexpr unsigned NT_ = 8;     \
+        __VA_ARGS__ ARGS;               \
+    }
 
 // `gemv_NAME(w, x_hi, x_lo, y, rows, k, t, ldy, flags)`.
 #define GEMV_KERNEL(NAME, QK, BYTES)                                                   \
@@ -668,7 +699,8 @@ __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
                                            const uint16_t* __restrict__ x_hi,          \
                                            const uint16_t* __restrict__ x_lo, void* y, \
                                            u64 rows, u64 k, u64 t, u64 ldy, u64 flags) { \
-        gemv_rows<NAME##_decoder, QK, BYTES>(w, x_hi, x_lo, y, rows, k, t, ldy, flags); \
+        GEMV_BY_TOKENS((w, x_hi, x_lo, y, rows, k, t, ldy, flags),                     \
+                       gemv_rows<NAME##_decoder, QK, BYTES, NT_>);                     \
     }
 
 GEMV_KERNEL(q8_0, 32, 34)

@@ -160,3 +160,21 @@ extern "C" __global__ void swiglu_split_h(const uint16_t* __restrict__ gate,
                                           u64 rows, u64 cols, u64 stride, u64 kind) {
     swiglu_rows(gate, up, hi, lo, rows, cols, stride, kind);
 }
+
+// y[r * ldy + col0 + j] (+)= src[r * cols + j] for r < rows, j < cols: the
+// CPU's columns of a split product, read by the SMs from page-locked host
+// memory mapped into the device (so that they do not queue behind the
+// streamer's copies on the copy engine); `accumulate` adds them to y (the
+// residual stream), else they are written.
+extern "C" __global__ void add_host_columns(const float* __restrict__ src,
+                                            float* __restrict__ y, u64 rows, u64 cols, u64 ldy,
+                                            u64 col0, u64 accumulate) {
+    const u64 n = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / cols, j = i % cols;
+        float* d = y + r * ldy + col0 + j;
+        const float v = src[i];
+        *d = accumulate ? *d + v : v;
+    }
+}

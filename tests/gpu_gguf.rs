@@ -78,9 +78,12 @@ fn gpu_smollm2_matches_transformers_in_both_precisions() {
 
 /// A random quantized GGUF model on CUDA in f16, its output matrix kept on
 /// the device as blocks (tied: the same blocks serve the embedding lookup;
-/// untied: the embedding stays in host memory): the logits with the output dequantized in several chunks
-/// equal those with one chunk (to the bit where cuBLAS keeps its reduction
-/// order), and match the host backend's.
+/// untied: the embedding stays in host memory), for a batch of more
+/// sequences than the fused GEMV takes: the logits with the output and the
+/// layer weights dequantized in several chunks equal those with one chunk
+/// (to the bit where cuBLAS keeps its reduction order), those of three of
+/// the sequences alone (their logits from the GEMV on the blocks) match,
+/// and all match the host backend's.
 #[test]
 fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
     use layer_streamer::quant::QuantType;
@@ -119,14 +122,15 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
         let path = dir.path().join(format!("{ty}-{tie}.gguf"));
         write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
         let index = ModelIndex::open(&path).unwrap();
+        let n = 9 + rng.gen_range(0..3);
         let opts = ModelOptions {
-            max_batch: 3,
+            max_batch: n,
             max_len: 32,
-            max_tokens: 32,
+            max_tokens: 8 * n,
             precision: Precision::Exact,
             kv_offload: false,
         };
-        let prompts: Vec<Vec<u32>> = (0..3)
+        let prompts: Vec<Vec<u32>> = (0..n)
             .map(|_| {
                 (0..rng.gen_range(1..9))
                     .map(|_| rng.gen_range(0..vocab as u32))
@@ -144,6 +148,8 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
         // Chunks of 17..64 rows: several, the last one short.
         let rows = rng.gen_range(17..64);
         m.set_output_chunk_bytes(rows * hidden * 2).unwrap();
+        let w_rows = rng.gen_range(17..64);
+        m.set_weight_chunk_bytes(w_rows * hidden * 2).unwrap();
         m.reset();
         let chunked = m.forward(&mut s, &inputs).unwrap();
         // The same products and f32 sums: bit-identical unless cuBLAS picks
@@ -151,9 +157,18 @@ fn gpu_quantized_output_in_chunks_gives_the_same_logits() {
         // moves a logit by a few f32 ulps of the row's largest; a column
         // landing in the wrong place moves it by the whole logit.
         let what = format!("{test}: {ty} tie={tie}");
-        let sides = ("in one chunk", &*format!("in chunks of {rows} rows"));
-        common::reference::assert_rows_close(&one, &chunked, 1e-5, &what, sides);
-        let what = format!("{test}: {ty} tie={tie}");
+        let chunks = format!("in chunks of {rows} output and {w_rows}·{hidden} weight values");
+        common::reference::assert_rows_close(
+            &one,
+            &chunked,
+            1e-5,
+            &what,
+            ("in one chunk", &chunks),
+        );
+        m.reset();
+        let few = m.forward(&mut s, &inputs[..3]).unwrap();
+        let sides = ("in the batch", "alone (output GEMV)");
+        common::reference::assert_rows_close(&one[..3], &few, 1e-4, &what, sides);
         assert_near_host(&index, opts, &inputs, &one, &what);
     }
 }

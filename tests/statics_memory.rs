@@ -36,13 +36,14 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
         let path = dir.path().join(format!("m-{tie}.gguf"));
         write_gguf(&path, &spec, &mut |_, _| {}).unwrap();
         let index = ModelIndex::open(&path).unwrap();
-        let batch = rng.gen_range(1..9);
-        let m = StaticsMemory::for_model(&index, batch, true).unwrap();
+        let m = StaticsMemory::for_model(&index, true).unwrap();
         let len = |n: &str| index.tensor(n).unwrap().len;
         let q6k = (vocab * hidden / 256 * 210) as u64;
-        // Quantized layers are dequantized at use into one scratch: gate
-        // and up side by side, the largest operand.
-        let weight_scratch = (2 * 512 * hidden * 2) as u64;
+        // Quantized layers are dequantized at use into one scratch, a chunk
+        // of rows at a time: no larger than the largest weight (the gate
+        // projection here), which fits one chunk.
+        assert!(512 * hidden * 2 <= layer_streamer::llm::BLOCKS_SCRATCH_BYTES);
+        let weight_scratch = (512 * hidden * 2) as u64;
         if tie {
             // The output's blocks are the embedding: one copy, as stored.
             assert_eq!(len("model.embed_tokens.weight"), q6k);
@@ -59,7 +60,7 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
             (len("model.embed_tokens.weight"), len("lm_head.weight")),
             (q6k, q6k)
         );
-        // The whole output fits the default scratch: one chunk, no chunk logits.
+        // The whole output fits the default scratch: one chunk.
         assert!(vocab * hidden * 2 <= OUTPUT_CHUNK_BYTES);
         let want = StaticsMemory {
             embedding_device: 0,
@@ -71,15 +72,13 @@ fn quantized_statics_are_counted_as_stored_and_tied_ones_once() {
         assert_eq!(m, want);
         let scratches = (vocab * hidden * 2) as u64 + weight_scratch;
         assert_eq!(m.device_bytes(), q6k + scratches);
-        // Several chunks of `rows` rows: the scratch and one chunk's logits.
+        // Several chunks of `rows` rows: the scratch of one chunk alone
+        // (each chunk's GEMM writes its columns of the logits).
         let rows = rng.gen_range(1..vocab);
         let out = Some("lm_head.weight");
         let embed = "model.embed_tokens.weight";
-        let m = StaticsMemory::of(&index, embed, out, vocab, batch, rows * hidden * 2).unwrap();
-        assert_eq!(
-            m.output_scratch,
-            (rows * hidden * 2 + batch * rows * 4) as u64
-        );
+        let m = StaticsMemory::of(&index, embed, out, vocab, rows * hidden * 2).unwrap();
+        assert_eq!(m.output_scratch, (rows * hidden * 2) as u64);
     }
 }
 
@@ -100,7 +99,7 @@ fn a_tied_16_bit_embedding_is_one_device_matrix() {
         rng.gen(),
     );
     let index = ModelIndex::open(dir.path()).unwrap();
-    let m = StaticsMemory::for_model(&index, 1, true).unwrap();
+    let m = StaticsMemory::for_model(&index, true).unwrap();
     let embed = index.tensor("model.embed_tokens.weight").unwrap();
     let matrix = 2 * embed.shape.iter().product::<usize>() as u64;
     let want = if tie {

@@ -326,6 +326,12 @@ impl ModelIndex {
         tensors.any(|t| t.info.quant.is_some() || t.info.scale.is_some())
     }
 
+    /// Whether any layer tensor is an FP8 weight with its scale.
+    pub fn has_fp8_layers(&self) -> bool {
+        let mut tensors = self.layers.iter().flat_map(|l| &l.tensors);
+        tensors.any(|t| t.info.scale.is_some())
+    }
+
     /// The distinct element types of all tensors, sorted.
     pub fn dtypes(&self) -> Vec<DType> {
         let mut v: Vec<DType> = self

@@ -183,6 +183,14 @@ impl CudaModel {
         self.embed.lookup()
     }
 
+    /// See [`LlamaModel::set_weight_chunk_bytes`](crate::llm::LlamaModel::set_weight_chunk_bytes).
+    pub(crate) fn set_weight_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        match self.at_use.as_mut() {
+            Some(u) => AtUse::resize(u, bytes),
+            None => Ok(()),
+        }
+    }
+
     /// See [`LlamaModel::set_output_chunk_bytes`](crate::llm::LlamaModel::set_output_chunk_bytes).
     pub(crate) fn set_output_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
         self.head.set_chunk_bytes(bytes)
@@ -190,6 +198,10 @@ impl CudaModel {
 
     pub(crate) fn last_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
         self.phases.best()
+    }
+
+    pub(crate) fn decode_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
+        self.phases.one()
     }
 
     pub(crate) fn last_gemm_tflops(&self) -> Option<f64> {
@@ -421,7 +433,7 @@ impl CudaModel {
             self.phases.mark(s)?;
             // y (+)= x · Wᵀ for [n, k] weight `key`: a fused GEMV or a GEMM.
             let mut linear = |key: &str, x, y, (n, kk), beta| {
-                w.linear(blas, key, 0, x, (y, f), (t, n, kk), beta, s)
+                w.linear(blas, key, x, (y, f), (t, n, kk), beta, s)
             };
             linear("self_attn.q_proj.weight", xn, ws.q.ptr(), (qd, h), 0.0)?;
             linear("self_attn.k_proj.weight", xn, ws.k.ptr(), (kvd, h), 0.0)?;
@@ -465,38 +477,36 @@ impl CudaModel {
         let (blas, k) = (&mut self.blas, &self.kernels);
         let (xn, act, gu) = (ws.xn.split(), ws.act.split(), ws.gate_up.ptr());
         let (gk, uk) = ("mlp.gate_proj.weight", "mlp.up_proj.weight");
-        let (g_st, u_st) = (w.stored(gk)?, w.stored(uk)?);
-        // Dequantized at use, gate and up land side by side in the scratch;
-        // as fused GEMVs (few tokens), each writes its own [t, inter] half.
-        let gemv = w.gemv_type(gk, t)?.is_some() && w.gemv_type(uk, t)?.is_some();
-        let fused = !gemv
-            && ((g_st && u_st) || (!g_st && !u_st && gate_up_adjacent(&w.view(gk)?, &w.view(uk)?)));
+        // Plain weights side by side in the slot are one GEMM; stored ones
+        // are multiplied each into its own [t, inter] half.
+        let plain = !w.stored(gk)? && !w.stored(uk)?;
+        let fused = plain && gate_up_adjacent(&w.view(gk)?, &w.view(uk)?);
         // SAFETY: as in `attention`: weights of their configured shapes in
         // the live slot or the scratch (gate and up as one [2 * inter, h]
-        // matrix when `fused`), workspaces sized for max_tokens >= t tokens
-        // (gate_up holds t * 2 * inter f32s either way).
+        // matrix in the slot when `fused`), workspaces sized for
+        // max_tokens >= t tokens (gate_up holds t * 2 * inter f32s either
+        // way).
         unsafe {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, ws.x.ptr(), post, 0, xn, t, h, cfg.rms_norm_eps)?;
             self.phases.mark(s)?;
             if fused {
-                let g_w = w.matrix(gk, 0, s)?;
-                w.matrix(uk, inter * h, s)?;
+                let g_w = w.matrix(gk, s)?;
                 linear_split(blas, hw, xn, g_w, gu, gt, t, 2 * inter, h, 0.0)?;
                 self.phases.mark(s)?;
                 let up = gu + e * inter as u64;
                 k.swiglu(s, (gu, up, in16), act, t, inter, 2 * inter)?;
             } else {
                 let up = gu + e * (t * inter) as u64;
-                w.linear(blas, gk, 0, xn, (gu, gt), (t, inter, h), 0.0, s)?;
-                w.linear(blas, uk, inter * h, xn, (up, gt), (t, inter, h), 0.0, s)?;
+                w.linear(blas, gk, xn, (gu, gt), (t, inter, h), 0.0, s)?;
+                w.linear(blas, uk, xn, (up, gt), (t, inter, h), 0.0, s)?;
                 self.phases.mark(s)?;
                 k.swiglu(s, (gu, up, in16), act, t, inter, inter)?;
             }
             self.phases.mark(s)?;
             // down_proj accumulates into the residual stream (beta = 1).
             let (d, ds) = ("mlp.down_proj.weight", (t, h, inter));
-            w.linear(blas, d, 0, act, (ws.x.ptr(), f), ds, 1.0, s)?;
+            w.linear(blas, d, act, (ws.x.ptr(), f), ds, 1.0, s)?;
             self.phases.mark(s)
         }
     }

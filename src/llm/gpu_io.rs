@@ -28,6 +28,29 @@ impl StagingBuf {
         let reg = unsafe { HostRegistration::register(ctx, ptr, len) }.ok();
         Ok(StagingBuf { _reg: reg, buf })
     }
+
+    /// As [`new`](Self::new), also mapped into the device's address space
+    /// when the driver allows ([`device_ptr`](Self::device_ptr)), so that
+    /// kernels read it over the bus; else as `new`.
+    pub(crate) fn new_mapped(ctx: &Context, bytes: usize) -> Result<StagingBuf> {
+        let mut buf = AlignedBuf::new(bytes.max(1))?;
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        // SAFETY: as in `new`; the registration is dropped before `buf`,
+        // and the users of the device address keep the buffer (and so the
+        // registration) alive while queued work reads it.
+        let mapped = unsafe { HostRegistration::register_mapped(ctx, ptr, len) };
+        let reg = match mapped {
+            Ok(r) => Some(r),
+            // SAFETY: as in `new`: the refused mapping registered nothing.
+            Err(_) => unsafe { HostRegistration::register(ctx, ptr, len) }.ok(),
+        };
+        Ok(StagingBuf { _reg: reg, buf })
+    }
+
+    /// The device address of the buffer when it is mapped.
+    pub(crate) fn device_ptr(&self) -> Option<u64> {
+        self._reg.as_ref().and_then(HostRegistration::device_ptr)
+    }
 }
 
 /// Where a pass's inputs sit in the input staging buffer, in u32s: token

@@ -35,6 +35,7 @@ pub(crate) struct ModelKernels {
     swiglu: Function,
     /// SwiGLU over 16-bit gate and up (GEMM outputs in the model's dtype).
     swiglu_h: Function,
+    add_host_columns: Function,
 }
 
 /// Threads per block of the row kernels.
@@ -91,6 +92,7 @@ impl ModelKernels {
             rms_norm: module.function("rms_norm_split")?,
             swiglu: module.function("swiglu_split")?,
             swiglu_h: module.function("swiglu_split_h")?,
+            add_host_columns: module.function("add_host_columns")?,
             _module: module,
         })
     }
@@ -206,6 +208,42 @@ impl ModelKernels {
                 Arg::U(cols as u64),
                 Arg::U(stride as u64),
                 Arg::U(self.kind),
+            ],
+        )
+    }
+
+    /// `y[r][col0 + j] (+)= src[r][j]` for `rows × cols` f32 values of
+    /// `src`, rows of `y` `ldy` apart: read by the kernel from host memory
+    /// mapped into the device (`src` its device address), so that it does
+    /// not wait behind other copies on the copy engine; `accumulate` adds.
+    ///
+    /// # Safety
+    /// `src` is the device address of `rows * cols` mapped page-locked f32s
+    /// that the host does not write until the kernel has run; `y` holds
+    /// `rows` rows of `ldy >= col0 + cols` f32s.
+    pub(crate) unsafe fn add_host_columns(
+        &self,
+        s: &Stream,
+        src: u64,
+        y: u64,
+        (rows, cols, ldy, col0): (usize, usize, usize, usize),
+        accumulate: bool,
+    ) -> Result<()> {
+        let n = rows * cols;
+        launch(
+            &self.add_host_columns,
+            (grid(n.div_ceil(ROW_BLOCK as usize).min(1024)), 1),
+            ROW_BLOCK,
+            0,
+            s,
+            &[
+                Arg::U(src),
+                Arg::U(y),
+                Arg::U(rows as u64),
+                Arg::U(cols as u64),
+                Arg::U(ldy as u64),
+                Arg::U(col0 as u64),
+                Arg::U(accumulate as u64),
             ],
         )
     }

@@ -3,16 +3,17 @@
 //!
 //! A quantized output matrix stays on the device as its stored blocks (a
 //! 70B Q4_K_M model's Q6_K output is 0.86 GB, against 2.1 GB in 16 bits).
-//! The logits GEMM dequantizes it in chunks of rows into a bounded 16-bit
-//! scratch ([`OUTPUT_CHUNK_BYTES`] by default) and runs one GEMM per chunk;
-//! a 2-D copy puts each chunk's columns into the logits. With one chunk the
-//! GEMM writes the logits directly, as a 16-bit static output does. A tied
-//! quantized embedding is such an output matrix too, and the embedding
-//! lookup gathers its rows from the blocks. A plain output matrix is a
-//! 16-bit static, and a tied plain one the embedding's device matrix.
+//! The logits of a few rows come from the fused GEMV on the blocks; more
+//! rows dequantize the matrix in chunks of rows into a bounded 16-bit
+//! scratch ([`OUTPUT_CHUNK_BYTES`] by default), one GEMM per chunk writing
+//! its columns of the logits ([`blocks_product`]). A tied quantized
+//! embedding is such an output matrix too, and the embedding lookup
+//! gathers its rows from the blocks. A plain output matrix is a 16-bit
+//! static, and a tied plain one the embedding's device matrix.
 
 use crate::cuda::cublas::{Cublas, GemmType};
-use crate::cuda::{memcpy_2d_dtod_async, DeviceBuffer, Stream};
+use crate::cuda::{DeviceBuffer, Stream};
+use crate::llm::gpu_blocks::{blocks_product, Blocks, Scratch, Shape};
 use crate::llm::gpu_embed::{read_stored, row_bytes, stored_type, Embedding};
 use crate::llm::gpu_gemm::linear_split;
 use crate::llm::gpu_kernels::Split;
@@ -21,16 +22,8 @@ use crate::quant::QuantType;
 use crate::{DType, DeviceTensor, Error, LayerStreamer, ModelIndex, Result};
 
 /// Default bound of the 16-bit scratch a quantized output matrix is
-/// dequantized into, one chunk of rows at a time (8192 rows of a 70B model).
-pub const OUTPUT_CHUNK_BYTES: usize = 128 << 20;
-
-/// Rows `0..vocab` in chunks of at most `chunk_rows`: `(first, count)`.
-pub(crate) fn row_chunks(vocab: usize, chunk_rows: usize) -> impl Iterator<Item = (usize, usize)> {
-    let step = chunk_rows.max(1);
-    (0..vocab)
-        .step_by(step)
-        .map(move |r| (r, step.min(vocab - r)))
-}
+/// dequantized into, one chunk of rows at a time (2048 rows of a 70B model).
+pub const OUTPUT_CHUNK_BYTES: usize = 32 << 20;
 
 /// Rows of `hidden` 16-bit values that fit `bytes` (at least one, at most
 /// `vocab`).
@@ -173,7 +166,7 @@ impl OutputHead {
         let (f, h) = (GemmType::F32, hidden);
         if let OutputHead::Chunked(c) = self {
             // SAFETY: forwarded from the caller.
-            return unsafe { c.queue(blas, hw, last, logits, n_out, s) };
+            return unsafe { c.queue(blas, last, logits, n_out, s) };
         }
         let w = self.dense(embed).ok_or_else(|| {
             Error::Pipeline("a tied output matrix needs the embedding on the device".into())
@@ -190,7 +183,6 @@ pub(crate) struct ChunkedHead {
     /// The stored blocks, `[rows >= vocab, hidden]`.
     blocks: DeviceBuffer,
     ty: QuantType,
-    row_bytes: usize,
     dtype: DType,
     vocab: usize,
     hidden: usize,
@@ -198,9 +190,6 @@ pub(crate) struct ChunkedHead {
     kernels: DequantKernels,
     /// `chunk_rows × hidden` values of `dtype`.
     scratch: DeviceBuffer,
-    /// `max_batch × chunk_rows` f32 logits of one chunk (unused with one
-    /// chunk, which writes the logits directly).
-    chunk_logits: DeviceBuffer,
     chunk_rows: usize,
 }
 
@@ -221,7 +210,7 @@ impl ChunkedHead {
             .tensor(name)
             .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
         let ty = stored_type(index, info)?;
-        let rb = row_bytes(ty, hidden, name)?;
+        row_bytes(ty, hidden, name)?;
         if info.shape.len() != 2 || info.shape[0] < vocab || info.shape[1] != hidden {
             return Err(Error::model(
                 &index.files()[info.file].path,
@@ -237,14 +226,12 @@ impl ChunkedHead {
         let mut head = ChunkedHead {
             blocks,
             ty,
-            row_bytes: rb,
             dtype,
             vocab,
             hidden,
             max_batch,
             kernels: DequantKernels::load(ctx)?,
             scratch: DeviceBuffer::alloc(ctx, 4)?,
-            chunk_logits: DeviceBuffer::alloc(ctx, 4)?,
             chunk_rows: 0,
         };
         head.set_chunk_bytes(OUTPUT_CHUNK_BYTES)?;
@@ -254,13 +241,9 @@ impl ChunkedHead {
     fn set_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
         let rows = chunk_rows(bytes, self.hidden, self.vocab);
         let ctx = self.blocks.context();
-        // Free the old buffers first: the new ones may not fit beside them.
+        // Free the old scratch first: the new one may not fit beside it.
         self.scratch = DeviceBuffer::alloc(ctx, 4)?;
-        self.chunk_logits = DeviceBuffer::alloc(ctx, 4)?;
         self.scratch = DeviceBuffer::alloc(ctx, rows * self.hidden * 2)?;
-        if rows < self.vocab {
-            self.chunk_logits = DeviceBuffer::alloc(ctx, self.max_batch * rows * 4)?;
-        }
         self.chunk_rows = rows;
         Ok(())
     }
@@ -272,7 +255,6 @@ impl ChunkedHead {
     unsafe fn queue(
         &self,
         blas: &mut Cublas,
-        hw: GemmType,
         last: Split,
         logits: u64,
         n_out: usize,
@@ -285,36 +267,37 @@ impl ChunkedHead {
             )));
         }
         let (h, vocab, f) = (self.hidden, self.vocab, GemmType::F32);
-        let scratch = self.scratch.ptr();
-        for (first, rows) in row_chunks(vocab, self.chunk_rows) {
-            let src = self.blocks.ptr() + (first * self.row_bytes) as u64;
-            let n = (rows * h) as u64;
-            // SAFETY: the chunk's rows are whole blocks inside `blocks`
-            // (rows <= vocab <= the tensor's rows); `scratch` holds
-            // chunk_rows >= rows rows of `dtype`; work on `s` is ordered, so
-            // the GEMM of the previous chunk has read `scratch` before this
-            // dequantization overwrites it.
-            unsafe {
-                self.kernels
-                    .dequantize(self.ty, self.dtype, src, scratch, n, s)?
-            };
-            if rows == vocab {
-                // SAFETY: one chunk: `scratch` is the whole [vocab, h]
-                // matrix; the rest is the caller's contract.
-                unsafe { linear_split(blas, hw, last, scratch, logits, f, n_out, vocab, h, 0.0)? };
-                continue;
-            }
-            let out = self.chunk_logits.ptr();
-            // SAFETY: `chunk_logits` holds max_batch >= n_out rows of
-            // chunk_rows >= rows f32s; the copy then writes columns
-            // first..first + rows of the caller's [n_out, vocab] logits.
-            unsafe {
-                linear_split(blas, hw, last, scratch, out, f, n_out, rows, h, 0.0)?;
-                let dst = logits + 4 * first as u64;
-                memcpy_2d_dtod_async(dst, 4 * vocab, out, 4 * rows, 4 * rows, n_out, s)?;
-            }
+        let scratch = Scratch {
+            ptr: self.scratch.ptr(),
+            elems: self.chunk_rows * h,
+        };
+        let b = Blocks {
+            ty: self.ty,
+            w: self.blocks.ptr(),
+        };
+        let sh = Shape {
+            t: n_out,
+            rows: vocab,
+            k: h,
+            ldy: vocab,
+        };
+        // SAFETY: `blocks` holds rows >= vocab whole rows of `ty`; the
+        // scratch holds chunk_rows rows of `dtype` and is read only by the
+        // work this queues; the rest is the caller's contract.
+        unsafe {
+            blocks_product(
+                blas,
+                &self.kernels,
+                scratch,
+                self.dtype,
+                b,
+                last,
+                (logits, f),
+                sh,
+                0.0,
+                s,
+            )
         }
-        Ok(())
     }
 }
 
@@ -346,31 +329,30 @@ impl StaticsMemory {
     }
 
     /// What the CUDA forward pass of `index` (its `config.json`, its
-    /// embedding and output tensors) holds with up to `max_batch` output rows
-    /// and the default scratch, [`OUTPUT_CHUNK_BYTES`]; with `at_use`
+    /// embedding and output tensors) holds with the default scratch,
+    /// [`OUTPUT_CHUNK_BYTES`]; with `at_use`
     /// (quantized layer weights dequantized at use, the model commands'
     /// choice) the weight scratch too.
-    pub fn for_model(index: &ModelIndex, max_batch: usize, at_use: bool) -> Result<StaticsMemory> {
+    pub fn for_model(index: &ModelIndex, at_use: bool) -> Result<StaticsMemory> {
         let cfg = crate::llm::ModelConfig::from_model(index)?;
         let (embed, _, head) = crate::llm::layout::static_names(index, &cfg);
         let chunk = OUTPUT_CHUNK_BYTES;
-        let mut m = StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, max_batch, chunk)?;
+        let mut m = StaticsMemory::of(index, &embed, head.as_deref(), cfg.vocab, chunk)?;
         if at_use && index.has_quantized_layers() {
-            m.weight_scratch = 2 * crate::llm::gpu_weights::scratch_elems(&cfg) as u64;
+            m.weight_scratch =
+                2 * crate::llm::gpu_weights::scratch_elems(&cfg, index.has_fp8_layers()) as u64;
         }
         Ok(m)
     }
 
     /// What the forward pass in a 16-bit dtype holds for the
     /// embedding `embed` and output `output` (`None`: tied) of `index`,
-    /// with up to `max_batch` output rows and a dequantization scratch of
-    /// `chunk_bytes`.
+    /// with a dequantization scratch of `chunk_bytes`.
     pub fn of(
         index: &ModelIndex,
         embed: &str,
         output: Option<&str>,
         vocab: usize,
-        max_batch: usize,
         chunk_bytes: usize,
     ) -> Result<StaticsMemory> {
         let tensor = |n: &str| {
@@ -403,9 +385,6 @@ impl StaticsMemory {
         let rows = chunk_rows(chunk_bytes, hidden, vocab);
         m.output_device = o.len;
         m.output_scratch = (rows * hidden * 2) as u64;
-        if rows < vocab {
-            m.output_scratch += (max_batch * rows * 4) as u64;
-        }
         Ok(m)
     }
 }
@@ -418,7 +397,7 @@ mod tests {
     use crate::test_rng::rng;
 
     #[test]
-    fn chunks_cover_every_row_once_within_the_bound() {
+    fn chunk_rows_stay_within_the_bound() {
         let mut rng = rng();
         for _ in 0..200 {
             let vocab = rng.gen_range(1..100_000);
@@ -430,15 +409,7 @@ mod tests {
                 rows == 1 || rows * hidden * 2 <= bytes,
                 "{rows} rows of {hidden}"
             );
-            let mut next = 0;
-            for (first, n) in row_chunks(vocab, rows) {
-                assert_eq!(first, next);
-                assert!(n >= 1 && n <= rows);
-                next += n;
-            }
-            assert_eq!(next, vocab);
-            assert_eq!(row_chunks(vocab, rows).count(), vocab.div_ceil(rows));
+            assert!(rows == vocab || (rows + 1) * hidden * 2 > bytes);
         }
-        assert_eq!(row_chunks(0, 5).count(), 0);
     }
 }

@@ -55,6 +55,8 @@ pub(crate) struct Phases {
     /// Whether the layer being queued is timed.
     on: bool,
     best: Option<LayerPhases>,
+    /// The last pass of one token (decoding one sequence).
+    one: Option<LayerPhases>,
 }
 
 impl Phases {
@@ -67,6 +69,7 @@ impl Phases {
             next: 0,
             on: false,
             best: None,
+            one: None,
         })
     }
 
@@ -90,11 +93,12 @@ impl Phases {
     }
 
     /// After the pass has synchronized: keeps the phases of its timed layer
-    /// when the pass has the most tokens so far and every mark was recorded
-    /// (a layer split with the CPU records none).
+    /// when every mark was recorded (a layer split with the CPU records
+    /// none) and the pass has the most tokens so far, or one token.
     pub(crate) fn finish(&mut self, tokens: usize) -> Result<()> {
         self.on = false;
-        if self.next != self.events.len() || matches!(self.best, Some(b) if b.tokens > tokens) {
+        let most = !matches!(self.best, Some(b) if b.tokens > tokens);
+        if self.next != self.events.len() || !(most || tokens == 1) {
             return Ok(());
         }
         let mut p = LayerPhases {
@@ -111,12 +115,23 @@ impl Phases {
                 Phase::Other => p.other_s += s,
             }
         }
-        self.best = Some(p);
+        if most {
+            self.best = Some(p);
+        }
+        if tokens == 1 {
+            self.one = Some(p);
+        }
         Ok(())
     }
 
-    /// The phases kept by [`finish`](Self::finish).
+    /// The phases of the pass with the most tokens, kept by
+    /// [`finish`](Self::finish).
     pub(crate) fn best(&self) -> Option<LayerPhases> {
         self.best
+    }
+
+    /// The phases of the last pass of one token.
+    pub(crate) fn one(&self) -> Option<LayerPhases> {
+        self.one
     }
 }

@@ -6,15 +6,19 @@
 //! [`crate::llm::split`] describes: after q/k/v, after o_proj, after
 //! gate/up and after down_proj.
 //!
-//! A meeting: the 16-bit GEMM input (`hi`, and `lo` in exact precision) and,
-//! for o_proj and down_proj, the residual's CPU columns go to pinned
-//! staging and an event is recorded; the device GEMMs are queued; the host
-//! waits for that event alone (no stream or device synchronize), widens the
-//! input to f32 (`hi + lo`, the values the device multiplies), computes its
-//! columns (adding the residual where the device accumulates into it) and
-//! queues their copy into the output's last columns, one copy per token.
-//! The staging is reused only after a later event, so no copy reads or
-//! writes it while the host does.
+//! A meeting: the 16-bit GEMM input (`hi`, and `lo` in exact precision) goes
+//! to pinned staging and an event is recorded; the device GEMMs are queued;
+//! the host waits for that event alone (no stream or device synchronize),
+//! widens the input to f32 (`hi + lo`, the values the device multiplies),
+//! computes its columns into staging mapped into the device, and queues a
+//! kernel that reads them over the bus into the output's last columns
+//! (adding them to the residual stream for o_proj and down_proj). A kernel
+//! rather than a copy: a copy would queue on the copy engine behind the
+//! streamer's transfer of the next layer, milliseconds for a small result.
+//! Where the driver refuses the mapping, the residual's CPU columns are
+//! fetched with the input, the host adds them, and copies go back, one per
+//! token. The staging is reused only after a later event, so no copy or
+//! kernel reads or writes it while the host does.
 //!
 //! A pass may give the device some or all of the CPU's rows
 //! ([`Upload::cpu_fraction`]): they are copied from page-locked memory into
@@ -30,7 +34,7 @@ use crate::cuda::cublas::Cublas;
 use crate::cuda::{memcpy_dtoh_async, memcpy_htod_async, Context, Event, Stream};
 use crate::llm::config::ModelConfig;
 use crate::llm::gpu_io::StagingBuf;
-use crate::llm::gpu_kernels::Split;
+use crate::llm::gpu_kernels::{ModelKernels, Split};
 use crate::llm::gpu_split_pass::{SplitUpload, Upload};
 use crate::llm::gpu_weights::{rows_product, AtUse, RowsSrc};
 use crate::llm::llama::PassBatch;
@@ -46,7 +50,8 @@ pub(crate) struct GpuSplit {
     act_lo: StagingBuf,
     /// The residual's CPU columns, `[t, c]` f32.
     resid: StagingBuf,
-    /// The CPU's outputs, f32, one `[t, c]` block per weight of a meeting.
+    /// The CPU's outputs, f32, one `[t, c]` block per weight of a meeting;
+    /// mapped into the device where the driver allows.
     out: StagingBuf,
     /// The GEMM input in f32.
     xf: Vec<f32>,
@@ -188,7 +193,7 @@ impl GpuSplit {
             act_hi: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
             act_lo: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
             resid: StagingBuf::new(ctx, max_tokens * h * 4)?,
-            out: StagingBuf::new(ctx, max_tokens * out_max * 4)?,
+            out: StagingBuf::new_mapped(ctx, max_tokens * out_max * 4)?,
             xf: Vec::with_capacity(max_tokens * k_max),
             ready: Event::new(ctx, false)?,
             upload,
@@ -284,13 +289,17 @@ impl GpuSplit {
         Ok(t0.elapsed())
     }
 
-    /// Queues the copy of `p`'s CPU columns (at f32 offset `at` of `out`,
-    /// plus the fetched residual with `add`) into the last columns of `y`.
+    /// Queues `p`'s CPU columns (at f32 offset `at` of `out`) into the last
+    /// columns of `y`, added to them with `add`: through the mapped
+    /// staging by a kernel, else by copies (with the fetched residual
+    /// added on the host).
     ///
     /// # Safety
     /// `y` is a live device buffer of `t` rows of `p.n` f32 on `s`'s context.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn send(
         &mut self,
+        k: &ModelKernels,
         s: &Stream,
         y: u64,
         p: &Part<'_>,
@@ -301,6 +310,15 @@ impl GpuSplit {
         let c = p.c();
         if c == 0 {
             return Ok(());
+        }
+        if let Some(dev) = self.out.device_ptr() {
+            // SAFETY: `dev + at` is the mapped address of the t × c floats
+            // just written, which the host writes again only after a later
+            // event, recorded after this kernel; `y` is the caller's
+            // contract.
+            return unsafe {
+                k.add_host_columns(s, dev + (at * 4) as u64, y, (t, c, p.n, p.d()), add)
+            };
         }
         if add {
             let bytes = &self.resid.buf.as_slice()[..t * c * 4];
@@ -323,6 +341,7 @@ impl GpuSplit {
         }
         Ok(())
     }
+
     /// One meeting: queues the copy of the input `x` (`t × k`) for the CPU
     /// (with `add`, also the residual's CPU columns of the one output) and
     /// the device's columns of each `(part, output)`; computes the CPU's
@@ -336,7 +355,7 @@ impl GpuSplit {
     #[allow(clippy::too_many_arguments)]
     unsafe fn meet(
         &mut self,
-        (blas, at_use): (&mut Cublas, Option<&AtUse>),
+        (blas, at_use, kernels): (&mut Cublas, Option<&AtUse>, &ModelKernels),
         w: &SlotWeights<'_, '_>,
         x: Split,
         outs: &[(&Part<'_>, u64)],
@@ -355,7 +374,8 @@ impl GpuSplit {
         // SAFETY: forwarded from the caller.
         unsafe {
             if any {
-                let resid = if add {
+                // Mapped staging is added on the device: no residual to fetch.
+                let resid = if add && self.out.device_ptr().is_none() {
                     Some((outs[0].1, outs[0].0))
                 } else {
                     None
@@ -382,7 +402,7 @@ impl GpuSplit {
         for &(p, y) in outs {
             busy += self.compute(p, t, at)?;
             // SAFETY: `y` holds t rows of `p.n` f32 (the caller's contract).
-            unsafe { self.send(s, y, p, t, at, add)? };
+            unsafe { self.send(kernels, s, y, p, t, at, add)? };
             at += t * p.c();
         }
         w.w.note_cpu_side(busy, stalled);
@@ -461,14 +481,14 @@ impl CudaModel {
         unsafe {
             let norm = w.ptr("input_layernorm.weight")?;
             k.rms_norm(s, x, norm, 0, xn, t, h, cfg.rms_norm_eps)?;
-            sp.meet((blas, au), w, xn, &qkv, (t, h), false, s)?;
+            sp.meet((blas, au, k), w, xn, &qkv, (t, h), false, s)?;
             let (qp, kpp, vp, a) = (ws.q.ptr(), ws.k.ptr(), ws.v.ptr(), &self.attn);
             let rope = (self.cos.ptr(), self.sin.ptr());
             let (kc, vc) = self.kv.attend(layer, s)?;
             a.write_cache(s, qp, kpp, vp, biases, rope, seq, pos, (kc, vc), t, il)?;
             a.run(s, qp, kc, vc, seq, pos, attn.hi, attn.lo)?;
             self.kv.attended(layer, s)?;
-            sp.meet((blas, au), w, attn, &[(&o, x)], (t, qd), true, s)
+            sp.meet((blas, au, k), w, attn, &[(&o, x)], (t, qd), true, s)
         }
     }
 
@@ -497,9 +517,9 @@ impl CudaModel {
             let post = w.ptr("post_attention_layernorm.weight")?;
             k.rms_norm(s, x, post, 0, xn, t, h, cfg.rms_norm_eps)?;
             let gu = [(&gate, gp), (&up, upp)];
-            sp.meet((blas, au), w, xn, &gu, (t, h), false, s)?;
+            sp.meet((blas, au, k), w, xn, &gu, (t, h), false, s)?;
             k.swiglu(s, (gp, upp, false), act, t, inter, inter)?;
-            sp.meet((blas, au), w, act, &[(&down, x)], (t, inter), true, s)
+            sp.meet((blas, au, k), w, act, &[(&down, x)], (t, inter), true, s)
         }
     }
 }

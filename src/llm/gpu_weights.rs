@@ -9,11 +9,16 @@
 //! each GEMM; they write each weight once per pass, as the slot's
 //! dequantization did.
 //!
-//! A pass of at most [`GEMV_MAX_TOKENS`] tokens (decoding) multiplies a
+//! A pass of at most
+//! [`GEMV_MAX_TOKENS`](crate::quant::device::GEMV_MAX_TOKENS) tokens (decoding) multiplies a
 //! weight stored as ggml blocks without the scratch: one fused kernel
 //! ([`DequantKernels::gemv`]) decodes each row and multiplies it with the
 //! tokens, reading the stored bytes once instead of writing and reading
 //! the dequantized matrix and launching a GEMM ([`SlotWeights::linear`]).
+//! A larger pass dequantizes such a weight a chunk of rows at a time
+//! ([`blocks_product`]), so the scratch stays at
+//! [`BLOCKS_SCRATCH_BYTES`](super::BLOCKS_SCRATCH_BYTES); only FP8 weights,
+//! whose scales span blocks of rows, are dequantized whole.
 //!
 //! [`Dequant::Use`]: crate::Dequant::Use
 
@@ -22,9 +27,10 @@ use std::sync::Arc;
 use crate::cuda::cublas::{Cublas, GemmType};
 use crate::cuda::{Context, DeviceBuffer, Stream};
 use crate::llm::config::ModelConfig;
+use crate::llm::gpu_blocks::{blocks_product, Blocks, Scratch, Shape, BLOCKS_SCRATCH_BYTES};
 use crate::llm::gpu_gemm::linear_split;
 use crate::llm::gpu_kernels::Split;
-use crate::quant::device::{DequantKernels, Gemv, GEMV_MAX_TOKENS};
+use crate::quant::device::DequantKernels;
 use crate::quant::fp8::Fp8Layout;
 use crate::quant::QuantType;
 use crate::{DType, Error, LayerStreamer, LayerWeights, Result, TensorView};
@@ -36,16 +42,36 @@ pub(crate) struct AtUse {
     scratch: DeviceBuffer,
     /// Capacity of `scratch` in 16-bit elements.
     elems: usize,
+    /// The least capacity that serves every weight: a row of the widest
+    /// one, or with FP8 weights (dequantized whole) the largest one.
+    least: usize,
 }
 
-/// 16-bit elements of the largest operand the forward pass dequantizes at
-/// once: the gate and up projections side by side, or any other weight.
-pub(crate) fn scratch_elems(cfg: &ModelConfig) -> usize {
+/// 16-bit elements of the at-use scratch: a chunk of
+/// [`BLOCKS_SCRATCH_BYTES`] (ggml blocks are dequantized a chunk of rows at
+/// a time), no more than the largest weight; with `fp8` weights, which are
+/// dequantized whole, the largest weight.
+pub(crate) fn scratch_elems(cfg: &ModelConfig, fp8: bool) -> usize {
     let (h, inter) = (cfg.hidden, cfg.intermediate);
-    [2 * inter * h, cfg.q_dim() * h, cfg.kv_dim() * h]
+    let largest = [inter * h, cfg.q_dim() * h, cfg.kv_dim() * h]
         .into_iter()
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    if fp8 {
+        largest
+    } else {
+        (BLOCKS_SCRATCH_BYTES / 2).min(largest)
+    }
+}
+
+impl AtUse {
+    /// The scratch as [`blocks_product`] takes it.
+    fn scratch(&self) -> Scratch {
+        Scratch {
+            ptr: self.scratch.ptr(),
+            elems: self.elems,
+        }
+    }
 }
 
 impl AtUse {
@@ -60,18 +86,45 @@ impl AtUse {
         if !(keeps && streamer.model().has_quantized_layers()) {
             return Ok(None);
         }
-        let elems = scratch_elems(cfg);
+        let fp8 = streamer.model().has_fp8_layers();
+        let widest = cfg.hidden.max(cfg.intermediate).max(cfg.q_dim());
+        let least = if fp8 {
+            scratch_elems(cfg, true)
+        } else {
+            widest
+        };
+        let elems = scratch_elems(cfg, fp8);
+        Ok(Some(Arc::new(AtUse::with_elems(ctx, elems, least)?)))
+    }
+
+    /// The kernels and a scratch of `elems` 16-bit values.
+    fn with_elems(ctx: &Context, elems: usize, least: usize) -> Result<AtUse> {
         let scratch = DeviceBuffer::alloc(ctx, (elems * 2).max(4)).map_err(|e| {
             Error::config(format!(
                 "the scratch that quantized weights are dequantized into at use \
-                 ({elems} 16-bit values, the gate and up projections) does not fit: {e}"
+                 ({elems} 16-bit values) does not fit: {e}"
             ))
         })?;
-        Ok(Some(Arc::new(AtUse {
+        Ok(AtUse {
             kernels: DequantKernels::load(ctx)?,
             scratch,
             elems,
-        })))
+            least,
+        })
+    }
+
+    /// A scratch of `bytes` (at least [`least`](Self::least) values). The
+    /// old scratch is freed first.
+    pub(crate) fn resize(this: &mut Arc<AtUse>, bytes: usize) -> Result<()> {
+        let least = this.least;
+        let elems = (bytes / 2).max(least);
+        let ctx = this.scratch.context().clone();
+        let me = Arc::get_mut(this).ok_or_else(|| {
+            Error::Pipeline("the dequantization scratch is in use by a pass".into())
+        })?;
+        me.scratch = DeviceBuffer::alloc(&ctx, 4)?;
+        *me = AtUse::with_elems(&ctx, elems, least)?;
+        Ok(())
     }
 }
 
@@ -117,11 +170,11 @@ impl SlotWeights<'_, '_> {
 
     /// The device address of weight `key` as a 16-bit matrix of the model's
     /// dtype: where it lies in the slot, or, when it is stored as blocks,
-    /// `at` elements into the scratch after queueing its dequantization
-    /// there on `s`. What was dequantized into the scratch before is
-    /// overwritten: a caller uses one weight's address before asking for the
-    /// next at an overlapping place (work on `s` is ordered).
-    pub(crate) fn matrix(&self, key: &str, at: usize, s: &Stream) -> Result<u64> {
+    /// the scratch after queueing its dequantization there on `s`. What was
+    /// dequantized into the scratch before is overwritten: a caller uses
+    /// one weight's address before asking for the next (work on `s` is
+    /// ordered).
+    pub(crate) fn matrix(&self, key: &str, s: &Stream) -> Result<u64> {
         let v = self.w.tensor(key)?;
         if v.quant().is_none() && v.fp8_scale().is_none() {
             return self.checked(v).map(|v| v.ptr());
@@ -136,14 +189,14 @@ impl SlotWeights<'_, '_> {
             )));
         };
         let n = v.numel();
-        if at.checked_add(n).is_none_or(|end| end > u.elems) {
+        if n > u.elems {
             return Err(Error::Pipeline(format!(
-                "{} ({n} elements at {at}) does not fit the dequantization scratch of {}",
+                "{} ({n} elements) does not fit the dequantization scratch of {}",
                 v.name(),
                 u.elems
             )));
         }
-        let dst = u.scratch.ptr() + 2 * at as u64;
+        let dst = u.scratch.ptr();
         // SAFETY: the view's bytes are the stored tensor in the live slot
         // (`n` elements' blocks, or an FP8 weight and its scale tensor of the
         // same layer, checked against its layout); `dst` has room for `n`
@@ -186,23 +239,13 @@ impl SlotWeights<'_, '_> {
 }
 
 impl SlotWeights<'_, '_> {
-    /// The block type of weight `key` when a pass of `t` tokens multiplies
-    /// it with the fused GEMV ([`DequantKernels::gemv`]): a ggml block type
-    /// handed over as stored blocks, and at most [`GEMV_MAX_TOKENS`] tokens.
-    /// FP8 weights and larger passes dequantize for a GEMM.
-    pub(crate) fn gemv_type(&self, key: &str, t: usize) -> Result<Option<QuantType>> {
-        let q = self.w.tensor(key)?.quant();
-        let few = (1..=GEMV_MAX_TOKENS).contains(&(t as u64));
-        Ok(q.filter(|q| q.is_quantized() && few && self.at_use.is_some()))
-    }
-
     /// Queues `y = beta · y + x · Wᵀ` on `s` for weight `key` (`[n, k]`),
     /// `t` tokens of `x` (`[t, k]`, `hi + lo`, of the model's dtype) and
-    /// `y` (`[t, n]` of `yt`): the fused GEMV when
-    /// [`gemv_type`](Self::gemv_type) says so, else the weight's
-    /// [`matrix`](Self::matrix) (dequantized at `at` in the scratch when
-    /// stored) and [`linear_split`]. The GEMV multiplies the same rounded
-    /// weights the GEMM would.
+    /// `y` (`[t, n]` of `yt`): ggml blocks through [`blocks_product`] (the
+    /// fused GEMV for a few tokens, else chunks of rows dequantized into the
+    /// scratch), anything else as the weight's [`matrix`](Self::matrix)
+    /// through [`linear_split`]. Every path multiplies the same rounded
+    /// weights.
     ///
     /// # Safety
     /// As for [`linear_split`] with `w` the weight: `x` and `y` device
@@ -213,7 +256,6 @@ impl SlotWeights<'_, '_> {
         &self,
         blas: &mut Cublas,
         key: &str,
-        at: usize,
         x: Split,
         (y, yt): (u64, GemmType),
         (t, n, k): (usize, usize, usize),
@@ -224,14 +266,14 @@ impl SlotWeights<'_, '_> {
             DType::F16 => GemmType::F16,
             _ => GemmType::BF16,
         };
-        let (Some(ty), Some(u)) = (self.gemv_type(key, t)?, &self.at_use) else {
-            let w = self.matrix(key, at, s)?;
+        let v = self.w.tensor(key)?;
+        let (Some(ty), Some(u)) = (v.quant().filter(|q| q.is_quantized()), &self.at_use) else {
+            let w = self.matrix(key, s)?;
             // SAFETY: `w` is the weight as an [n, k] matrix of the model's
             // dtype (in the slot or the scratch, queued on `s`); the rest
             // is the caller's contract.
             return unsafe { linear_split(blas, xw, x, w, y, yt, t, n, k, beta) };
         };
-        let v = self.w.tensor(key)?;
         let bytes = ty.row_bytes(k as u64).ok().map(|b| b * n as u64);
         if v.numel() != n * k || bytes != Some(v.bytes()) {
             return Err(Error::Pipeline(format!(
@@ -241,28 +283,31 @@ impl SlotWeights<'_, '_> {
                 v.bytes()
             )));
         }
-        let g = Gemv {
-            ty,
-            dtype: self.dtype,
-            w: v.ptr(),
-            x_hi: x.hi,
-            x_lo: x.lo,
-            y,
-            y_dtype: match yt {
-                GemmType::F32 => DType::F32,
-                GemmType::F16 => DType::F16,
-                GemmType::BF16 => DType::BF16,
-            },
-            beta,
-            rows: n as u64,
-            k: k as u64,
-            t: t as u64,
-            ldy: n as u64,
+        let b = Blocks { ty, w: v.ptr() };
+        let sh = Shape {
+            t,
+            rows: n,
+            k,
+            ldy: n,
         };
         // SAFETY: the view's bytes are the weight's n rows of k / block
-        // elements' blocks in the live slot (their size checked above); x
-        // and y are the caller's contract.
-        unsafe { u.kernels.gemv(&g, s) }
+        // elements' blocks in the live slot (their size checked above); the
+        // scratch is read only by work this queues; x and y are the
+        // caller's contract.
+        unsafe {
+            blocks_product(
+                blas,
+                &u.kernels,
+                u.scratch(),
+                self.dtype,
+                b,
+                x,
+                (y, yt),
+                sh,
+                beta,
+                s,
+            )
+        }
     }
 }
 
@@ -278,27 +323,26 @@ pub(crate) enum RowsSrc {
 impl SlotWeights<'_, '_> {
     /// Weight `key` in the slot as [`rows_product`] reads it: stored blocks
     /// as they are, anything else as the 16-bit matrix [`matrix`](Self::matrix)
-    /// gives (FP8 dequantized into the scratch at 0 on `s`).
+    /// gives (FP8 dequantized into the scratch on `s`).
     pub(crate) fn rows_src(&self, key: &str, s: &Stream) -> Result<RowsSrc> {
         let v = self.w.tensor(key)?;
         match v.quant() {
             Some(q) if q.is_quantized() && self.at_use.is_some() => Ok(RowsSrc::Blocks(q, v.ptr())),
-            _ => self.matrix(key, 0, s).map(RowsSrc::Plain),
+            _ => self.matrix(key, s).map(RowsSrc::Plain),
         }
     }
 }
 
 /// Queues `y[:, ..rows] = beta · y + x · Wᵀ` on `s` for `rows` rows of a
 /// weight (`k` elements each) at `src`: f32 `y` rows `ldy` apart, `t`
-/// tokens of `x` (`hi + lo` of `dtype`). Blocks go through the fused GEMV
-/// for at most [`GEMV_MAX_TOKENS`] tokens, else are dequantized into the
-/// at-use scratch (at 0) for a GEMM.
+/// tokens of `x` (`hi + lo` of `dtype`). Blocks go through
+/// [`blocks_product`].
 ///
 /// # Safety
 /// `src` holds those rows (of `dtype`, or whole blocks of its type) on the
 /// device, `x` `t × k` and `y` `t` rows of `ldy >= rows` f32, live until
 /// the queued work completes; cuBLAS's stream is `s`; no queued work still
-/// reads the scratch at 0 unless ordered before on `s`.
+/// reads the scratch unless ordered before on `s`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn rows_product(
     blas: &mut Cublas,
@@ -323,37 +367,23 @@ pub(crate) unsafe fn rows_product(
                     "{ty} rows reached the split without the at-use kernels"
                 ))
             })?;
-            if (1..=GEMV_MAX_TOKENS).contains(&(t as u64)) {
-                let g = Gemv {
-                    ty,
+            let (b, sh) = (Blocks { ty, w }, Shape { t, rows, k, ldy });
+            // SAFETY: the caller's contract: whole blocks of `rows` rows at
+            // `w`, `x` and `y` of those shapes; the scratch is ordered on `s`.
+            return unsafe {
+                blocks_product(
+                    blas,
+                    &u.kernels,
+                    u.scratch(),
                     dtype,
-                    w,
-                    x_hi: x.hi,
-                    x_lo: x.lo,
-                    y,
-                    y_dtype: DType::F32,
+                    b,
+                    x,
+                    (y, f),
+                    sh,
                     beta,
-                    rows: rows as u64,
-                    k: k as u64,
-                    t: t as u64,
-                    ldy: ldy as u64,
-                };
-                // SAFETY: the caller's contract: whole blocks of `rows`
-                // rows at `w`, `x` and `y` of those shapes.
-                return unsafe { u.kernels.gemv(&g, s) };
-            }
-            let n = rows * k;
-            if n > u.elems {
-                return Err(Error::Pipeline(format!(
-                    "{rows} rows of {k} do not fit the dequantization scratch of {}",
-                    u.elems
-                )));
-            }
-            let dst = u.scratch.ptr();
-            // SAFETY: `n` elements' blocks at `w` (the caller's contract)
-            // into the scratch, which holds `n` (checked); ordered on `s`.
-            unsafe { u.kernels.dequantize(ty, dtype, w, dst, n as u64, s)? };
-            dst
+                    s,
+                )
+            };
         }
     };
     // SAFETY: `w` is `rows × k` of `dtype` on the device; `x`, `y` are the

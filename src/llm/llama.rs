@@ -247,6 +247,22 @@ impl LlamaModel {
         }
     }
 
+    /// Bounds the 16-bit scratch that layer weights stored as ggml blocks
+    /// are dequantized into on CUDA for passes of more than
+    /// [`GEMV_MAX_TOKENS`](crate::quant::device::GEMV_MAX_TOKENS) tokens, a
+    /// chunk of rows at a time, to `bytes` (at least one row of the widest
+    /// weight, and the largest weight of a model with FP8 weights, which are
+    /// dequantized whole; the default is
+    /// [`BLOCKS_SCRATCH_BYTES`](crate::llm::BLOCKS_SCRATCH_BYTES)). The
+    /// logits do not depend on it. Nothing changes on the host backend or
+    /// when the weights are dequantized in the slots.
+    pub fn set_weight_chunk_bytes(&mut self, bytes: usize) -> Result<()> {
+        match &mut self.exec {
+            Exec::Cuda(m) => m.set_weight_chunk_bytes(bytes),
+            Exec::Host(_) => Ok(()),
+        }
+    }
+
     /// Bounds the 16-bit scratch that a quantized output matrix (lm_head)
     /// is dequantized into on CUDA, a chunk of rows at a time, to `bytes`
     /// (at least one row; the default is
@@ -491,6 +507,15 @@ impl LlamaModel {
     pub fn last_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
         match &self.exec {
             Exec::Cuda(c) => c.last_layer_phases(),
+            Exec::Host(_) => None,
+        }
+    }
+
+    /// As [`last_layer_phases`](Self::last_layer_phases), for the last CUDA
+    /// pass of one token (decoding one sequence).
+    pub fn decode_layer_phases(&self) -> Option<crate::llm::LayerPhases> {
+        match &self.exec {
+            Exec::Cuda(c) => c.decode_layer_phases(),
             Exec::Host(_) => None,
         }
     }

@@ -200,17 +200,26 @@ fn print_kv_rows(rows: &[String]) {
 }
 
 /// The ceilings of this run: the bf16 GEMM peak (FLOP/s) and the pinned H2D
-/// bandwidth (bytes/s) of the streamer's GPU; `None` each on the host
-/// backend or where it could not be measured (said on stderr).
-fn measure_ceilings(streamer: &LayerStreamer) -> (Option<f64>, Option<f64>) {
-    let Some(ctx) = streamer.context() else {
+/// bandwidth (bytes/s) of `device`; `None` each on the host backend or where
+/// it could not be measured (said on stderr). Measured before the model
+/// loads, their buffers freed after, so that they add nothing to the device
+/// memory the model's run holds.
+fn measure_ceilings(device: layer_streamer::Device) -> (Option<f64>, Option<f64>) {
+    let layer_streamer::Device::Cuda(ordinal) = device else {
         return (None, None);
     };
-    let peak = layer_streamer::bench::gemm_peak_tflops(ctx, PEAK_GEMM_N, 10)
+    let ctx = match layer_streamer::cuda::Context::new(ordinal) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("the ceilings were not measured: {e}");
+            return (None, None);
+        }
+    };
+    let peak = layer_streamer::bench::gemm_peak_tflops(&ctx, PEAK_GEMM_N, 10)
         .map(|t| t * 1e12)
         .map_err(|e| eprintln!("the GEMM peak was not measured: {e}"))
         .ok();
-    let h2d = layer_streamer::bench::h2d_bandwidth(ctx, H2D_PROBE_BYTES, 5)
+    let h2d = layer_streamer::bench::h2d_bandwidth(&ctx, H2D_PROBE_BYTES, 5)
         .map(|r| r.pinned_gbps * 1e9)
         .map_err(|e| eprintln!("the pinned H2D bandwidth was not measured: {e}"))
         .ok();
@@ -221,13 +230,14 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("-".to_string(), |x| format!("{x:.digits$}"))
 }
 
-/// Prints what is measured and the ceilings measured in this run; returns
-/// the bf16 GEMM peak (FLOP/s) and the pinned H2D bandwidth (B/s).
+/// Prints what is measured and the ceilings measured in this run: the bf16
+/// GEMM peak (FLOP/s) and the pinned H2D bandwidth (B/s).
 fn header(
     a: &Args,
     index: &layer_streamer::ModelIndex,
     streamer: &layer_streamer::LayerStreamer,
-) -> (Option<f64>, Option<f64>) {
+    (peak, pinned_h2d): (Option<f64>, Option<f64>),
+) {
     println!(
         "{}: {} layers, {:.2} GB per pass, device {}, precision {}{}",
         a.model.display(),
@@ -242,10 +252,8 @@ fn header(
         }
     );
     let mem = streamer.memory().device_bytes();
-    let max_batch = parse_list(&a.batch, "batch size").ok();
-    let max_batch = max_batch.and_then(|b| b.into_iter().max()).unwrap_or(1);
     let at_use = streamer.config().dequant.keeps_blocks();
-    if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, max_batch, at_use) {
+    if let Ok(m) = layer_streamer::llm::StaticsMemory::for_model(index, at_use) {
         println!(
             "device memory: {:.2} GB of slots and caches, {:.2} GB for the embedding, output and \
              scratches ({:.2} GB output, {:.2} GB output scratch, {:.2} GB weight scratch); \
@@ -258,13 +266,11 @@ fn header(
             m.embedding_host as f64 / 1e9
         );
     }
-    let (peak, pinned_h2d) = measure_ceilings(streamer);
     println!(
         "ceilings: bf16 GEMM peak {} TFLOP/s (cuBLAS, {PEAK_GEMM_N}³), pinned H2D {} GB/s",
         fmt_opt(peak.map(|p| p / 1e12), 1),
         fmt_opt(pinned_h2d.map(|b| b / 1e9), 2)
     );
-    (peak, pinned_h2d)
 }
 
 /// The `split` table's row of batch `b` decoding at `decode` tokens/s: the
@@ -500,6 +506,7 @@ pub fn run(a: Args) -> Result<()> {
         precision: a.stream.precision,
         kv_offload: a.stream.kv_offload,
     };
+    let (peak, pinned_h2d) = measure_ceilings(a.stream.opts.config.device);
     let (index, mut streamer, mut model) = open_model(&a.model, &a.stream, opts)?;
     let vocab = model.config().vocab as u32;
     let params = GenerateParams {
@@ -508,7 +515,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: 0,
         stop_ids: Vec::new(),
     };
-    let (peak, pinned_h2d) = header(&a, &index, &streamer);
+    header(&a, &index, &streamer, (peak, pinned_h2d));
     let notes = [streamer.split_rows_note(), model.split_note()];
     notes
         .into_iter()
@@ -543,9 +550,18 @@ pub fn run(a: Args) -> Result<()> {
     if let Some(p) = model.last_layer_phases() {
         println!("{}", phases_line(&p, model.config()));
     }
+    if let Some(p) = model.decode_layer_phases() {
+        // One token reads each weight once: its products run at the rate
+        // the layer's stored bytes are read.
+        let bytes = index.layers().first().map_or(0, |l| l.data_bytes) as f64;
+        let rate = bytes / p.gemm_s.max(1e-12) / 1e9;
+        let line = phases_line(&p, model.config());
+        println!("{line}; the products read its weights at {rate:.0} GB/s");
+    }
     if let Some((free, total)) = streamer.context().and_then(|c| c.mem_info().ok()) {
-        // After the ceilings' buffers are freed: what the model and its
-        // streamer hold (with the CUDA context), as nvidia-smi counts it.
+        // What the model and its streamer hold (with the CUDA context; the
+        // ceilings' buffers were freed before the model loaded), as
+        // nvidia-smi counts it.
         println!(
             "device memory in use after the run: {} MiB of {} MiB (every process, CUDA context included)",
             (total - free) >> 20,

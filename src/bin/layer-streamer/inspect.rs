@@ -123,7 +123,7 @@ fn to_json(index: &ModelIndex) -> Value {
         "layers": layers,
         "statics": index.statics().iter().map(static_json).collect::<Vec<_>>(),
         "config": index.config(),
-        "cuda_statics": StaticsMemory::for_model(index, 1, true).ok().map(|m| json!({
+        "cuda_statics": StaticsMemory::for_model(index, true).ok().map(|m| json!({
             "embedding_device": m.embedding_device, "embedding_host": m.embedding_host,
             "output_device": m.output_device, "output_scratch": m.output_scratch,
             "weight_scratch": m.weight_scratch })),
@@ -249,7 +249,7 @@ fn statics_text(out: &mut String, index: &ModelIndex) {
             human(t.len)
         );
     }
-    if let Ok(m) = StaticsMemory::for_model(index, 1, true) {
+    if let Ok(m) = StaticsMemory::for_model(index, true) {
         _ = writeln!(
             out,
             "on CUDA, embedding, output and scratches: {} on the device ({} embedding, {} \
