@@ -15,12 +15,18 @@
 //! Decoding at a balanced share gives `f ≈ 1`; a CPU slower than the
 //! share was planned for hands rows back; prefill gives `f ≈ 0`, the
 //! whole layer on the device. Near either end the pass goes all the way
-//! (`f` from 0.85 is 1, up to 0.25 is 0): a few copied rows delay the CPU's
+//! (`f` from 0.85 is 1, up to 0.35 is 0): a few copied rows delay the CPU's
 //! next meeting, and a few CPU rows of a large pass cost more in copies and
-//! widening of the activations than their product. `a(t)` is linear in `t` through the CPU
-//! rates measured at 1 and 8 tokens when the model is loaded, `b` and `d`
-//! come from a copy timed then. [`SplitUpload`] (or `LS_SPLIT_UPLOAD` =
-//! `auto`, `never`, `always`) can fix the choice.
+//! widening of the activations than their product.
+//!
+//! `a(t)` comes from the CPU rates measured when the model is loaded at 1,
+//! 8 and 32 tokens, linear between them and past 32 with the slope from 8
+//! to 32 (the products decode a row once for up to 8 tokens, so a larger
+//! pass costs more per token than the first 8 do; a line through 1 and 8
+//! tokens alone kept a third of the rows on the CPU at 32 tokens and
+//! halved that batch's decode rate). `b` and `d` come from a copy timed at
+//! load. [`SplitUpload`] (or `LS_SPLIT_UPLOAD` = `auto`, `never`,
+//! `always`) can fix the choice.
 
 use crate::cpu::calibrate::calibrate;
 use crate::cpu::CpuPool;
@@ -33,7 +39,11 @@ use crate::{DType, Error, HostRows, LayerStreamer, Result};
 const KEEP_ALL: f64 = 0.85;
 
 /// The fraction up to which the device computes all the CPU's rows.
-const GIVE_ALL: f64 = 0.25;
+/// (A 7B bf16 decode of 32 sequences on an H200 host kept 0.26 of its rows
+/// on the CPU at the rates measured at load: 109 tokens/s against 151 with
+/// every row on the device, the CPU slower beside the copies than alone and
+/// each meeting a wait for the device.)
+const GIVE_ALL: f64 = 0.35;
 
 /// Which of the CPU's rows of a CPU/GPU row split a CUDA pass copies to
 /// the device and computes there instead ([`LlamaModel::set_split_upload`]).
@@ -72,11 +82,58 @@ impl SplitUpload {
 pub(crate) struct Upload {
     pub(crate) buf: DeviceBuffer,
     pub(crate) mode: SplitUpload,
-    /// Seconds of the CPU for its rows of a split layer at 1 token, and
-    /// what each further token adds.
-    cpu_s: (f64, f64),
+    /// Seconds of the CPU for its rows of a split layer by token count.
+    cpu: CpuCost,
     /// Copy seconds of those rows, and of the layer's device rows.
     copy_s: (f64, f64),
+}
+
+/// The token counts the CPU's products are measured at when the model is
+/// loaded.
+pub(crate) const CALIBRATED_TOKENS: [usize; 3] = [1, 8, 32];
+
+/// The CPU's seconds for all its rows of a split layer, by the tokens of a
+/// pass, from measurements at [`CALIBRATED_TOKENS`] at load.
+#[derive(Debug, Clone)]
+pub(crate) struct CpuCost {
+    /// `(tokens, seconds)`, by increasing tokens.
+    calibrated: Vec<(usize, f64)>,
+}
+
+impl CpuCost {
+    /// The costs measured at load (`(tokens, seconds)`). More tokens never
+    /// cost less (the product reads the same rows and does more), so a
+    /// point above a later one was slowed by something else and takes the
+    /// later one's time.
+    pub(crate) fn new(mut calibrated: Vec<(usize, f64)>) -> CpuCost {
+        calibrated.sort_by_key(|&(t, _)| t);
+        calibrated.dedup_by_key(|&mut (t, _)| t);
+        for i in (1..calibrated.len()).rev() {
+            calibrated[i - 1].1 = calibrated[i - 1].1.min(calibrated[i].1);
+        }
+        CpuCost { calibrated }
+    }
+
+    /// Seconds for `t` tokens: linear between the measured points and past
+    /// the last with the slope of the last two (never below the cost of
+    /// fewer tokens).
+    pub(crate) fn seconds(&self, t: usize) -> f64 {
+        let c = &self.calibrated;
+        let Some(&(t0, s0)) = c.first() else {
+            return 0.0;
+        };
+        if c.len() == 1 || t <= t0 {
+            return s0;
+        }
+        let i = c
+            .iter()
+            .position(|&(ti, _)| ti >= t)
+            .unwrap_or(c.len() - 1)
+            .max(1);
+        let ((ta, sa), (tb, sb)) = (c[i - 1], c[i]);
+        let slope = ((sb - sa) / (tb - ta) as f64).max(0.0);
+        sa + slope * (t - ta) as f64
+    }
 }
 
 /// Whether the device can multiply CPU rows of `ty` copied as they are: the
@@ -122,7 +179,7 @@ impl Upload {
         types.sort_by_key(|t| t.ggml_type_id());
         types.dedup();
         let secs = |tokens| -> Result<f64> {
-            let rates = calibrate(pool, &types, tokens, 32 << 20, 2)?;
+            let rates = calibrate(pool, &types, tokens, 32 << 20, 3)?;
             rates.seconds(
                 &rows[l]
                     .iter()
@@ -130,12 +187,14 @@ impl Upload {
                     .collect::<Vec<_>>(),
             )
         };
-        let (one, eight) = (secs(1)?, secs(8)?);
+        let calibrated = (CALIBRATED_TOKENS.iter())
+            .map(|&t| Ok((t, secs(t)?)))
+            .collect::<Result<Vec<_>>>()?;
         let bps = copy_rate(ctx, &buf, &rows)?;
         Ok(Some(Upload {
             buf,
             mode,
-            cpu_s: (one, ((eight - one) / 7.0).max(0.0)),
+            cpu: CpuCost::new(calibrated),
             copy_s: (host as f64 / bps, device as f64 / bps),
         }))
     }
@@ -144,16 +203,18 @@ impl Upload {
     pub(crate) fn describe(&self) -> String {
         let ms = |s: f64| s * 1e3;
         format!(
-            "a split layer's CPU rows: {:.2} ms on the CPU at 1 token (+{:.3} ms a token), \
+            "a split layer's CPU rows: {:.2} ms on the CPU at 1 token, {:.2} at 8, {:.2} at 32, \
              copies {:.2} ms (CPU rows) and {:.2} ms (device rows); CPU fraction {:?}: \
-             {:.2} at 1 token, {:.2} at 8, {:.2} at 512",
-            ms(self.cpu_s.0),
-            ms(self.cpu_s.1),
+             {:.2} at 1 token, {:.2} at 8, {:.2} at 32, {:.2} at 512",
+            ms(self.cpu.seconds(1)),
+            ms(self.cpu.seconds(8)),
+            ms(self.cpu.seconds(32)),
             ms(self.copy_s.0),
             ms(self.copy_s.1),
             self.mode,
             self.cpu_fraction(1),
             self.cpu_fraction(8),
+            self.cpu_fraction(32),
             self.cpu_fraction(512),
         )
     }
@@ -164,23 +225,27 @@ impl Upload {
             SplitUpload::Never => 1.0,
             SplitUpload::Always => 0.0,
             SplitUpload::Auto => {
-                let a = self.cpu_s.0 + t.saturating_sub(1) as f64 * self.cpu_s.1;
                 let (b, d) = self.copy_s;
-                let f = ((d + b) / (a + b).max(1e-12)).clamp(0.0, 1.0);
-                // A few rows copied on the compute stream cost the CPU
-                // side a wait for them at its next meeting: near balance,
-                // the CPU keeps them. A few rows left on the CPU of a large
-                // pass cost more than their product (the activations'
-                // copies and widening): the device takes them.
-                if f >= KEEP_ALL {
-                    1.0
-                } else if f <= GIVE_ALL {
-                    0.0
-                } else {
-                    f
-                }
+                balance(self.cpu.seconds(t), b, d)
             }
         }
+    }
+}
+
+/// The CPU's fraction of its rows that makes both sides finish together
+/// (module docs), taken all the way near either end.
+pub(crate) fn balance(a: f64, b: f64, d: f64) -> f64 {
+    let f = ((d + b) / (a + b).max(1e-12)).clamp(0.0, 1.0);
+    // A few rows copied on the compute stream cost the CPU side a wait for
+    // them at its next meeting: near balance, the CPU keeps them. A few rows
+    // left on the CPU of a large pass cost more than their product (the
+    // activations' copies and widening): the device takes them.
+    if f >= KEEP_ALL {
+        1.0
+    } else if f <= GIVE_ALL {
+        0.0
+    } else {
+        f
     }
 }
 
@@ -190,5 +255,87 @@ fn copy_rate(ctx: &Context, buf: &DeviceBuffer, rows: &[Vec<HostRows<'_>>]) -> R
     match rows.iter().flatten().max_by_key(|h| h.bytes().len()) {
         Some(h) => h2d_rate(ctx, h.bytes(), buf),
         None => Ok(1e9),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    fn random_cost(rng: &mut impl Rng) -> (CpuCost, [f64; 3]) {
+        let a1 = rng.gen_range(1e-3..5e-3);
+        let a8 = a1 + rng.gen_range(1e-4..5e-3);
+        let a32 = a8 + rng.gen_range(1e-3..2e-2);
+        let points = vec![(32, a32), (1, a1), (8, a8)];
+        (CpuCost::new(points), [a1, a8, a32])
+    }
+
+    #[test]
+    fn the_calibration_is_linear_between_its_points_and_past_the_last() {
+        let mut rng = rand::thread_rng();
+        for _ in 0..100 {
+            let (cost, [a1, a8, a32]) = random_cost(&mut rng);
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-12 * y.abs().max(1.0);
+            assert!(close(cost.seconds(1), a1));
+            assert!(close(cost.seconds(8), a8));
+            assert!(close(cost.seconds(32), a32));
+            let t = rng.gen_range(2..8);
+            assert!(close(
+                cost.seconds(t),
+                a1 + (a8 - a1) * (t - 1) as f64 / 7.0
+            ));
+            let t = rng.gen_range(9..32);
+            assert!(close(
+                cost.seconds(t),
+                a8 + (a32 - a8) * (t - 8) as f64 / 24.0
+            ));
+            let t = rng.gen_range(33..4096);
+            assert!(close(
+                cost.seconds(t),
+                a32 + (a32 - a8) * (t - 32) as f64 / 24.0
+            ));
+            assert!(cost.seconds(t) >= cost.seconds(32));
+        }
+    }
+
+    #[test]
+    fn a_point_slower_than_more_tokens_takes_their_time() {
+        let mut rng = rand::thread_rng();
+        let a8 = rng.gen_range(1e-3..5e-3);
+        let a32 = a8 * rng.gen_range(2.0..5.0);
+        // One token measured slower than eight (the pool was busy).
+        let slow = a8 * rng.gen_range(1.5..4.0);
+        let cost = CpuCost::new(vec![(1, slow), (8, a8), (32, a32)]);
+        assert_eq!(cost.seconds(1), a8);
+        assert_eq!(cost.seconds(8), a8);
+        assert_eq!(cost.seconds(32), a32);
+    }
+
+    #[test]
+    fn large_passes_go_to_the_device_and_one_token_stays_on_the_cpu() {
+        let mut rng = rand::thread_rng();
+        for _ in 0..100 {
+            // Copies: the CPU rows' b and the device rows' d; the CPU at 1
+            // token just fast enough to keep its rows.
+            let b = rng.gen_range(2e-3..5e-3);
+            let d = rng.gen_range(2e-3..5e-3);
+            let a1 = (d + b) / rng.gen_range(0.86..1.0) - b;
+            // Eight tokens cost less than twice one; 32 four times 8.
+            let a8 = a1 * rng.gen_range(1.2..2.0);
+            let cost = CpuCost::new(vec![(1, a1), (8, a8), (32, 4.0 * a8)]);
+            assert_eq!(balance(cost.seconds(1), b, d), 1.0);
+            let f8 = balance(cost.seconds(8), b, d);
+            assert!(f8 > 0.0 && f8 <= 1.0, "{f8}");
+            let f32 = balance(cost.seconds(32), b, d);
+            assert!(
+                f32 < 0.5,
+                "{f32}: a third of the rows or more on the CPU at 32 tokens"
+            );
+            assert_eq!(balance(cost.seconds(512), b, d), 0.0);
+            // The line through 1 and 8 alone would have kept more at 32.
+            let line = a1 + (a8 - a1) * 31.0 / 7.0;
+            assert!(balance(line, b, d) >= f32);
+        }
     }
 }
