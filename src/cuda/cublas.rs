@@ -165,6 +165,16 @@ pub enum GemmType {
 }
 
 impl GemmType {
+    /// The 16-bit type GEMM inputs of a model computing in `dtype` take:
+    /// f16 for f16, else bf16.
+    pub(crate) fn half_of(dtype: crate::DType) -> GemmType {
+        if dtype == crate::DType::F16 {
+            GemmType::F16
+        } else {
+            GemmType::BF16
+        }
+    }
+
     pub(super) fn cuda(self) -> u32 {
         match self {
             GemmType::BF16 => cb::cudaDataType_t::CUDA_R_16BF as u32,

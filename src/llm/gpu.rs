@@ -171,11 +171,7 @@ impl CudaModel {
     }
 
     fn gemm_type(&self) -> GemmType {
-        if self.dtype == DType::F16 {
-            GemmType::F16
-        } else {
-            GemmType::BF16
-        }
+        GemmType::half_of(self.dtype)
     }
 
     /// See [`LlamaModel::embedding_lookup`](crate::llm::LlamaModel::embedding_lookup).

@@ -126,10 +126,7 @@ unsafe fn chunked(
     beta: f32,
     s: &Stream,
 ) -> Result<()> {
-    let hw = match dtype {
-        DType::F16 => GemmType::F16,
-        _ => GemmType::BF16,
-    };
+    let hw = GemmType::half_of(dtype);
     let what = format!("a [{}, {}] {} weight", sh.rows, sh.k, b.ty);
     let row_bytes =
         b.ty.row_bytes(sh.k as u64)

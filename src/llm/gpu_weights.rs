@@ -262,10 +262,7 @@ impl SlotWeights<'_, '_> {
         beta: f32,
         s: &Stream,
     ) -> Result<()> {
-        let xw = match self.dtype {
-            DType::F16 => GemmType::F16,
-            _ => GemmType::BF16,
-        };
+        let xw = GemmType::half_of(self.dtype);
         let v = self.w.tensor(key)?;
         let (Some(ty), Some(u)) = (v.quant().filter(|q| q.is_quantized()), &self.at_use) else {
             let w = self.matrix(key, s)?;
@@ -354,10 +351,7 @@ pub(crate) unsafe fn rows_product(
     beta: f32,
     s: &Stream,
 ) -> Result<()> {
-    let hw = match dtype {
-        DType::F16 => GemmType::F16,
-        _ => GemmType::BF16,
-    };
+    let hw = GemmType::half_of(dtype);
     let f = GemmType::F32;
     let w = match src {
         RowsSrc::Plain(w) => w,
