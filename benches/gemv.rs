@@ -16,10 +16,12 @@
 //! cargo bench --bench gemv
 //! ```
 
-use layer_streamer::cuda::{self, memcpy_dtod_async, Context, DeviceBuffer, Event, Stream};
+mod common;
+
+use layer_streamer::cuda::{memcpy_dtod_async, Context, DeviceBuffer, Event, Stream};
 use layer_streamer::quant::device::{DequantKernels, Gemv};
 use layer_streamer::quant::QuantType;
-use layer_streamer::{DType, Error};
+use layer_streamer::DType;
 
 const TYPES: [QuantType; 5] = [
     QuantType::Q4_K,
@@ -28,21 +30,6 @@ const TYPES: [QuantType; 5] = [
     QuantType::Q4_0,
     QuantType::Q5_K,
 ];
-
-/// A context on device 0, or `None` after saying on stderr why the bench skips.
-fn context() -> Option<Context> {
-    let why = match cuda::device_count() {
-        Err(Error::CudaUnavailable(why)) => why,
-        Err(e) => panic!("gemv: counting CUDA devices: {e}"),
-        Ok(0) => "the driver reports no CUDA device".to_string(),
-        Ok(_) => return Some(Context::new(0).expect("gemv: device 0")),
-    };
-    if std::env::var("LS_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("gemv: LS_REQUIRE_GPU=1 but {why}");
-    }
-    eprintln!("gemv: skipped: {why}");
-    None
-}
 
 /// Seconds per call of `f` queued `reps` times on `s`, by events.
 fn time(ctx: &Context, s: &Stream, reps: usize, mut f: impl FnMut()) -> f64 {
@@ -61,7 +48,7 @@ fn time(ctx: &Context, s: &Stream, reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let Some(ctx) = context() else {
+    let Some(ctx) = common::gpu("gemv") else {
         return;
     };
     let benching = std::env::args().any(|a| a == "--bench");

@@ -27,12 +27,14 @@
 //! cargo bench --bench h2d -- 'h2d/pinned'
 //! ```
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
 use layer_streamer::cuda::{self, Context, DeviceBuffer, Event, HostRegistration, Stream};
 use layer_streamer::io::AlignedBuf;
-use layer_streamer::{Error, Result};
+use layer_streamer::Result;
 
 const MIB: usize = 1 << 20;
 /// Copy sizes in MiB: powers of 4 from 1 to 256.
@@ -41,21 +43,6 @@ const SIZES_MIB: [usize; 5] = [1, 4, 16, 64, 256];
 const TEST_SIZES_MIB: [usize; 2] = [1, 4];
 /// Device slots the recycling case cycles through (the streamer's default `n_gpu`).
 const SLOTS: usize = 2;
-
-/// A context on device 0, or `None` after saying on stderr why the bench skips.
-fn context() -> Option<Context> {
-    let why = match cuda::device_count() {
-        Err(Error::CudaUnavailable(why)) => why,
-        Err(e) => panic!("h2d: counting CUDA devices: {e}"),
-        Ok(0) => "the driver reports no CUDA device".to_string(),
-        Ok(_) => return Some(Context::new(0).unwrap_or_else(|e| panic!("h2d: device 0: {e}"))),
-    };
-    if std::env::var("LS_REQUIRE_GPU").is_ok_and(|v| v == "1") {
-        panic!("h2d: LS_REQUIRE_GPU=1 but there is no GPU: {why}");
-    }
-    eprintln!("h2d: skipping the host-to-device bench: {why}");
-    None
-}
 
 /// Page-aligned host memory written with a pattern, page-locked when
 /// `registration` is set.
@@ -239,7 +226,7 @@ fn bench(c: &mut Criterion, s: &Setup, sizes_mib: &[usize]) {
 }
 
 fn main() {
-    let Some(ctx) = context() else {
+    let Some(ctx) = common::gpu("h2d") else {
         return;
     };
     let benching = std::env::args().any(|a| a == "--bench");

@@ -43,11 +43,13 @@ pub(crate) struct Shape {
 
 /// The rows of a chunk when `scratch` holds `elems` values and a row `k`:
 /// an error naming both when not even one row fits.
-pub(crate) fn chunk_rows(elems: usize, k: usize, what: &str) -> Result<usize> {
+/// `what` names the weight, made only for the error.
+pub(crate) fn chunk_rows(elems: usize, k: usize, what: impl Fn() -> String) -> Result<usize> {
     match elems.checked_div(k) {
         Some(r) if r > 0 => Ok(r),
         _ => Err(Error::Pipeline(format!(
-            "{what}: a row of {k} values does not fit the dequantization scratch of {elems}"
+            "{}: a row of {k} values does not fit the dequantization scratch of {elems}",
+            what()
         ))),
     }
 }
@@ -127,11 +129,11 @@ unsafe fn chunked(
     s: &Stream,
 ) -> Result<()> {
     let hw = GemmType::half_of(dtype);
-    let what = format!("a [{}, {}] {} weight", sh.rows, sh.k, b.ty);
+    let what = || format!("a [{}, {}] {} weight", sh.rows, sh.k, b.ty);
     let row_bytes =
         b.ty.row_bytes(sh.k as u64)
-            .map_err(|e| Error::Pipeline(format!("{what}: {e}")))? as usize;
-    let step = chunk_rows(scratch.elems, sh.k, &what)?;
+            .map_err(|e| Error::Pipeline(format!("{}: {e}", what())))? as usize;
+    let step = chunk_rows(scratch.elems, sh.k, what)?;
     let y_elem: u64 = match yt {
         GemmType::F32 => 4,
         GemmType::F16 | GemmType::BF16 => 2,

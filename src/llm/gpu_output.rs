@@ -210,6 +210,7 @@ impl ChunkedHead {
             .tensor(name)
             .ok_or_else(|| Error::UnknownTensor(name.to_string()))?;
         let ty = stored_type(index, info)?;
+        // A row must be whole blocks.
         row_bytes(ty, hidden, name)?;
         if info.shape.len() != 2 || info.shape[0] < vocab || info.shape[1] != hidden {
             return Err(Error::model(
@@ -242,6 +243,8 @@ impl ChunkedHead {
         let rows = chunk_rows(bytes, self.hidden, self.vocab);
         let ctx = self.blocks.context();
         // Free the old scratch first: the new one may not fit beside it.
+        // Until it is allocated, no chunk fits.
+        self.chunk_rows = 0;
         self.scratch = DeviceBuffer::alloc(ctx, 4)?;
         self.scratch = DeviceBuffer::alloc(ctx, rows * self.hidden * 2)?;
         self.chunk_rows = rows;

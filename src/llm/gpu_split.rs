@@ -48,7 +48,8 @@ pub(crate) struct GpuSplit {
     dtype: DType,
     act_hi: StagingBuf,
     act_lo: StagingBuf,
-    /// The residual's CPU columns, `[t, c]` f32.
+    /// The residual's CPU columns, `[t, c]` f32 (empty when `out` is
+    /// mapped).
     resid: StagingBuf,
     /// The CPU's outputs, f32, one `[t, c]` block per weight of a meeting;
     /// mapped into the device where the driver allows.
@@ -187,13 +188,20 @@ impl GpuSplit {
         let (h, qd, kvd, inter) = (cfg.hidden, cfg.q_dim(), cfg.kv_dim(), cfg.intermediate);
         let k_max = h.max(qd).max(inter);
         let out_max = (qd + 2 * kvd).max(2 * inter).max(h);
+        let out = StagingBuf::new_mapped(ctx, max_tokens * out_max * 4)?;
+        // Mapped outputs are added on the device: no residual comes back.
+        let resid_bytes = if out.device_ptr().is_some() {
+            0
+        } else {
+            max_tokens * h * 4
+        };
         Ok(GpuSplit {
             pool,
             dtype,
             act_hi: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
             act_lo: StagingBuf::new(ctx, max_tokens * k_max * 2)?,
-            resid: StagingBuf::new(ctx, max_tokens * h * 4)?,
-            out: StagingBuf::new_mapped(ctx, max_tokens * out_max * 4)?,
+            resid: StagingBuf::new(ctx, resid_bytes)?,
+            out,
             xf: Vec::with_capacity(max_tokens * k_max),
             ready: Event::new(ctx, false)?,
             upload,

@@ -72,9 +72,7 @@ impl AtUse {
             elems: self.elems,
         }
     }
-}
 
-impl AtUse {
     /// The scratch for `streamer`'s layers when they reach the layer
     /// function as stored blocks, else `None` (nothing is allocated).
     pub(crate) fn for_streamer(
@@ -99,33 +97,40 @@ impl AtUse {
 
     /// The kernels and a scratch of `elems` 16-bit values.
     fn with_elems(ctx: &Context, elems: usize, least: usize) -> Result<AtUse> {
-        let scratch = DeviceBuffer::alloc(ctx, (elems * 2).max(4)).map_err(|e| {
-            Error::config(format!(
-                "the scratch that quantized weights are dequantized into at use \
-                 ({elems} 16-bit values) does not fit: {e}"
-            ))
-        })?;
         Ok(AtUse {
             kernels: DequantKernels::load(ctx)?,
-            scratch,
+            scratch: alloc_scratch(ctx, elems)?,
             elems,
             least,
         })
     }
 
-    /// A scratch of `bytes` (at least [`least`](Self::least) values). The
-    /// old scratch is freed first.
+    /// A scratch of `bytes` (at least [`least`](Self::least) values), the
+    /// kernels kept. The old scratch is freed first, since the new one may
+    /// not fit beside it; if the new one can't be had, the scratch holds
+    /// nothing and every product that needs it is an error.
     pub(crate) fn resize(this: &mut Arc<AtUse>, bytes: usize) -> Result<()> {
-        let least = this.least;
-        let elems = (bytes / 2).max(least);
-        let ctx = this.scratch.context().clone();
         let me = Arc::get_mut(this).ok_or_else(|| {
             Error::Pipeline("the dequantization scratch is in use by a pass".into())
         })?;
+        let elems = (bytes / 2).max(me.least);
+        let ctx = me.scratch.context().clone();
+        me.elems = 0;
         me.scratch = DeviceBuffer::alloc(&ctx, 4)?;
-        *me = AtUse::with_elems(&ctx, elems, least)?;
+        me.scratch = alloc_scratch(&ctx, elems)?;
+        me.elems = elems;
         Ok(())
     }
+}
+
+/// The at-use scratch of `elems` 16-bit values.
+fn alloc_scratch(ctx: &Context, elems: usize) -> Result<DeviceBuffer> {
+    DeviceBuffer::alloc(ctx, (elems * 2).max(4)).map_err(|e| {
+        Error::config(format!(
+            "the scratch that quantized weights are dequantized into at use \
+             ({elems} 16-bit values) does not fit: {e}"
+        ))
+    })
 }
 
 /// A layer's weights in its device slot, each read as a 16-bit matrix of
