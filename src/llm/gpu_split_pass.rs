@@ -131,6 +131,11 @@ impl CpuCost {
             .unwrap_or(c.len() - 1)
             .max(1);
         let ((ta, sa), (tb, sb)) = (c[i - 1], c[i]);
+        if t == tb {
+            // A measured point is its measurement, not an interpolation's
+            // rounding of it.
+            return sb;
+        }
         let slope = ((sb - sa) / (tb - ta) as f64).max(0.0);
         sa + slope * (t - ta) as f64
     }
