@@ -1,6 +1,6 @@
 // Dequantization of ggml blocks (as GGUF stores them) into bf16 or f16, two
 // kernels per type (`dequant_<type>_bf16`, `dequant_<type>_f16`), and the
-// fused dequantize-and-multiply of a few tokens (`gemv_<type>`, at the end),
+// fused dequantize-and-multiply of a few tokens (`gemv_<type>_t<n>`, at the end),
 // compiled into their own PTX module (kernels/ptx/dequant.ptx) and loaded by
 // `quant::device::DequantKernels`.
 //
@@ -193,7 +193,9 @@ DEQUANT_VALUE(q6_k, {
 // decoder per block type, `NAME_decode8(block, e0, out)`: the sub-block's
 // scale and min are decoded once and the packed values read with as few
 // loads as the address's alignment allows. Every output is bit-identical to
-// `NAME_value(block, e0 + i)` (the same f32 operations in the same order).
+// `NAME_value(block, e0 + i)` (the same f32 results: the integer codes are
+// converted exactly, and a multiply-add is fused only where its product is
+// exact).
 
 // The 4 bytes at p as a little-endian u32, with the widest loads p's
 // alignment allows.
@@ -223,13 +225,34 @@ __device__ __forceinline__ unsigned byte_of(uint2 v, int i) {
     return ((i < 4 ? v.x : v.y) >> (8 * (i & 3))) & 0xffu;
 }
 
+// Exact f32 of a small integer without an int-to-float conversion (those
+// issue at a fraction of the rate of float arithmetic): the float whose bits
+// are 2^23's plus v is 2^23 + v, for 0 <= v < 2^23 (u2f_small) and, from
+// 1.5 * 2^23, for |v| < 2^22 (i2f_small); the subtraction is exact.
+__device__ __forceinline__ float u2f_small(unsigned v) {
+    return __fsub_rn(__uint_as_float(0x4b000000u | v), 8388608.0f);
+}
+
+__device__ __forceinline__ float i2f_small(int v) {
+    return __fsub_rn(__uint_as_float(0x4b400000u + (unsigned)v), 12582912.0f);
+}
+
+// a * q + c where the product a * q is exact in f32 (a a 16-bit float times
+// a 6-bit integer or less, q an integer below 32: at most 22 significant
+// bits), so one fused multiply-add equals the rounded product plus c,
+// rounded: __fadd_rn(__fmul_rn(a, q), c), bit for bit, NaN and infinities
+// included.
+__device__ __forceinline__ float fma_exact(float a, float q, float c) {
+    return __fmaf_rn(a, q, c);
+}
+
 // Q8_0: bytes 2 + e0 .. 2 + e0 + 8.
 __device__ __forceinline__ void q8_0_decode8(const uint8_t* b, unsigned e0, float out[8]) {
     const float d = f16_at(b);
     const uint2 q = load_u64(b + 2 + e0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        out[i] = __fmul_rn((float)(int8_t)byte_of(q, i), d);
+        out[i] = __fmul_rn(i2f_small((int)(int8_t)byte_of(q, i)), d);
     }
 }
 
@@ -248,7 +271,7 @@ __device__ __forceinline__ void q4_0_decode8(const uint8_t* b, unsigned e0, floa
     const uint2 q = nibbles8(b + 2, e0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        out[i] = __fmul_rn(d, (float)((int)byte_of(q, i) - 8));
+        out[i] = __fmul_rn(d, i2f_small((int)byte_of(q, i) - 8));
     }
 }
 
@@ -258,7 +281,7 @@ __device__ __forceinline__ void q4_1_decode8(const uint8_t* b, unsigned e0, floa
     const uint2 q = nibbles8(b + 4, e0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        out[i] = __fadd_rn(__fmul_rn(d, (float)byte_of(q, i)), m);
+        out[i] = fma_exact(d, u2f_small(byte_of(q, i)), m);
     }
 }
 
@@ -270,7 +293,7 @@ __device__ __forceinline__ void q5_0_decode8(const uint8_t* b, unsigned e0, floa
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const int v = (int)(byte_of(q, i) | (((h >> i) & 1u) << 4));
-        out[i] = __fmul_rn(d, (float)(v - 16));
+        out[i] = __fmul_rn(d, i2f_small(v - 16));
     }
 }
 
@@ -282,7 +305,7 @@ __device__ __forceinline__ void q5_1_decode8(const uint8_t* b, unsigned e0, floa
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const unsigned v = byte_of(q, i) | (((h >> i) & 1u) << 4);
-        out[i] = __fadd_rn(__fmul_rn(d, (float)v), m);
+        out[i] = fma_exact(d, u2f_small(v), m);
     }
 }
 
@@ -299,8 +322,8 @@ __device__ __forceinline__ uint2 k_nibbles8(const uint8_t* qs, unsigned e0) {
 __device__ __forceinline__ void k_scales(const uint8_t* b, unsigned e0, float* dl, float* ml) {
     unsigned sc, m;
     scale_min_k4(e0 / 32, b + 4, &sc, &m);
-    *dl = __fmul_rn(f16_at(b), (float)sc);
-    *ml = __fmul_rn(f16_at(b + 2), (float)m);
+    *dl = __fmul_rn(f16_at(b), u2f_small(sc));
+    *ml = __fmul_rn(f16_at(b + 2), u2f_small(m));
 }
 
 // Q4_K: x = dl * q - ml.
@@ -310,7 +333,7 @@ __device__ __forceinline__ void q4_k_decode8(const uint8_t* b, unsigned e0, floa
     const uint2 q = k_nibbles8(b + 16, e0);
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-        out[i] = __fsub_rn(__fmul_rn(dl, (float)byte_of(q, i)), ml);
+        out[i] = fma_exact(dl, u2f_small(byte_of(q, i)), -ml);
     }
 }
 
@@ -324,7 +347,7 @@ __device__ __forceinline__ void q5_k_decode8(const uint8_t* b, unsigned e0, floa
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const unsigned v = byte_of(q, i) | (((byte_of(h, i) >> j) & 1u) << 4);
-        out[i] = __fsub_rn(__fmul_rn(dl, (float)v), ml);
+        out[i] = fma_exact(dl, u2f_small(v), -ml);
     }
 }
 
@@ -336,12 +359,12 @@ __device__ __forceinline__ void q6_k_decode8(const uint8_t* b, unsigned e0, floa
     const unsigned ls = r < 64 ? 0u : 4u;
     const uint2 hi = load_u64(b + 128 + half * 32 + r % 32);
     const unsigned hs = 2 * (r / 32);
-    const float ds = __fmul_rn(f16_at(b + 208), (float)(int8_t)b[192 + e0 / 16]);
+    const float ds = __fmul_rn(f16_at(b + 208), i2f_small((int8_t)b[192 + e0 / 16]));
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         const unsigned low = (byte_of(lo, i) >> ls) & 0x0fu;
         const unsigned high = (byte_of(hi, i) >> hs) & 3u;
-        out[i] = __fmul_rn(ds, (float)((int)(low | (high << 4)) - 32));
+        out[i] = __fmul_rn(ds, i2f_small((int)(low | (high << 4)) - 32));
     }
 }
 
@@ -539,20 +562,34 @@ DEQUANT_GATHER(q6_k, 256, 210)
 // rounding and of a 16-bit y; bit 1 y is 16-bit (else f32); bit 2 y
 // accumulates (beta = 1, f32 y only; else beta = 0 and y is not read).
 //
-// One warp per output row (rows stride over the grid's warps); its lanes
-// stride over the row's 8-element chunks with one decode8 each, keep one
-// accumulator per token, and are summed with shuffles; lane b writes token
-// b's output.
+// One warp per output row (rows stride over the grid's warps, GEMV_WARPS to
+// a block); its lanes keep one accumulator per token, summed with shuffles
+// at the row's end, and lane b writes token b's output. Weights are decoded
+// with the dequantization kernels' decoders (or, for Q4_K, the same
+// arithmetic on wider loads) and rounded as they round. Two ways through
+// a row:
+// - Direct (every type but Q4_K): lanes stride over the row's 8-element
+//   chunks with one decode8 each, straight from global memory.
+// - Staged (Q4_K): the warp reads its row in spans of whole blocks, up to
+//   2 KiB: each lane loads 4 of the span's 16-byte granules into registers
+//   with independent loads (the granules cut by the span's ends byte by
+//   byte, so nothing outside the span is read), the warp stores them to its
+//   shared tile, issues the next span's loads and only then multiplies this
+//   one, so a span's DRAM latency hides behind the previous span's
+//   arithmetic; with the tile 16-byte aligned each lane takes 16 weights
+//   of one block at a time (span_product_q4_k), else one decode8 chunk.
+// One entry point per token count (`gemv_NAME_t1`, `_t2`, `_t4`, `_t8`: the
+// least that covers t), so the loops over tokens are unrolled and one
+// token neither issues eight tokens' instructions nor pays their
+// registers; the model dtype is a branch outside the loops.
 #define GEMV_F16 1u
 #define GEMV_Y16 2u
 #define GEMV_ACCUMULATE 4u
 
-__device__ __forceinline__ float h_to_f32(uint16_t h, bool f16) {
-    return f16 ? f16_bits_to_f32(h) : bf16_bits_to_f32(h);
-}
-
-// Eight 16-bit values at p (16-byte aligned when vec) widened to f32.
-__device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, bool f16, float out[8]) {
+// Eight 16-bit values of the model dtype (f16 when F16, else bf16) at p
+// (16-byte aligned when vec) widened to f32.
+template <bool F16>
+__device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, float out[8]) {
     uint32_t w[4];
     if (vec) {
         const uint4 v = *reinterpret_cast<const uint4*>(p);
@@ -567,24 +604,30 @@ __device__ __forceinline__ void load_h8(const uint16_t* p, bool vec, bool f16, f
         }
     }
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        out[i] = h_to_f32((uint16_t)(w[i / 2] >> (16 * (i % 2))), f16);
+    for (int i = 0; i < 4; ++i) {
+        if (F16) {
+            out[2 * i] = f16_bits_to_f32((uint16_t)(w[i] & 0xffffu));
+            out[2 * i + 1] = f16_bits_to_f32((uint16_t)(w[i] >> 16));
+        } else {
+            out[2 * i] = __uint_as_float(w[i] << 16);
+            out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
     }
 }
 
-// acc[b] += dot(wv, x[b, c * 8 .. c * 8 + 8]) for b < t.
-template <unsigned NT>
+// acc[b] += dot(wv, x[b, off .. off + 8]) for b < t.
+template <unsigned NT, bool F16>
 __device__ __forceinline__ void gemv_chunk(const float wv[8], const uint16_t* x_hi,
                                            const uint16_t* x_lo, u64 off, u64 k, unsigned t,
-                                           bool vec, bool f16, float acc[8]) {
+                                           bool vec, float acc[8]) {
 #pragma unroll
     for (unsigned b = 0; b < NT; ++b) {
         if (b < t) {
             float xv[8];
-            load_h8(x_hi + b * k + off, vec, f16, xv);
+            load_h8<F16>(x_hi + b * k + off, vec, xv);
             if (x_lo) {
                 float lv[8];
-                load_h8(x_lo + b * k + off, vec, f16, lv);
+                load_h8<F16>(x_lo + b * k + off, vec, lv);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     xv[i] = __fadd_rn(xv[i], lv[i]);
@@ -631,77 +674,284 @@ __device__ __forceinline__ void gemv_store(float acc[8], void* y, u64 r, u64 ldy
     }
 }
 
-// f rounded to bf16 (to nearest, ties to even) and widened back: one
-// conversion instruction, the same value as f32_to_bf16_bits gives for every
-// number (only NaN payloads may differ).
-__device__ __forceinline__ float round_bf16(float f) {
-    uint16_t r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return bf16_bits_to_f32(r);
+// Eight weights rounded to the model dtype and widened back, as the
+// dequantization kernels round them, two to one conversion instruction: f16
+// to nearest even, saturating (cvt.rn.satfinite.f16x2.f32: beyond +-65504,
+// infinities included, +-65504, as f32_to_f16_sat_bits), or bf16 to nearest
+// even (cvt.rn.bf16x2.f32, as f32_to_bf16_bits); only NaN payloads may
+// differ, and a NaN weight makes a NaN product either way.
+template <bool F16>
+__device__ __forceinline__ void round_weights(float w[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i += 2) {
+        if (F16) {
+            uint32_t r;
+            asm("cvt.rn.satfinite.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(w[i + 1]), "f"(w[i]));
+            w[i] = f16_bits_to_f32((uint16_t)(r & 0xffffu));
+            w[i + 1] = f16_bits_to_f32((uint16_t)(r >> 16));
+        } else {
+            uint32_t r;
+            asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(w[i + 1]), "f"(w[i]));
+            w[i] = __uint_as_float(r << 16);
+            w[i + 1] = __uint_as_float(r & 0xffff0000u);
+        }
+    }
 }
 
+// Warps per block of the gemv kernels (the host launches GEMV_WARPS * 32
+// threads) and 16-byte granules per warp tile (4 per lane).
+#define GEMV_WARPS 8u
+#define GEMV_GRANULES 128u
+
+// The 16 bytes of the granule at g, those outside [lo, hi) read as 0.
+__device__ __forceinline__ uint4 granule_part(u64 g, u64 lo, u64 hi) {
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+        if (g + i >= lo && g + i < hi) {
+            w[i / 4] |= (uint32_t)(*reinterpret_cast<const uint8_t*>(g + i)) << (8 * (i % 4));
+        }
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Lane's granules (lane + 32 u, u < 4) of the span [lo, hi), counted from
+// lo rounded down to 16 bytes: whole granules with one 16-byte load each,
+// the two cut by the ends byte by byte, the rest zero.
+__device__ __forceinline__ void span_load(u64 lo, u64 hi, unsigned lane, uint4 v[4]) {
+    const u64 a0 = lo & ~(u64)15;
+#pragma unroll
+    for (unsigned u = 0; u < 4; ++u) {
+        const u64 g = a0 + 16 * (u64)(lane + 32u * u);
+        if (g >= lo && g + 16 <= hi) {
+            v[u] = __ldg(reinterpret_cast<const uint4*>(g));
+        } else if (g < hi) {
+            v[u] = granule_part(g, lo, hi);
+        } else {
+            v[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+    }
+}
+
+// The row and first block of a span of a warp's work, and its block count.
+struct GemvSpan {
+    u64 row, block, blocks;
+};
+
+// The span after s: the next blocks of the row, else the first of the
+// warp's next row (row >= rows when there is none).
+__device__ __forceinline__ GemvSpan next_span(GemvSpan s, u64 per_row, u64 per_span,
+                                              u64 row_step) {
+    GemvSpan n = {s.row, s.block + s.blocks, 0};
+    if (n.block >= per_row) {
+        n.row += row_step;
+        n.block = 0;
+    }
+    n.blocks = min(per_span, per_row - n.block);
+    return n;
+}
+
+// acc[b] += the product of the span's blocks (decoded from the tile, whose
+// first block starts `skew` bytes in) with token b, for b < t.
+template <typename D, unsigned QK, unsigned BYTES, unsigned NT, bool F16>
+__device__ __forceinline__ void span_product(const uint8_t* tile, GemvSpan s,
+                                             const uint16_t* x_hi, const uint16_t* x_lo,
+                                             u64 k, unsigned t, bool vec, float acc[8]) {
+    const unsigned chunks = (unsigned)s.blocks * (QK / 8), lane = threadIdx.x % 32;
+    for (unsigned c = lane; c < chunks; c += 32) {
+        float wv[8];
+        D::decode8(tile + (c / (QK / 8)) * BYTES, (c % (QK / 8)) * 8u, wv);
+        round_weights<F16>(wv);
+        gemv_chunk<NT, F16>(wv, x_hi, x_lo, s.block * QK + (u64)c * 8, k, t, vec, acc);
+    }
+}
+
+// f32 of byte u (0..4) of a word of 4-bit codes, exactly (u2f_small with
+// one byte permutation: the code under 2^23's exponent byte).
+__device__ __forceinline__ float code_f32(uint32_t w, unsigned u) {
+    return __fsub_rn(__uint_as_float(__byte_perm(w, 0x4b000000u, 0x7440u + u)), 8388608.0f);
+}
+
+// Sub-block scales and mins of a Q4_K/Q5_K block for sub-blocks 2g and 2g+1
+// from its header (h.x: d, dmin; h.y..h.w: the 12 scale bytes), as
+// k_scales computes them: dl = d * sc, ml = dmin * m.
+__device__ __forceinline__ void k_pair_scales(uint4 h, unsigned g, float dl[2], float ml[2]) {
+    const unsigned sh = 16u * (g & 1u);
+    const uint32_t a = h.y >> sh, b = h.z >> sh, c = h.w >> sh;
+    const bool low = g < 2;
+    const unsigned sc0 = low ? a & 63u : (c & 15u) | ((a >> 2) & 0x30u);
+    const unsigned sc1 = low ? (a >> 8) & 63u : ((c >> 8) & 15u) | ((a >> 10) & 0x30u);
+    const unsigned m0 = low ? b & 63u : ((c >> 4) & 15u) | ((b >> 2) & 0x30u);
+    const unsigned m1 = low ? (b >> 8) & 63u : ((c >> 12) & 15u) | ((b >> 10) & 0x30u);
+    const float d = f16_bits_to_f32((uint16_t)(h.x & 0xffffu));
+    const float dmin = f16_bits_to_f32((uint16_t)(h.x >> 16));
+    dl[0] = __fmul_rn(d, u2f_small(sc0));
+    dl[1] = __fmul_rn(d, u2f_small(sc1));
+    ml[0] = __fmul_rn(dmin, u2f_small(m0));
+    ml[1] = __fmul_rn(dmin, u2f_small(m1));
+}
+
+// span_product for Q4_K blocks at 16-byte aligned tile offsets: each lane
+// takes 8 bytes of a block's codes at a time (16 items a block), that is 8
+// elements of sub-block 2g (low nibbles) and the 8 of sub-block 2g+1 32
+// elements on (high nibbles), g and the bytes fixed per lane (lane % 16),
+// the header read as one 16-byte load and decoded once for both. Weights
+// bit-identical to q4_k_decode8's.
+template <unsigned NT, bool F16>
+__device__ __forceinline__ void span_product_q4_k(const uint8_t* tile, GemvSpan s,
+                                                  const uint16_t* x_hi, const uint16_t* x_lo,
+                                                  u64 k, unsigned t, bool vec, float acc[8]) {
+    const unsigned lane = threadIdx.x % 32, p = lane % 16, g = p / 4;
+    const unsigned items = (unsigned)s.blocks * 16u;
+    for (unsigned it = lane; it < items; it += 32) {
+        const uint8_t* b = tile + (it / 16) * 144u;
+        const uint4 h = *reinterpret_cast<const uint4*>(b);
+        const uint2 q = *reinterpret_cast<const uint2*>(b + 16 + 8 * p);
+        float dl[2], ml[2];
+        k_pair_scales(h, g, dl, ml);
+        float lo[8], hi[8];
+#pragma unroll
+        for (unsigned u = 0; u < 8; ++u) {
+            const uint32_t w = u < 4 ? q.x : q.y;
+            lo[u] = fma_exact(dl[0], code_f32(w & 0x0f0f0f0fu, u % 4), -ml[0]);
+            hi[u] = fma_exact(dl[1], code_f32((w >> 4) & 0x0f0f0f0fu, u % 4), -ml[1]);
+        }
+        round_weights<F16>(lo);
+        round_weights<F16>(hi);
+        const u64 off = (s.block + it / 16) * 256 + 64 * g + 8 * (p % 4);
+        gemv_chunk<NT, F16>(lo, x_hi, x_lo, off, k, t, vec, acc);
+        gemv_chunk<NT, F16>(hi, x_hi, x_lo, off + 32, k, t, vec, acc);
+    }
+}
+
+// span_product, through span_product_q4_k where D decodes Q4_K and the
+// span's blocks are 16-byte aligned in the tile.
+template <typename D, unsigned QK, unsigned BYTES, unsigned NT, bool F16>
+__device__ __forceinline__ void span_product_any(const uint8_t* tile, unsigned skew, GemvSpan s,
+                                                 const uint16_t* x_hi, const uint16_t* x_lo,
+                                                 u64 k, unsigned t, bool vec, float acc[8]) {
+    if (D::q4_k && skew == 0) {
+        span_product_q4_k<NT, F16>(tile, s, x_hi, x_lo, k, t, vec, acc);
+    } else {
+        span_product<D, QK, BYTES, NT, F16>(tile + skew, s, x_hi, x_lo, k, t, vec, acc);
+    }
+}
+
+// The staged way through the rows (see above).
 template <typename D, unsigned QK, unsigned BYTES, unsigned NT>
 __device__ __forceinline__ void gemv_rows(const uint8_t* __restrict__ w,
                                           const uint16_t* __restrict__ x_hi,
                                           const uint16_t* __restrict__ x_lo, void* y, u64 rows,
                                           u64 k, u64 t, u64 ldy, u64 flags) {
+    __shared__ uint4 tiles[GEMV_WARPS][GEMV_GRANULES];
     const bool f16 = (flags & GEMV_F16) != 0;
     const bool vec = aligned16(x_hi) && (x_lo == nullptr || aligned16(x_lo));
-    const u64 warps = blockDim.x / 32, row_bytes = k / QK * BYTES, chunks = k / 8;
+    const u64 per_row = k / QK, row_bytes = per_row * BYTES;
+    const u64 per_span = (GEMV_GRANULES * 16 - 15) / BYTES, row_step = (u64)gridDim.x * GEMV_WARPS;
     const unsigned lane = threadIdx.x % 32, nt = (unsigned)t;
-    for (u64 r = (u64)blockIdx.x * warps + threadIdx.x / 32; r < rows;
-         r += (u64)gridDim.x * warps) {
+    uint4* tile = tiles[threadIdx.x / 32];
+    GemvSpan s = {(u64)blockIdx.x * GEMV_WARPS + threadIdx.x / 32, 0, min(per_span, per_row)};
+    if (s.row >= rows) {
+        return;
+    }
+    uint4 v[4];
+    u64 lo = (u64)w + s.row * row_bytes;
+    span_load(lo, lo + s.blocks * BYTES, lane, v);
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    for (;;) {
+        __syncwarp();
+#pragma unroll
+        for (unsigned u = 0; u < 4; ++u) {
+            tile[lane + 32u * u] = v[u];
+        }
+        __syncwarp();
+        const unsigned skew = (unsigned)(lo & 15u);
+        const GemvSpan n = next_span(s, per_row, per_span, row_step);
+        if (n.row < rows) {
+            lo = (u64)w + n.row * row_bytes + n.block * BYTES;
+            span_load(lo, lo + n.blocks * BYTES, lane, v);
+        }
+        const uint8_t* at = reinterpret_cast<const uint8_t*>(tile);
+        if (f16) {
+            span_product_any<D, QK, BYTES, NT, true>(at, skew, s, x_hi, x_lo, k, nt, vec, acc);
+        } else {
+            span_product_any<D, QK, BYTES, NT, false>(at, skew, s, x_hi, x_lo, k, nt, vec, acc);
+        }
+        if (n.row != s.row) {
+            gemv_store<NT>(acc, y, s.row, ldy, nt, (unsigned)flags);
+#pragma unroll
+            for (int b = 0; b < 8; ++b) {
+                acc[b] = 0.0f;
+            }
+        }
+        if (n.row >= rows) {
+            return;
+        }
+        s = n;
+    }
+}
+
+// The direct way through the rows (see above).
+template <typename D, unsigned QK, unsigned BYTES, unsigned NT, bool F16>
+__device__ __forceinline__ void gemv_rows_direct(const uint8_t* __restrict__ w,
+                                                 const uint16_t* __restrict__ x_hi,
+                                                 const uint16_t* __restrict__ x_lo, void* y,
+                                                 u64 rows, u64 k, u64 t, u64 ldy, u64 flags) {
+    const bool vec = aligned16(x_hi) && (x_lo == nullptr || aligned16(x_lo));
+    const u64 row_bytes = k / QK * BYTES, chunks = k / 8;
+    const unsigned lane = threadIdx.x % 32, nt = (unsigned)t;
+    for (u64 r = (u64)blockIdx.x * GEMV_WARPS + threadIdx.x / 32; r < rows;
+         r += (u64)gridDim.x * GEMV_WARPS) {
         const uint8_t* wr = w + r * row_bytes;
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         for (u64 c = lane; c < chunks; c += 32) {
             float wv[8];
             D::decode8(wr + (c / (QK / 8)) * BYTES, (unsigned)(c % (QK / 8)) * 8u, wv);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                wv[i] = f16 ? f16_bits_to_f32(f32_to_f16_sat_bits(wv[i]))
-                            : round_bf16(wv[i]);
-            }
-            gemv_chunk<NT>(wv, x_hi, x_lo, c * 8, k, nt, vec, f16, acc);
+            round_weights<F16>(wv);
+            gemv_chunk<NT, F16>(wv, x_hi, x_lo, c * 8, k, nt, vec, acc);
         }
         gemv_store<NT>(acc, y, r, ldy, nt, (unsigned)flags);
     }
 }
 
-// Calls F (the variadic part: a template of the token count NT_, whose
-// template arguments may hold commas) with ARGS for the least of 1,
-// 2, 4 and 8 that covers t: the loops over tokens are unrolled to NT_, so
-// that one token does not issue the instructions of eight (predicated off,
-// they still take issue slots: decoding one token ran at half the rate).
-#define GEMV_BY_TOKENS(ARGS, ...)      \
-    if (t <= 1) {                       \
-        constexpr unsigned NT_ = 1;     \
-        __VA_ARGS__ ARGS;               \
-    } else if (t <= 2) {                \
-        constexpr unsigned NT_ = 2;     \
-        __VA_ARGS__ ARGS;               \
-    } else if (t <= 4) {                \
-        constexpr unsigned NT_ = 4;     \
-        __VA_ARGS__ ARGS;               \
-    } else {                            \
-        constexpr unsigned NT_ = 8;     \
-        __VA_ARGS__ ARGS;               \
+// gemv_rows for Q4_K, else gemv_rows_direct for the model dtype.
+template <typename D, unsigned QK, unsigned BYTES, unsigned NT>
+__device__ __forceinline__ void gemv_any(const uint8_t* __restrict__ w,
+                                         const uint16_t* __restrict__ x_hi,
+                                         const uint16_t* __restrict__ x_lo, void* y, u64 rows,
+                                         u64 k, u64 t, u64 ldy, u64 flags) {
+    if constexpr (D::q4_k) {
+        gemv_rows<D, QK, BYTES, NT>(w, x_hi, x_lo, y, rows, k, t, ldy, flags);
+    } else if (flags & GEMV_F16) {
+        gemv_rows_direct<D, QK, BYTES, NT, true>(w, x_hi, x_lo, y, rows, k, t, ldy, flags);
+    } else {
+        gemv_rows_direct<D, QK, BYTES, NT, false>(w, x_hi, x_lo, y, rows, k, t, ldy, flags);
+    }
+}
+
+#define GEMV_ENTRY(NAME, QK, BYTES, NT)                                                \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                       \
+        gemv_##NAME##_t##NT(const uint8_t* __restrict__ w,                             \
+                            const uint16_t* __restrict__ x_hi,                         \
+                            const uint16_t* __restrict__ x_lo, void* y, u64 rows, u64 k, \
+                            u64 t, u64 ldy, u64 flags) {                               \
+        gemv_any<NAME##_decoder, QK, BYTES, NT>(w, x_hi, x_lo, y, rows, k, t, ldy, flags); \
     }
 
-// `gemv_NAME(w, x_hi, x_lo, y, rows, k, t, ldy, flags)`.
+// `gemv_NAME_tN(w, x_hi, x_lo, y, rows, k, t, ldy, flags)` for N = 1, 2,
+// 4, 8, each for t <= N.
 #define GEMV_KERNEL(NAME, QK, BYTES)                                                   \
     struct NAME##_decoder {                                                            \
+        static constexpr bool q4_k = (QK) == 256 && (BYTES) == 144;                    \
         static __device__ __forceinline__ void decode8(const uint8_t* b, unsigned e0,   \
                                                        float out[8]) {                 \
             NAME##_decode8(b, e0, out);                                                \
         }                                                                              \
     };                                                                                 \
-    extern "C" __global__ void gemv_##NAME(const uint8_t* __restrict__ w,              \
-                                           const uint16_t* __restrict__ x_hi,          \
-                                           const uint16_t* __restrict__ x_lo, void* y, \
-                                           u64 rows, u64 k, u64 t, u64 ldy, u64 flags) { \
-        GEMV_BY_TOKENS((w, x_hi, x_lo, y, rows, k, t, ldy, flags),                     \
-                       gemv_rows<NAME##_decoder, QK, BYTES, NT_>);                     \
-    }
+    GEMV_ENTRY(NAME, QK, BYTES, 1)                                                     \
+    GEMV_ENTRY(NAME, QK, BYTES, 2)                                                     \
+    GEMV_ENTRY(NAME, QK, BYTES, 4)                                                     \
+    GEMV_ENTRY(NAME, QK, BYTES, 8)
 
 GEMV_KERNEL(q8_0, 32, 34)
 GEMV_KERNEL(q4_0, 32, 18)

@@ -1,4 +1,4 @@
-//! The fused dequantize-and-multiply of a few tokens (`gemv_<type>` in
+//! The fused dequantize-and-multiply of a few tokens (`gemv_<type>_t<n>` in
 //! `kernels/dequant.cu`) against an f64 product of the host's dequantized
 //! weights rounded to bf16 or f16, for every block type, random shapes and
 //! token counts, inputs with and without their low half, f32 outputs
@@ -124,12 +124,28 @@ impl Case {
     }
 }
 
+/// More rows than one launch has warps (the device's rows then stride
+/// over them, several to a warp).
+const TALL: std::ops::Range<usize> = 17_000..18_000;
+
 /// A random case of `ty` with `out` and `lo`, and what the device reads:
-/// the blocks and x's halves as little-endian bytes.
-fn random_case(ty: QuantType, out: Out, lo: bool, rng: &mut StdRng) -> (Case, [Vec<u8>; 3]) {
+/// the blocks and x's halves as little-endian bytes. Rows of up to 40 K
+/// blocks or 320 32-element blocks span several of a warp's 2 KiB tiles;
+/// a `tall` case has a few blocks a row and [`TALL`] rows.
+fn random_case(
+    ty: QuantType,
+    out: Out,
+    lo: bool,
+    tall: bool,
+    rng: &mut StdRng,
+) -> (Case, [Vec<u8>; 3]) {
     let dtype = [DType::BF16, DType::F16][rng.gen_range(0..2)];
     let be = ty.block_elems() as usize;
-    let (rows, k) = (rng.gen_range(1..300), be * rng.gen_range(1..=12));
+    let (rows, k) = if tall {
+        (rng.gen_range(TALL), be * rng.gen_range(1..=2))
+    } else {
+        (rng.gen_range(1..300), be * rng.gen_range(1..=10240 / be))
+    };
     let t = rng.gen_range(1..=GEMV_MAX_TOKENS as usize);
     let ldy = rows + rng.gen_range(0..3);
     let blocks = moderate_blocks(ty, rows * k / be, rng);
@@ -169,8 +185,10 @@ fn random_case(ty: QuantType, out: Out, lo: bool, rng: &mut StdRng) -> (Case, [V
     (case, [blocks, hi, lo_bytes])
 }
 
-/// The device's product of `c`, inputs at random offsets (weights at any
-/// byte, x 16-byte aligned or not): the output buffer's bytes.
+/// The device's product of `c`, inputs at random offsets (x 16-byte
+/// aligned or not; the weights 16-byte aligned when `c.lo`, else at any
+/// other byte, so that the aligned path of a type and its general path
+/// are both taken): the output buffer's bytes.
 fn device_product(
     ctx: &Context,
     k: &DequantKernels,
@@ -179,7 +197,8 @@ fn device_product(
     rng: &mut StdRng,
 ) -> Vec<u8> {
     let s = Stream::new(ctx).unwrap();
-    let (w_off, x_off) = (rng.gen_range(0..16), 2 * rng.gen_range(0..2));
+    let w_off = if c.lo { 0 } else { rng.gen_range(1..16) };
+    let x_off = 2 * rng.gen_range(0..2);
     let wb = upload(ctx, &inputs[0], w_off);
     let xh = upload(ctx, &inputs[1], x_off);
     let xl = upload(ctx, &inputs[2], x_off);
@@ -235,8 +254,8 @@ fn check_output(c: &Case, got: &[u8], b: usize, r: usize) {
         }
         _ => (f32::from_le_bytes([at[0], at[1], at[2], at[3]]) as f64, 0.0),
     };
-    // f32 accumulation of up to 12 * 256 products (x = hi + lo summed in
-    // f32), then the output's rounding.
+    // f32 accumulation of up to 10240 products, about 320 in a row on each
+    // of 32 lanes (x = hi + lo summed in f32), then the output's rounding.
     let tol = 1e-5 * size + half_ulp + 1e-30;
     assert!(
         (got - want).abs() <= tol,
@@ -253,9 +272,10 @@ fn check_case(
     ty: QuantType,
     out: Out,
     lo: bool,
+    tall: bool,
     rng: &mut StdRng,
 ) {
-    let (c, inputs) = random_case(ty, out, lo, rng);
+    let (c, inputs) = random_case(ty, out, lo, tall, rng);
     let got = device_product(ctx, k, &c, &inputs, rng);
     let (ye, y_len) = (c.ye(), (c.t - 1) * c.ldy + c.rows);
     let untouched = |i: usize| c.y_init.get(i).copied().unwrap_or(0xEE);
@@ -285,7 +305,8 @@ fn gemv_matches_the_host_product_of_the_rounded_weights() {
     for ty in block_types {
         for out in [Out::Write, Out::Accumulate, Out::Half] {
             for lo in [false, true] {
-                check_case(&ctx, &kernels, ty, out, lo, &mut rng);
+                let tall = out == Out::Write && !lo;
+                check_case(&ctx, &kernels, ty, out, lo, tall, &mut rng);
             }
         }
     }

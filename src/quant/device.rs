@@ -18,7 +18,7 @@ use crate::DType;
 
 #[path = "gemv.rs"]
 mod gemv;
-pub use gemv::{gemv_kernel_name, Gemv, GEMV_MAX_TOKENS};
+pub use gemv::{gemv_kernel_name, Gemv, GEMV_MAX_TOKENS, GEMV_TOKEN_COUNTS};
 
 /// PTX of `kernels/dequant.cu`.
 pub const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dequant.ptx"));
@@ -115,8 +115,15 @@ pub struct DequantKernels {
     fp8: [Function; 2],
     /// [`gather_kernel_name`], indexed like [`QuantType::ALL`].
     gather: Vec<Option<Function>>,
-    /// [`gemv_kernel_name`], indexed like [`QuantType::ALL`].
-    gemv: Vec<Option<Function>>,
+    /// [`gemv_kernel_name`] per [`GEMV_TOKEN_COUNTS`], indexed like
+    /// [`QuantType::ALL`].
+    gemv: Vec<Option<[Function; 4]>>,
+}
+
+/// The entry points of the gemv kernel `name`, one per [`GEMV_TOKEN_COUNTS`].
+fn gemv_entries(module: &Module, name: &str) -> Result<[Function; 4]> {
+    let [a, b, c, d] = GEMV_TOKEN_COUNTS.map(|t| module.function(&format!("{name}_t{t}")));
+    Ok([a?, b?, c?, d?])
 }
 
 impl DequantKernels {
@@ -140,7 +147,15 @@ impl DequantKernels {
                 .map(|t| name(t).map(|n| module.function(n)).transpose())
                 .collect::<Result<Vec<_>>>()
         };
-        let (gather, gemv) = (optional(gather_kernel_name)?, optional(gemv_kernel_name)?);
+        let gather = optional(gather_kernel_name)?;
+        let gemv = QuantType::ALL
+            .into_iter()
+            .map(|t| {
+                gemv_kernel_name(t)
+                    .map(|n| gemv_entries(&module, n))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(DequantKernels {
             _module: module,
             functions,
@@ -391,7 +406,8 @@ mod tests {
         }
         let e = kernel_name_for(QuantType::Q4_K, DType::F32).unwrap_err();
         assert!(e.to_string().contains("bf16 or f16, not"), "{e}");
-        for name in QuantType::ALL.into_iter().filter_map(gemv_kernel_name) {
+        let gemv = QuantType::ALL.into_iter().filter_map(gemv_kernel_name);
+        for name in gemv.flat_map(|n| GEMV_TOKEN_COUNTS.map(|t| format!("{n}_t{t}"))) {
             let entry = format!(".entry {name}(");
             assert!(PTX.contains(&entry), "dequant.ptx lacks {entry}");
         }

@@ -1,10 +1,10 @@
 //! The fused dequantize-and-multiply of a few tokens (decoding) on the
-//! device: `gemv_<type>` in `kernels/dequant.cu`, launched by
+//! device: `gemv_<type>_t<n>` in `kernels/dequant.cu`, launched by
 //! [`DequantKernels::gemv`].
 
 use std::ffi::c_void;
 
-use super::{output_index, DequantKernels, BLOCK, MAX_GRID};
+use super::{output_index, DequantKernels, MAX_GRID};
 use crate::cuda::Stream;
 use crate::error::{Error, Result};
 use crate::quant::QuantType;
@@ -13,8 +13,18 @@ use crate::DType;
 /// Most tokens one [`DequantKernels::gemv`] multiplies.
 pub const GEMV_MAX_TOKENS: u64 = 8;
 
-/// The kernel entry point that multiplies a matrix of `ty` blocks with a
-/// few tokens ([`DequantKernels::gemv`]); `None` for plain floats.
+/// The token counts of the gemv entry points: `{name}_t{n}` (`name` from
+/// [`gemv_kernel_name`]) multiplies up to `n` tokens, its loops over them
+/// unrolled; a launch takes the least that covers its tokens.
+pub const GEMV_TOKEN_COUNTS: [u64; 4] = [1, 2, 4, 8];
+
+/// Threads per block of the gemv kernels: `GEMV_WARPS` warps in
+/// `kernels/dequant.cu`, whose shared tiles are sized for it.
+const GEMV_BLOCK: u32 = 256;
+
+/// The stem of the kernel entry points that multiply a matrix of `ty`
+/// blocks with a few tokens ([`DequantKernels::gemv`], one entry point per
+/// [`GEMV_TOKEN_COUNTS`]); `None` for plain floats.
 pub const fn gemv_kernel_name(ty: QuantType) -> Option<&'static str> {
     Some(match ty {
         QuantType::Q8_0 => "gemv_q8_0",
@@ -139,8 +149,15 @@ impl DequantKernels {
     pub unsafe fn gemv(&self, g: &Gemv, stream: &Stream) -> Result<()> {
         let flags = g.flags()?;
         let at = QuantType::ALL.iter().position(|&t| t == g.ty).unwrap_or(0);
-        let Some(f) = self.gemv.get(at).and_then(Option::as_ref) else {
-            return Err(Error::Input(format!("gemv of {}: no kernel", g.ty)));
+        let n = GEMV_TOKEN_COUNTS.iter().position(|&n| g.t <= n);
+        let Some(f) = (self.gemv.get(at).and_then(Option::as_ref))
+            .zip(n)
+            .map(|(f, n)| &f[n])
+        else {
+            return Err(Error::Input(format!(
+                "gemv of {} x {}: no kernel",
+                g.ty, g.t
+            )));
         };
         if g.rows == 0 {
             return Ok(());
@@ -148,14 +165,14 @@ impl DequantKernels {
         let mut args = [g.w, g.x_hi, g.x_lo, g.y, g.rows, g.k, g.t, g.ldy, flags];
         let mut params: Vec<*mut c_void> =
             args.iter_mut().map(|a| (a as *mut u64).cast()).collect();
-        // One warp per row, BLOCK / 32 rows a block; the kernel's rows
+        // One warp per row, GEMV_BLOCK / 32 rows a block; the kernel's rows
         // stride over the grid's warps.
-        let grid = g.rows.div_ceil(BLOCK as u64 / 32).clamp(1, MAX_GRID) as u32;
+        let grid = g.rows.div_ceil(GEMV_BLOCK as u64 / 32).clamp(1, MAX_GRID) as u32;
         // SAFETY: every gemv kernel takes (const uint8_t*, const uint16_t*,
         // const uint16_t*, void*, u64 x 5), passed as nine 64-bit values that
         // `params` points to for the call; the device ranges are the
         // caller's contract above.
-        unsafe { f.launch((grid, 1, 1), (BLOCK, 1, 1), 0, stream, &mut params) }
+        unsafe { f.launch((grid, 1, 1), (GEMV_BLOCK, 1, 1), 0, stream, &mut params) }
     }
 }
 
@@ -191,6 +208,18 @@ mod tests {
         let mut g = g;
         change(&mut g);
         g.flags()
+    }
+
+    #[test]
+    fn every_token_count_has_one_least_entry_point() {
+        assert_eq!(GEMV_TOKEN_COUNTS.last(), Some(&GEMV_MAX_TOKENS));
+        assert!(GEMV_TOKEN_COUNTS.windows(2).all(|w| w[0] < w[1]));
+        // The shared tiles of the kernels are sized for GEMV_BLOCK threads.
+        let ptx = super::super::PTX;
+        let entries = ptx.matches(".entry gemv_").count();
+        let bounded = format!(".maxntid {GEMV_BLOCK}, 1, 1");
+        assert_eq!(entries, 8 * GEMV_TOKEN_COUNTS.len());
+        assert_eq!(ptx.matches(&bounded).count(), entries, "{bounded}");
     }
 
     #[test]
