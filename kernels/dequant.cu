@@ -751,8 +751,9 @@ __device__ __forceinline__ GemvSpan next_span(GemvSpan s, u64 per_row, u64 per_s
     return n;
 }
 
-// acc[b] += the product of the span's blocks (decoded from the tile, whose
-// first block starts `skew` bytes in) with token b, for b < t.
+// acc[b] += the product of the span's blocks (decoded one chunk a lane at a
+// time from `tile`, where the span's first block starts) with token b, for
+// b < t.
 template <typename D, unsigned QK, unsigned BYTES, unsigned NT, bool F16>
 __device__ __forceinline__ void span_product(const uint8_t* tile, GemvSpan s,
                                              const uint16_t* x_hi, const uint16_t* x_lo,
