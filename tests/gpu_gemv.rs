@@ -129,9 +129,9 @@ impl Case {
 const TALL: std::ops::Range<usize> = 17_000..18_000;
 
 /// A random case of `ty` with `out` and `lo`, and what the device reads:
-/// the blocks and x's halves as little-endian bytes. Rows of up to 40 K
-/// blocks or 320 32-element blocks span several of a warp's 2 KiB tiles;
-/// a `tall` case has a few blocks a row and [`TALL`] rows.
+/// the blocks and x's halves as little-endian bytes. Rows of up to 10240
+/// elements (40 blocks of 256 or 320 of 32) span several of a warp's
+/// 2 KiB tiles; a `tall` case has a block or two a row and [`TALL`] rows.
 fn random_case(
     ty: QuantType,
     out: Out,
