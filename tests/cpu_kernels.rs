@@ -48,9 +48,11 @@ fn check_weights(
     let mut y = vec![f32::NAN; tokens * rows];
     pool.matmul(&w, &x, tokens, &mut y).expect("matmul");
     let bound_ulps = (k / 8 + 40) as f64 * f32::EPSILON as f64;
+    let bits = pool.isa().activation_bits(ty);
     for t in 0..tokens {
+        let xt = &as_read(&x[t * k..(t + 1) * k], bits)[..];
         for r in 0..rows {
-            let (wr, xt) = (&vals[r * k..(r + 1) * k], &x[t * k..(t + 1) * k]);
+            let wr = &vals[r * k..(r + 1) * k];
             let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
             let mag: f64 = wr
                 .iter()
@@ -65,6 +67,25 @@ fn check_weights(
             );
         }
     }
+}
+
+/// One token's activations `x` as a kernel that rounds them to `bits`-bit
+/// codes reads them ([`Isa::activation_bits`]): each 256 elements share the
+/// step `largest / (2^(bits-1) − 1)` and take the nearest code (ties to
+/// even); `x` itself where `bits` is `None`. Against these the kernel's sums
+/// are held to the f32 bound, so the rounding is exactly the documented one.
+fn as_read(x: &[f32], bits: Option<u32>) -> Vec<f32> {
+    let Some(bits) = bits else {
+        return x.to_vec();
+    };
+    let top = ((1u32 << (bits - 1)) - 1) as f32;
+    x.chunks(256)
+        .flat_map(|b| {
+            let big = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let (step, inv) = (big / top, top / big);
+            b.iter().map(move |v| (v * inv).round_ties_even() * step)
+        })
+        .collect()
 }
 
 fn pools() -> Vec<CpuPool> {
@@ -252,6 +273,41 @@ fn raw_blocks_with_extreme_scales_match_f64_for_every_token_count() {
                 let mut vals = vec![0f32; rows * k];
                 quant::dequantize_f32(ty, &bytes, &mut vals).expect("dequantize");
                 check_weights(&pool, &mut rng, ty, (&bytes, &vals), rows, k, tokens);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_activation_makes_its_tokens_sums_non_finite() {
+    // The 16-bit activation path rounds a block to codes with one step: a NaN
+    // or an infinity must not vanish into a code, on any path.
+    let mut rng = common::rng("a_non_finite_activation_makes_its_tokens_sums_non_finite");
+    for pool in pools() {
+        for ty in [
+            QuantType::Q4_K,
+            QuantType::Q6_K,
+            QuantType::Q8_0,
+            QuantType::BF16,
+        ] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let (rows, k, tokens) = (rng.gen_range(1..20), 512, 3);
+                let (bytes, _) = weights(&mut rng, ty, rows, k);
+                let mut x: Vec<f32> = (0..tokens * k).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                let t_bad = rng.gen_range(0..tokens);
+                x[t_bad * k + rng.gen_range(0..k)] = bad;
+                let w = HostMatrix::new(ty, &bytes, rows, k).expect("matrix");
+                let mut y = vec![0f32; tokens * rows];
+                pool.matmul(&w, &x, tokens, &mut y).expect("matmul");
+                for (i, v) in y.iter().enumerate() {
+                    let what = format!(
+                        "{ty} on {} with {bad}: y[{}, {}] = {v}",
+                        pool.isa(),
+                        i / rows,
+                        i % rows
+                    );
+                    assert_eq!(v.is_finite(), i / rows != t_bad, "{what}");
+                }
             }
         }
     }

@@ -2,13 +2,15 @@
 //! pool computes its rows of every matrix, the host math the streamed rows,
 //! and the logits equal those of the unsplit pass up to the order of f32
 //! sums, for Qwen2 (q/k/v biases) and Llama with GQA, batches of mixed
-//! lengths, and the real SmolLM2 GGUF (Q4_1 blocks on both sides).
+//! lengths, the real SmolLM2 GGUF (Q4_1 blocks on both sides) and Q4_K and
+//! Q6_K models (whose CPU rows may multiply 16-bit activations).
 
 mod common;
 
-use common::models::synth;
+use common::models::{small_gguf, synth};
 use layer_streamer::llm::reference::{check, Reference};
 use layer_streamer::llm::{LlamaModel, ModelOptions};
+use layer_streamer::quant::QuantType;
 use layer_streamer::synth::Arch;
 use layer_streamer::{CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
@@ -17,7 +19,9 @@ use rand::Rng;
 /// sums (both sides read the same stored weights): a relative L2 distance
 /// far below the 2e-2 the model is held to against transformers (measured:
 /// about 5e-7 on the tiny models; over SmolLM2's 30 layers mostly below
-/// 1.5e-5, with a rare prompt above 1e-4).
+/// 1.5e-5, with a rare prompt above 1e-4). Activations rounded to 16 bits
+/// for the CPU's K-quant rows (AVX-512 VNNI) move each by at most 2^-16 of
+/// its block's largest.
 const SAME_SUMS_REL_L2: f64 = 1e-3;
 
 fn streamer(index: &ModelIndex, share: f64, dtype: Option<DType>) -> LayerStreamer {
@@ -125,6 +129,16 @@ fn llama_gqa_in_f32_gives_the_same_logits_at_shares_0_0_3_and_1() {
     );
     let index = ModelIndex::open(dir.path()).unwrap();
     same_logits_at_every_share(&index, None, 1024, "llama_split");
+}
+
+#[test]
+fn k_quant_models_give_the_same_logits_at_shares_0_0_3_and_1() {
+    let mut rng = common::rng("k_quant_split_seed");
+    let dir = common::tempdir();
+    for ty in [QuantType::Q4_K, QuantType::Q6_K] {
+        let index = small_gguf(dir.path(), ty, (2, 512, 1024), &mut rng);
+        same_logits_at_every_share(&index, None, 1024, &format!("k_quant_split_{ty}"));
+    }
 }
 
 #[test]

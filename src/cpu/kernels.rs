@@ -14,7 +14,7 @@ const TOKEN_BLOCK_FUSED: usize = 8;
 /// Tokens that share a read of rows of `ty` on `isa`.
 fn token_block(isa: Isa, ty: QuantType) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && super::x86_q256::has_kernel(ty) {
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Vnni) && super::x86_q256::has_kernel(ty) {
         return TOKEN_BLOCK_FUSED;
     }
     let _ = (isa, ty);
@@ -34,23 +34,99 @@ const K_BLOCK: usize = 512;
 /// Rows that go through their stretches together.
 const ROW_BLOCK: usize = 16;
 
+/// The activations of a product as its kernels read them: `tokens` rows of
+/// `k` elements, taken a stretch at a time.
+pub(super) trait Activations: Sync {
+    /// One token's stretch, as a kernel takes it.
+    type Stretch<'s>: Copy
+    where
+        Self: 's;
+
+    /// Token `t`'s elements `k0..k0 + n` (`k0` and `n` whole blocks of the
+    /// weights).
+    fn stretch(&self, t: usize, k0: usize, n: usize) -> Self::Stretch<'_>;
+
+    /// One stored row of `ty` against `N` tokens' stretches of its length.
+    fn dot<const N: usize>(
+        &self,
+        isa: Isa,
+        ty: QuantType,
+        row: &[u8],
+        xs: &[Self::Stretch<'_>; N],
+    ) -> [f32; N];
+}
+
+/// Activations in f32, `k` a row.
+pub(super) struct F32Rows<'a> {
+    /// `tokens × k` floats.
+    pub(super) x: &'a [f32],
+    /// Elements per token.
+    pub(super) k: usize,
+}
+
+impl Activations for F32Rows<'_> {
+    type Stretch<'s>
+        = &'s [f32]
+    where
+        Self: 's;
+
+    fn stretch(&self, t: usize, k0: usize, n: usize) -> &[f32] {
+        &self.x[t * self.k + k0..t * self.k + k0 + n]
+    }
+
+    fn dot<const N: usize>(
+        &self,
+        isa: Isa,
+        ty: QuantType,
+        row: &[u8],
+        xs: &[&[f32]; N],
+    ) -> [f32; N] {
+        dot(isa, ty, row, xs)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Activations for super::x86_vnni::Q16 {
+    type Stretch<'s> = super::x86_vnni::Q16Row<'s>;
+
+    fn stretch(&self, t: usize, k0: usize, n: usize) -> Self::Stretch<'_> {
+        self.row(t, k0, n)
+    }
+
+    fn dot<const N: usize>(
+        &self,
+        isa: Isa,
+        ty: QuantType,
+        row: &[u8],
+        xs: &[Self::Stretch<'_>; N],
+    ) -> [f32; N] {
+        assert!(isa == Isa::Avx512Vnni && super::x86_vnni::has_kernel(ty));
+        debug_assert!(isa.is_available());
+        // SAFETY: the pool checked when it was built that its instruction
+        // set, AVX-512 VNNI, is available (with AVX-512F/BW, AVX2, FMA and
+        // F16C); `row` is whole blocks of `ty`, a stretch of a checked row
+        // cut at block boundaries, and every `xs[t]` covers its elements.
+        unsafe { super::x86_vnni::dot(ty, row, xs) }
+    }
+}
+
 /// Writes `y[t * w.rows() + r]` for `r` in `rows` and every token `t` of `x`
-/// (`tokens` rows of `w.cols()` floats) through `put(t, r, value, add)`:
+/// (`tokens` rows of `w.cols()` elements) through `put(t, r, value, add)`:
 /// with `add`, the value is a further partial sum to add to the element,
 /// else the element's first.
 ///
 /// `isa` must be available on this CPU ([`Isa::is_available`]); the pool
 /// checks that once when it is built.
-pub(super) fn rows_into(
+pub(super) fn rows_into<A: Activations>(
     isa: Isa,
     w: &HostMatrix<'_>,
-    x: &[f32],
+    x: &A,
     tokens: usize,
     rows: std::ops::Range<usize>,
     mut put: impl FnMut(usize, usize, f32, bool),
 ) {
     let k = w.cols();
-    debug_assert!(isa.is_available() && x.len() == tokens * k);
+    debug_assert!(isa.is_available());
     // One token reads each weight once whatever the order: whole rows.
     let kb = if tokens > 1 { K_BLOCK } else { k.max(1) };
     let (be, bb) = (w.ty().block_elems() as usize, w.ty().block_bytes() as usize);
@@ -69,8 +145,8 @@ pub(super) fn rows_into(
                 let mut t0 = 0;
                 while t0 < tokens {
                     let g = (tokens - t0).min(tb);
-                    let xs = |j: usize| &x[(t0 + j) * k + k0..(t0 + j) * k + k0 + n];
-                    group(isa, w.ty(), row, g, xs, |j, v| put(t0 + j, r, v, k0 > 0));
+                    let xs = |j: usize| x.stretch(t0 + j, k0, n);
+                    group(isa, w.ty(), row, g, x, xs, |j, v| put(t0 + j, r, v, k0 > 0));
                     t0 += g;
                 }
             }
@@ -83,20 +159,21 @@ pub(super) fn rows_into(
     }
 }
 
-/// One stored row against `g` (1..=8) tokens' stretches `xs(0..g)`: each
-/// sum goes to `emit(j, value)`.
-fn group<'x>(
+/// One stored row against `g` (1..=8) tokens' stretches `xs(0..g)` of `x`:
+/// each sum goes to `emit(j, value)`.
+fn group<'x, A: Activations>(
     isa: Isa,
     ty: QuantType,
     row: &[u8],
     g: usize,
-    xs: impl Fn(usize) -> &'x [f32],
+    x: &'x A,
+    xs: impl Fn(usize) -> A::Stretch<'x>,
     mut emit: impl FnMut(usize, f32),
 ) {
     macro_rules! run {
         ($n:literal) => {{
-            let xs: [&[f32]; $n] = std::array::from_fn(&xs);
-            for (j, v) in dot(isa, ty, row, &xs).into_iter().enumerate() {
+            let xs: [A::Stretch<'x>; $n] = std::array::from_fn(&xs);
+            for (j, v) in x.dot(isa, ty, row, &xs).into_iter().enumerate() {
                 emit(j, v);
             }
         }};
@@ -127,7 +204,7 @@ fn dot<const N: usize>(isa: Isa, ty: QuantType, row: &[u8], xs: &[&[f32]; N]) ->
         // checked row, cut at block boundaries by `rows_into`).
         return unsafe {
             match isa {
-                Isa::Avx512 => super::x86_q512::dot(ty, row, xs),
+                Isa::Avx512 | Isa::Avx512Vnni => super::x86_q512::dot(ty, row, xs),
                 _ => super::x86_q256::dot(ty, row, xs),
             }
         };
@@ -172,7 +249,7 @@ fn plain<const N: usize>(isa: Isa, ty: QuantType, w: &[u8], xs: &[&[f32]; N]) ->
             }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => {
+        Isa::Avx512 | Isa::Avx512Vnni => {
             use super::x86::{plain_avx512, tag, BF16, F16, F32};
             // SAFETY: as for AVX2.
             unsafe {
@@ -184,6 +261,6 @@ fn plain<const N: usize>(isa: Isa, ty: QuantType, w: &[u8], xs: &[&[f32]; N]) ->
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Avx2 | Isa::Avx512 => super::scalar::plain(ty, w, xs),
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => super::scalar::plain(ty, w, xs),
     }
 }

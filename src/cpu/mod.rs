@@ -10,11 +10,16 @@
 //! and the portable path decode a tile (256 elements) at a time into an
 //! L1-resident buffer with the crate's host dequantizer. A row is never
 //! materialized in f32.
-//! Activations stay f32 on every path (no rounding of `x` to bf16 or int8):
-//! the split must change only where sums happen, not what is summed. All
-//! accumulation is in f32, in eight or more independent lanes per row.
+//! Activations stay f32 (no rounding of `x` to bf16 or int8) except on one
+//! path: with AVX-512 VNNI, Q4_K and Q6_K rows multiply 16-bit integer codes
+//! of the activations (one f32 step per 256 elements, at most half a step
+//! off, about the f16 rounding the device's quantized products make), their
+//! products summed exactly in 32-bit lanes a block at a time. The split must
+//! change only where sums happen, not what is summed, to within the
+//! device's own roundings. Other accumulation is in f32, in eight or more
+//! independent lanes per row.
 //!
-//! The instruction set is chosen at run time ([`Isa::best`]): AVX-512F,
+//! The instruction set is chosen at run time ([`Isa::best`]): AVX-512 VNNI, AVX-512F,
 //! AVX2 with FMA and F16C, or portable scalar code (the only path on other
 //! architectures). [`CpuPool::with_isa`] forces one, which is how the tests
 //! check every path against an f64 reference.
@@ -46,6 +51,8 @@ mod x86;
 mod x86_q256;
 #[cfg(target_arch = "x86_64")]
 mod x86_q512;
+#[cfg(target_arch = "x86_64")]
+mod x86_vnni;
 
 pub use pool::{CpuPool, CpuPoolOptions};
 
@@ -61,11 +68,15 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512F: 16 lanes.
     Avx512,
+    /// x86-64 AVX-512F with AVX-512BW and AVX-512 VNNI: the AVX-512 kernels,
+    /// and for Q4_K and Q6_K rows integer products of the blocks' codes with
+    /// activations rounded to 16 bits ([`Isa::activation_bits`]).
+    Avx512Vnni,
 }
 
 impl Isa {
     /// Every instruction set, portable first.
-    pub const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::Avx512Vnni];
 
     /// Whether this CPU runs it (checked at run time).
     pub fn is_available(self) -> bool {
@@ -79,26 +90,48 @@ impl Isa {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => {
+                Isa::Avx512.is_available()
+                    && Isa::Avx2.is_available()
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
+            Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => false,
         }
     }
 
     /// The widest instruction set this CPU runs.
     pub fn best() -> Isa {
-        [Isa::Avx512, Isa::Avx2]
+        [Isa::Avx512Vnni, Isa::Avx512, Isa::Avx2]
             .into_iter()
             .find(|i| i.is_available())
             .unwrap_or(Isa::Scalar)
     }
 
-    /// Its name: `scalar`, `avx2`, `avx512`.
+    /// Its name: `scalar`, `avx2`, `avx512`, `avx512-vnni`.
     pub const fn name(self) -> &'static str {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Avx512Vnni => "avx512-vnni",
         }
+    }
+
+    /// The bits this instruction set's kernel for rows of `ty` rounds each
+    /// activation to, `None` where it multiplies them in f32. `Some(16)`:
+    /// every 256 elements of a token share one step, their largest magnitude
+    /// over 32767, and each moves by at most half a step (AVX-512 VNNI on
+    /// Q4_K and Q6_K rows).
+    pub fn activation_bits(self, ty: QuantType) -> Option<u32> {
+        #[cfg(target_arch = "x86_64")]
+        if self == Isa::Avx512Vnni && x86_vnni::has_kernel(ty) {
+            return Some(16);
+        }
+        let _ = ty;
+        None
     }
 }
 

@@ -163,6 +163,28 @@ impl CpuPool {
         if rows == 0 || tokens == 0 {
             return Ok(());
         }
+        #[cfg(target_arch = "x86_64")]
+        if self.isa.activation_bits(w.ty()).is_some() {
+            let q = super::x86_vnni::Q16::new(x, tokens, k);
+            self.split_rows(w, &q, tokens, y);
+            return Ok(());
+        }
+        self.split_rows(w, &kernels::F32Rows { x, k }, tokens, y);
+        Ok(())
+    }
+}
+
+impl CpuPool {
+    /// [`CpuPool::matmul`] on checked shapes, its activations as the kernels
+    /// take them.
+    fn split_rows<A: kernels::Activations>(
+        &self,
+        w: &HostMatrix<'_>,
+        x: &A,
+        tokens: usize,
+        y: &mut [f32],
+    ) {
+        let rows = w.rows();
         // A few tasks per thread balance uneven progress; at least 8 rows
         // each keep the scheduling cost small next to the reads.
         let chunk = rows.div_ceil(self.threads * 4).max(8);
@@ -174,7 +196,7 @@ impl CpuPool {
                 kernels::rows_into(isa, w, x, tokens, r, |t, r, v, add| {
                     let p = out.at(t * rows + r);
                     // SAFETY: t < tokens and r < rows, so the index is inside
-                    // `y` (tokens × rows floats, checked above), which
+                    // `y` (tokens × rows floats, checked by `matmul`), which
                     // outlives `install`. Task `c` reads and writes only
                     // rows of its own range, so no two tasks touch the same
                     // element, and `add` comes only after a first write.
@@ -182,7 +204,6 @@ impl CpuPool {
                 });
             })
         });
-        Ok(())
     }
 }
 
