@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 
 use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
 use layer_streamer::DType;
+use rand::Rng;
 use serde_json::Value;
 
 mod common;
@@ -162,6 +163,41 @@ fn prefill_and_decode_workloads_run_the_model() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("positive number of sequences"), "{stderr}");
+    assert!(!stderr.contains("[grid"), "no child ran: {stderr}");
+}
+
+#[test]
+fn the_cpu_share_is_searched_like_the_other_parameters() {
+    let Some(bin) = binary("the_cpu_share_is_searched_like_the_other_parameters") else {
+        return;
+    };
+    let model = tiny_model();
+    let mut rng = common::rng("the_cpu_share_is_searched_like_the_other_parameters");
+    let share: f64 = (rng.gen_range(0.05..0.95f64) * 100.0).round() / 100.0;
+    let list = format!("off,{share}");
+    let args = ["--workload", "decode:2", "--cpu-share", &list, "--json"];
+    let v = json_of(&tune(bin, model.path(), &args));
+    let mut seen: Vec<serde_json::Value> = v["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["status"] == "ok" || c["status"] == "slower")
+        .map(|c| c["config"]["cpu_share"].clone())
+        .collect();
+    seen.sort_by_key(|s| s.to_string());
+    assert_eq!(
+        seen,
+        [serde_json::json!("off"), serde_json::json!(share)],
+        "{v}"
+    );
+    // A share outside [0, 1] is an error naming the option, before any child.
+    let out = tune(bin, model.path(), &["--cpu-share", "0.5,1.5"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cpu_share") && stderr.contains("1.5"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("[grid"), "no child ran: {stderr}");
 }
 

@@ -75,6 +75,9 @@ impl Budget {
 }
 
 /// The share of each layer's rows the CPU computes (see [`crate::cpu::plan`]).
+///
+/// Equality is that of the fractions (every constructor checks that a
+/// fraction lies in `[0, 1]`, so none is NaN).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum CpuShare {
     /// The share that balances a streamed layer's CPU and PCIe time when
@@ -90,6 +93,8 @@ pub enum CpuShare {
     #[default]
     Off,
 }
+
+impl Eq for CpuShare {}
 
 impl CpuShare {
     /// Parses `auto`, `off`, or a fraction in `[0, 1]` (`0` is `off`).
@@ -172,14 +177,6 @@ macro_rules! streamer_options {
                     parse $crate::io::OpenMode::parse, flag "io";
                 /// Show a progress bar per pass.
                 progress: bool = false, parse $crate::pipeline::config::parse_switch, flag "progress";
-                /// Share of the rows of the 2-D weights of each streamed layer that
-                /// the CPU computes from host memory while the rest streams to the
-                /// device (layers the GPU cache keeps stay whole): `off` (`0`), a
-                /// fraction in `[0, 1]`, or `auto` (balances the CPU against PCIe,
-                /// from rates measured at build; off on the host backend).
-                cpu_share: $crate::pipeline::config::CpuShare =
-                    $crate::pipeline::config::CpuShare::Off,
-                    parse $crate::pipeline::config::CpuShare::parse, flag "cpu-share";
             }
             searched {
                 /// GPU prefetch depth: the device holds `n_gpu + 1` layer slots.
@@ -218,6 +215,15 @@ macro_rules! streamer_options {
                 gpu_cache: $crate::Budget = $crate::Budget::None,
                     parse $crate::Budget::parse, flag "gpu-cache",
                     axis GpuCache "gpu_cache" [$crate::Budget::None];
+                /// Share of the rows of the 2-D weights of each streamed layer that
+                /// the CPU computes from host memory while the rest streams to the
+                /// device (layers the GPU cache keeps stay whole): `off` (`0`), a
+                /// fraction in `[0, 1]`, or `auto` (balances the CPU against PCIe,
+                /// from rates measured at build; off on the host backend).
+                cpu_share: $crate::pipeline::config::CpuShare =
+                    $crate::pipeline::config::CpuShare::Off,
+                    parse $crate::pipeline::config::CpuShare::parse, flag "cpu-share",
+                    axis CpuShare "share" [$crate::pipeline::config::CpuShare::Off];
             }
             not_in_c {
                 /// CPUs to pin the stage threads to (transfer, pin, readers, in

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::pipeline::config::format_bytes;
 use crate::pipeline::config::streamer_options;
-use crate::pipeline::{Budget, StreamerConfig};
+use crate::pipeline::{Budget, CpuShare, StreamerConfig};
 use crate::{Error, Result};
 
 /// One value of a [`Param`].
@@ -21,6 +21,8 @@ pub enum Value {
     Bytes(u64),
     /// A cache budget.
     Budget(Budget),
+    /// A CPU share.
+    Share(CpuShare),
 }
 
 impl fmt::Display for Value {
@@ -30,6 +32,7 @@ impl fmt::Display for Value {
             Value::Count(n) => f.write_str(&n.text()),
             Value::Bytes(b) => f.write_str(&b.text()),
             Value::Budget(b) => f.write_str(&b.text()),
+            Value::Share(c) => f.write_str(&c.text()),
         }
     }
 }
@@ -71,6 +74,18 @@ impl AxisValue for Budget {
     fn from_value(v: Value) -> Option<Self> {
         match v {
             Value::Budget(b) => Some(b),
+            _ => None,
+        }
+    }
+}
+
+impl AxisValue for CpuShare {
+    fn into_value(self) -> Value {
+        Value::Share(self)
+    }
+    fn from_value(v: Value) -> Option<Self> {
+        match v {
+            Value::Share(c) => Some(c),
             _ => None,
         }
     }

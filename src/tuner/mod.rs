@@ -60,7 +60,8 @@
 //!            "batch_gpu": usize, "batch_cpu_pinned": usize, "batch_cpu": usize,
 //!            "reader_threads": usize, "read_chunk": u64 (bytes),
 //!            "pinned_cache": "none" | "auto" | u64 (bytes),
-//!            "gpu_cache": "none" | "auto" | u64 (bytes)
+//!            "gpu_cache": "none" | "auto" | u64 (bytes),
+//!            "cpu_share": "off" | "auto" | f64 (a fraction)
 //! ```
 //! `layer-streamer tune --search both --json` prints
 //! `{"grid": <report>, "descent": <report>}`.

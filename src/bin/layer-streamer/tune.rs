@@ -23,7 +23,7 @@ Grid lists are comma-separated. With no list at all, the default grid is searche
 of n_gpu, n_cpu_pinned, reader_threads and pinned_cache (none,auto) that always include the
 library's and this tool's defaults; once any list is given, a parameter without one keeps this
 tool's default. Counts take `off` for 0; --read-chunk takes sizes (4MiB,16MiB); the caches take
-none, auto or a size (none,auto,8GB).
+none, auto or a size (none,auto,8GB); --cpu-share takes off, auto or fractions (off,0.2,0.3,auto).
 
 Workloads: pass (a pass with a no-op layer function), pass-delay:MS (each layer waits MS ms on the
 host, standing in for compute; on CUDA too it is a host sleep), prefill:N (one forward pass over

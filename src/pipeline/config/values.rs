@@ -239,6 +239,31 @@ impl<'de> serde::Deserialize<'de> for Budget {
     }
 }
 
+/// In JSON a CPU share is `"auto"`, `"off"` or a fraction.
+impl serde::Serialize for CpuShare {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match *self {
+            CpuShare::Fixed(f) => s.serialize_f64(f),
+            other => s.serialize_str(&other.text()),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for CpuShare {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<CpuShare, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Fraction(f64),
+            Word(String),
+        }
+        match Repr::deserialize(d)? {
+            Repr::Fraction(f) => CpuShare::fraction(f).map_err(serde::de::Error::custom),
+            Repr::Word(w) => CpuShare::parse(&w).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
