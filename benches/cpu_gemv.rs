@@ -18,7 +18,7 @@ use layer_streamer::cpu::calibrate::{measure_read, measure_type};
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
 use layer_streamer::quant::QuantType;
 
-const TYPES: [QuantType; 8] = [
+const TYPES: [QuantType; 9] = [
     QuantType::BF16,
     QuantType::F16,
     QuantType::F32,
@@ -26,6 +26,7 @@ const TYPES: [QuantType; 8] = [
     QuantType::Q4_0,
     QuantType::Q4_1,
     QuantType::Q4_K,
+    QuantType::Q5_K,
     QuantType::Q6_K,
 ];
 

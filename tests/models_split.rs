@@ -2,8 +2,8 @@
 //! pool computes its rows of every matrix, the host math the streamed rows,
 //! and the logits equal those of the unsplit pass up to the order of f32
 //! sums, for Qwen2 (q/k/v biases) and Llama with GQA, batches of mixed
-//! lengths, the real SmolLM2 GGUF (Q4_1 blocks on both sides) and Q4_K and
-//! Q6_K models (whose CPU rows may multiply 16-bit activations).
+//! lengths, the real SmolLM2 GGUF (Q4_1 blocks on both sides) and Q4_K, Q5_K
+//! and Q6_K models (whose CPU rows may multiply 16-bit activations).
 
 mod common;
 
@@ -135,7 +135,7 @@ fn llama_gqa_in_f32_gives_the_same_logits_at_shares_0_0_3_and_1() {
 fn k_quant_models_give_the_same_logits_at_shares_0_0_3_and_1() {
     let mut rng = common::rng("k_quant_split_seed");
     let dir = common::tempdir();
-    for ty in [QuantType::Q4_K, QuantType::Q6_K] {
+    for ty in [QuantType::Q4_K, QuantType::Q5_K, QuantType::Q6_K] {
         let index = small_gguf(dir.path(), ty, (2, 512, 1024), &mut rng);
         same_logits_at_every_share(&index, None, 1024, &format!("k_quant_split_{ty}"));
     }

@@ -17,7 +17,8 @@ class LayerStreamer(_native.Streamer):
     ``LayerStreamer(model_dir, *, device="cuda:0", dtype="bf16", n_gpu=2,
     n_cpu_pinned=4, n_cpu=0, batch_gpu=1, batch_cpu_pinned=1, batch_cpu=1,
     reader_threads=8, read_chunk="16MiB", io_mode="auto", pinned_cache="auto",
-    gpu_cache=None, cpu_affinity=None, progress=False, dequant="auto")``
+    gpu_cache=None, cpu_affinity=None, progress=False, dequant="auto",
+    cpu_share=None)``
 
     - ``model_dir``: a Hugging Face model directory (``*.safetensors``, sharded
       or not); its ``<prefix>.<i>.<key>`` tensors are the layers.
@@ -38,6 +39,9 @@ class LayerStreamer(_native.Streamer):
     - ``dequant``: where quantized weights (GGUF blocks, FP8) become ``dtype``:
       ``"slot"`` (on the device before ``layer_fn`` runs; ``"auto"`` is this)
       or ``"use"`` (``layer_fn`` receives the stored bytes as uint8).
+    - ``cpu_share``: the share of each streamed layer's rows the CPU computes
+      from host memory while the rest streams (the model commands' hybrid
+      split): None (off), a fraction in ``[0, 1]`` or ``"auto"``.
 
     Errors raise subclasses of :class:`LayerStreamerError` with the Rust message.
     Use it as a context manager (or call :meth:`close`) to free its memory.

@@ -45,7 +45,8 @@ def tune(
 
     ``grid`` maps parameters (``n_gpu``, ``n_cpu_pinned``, ``n_cpu``,
     ``batch_gpu``, ``batch_cpu_pinned``, ``batch_cpu``, ``reader_threads``,
-    ``read_chunk``, ``pinned_cache``, ``gpu_cache``) to the values to try.
+    ``read_chunk``, ``pinned_cache``, ``gpu_cache``, ``cpu_share``) to the
+    values to try.
     ``strategy="grid"`` tries every point; ``"descent"`` varies one
     parameter at a time from the base configuration (``options``: any
     :class:`LayerStreamer` keyword, e.g. ``device="cuda:0"``) and needs far

@@ -4,14 +4,14 @@
 
 use layer_streamer::io::OpenMode;
 use layer_streamer::pipeline::parse_size;
-use layer_streamer::{Budget, DType, Dequant, Device, StreamerConfig};
+use layer_streamer::{Budget, CpuShare, DType, Dequant, Device, StreamerConfig};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyString};
 
 use crate::errors::InputError;
 
 /// Every keyword the constructor takes after the model directory.
-pub const OPTIONS: [&str; 16] = [
+pub const OPTIONS: [&str; 17] = [
     "device",
     "dtype",
     "n_gpu",
@@ -28,6 +28,7 @@ pub const OPTIONS: [&str; 16] = [
     "cpu_affinity",
     "progress",
     "dequant",
+    "cpu_share",
 ];
 
 /// The defaults of the Python constructor (those of `llm-layer-prefetch`'s
@@ -70,6 +71,7 @@ pub fn from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<StreamerConfi
                 let s: String = v.extract()?;
                 c.dequant = Dequant::parse(&s).map_err(crate::errors::to_py)?;
             }
+            "cpu_share" => c.cpu_share = cpu_share(&key, v)?,
             other => {
                 return Err(InputError::new_err(format!(
                     "unknown option {other:?}: the options are {}",
@@ -179,6 +181,40 @@ pub fn budget(key: &str, v: &Bound<'_, PyAny>) -> PyResult<Budget> {
     }
 }
 
+/// A CPU share: None/0/"off" is none, "auto" balanced at build, a number
+/// in `[0, 1]` that fraction of each streamed layer's rows.
+pub fn cpu_share(key: &str, v: &Bound<'_, PyAny>) -> PyResult<CpuShare> {
+    if v.is_none() {
+        return Ok(CpuShare::Off);
+    }
+    let bad = |e: layer_streamer::Error| InputError::new_err(format!("{key}: {e}"));
+    if v.is_instance_of::<PyBool>() {
+        return Err(InputError::new_err(format!(
+            "{key}: expected None, \"off\", \"auto\" or a fraction in [0, 1], got {}",
+            repr(v)
+        )));
+    }
+    if let Ok(f) = v.extract::<f64>() {
+        return CpuShare::fraction(f).map_err(bad);
+    }
+    match v.cast::<PyString>() {
+        Ok(s) => CpuShare::parse(&s.to_string()).map_err(bad),
+        Err(_) => Err(InputError::new_err(format!(
+            "{key}: expected None, \"off\", \"auto\" or a fraction in [0, 1], got {}",
+            repr(v)
+        ))),
+    }
+}
+
+/// A CPU share as a keyword value: None, "auto" or the fraction.
+fn cpu_share_to_py<'py>(py: Python<'py>, c: CpuShare) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match c {
+        CpuShare::Off => py.None().into_bound(py),
+        CpuShare::Auto => "auto".into_pyobject(py)?.into_any(),
+        CpuShare::Fixed(f) => f.into_pyobject(py)?.into_any(),
+    })
+}
+
 fn io_mode(v: &Bound<'_, PyAny>) -> PyResult<OpenMode> {
     let s: String = v.extract()?;
     OpenMode::parse(&s).map_err(crate::errors::to_py)
@@ -230,5 +266,6 @@ pub fn to_kwargs<'py>(py: Python<'py>, c: &StreamerConfig) -> PyResult<Bound<'py
     d.set_item("cpu_affinity", c.cpu_affinity.clone())?;
     d.set_item("progress", c.progress)?;
     d.set_item("dequant", c.dequant.name())?;
+    d.set_item("cpu_share", cpu_share_to_py(py, c.cpu_share)?)?;
     Ok(d)
 }

@@ -114,6 +114,12 @@ fn axis(b: GridBuilder, p: Param, name: &str, items: &[Bound<'_, PyAny>]) -> PyR
         Param::BatchCpuPinned => b.batch_cpu_pinned(counts()?),
         Param::BatchCpu => b.batch_cpu(counts()?),
         Param::ReaderThreads => b.reader_threads(counts()?),
+        Param::CpuShare => b.cpu_share(
+            items
+                .iter()
+                .map(|i| config::cpu_share(name, i))
+                .collect::<PyResult<Vec<_>>>()?,
+        ),
     })
 }
 

@@ -267,3 +267,12 @@ def test_config_round_trips_through_the_constructor(model: Model):
     assert cfg["io_mode"] == "buffered" and cfg["reader_threads"] == 2
     with host(model) as s:
         assert s.config["pinned_cache"] == "auto" and s.config["dtype"] == "bf16"
+        assert s.config["cpu_share"] is None
+    share = round(float(rng.uniform(0.05, 0.95)), 2)
+    with host(model, cpu_share=share) as s:
+        assert s.config["cpu_share"] == share
+        with ls.LayerStreamer(model.path, **s.config) as again:
+            assert again.config == s.config
+    for bad in (1.5, -0.1, "half", True):
+        with pytest.raises(ls.InputError, match="cpu_share"):
+            host(model, cpu_share=bad)

@@ -11,7 +11,7 @@
 //! L1-resident buffer with the crate's host dequantizer. A row is never
 //! materialized in f32.
 //! Activations stay f32 (no rounding of `x` to bf16 or int8) except on one
-//! path: with AVX-512 VNNI, Q4_K and Q6_K rows multiply 16-bit integer codes
+//! path: with AVX-512 VNNI, Q4_K, Q5_K and Q6_K rows multiply 16-bit integer codes
 //! of the activations (one f32 step per 256 elements, at most half a step
 //! off, about the f16 rounding the device's quantized products make), their
 //! products summed exactly in 32-bit lanes a block at a time. The split must
@@ -69,7 +69,7 @@ pub enum Isa {
     /// x86-64 AVX-512F: 16 lanes.
     Avx512,
     /// x86-64 AVX-512F with AVX-512BW and AVX-512 VNNI: the AVX-512 kernels,
-    /// and for Q4_K and Q6_K rows integer products of the blocks' codes with
+    /// and for Q4_K, Q5_K and Q6_K rows integer products of the blocks' codes with
     /// activations rounded to 16 bits ([`Isa::activation_bits`]).
     Avx512Vnni,
 }
@@ -124,7 +124,7 @@ impl Isa {
     /// activation to, `None` where it multiplies them in f32. `Some(16)`:
     /// every 256 elements of a token share one step, their largest magnitude
     /// over 32767, and each moves by at most half a step (AVX-512 VNNI on
-    /// Q4_K and Q6_K rows).
+    /// Q4_K, Q5_K and Q6_K rows).
     pub fn activation_bits(self, ty: QuantType) -> Option<u32> {
         #[cfg(target_arch = "x86_64")]
         if self == Isa::Avx512Vnni && x86_vnni::has_kernel(ty) {

@@ -1,4 +1,4 @@
-//! AVX-512 VNNI products of rows of Q4_K and Q6_K blocks with activations
+//! AVX-512 VNNI products of rows of Q4_K, Q5_K and Q6_K blocks with activations
 //! rounded to 16-bit integers: the integer products of a whole block go
 //! through `vpdpwssd` (32 products an instruction, summed exactly in 32-bit
 //! lanes) and the block's scales apply once, in f32.
@@ -7,12 +7,12 @@
 //! [`X_BLOCK`] elements share one f32 step, the block's largest magnitude
 //! over 32767, so an activation moves by at most half a step (one part in
 //! 65534 of the block's largest), about what the device's f16 activations
-//! lose. A sub-block's 6-bit (Q4_K) or 8-bit (Q6_K) scale multiplies its
-//! 16-bit codes before the products (`vpmullw`; `sc·q` fits 16 bits), so a
-//! block's eight sub-blocks sum into one accumulator: Q4_K's `sc·q` is at most
-//! 945 and Q6_K's `|sc·(q − 32)|` at most 4096, and sixteen products of those
-//! with `|x| ≤ 32767` stay below 2³¹. Q4_K's mins multiply the sums of the
-//! sub-blocks' activations, taken when they are rounded.
+//! lose. A sub-block's 6-bit (Q4_K, Q5_K) or 8-bit (Q6_K) scale multiplies
+//! its 16-bit codes before the products (`vpmullw`; `sc·q` fits 16 bits), so
+//! a block's eight sub-blocks sum into one accumulator: Q4_K's `sc·q` is at
+//! most 945, Q5_K's 1953 and Q6_K's `|sc·(q − 32)|` 4096, and sixteen products
+//! of those with `|x| ≤ 32767` stay below 2³¹. The K-quants' mins multiply
+//! the sums of the sub-blocks' activations, taken when they are rounded.
 //!
 //! Against the f32 kernels of [`super::x86_q512`] this takes about half the
 //! instructions a weight, which is what a core's share of the memory
@@ -34,7 +34,7 @@ const CODE_MAX: f32 = 32767.0;
 
 /// Whether this module's kernels take rows of `ty`.
 pub(super) fn has_kernel(ty: QuantType) -> bool {
-    matches!(ty, QuantType::Q4_K | QuantType::Q6_K)
+    matches!(ty, QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K)
 }
 
 /// `tokens` rows of `k` activations (`k` a multiple of [`X_BLOCK`]) rounded
@@ -188,6 +188,7 @@ pub(super) unsafe fn dot<const N: usize>(
             _mm_prefetch::<_MM_HINT_T0>(b.wrapping_add(PREFETCH).cast());
             match ty {
                 QuantType::Q4_K => q4_k(b, &mut acc, xs, i),
+                QuantType::Q5_K => q5_k(b, &mut acc, xs, i),
                 _ => q6_k(b, &mut acc, xs, i),
             }
         }
@@ -257,32 +258,31 @@ unsafe fn block_products<const N: usize>(
     }
 }
 
-/// A Q4_K block (f16 `d`, f16 `dmin`, 12 scale bytes, 128 bytes of nibbles;
-/// each 32 bytes hold two sub-blocks, low nibbles then high): sub-block `j`'s
-/// element is `d·sc_j·q − dmin·m_j`.
+/// A block with Q4_K's header (f16 `d`, f16 `dmin`, twelve bytes of 6-bit
+/// scales and mins at `b + 4`): sub-block `j`'s element is
+/// `d·sc_j·q − dmin·m_j`, `q` the 32 codes `codes(j)` gives.
 ///
 /// # Safety
-/// As for [`block_products`]; `b` points to the block's 144 bytes.
+/// As for [`block_products`]; `b` points to the block's header and `codes`
+/// reads only the block.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn q4_k<const N: usize>(b: *const u8, acc: &mut Acc<N>, xs: &[Q16Row<'_>; N], blk: usize) {
-    // SAFETY: the reads lie in the 144 bytes; the activations in block `blk`.
+unsafe fn k_quant<const N: usize>(
+    b: *const u8,
+    acc: &mut Acc<N>,
+    xs: &[Q16Row<'_>; N],
+    blk: usize,
+    codes: impl Fn(usize) -> __m512i,
+) {
+    // SAFETY: the reads lie in the header; the activations in block `blk`.
     unsafe {
         let sm = q4_k_scales(b.add(4));
         let sm = _mm_loadu_si128(sm.as_ptr().cast());
         let mut sc = [0i16; 16];
         _mm256_storeu_si256(sc.as_mut_ptr().cast(), _mm256_cvtepu8_epi16(sm));
         let sc = std::hint::black_box(&sc);
-        let nib = |j: usize| {
-            let v = bytes32(b.add(16 + 32 * (j / 2)));
-            let q = if j.is_multiple_of(2) {
-                _mm512_and_si512(v, _mm512_set1_epi16(0x0f))
-            } else {
-                _mm512_srli_epi16::<4>(v)
-            };
-            _mm512_mullo_epi16(q, _mm512_set1_epi16(sc[j]))
-        };
-        block_products(acc, xs, blk, f16_splat(b), nib);
+        let scaled = |j: usize| _mm512_mullo_epi16(codes(j), _mm512_set1_epi16(sc[j]));
+        block_products(acc, xs, blk, f16_splat(b), scaled);
         // The mins: dmin·m_j times the sub-blocks' sums.
         let m = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128::<8>(sm)));
         let m = _mm256_mul_ps(m, _mm512_castps512_ps256(f16_splat(b.add(2))));
@@ -291,6 +291,55 @@ unsafe fn q4_k<const N: usize>(b: *const u8, acc: &mut Acc<N>, xs: &[Q16Row<'_>;
             *a = _mm256_fmadd_ps(m, s, *a);
         }
     }
+}
+
+/// Sub-block `j`'s 4-bit codes from the 128 bytes of nibbles at `qs`: each
+/// 32 bytes hold two sub-blocks, low nibbles then high.
+///
+/// # Safety
+/// AVX-512BW; `qs` points to 128 readable bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn nibbles(qs: *const u8, j: usize) -> __m512i {
+    // SAFETY: the 32 bytes of sub-blocks `j` and `j ^ 1` lie in the 128.
+    let v = unsafe { bytes32(qs.add(32 * (j / 2))) };
+    if j.is_multiple_of(2) {
+        _mm512_and_si512(v, _mm512_set1_epi16(0x0f))
+    } else {
+        _mm512_srli_epi16::<4>(v)
+    }
+}
+
+/// A Q4_K block (the header, 128 bytes of nibbles).
+///
+/// # Safety
+/// As for [`block_products`]; `b` points to the block's 144 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_k<const N: usize>(b: *const u8, acc: &mut Acc<N>, xs: &[Q16Row<'_>; N], blk: usize) {
+    // SAFETY: the nibbles are the 128 bytes at 16.
+    unsafe { k_quant(b, acc, xs, blk, |j| nibbles(b.add(16), j)) }
+}
+
+/// A Q5_K block (the header, 32 bytes of fifth bits, 128 bytes of nibbles):
+/// element `l` of sub-block `j` has bit `j` of `qh[l]` as its fifth bit.
+///
+/// # Safety
+/// As for [`block_products`]; `b` points to the block's 176 bytes.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_k<const N: usize>(b: *const u8, acc: &mut Acc<N>, xs: &[Q16Row<'_>; N], blk: usize) {
+    let fifth = _mm512_set1_epi16(0x10);
+    let codes = |j: usize| {
+        // SAFETY: the fifth bits are the 32 bytes at 16, the nibbles the
+        // 128 at 48.
+        let (qh, lo) = unsafe { (bytes32(b.add(16)), nibbles(b.add(48), j)) };
+        // Bit j of each byte to bit 4: lo | ((qh >> j) << 4 & 0x10).
+        let hi = _mm512_slli_epi16::<4>(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(j as i32)));
+        _mm512_ternarylogic_epi32::<0xf8>(lo, hi, fifth)
+    };
+    // SAFETY: the header is the block's first 16 bytes.
+    unsafe { k_quant(b, acc, xs, blk, codes) }
 }
 
 /// Lane indices that put scale `j` in lanes 0..16 and `j + 1` in 16..32 of a

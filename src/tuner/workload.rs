@@ -273,6 +273,7 @@ impl Workload for Generation {
         let mut s = LayerStreamer::builder(model).config(cfg).build()?;
         // Decode keeps a short history per sequence, reset before the cache fills.
         const DECODE_LEN: usize = 256;
+        const DECODE_WARM_PASSES: usize = 4;
         let (batch, max_len) = match self.0 {
             GenKind::Prefill => (1, n),
             GenKind::Decode => (n, DECODE_LEN),
@@ -288,6 +289,17 @@ impl Workload for Generation {
         let vocab = m.config().vocab.max(1);
         let token = move |i: usize| ((i * 7919 + 13) % vocab) as u32;
         let kind = self.0;
+        if kind == GenKind::Decode {
+            // A split's first decode passes run slower than the rest (its
+            // CPU side's buffers and threads warming up): a few here, so
+            // that the tuner's single warm-up run and early kill compare
+            // settled passes.
+            let steps: Vec<[u32; 1]> = (0..n).map(|i| [token(i)]).collect();
+            let inputs: Vec<&[u32]> = steps.iter().map(|t| &t[..]).collect();
+            for _ in 0..DECODE_WARM_PASSES {
+                m.forward(&mut s, &inputs)?;
+            }
+        }
         Ok(Box::new(move || {
             let t = match kind {
                 GenKind::Prefill => {
