@@ -1,6 +1,11 @@
 //! A short measurement of the CPU side: GB/s of stored weights per type at a
 //! batch size, next to the memory read bandwidth of the same threads. The
 //! planner ([`super::plan`]) turns these into per-layer times.
+//!
+//! A pass reads its CPU rows from DRAM, while a calibration matrix of tens of
+//! MiB fits a server's last-level cache (300 MiB on some): every timed run
+//! first flushes its data out of the caches (`clflush` on x86-64), so the
+//! rates are DRAM's at any size.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -81,10 +86,12 @@ impl CpuRates {
     }
 }
 
-/// Best of `reps` runs of `f`, in seconds.
-fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Best of `reps` runs of `f`, in seconds, each after `data` is flushed
+/// from the caches.
+fn best(reps: usize, data: &[u8], mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..reps.max(1) {
+        evict(data);
         let t = Instant::now();
         f()?;
         best = best.min(t.elapsed().as_secs_f64());
@@ -92,10 +99,29 @@ fn best(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
+/// Writes back and drops every cache line of `data` from every cache level,
+/// so that the next read of it comes from DRAM (nothing on architectures
+/// other than x86-64).
+fn evict(data: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_clflush, _mm_mfence};
+        for line in data.chunks(64) {
+            // SAFETY: `line` is readable memory of `data`; CLFLUSH (SSE2, in
+            // every x86-64 CPU) only moves it out of the caches.
+            unsafe { _mm_clflush(line.as_ptr()) };
+        }
+        // SAFETY: a fence has no operands (SSE2).
+        unsafe { _mm_mfence() };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = data;
+}
+
 /// Bytes per second of a streaming sum over `bytes` bytes on the pool's threads.
 pub fn measure_read(pool: &CpuPool, bytes: usize, reps: usize) -> f64 {
     let buf: Vec<u64> = (0..(bytes / 8).max(1) as u64).collect();
-    let secs = best(reps, || {
+    let secs = best(reps, bytemuck::cast_slice(&buf), || {
         let s: u64 = pool.install(|| {
             buf.par_chunks(1 << 16)
                 .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
@@ -145,7 +171,7 @@ pub fn measure_type(
         .map(|_| rng.gen_range(-1.0..1.0))
         .collect();
     let mut y = vec![0f32; tokens * rows];
-    let secs = best(reps, || pool.matmul(&m, &x, tokens, &mut y))?;
+    let secs = best(reps, &w, || pool.matmul(&m, &x, tokens, &mut y))?;
     black_box(&y);
     Ok(w.len() as f64 / secs)
 }

@@ -43,6 +43,7 @@
 pub mod calibrate;
 mod kernels;
 pub mod plan;
+pub mod plan_pass;
 mod pool;
 mod scalar;
 #[cfg(target_arch = "x86_64")]

@@ -110,7 +110,7 @@ fn with_resident(inp: &SplitInputs, resident: usize, cpu: bool) -> (Vec<f64>, Ve
 
 /// Device bytes that `resident` layers and the slots of the streamed ones
 /// take, each slot sized for the largest GPU share among them.
-fn vram_used(inp: &SplitInputs, resident: usize, shares: &[f64]) -> u64 {
+pub(super) fn vram_used(inp: &SplitInputs, resident: usize, shares: &[f64]) -> u64 {
     let kept: u64 = inp.layers[..resident].iter().map(|l| l.bytes).sum();
     let slot = inp.layers[resident..]
         .iter()
@@ -139,7 +139,7 @@ fn best_fit(inp: &SplitInputs, cpu: bool) -> (usize, Vec<f64>, Vec<f64>) {
 }
 
 /// Rejects rates and times that would make the arithmetic meaningless.
-fn validate(inp: &SplitInputs) -> Result<()> {
+pub(super) fn validate(inp: &SplitInputs) -> Result<()> {
     let bad = |what: String, v: f64| {
         Error::Input(format!(
             "cpu share planner: {what} is {v}, not a finite positive number"

@@ -1,8 +1,9 @@
 //! `cpu_share auto`: the share of a streamed layer's rows that makes its two
 //! sides finish together when decoding one token, from rates measured when
 //! the streamer is built: the CPU's products on the layer's stored types
-//! (on the pool the model will compute with) and a page-locked copy to the
-//! device. [`crate::cpu::plan::layer_share`] balances them. Larger passes
+//! (on the pool the model will compute with), no faster than the host's read
+//! rate less the copies' (the two share the memory), and a page-locked copy
+//! to the device. [`crate::cpu::plan::layer_share`] balances them. Larger passes
 //! hand CPU rows back to the device pass by pass (the CUDA forward pass's
 //! upload), so one share at build serves every batch.
 
@@ -47,8 +48,14 @@ pub(crate) fn auto_share(
         exclude: cfg.cpu_affinity.clone().unwrap_or_default(),
         ..CpuPoolOptions::default()
     })?;
-    let cpu_s = calibrate(&pool, &types, 1, 32 << 20, 2)?.layer_seconds(model, layer)?;
+    let rates = calibrate(&pool, &types, 1, 32 << 20, 2)?;
     let pcie = copy_rate(ctx, backend)?;
+    // While the copies run the CPU reads no faster than what their DMA
+    // leaves of the host's memory (`cpu::plan_pass`).
+    let left = (rates.read_bps - pcie).max(0.1 * rates.read_bps);
+    let cpu_s = rates
+        .layer_seconds(model, layer)?
+        .max(layer.data_bytes as f64 / left);
     let cost = LayerCost {
         bytes: layer.data_bytes,
         cpu_s,

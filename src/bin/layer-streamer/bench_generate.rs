@@ -27,9 +27,11 @@
 //! With `--cpu-share`, a last table (`split`): per batch, the decode rate,
 //! the share, each side's busy and stalled seconds in the last decode pass,
 //! and the planner's share, resident layers and bound: the pass time
-//! `cpu::plan::plan_split` gives from the CPU rates calibrated here at the
-//! batch size, the H2D bandwidth, the device's GEMM time at the peak (0 on
-//! the host) and the VRAM the streamer holds.
+//! `cpu::plan_pass::plan_pass` gives from the CPU rates and the host's read
+//! rate calibrated here at the batch size, the H2D bandwidth, the device's
+//! time for a layer (at one token the measured time of layer 0 in a decode
+//! pass, else its GEMMs at the peak; 0 on the host) and the VRAM the
+//! streamer holds.
 //!
 //! Each batch size's prefill runs once unmeasured first (a new shape's first
 //! GEMMs pay for cuBLAS choosing its kernels), so the tables show the steady
@@ -38,7 +40,8 @@
 use std::path::PathBuf;
 
 use layer_streamer::cpu::calibrate::calibrate;
-use layer_streamer::cpu::plan::{layer_costs, plan_split, SplitInputs};
+use layer_streamer::cpu::plan::{layer_costs, SplitInputs};
+use layer_streamer::cpu::plan_pass::plan_pass;
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
 use layer_streamer::llm::{
     generate, GenerateParams, KvTransfer, LayerPhases, LlamaModel, ModelConfig, ModelOptions,
@@ -281,7 +284,7 @@ fn split_row(
     cfg: &ModelConfig,
     (b, decode): (usize, f64),
     h2d_bps: f64,
-    peak: Option<f64>,
+    (peak, decode_layer_s): (Option<f64>, Option<f64>),
 ) -> Result<String> {
     let st = streamer.last_pass_stats();
     let model = streamer.model();
@@ -301,20 +304,24 @@ fn split_row(
     })?;
     let rates = calibrate(&pool, &types, b, 64 << 20, 3)?;
     let layer_flops = cfg.projection_flops_per_token() / cfg.layers.max(1) as f64 * b as f64;
-    let gpu_s = peak.map_or(0.0, |p| layer_flops / p.max(1.0));
+    let gpu_s = match decode_layer_s {
+        Some(t) if b == 1 => t,
+        _ => peak.map_or(0.0, |p| layer_flops / p.max(1.0)),
+    };
     let mem = streamer.memory();
-    let plan = plan_split(&SplitInputs {
+    let inputs = SplitInputs {
         layers: layer_costs(model, &rates, |_| gpu_s)?,
         pcie_bps: h2d_bps,
         join_s: 0.0,
         vram_budget: mem.gpu_slot_size * mem.gpu_slots as u64 + mem.gpu_cache_bytes,
         slots: mem.gpu_slots,
-    })?;
-    let mean = plan.shares.iter().sum::<f64>() / plan.shares.len().max(1) as f64;
+    };
+    let plan = plan_pass(&inputs, Some(rates.read_bps))?;
+    let share = plan.shares.iter().copied().fold(0.0, f64::max);
     eprintln!("batch {b}, last decode pass:\n{st}");
     let s = |d: std::time::Duration| d.as_secs_f64();
     Ok(format!(
-        "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.6}  {:>13.6}  {:>10.6}  {:>13.6}  {mean:>10.3}  \
+        "{b:>5}  {decode:>12.2}  {:>9.3}  {:>10.6}  {:>13.6}  {:>10.6}  {:>13.6}  {share:>10.3}  \
          {:>13}  {:>16.2}",
         st.cpu_share,
         s(st.cpu.busy),
@@ -419,7 +426,8 @@ impl Measure<'_> {
             fmt_opt(model.last_gemm_tflops(), 1)
         );
         if streamer.cpu_share() > 0.0 {
-            match split_row(streamer, cfg, (b, decode), h2d_rate, self.peak) {
+            let layer_s = model.decode_layer_phases().map(|p| p.total_s());
+            match split_row(streamer, cfg, (b, decode), h2d_rate, (self.peak, layer_s)) {
                 Ok(row) => t.split.push(row),
                 Err(e) => eprintln!("the planner's bound was not computed: {e}"),
             }

@@ -1,0 +1,186 @@
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::cpu::plan::{layer_share, LayerCost};
+
+fn rng(test: &str) -> StdRng {
+    let seed: u64 = std::env::var("LS_SEED")
+        .map(|s| s.parse().expect("LS_SEED must be a u64"))
+        .unwrap_or_else(|_| rand::random());
+    eprintln!("{test}: random seed {seed} (replay with LS_SEED={seed})");
+    StdRng::seed_from_u64(seed)
+}
+
+fn random_inputs(rng: &mut StdRng) -> (SplitInputs, Option<f64>) {
+    let n = rng.gen_range(1..30);
+    let layers: Vec<LayerCost> = (0..n)
+        .map(|_| {
+            let bytes = rng.gen_range(1u64 << 20..1 << 29);
+            LayerCost {
+                bytes,
+                cpu_s: bytes as f64 / rng.gen_range(5e9..150e9),
+                gpu_s: rng.gen_range(0.0..2e-3),
+            }
+        })
+        .collect();
+    let total: u64 = layers.iter().map(|l| l.bytes).sum();
+    let inp = SplitInputs {
+        layers,
+        pcie_bps: rng.gen_range(5e9..64e9),
+        join_s: if rng.gen_bool(0.5) {
+            0.0
+        } else {
+            rng.gen_range(0.0..3e-4)
+        },
+        vram_budget: rng.gen_range(0..total + (1 << 30)),
+        slots: rng.gen_range(1..4),
+    };
+    let read = rng.gen_bool(0.5).then(|| rng.gen_range(20e9..200e9));
+    (inp, read)
+}
+
+/// The pass at share `s` with layers `0..r` resident, straight from the
+/// module docs.
+fn model_time(inp: &SplitInputs, read: Option<f64>, r: usize, s: f64) -> f64 {
+    let streamed = &inp.layers[r..];
+    let copy: f64 = streamed
+        .iter()
+        .map(|l| (1.0 - s) * l.bytes as f64 / inp.pcie_bps)
+        .sum();
+    let cpu_bps = read.map(|h| (h - inp.pcie_bps).max(0.1 * h));
+    let serial: f64 = inp.layers[..r].iter().map(|l| l.gpu_s).sum::<f64>()
+        + streamed
+            .iter()
+            .map(|l| {
+                let cpu = cpu_bps.map_or(l.cpu_s, |c| l.cpu_s.max(l.bytes as f64 / c));
+                let dev = (1.0 - s) * l.gpu_s;
+                if s > 0.0 {
+                    dev.max(s * cpu + inp.join_s)
+                } else {
+                    dev
+                }
+            })
+            .sum::<f64>();
+    let memory = read.map_or(0.0, |h| {
+        streamed.iter().map(|l| l.bytes as f64).sum::<f64>() / h
+    });
+    copy.max(serial).max(memory)
+}
+
+fn fits(inp: &SplitInputs, r: usize, s: f64) -> bool {
+    let slot = inp.layers[r..]
+        .iter()
+        .map(|l| ((1.0 - s) * l.bytes as f64).ceil() as u64)
+        .max()
+        .unwrap_or(0);
+    let kept: u64 = inp.layers[..r].iter().map(|l| l.bytes).sum();
+    kept + slot * inp.slots as u64 <= inp.vram_budget
+}
+
+#[test]
+fn the_plan_beats_every_share_and_resident_count_that_fits() {
+    let mut rng = rng("the_plan_beats_every_share_and_resident_count_that_fits");
+    for _ in 0..300 {
+        let (inp, read) = random_inputs(&mut rng);
+        let plan = plan_pass(&inp, read).unwrap();
+        let n = inp.layers.len();
+        let s = plan.shares.last().copied().unwrap_or(0.0);
+        assert!(plan.shares[..plan.resident].iter().all(|&x| x == 0.0));
+        assert!(plan.shares[plan.resident..].iter().all(|&x| x == s));
+        let own = model_time(&inp, read, plan.resident, s);
+        assert!(
+            (own - plan.pass_s).abs() <= 1e-12 * own,
+            "{own} vs {}",
+            plan.pass_s
+        );
+        let fitting = (0..=n).any(|r| fits(&inp, r, s));
+        assert!(fits(&inp, plan.resident, s) || !fitting);
+        for k in 0..=SHARE_STEPS {
+            let other = k as f64 / SHARE_STEPS as f64;
+            for r in (0..=n).filter(|&r| fits(&inp, r, other)) {
+                let t = model_time(&inp, read, r, other);
+                assert!(
+                    plan.pass_s <= t * (1.0 + 1e-12),
+                    "share {s} with {} resident ({}) loses to {other} with {r} ({t})",
+                    plan.resident,
+                    plan.pass_s
+                );
+            }
+        }
+        assert!(plan.pass_s <= plan.gpu_only_pass_s * (1.0 + 1e-12));
+    }
+}
+
+#[test]
+fn resident_compute_lowers_the_share_below_the_per_layer_balance() {
+    // Copies run on while resident layers compute: the more device time the
+    // resident layers take, the less the CPU need take of the streamed ones.
+    let mut rng = rng("resident_compute_lowers_the_share_below_the_per_layer_balance");
+    for _ in 0..200 {
+        let bytes = rng.gen_range(50u64 << 20..500 << 20);
+        let n = rng.gen_range(16..40);
+        // At least 8 streamed layers: putting them all on the CPU to fit one
+        // more resident layer in the slot's room never pays (their CPU time
+        // is more than 5 copies' worth, the most a copy can be here).
+        let resident = rng.gen_range(1..n - 8);
+        // One slot, whose room holds at most one more layer (at share 1).
+        let slots = 1;
+        let base = LayerCost {
+            bytes,
+            cpu_s: bytes as f64 / rng.gen_range(30e9..100e9),
+            gpu_s: 0.0,
+        };
+        let pcie = rng.gen_range(20e9..60e9);
+        let budget = (resident + slots) as u64 * bytes;
+        let plan_with = |gpu_s: f64| {
+            let l = LayerCost { gpu_s, ..base };
+            let inp = SplitInputs {
+                layers: vec![l; n],
+                pcie_bps: pcie,
+                join_s: 0.0,
+                vram_budget: budget,
+                slots,
+            };
+            plan_pass(&inp, None).unwrap()
+        };
+        let step = 1.0 / SHARE_STEPS as f64 + 1e-9;
+        let share_of = |p: &SplitPlan| p.shares.last().copied().unwrap_or(0.0);
+        let idle = plan_with(0.0);
+        let (per_layer, _) = layer_share(&base, false, pcie, 0.0);
+        // With the device's time free, the pass balances like each layer.
+        assert_eq!(idle.resident, resident);
+        assert!(
+            (share_of(&idle) - per_layer).abs() <= step,
+            "{idle:?}, {per_layer}"
+        );
+        let busy = plan_with(bytes as f64 / pcie * rng.gen_range(0.05..0.5));
+        assert!(
+            share_of(&busy) <= share_of(&idle) + step,
+            "{busy:?} vs {idle:?}"
+        );
+        assert!(busy.pass_s >= idle.pass_s * (1.0 - 1e-12));
+    }
+}
+
+#[test]
+fn the_hosts_memory_bounds_the_pass_and_slows_the_cpu() {
+    let mut rng = rng("the_hosts_memory_bounds_the_pass_and_slows_the_cpu");
+    for _ in 0..200 {
+        let (inp, _) = random_inputs(&mut rng);
+        let read = rng.gen_range(20e9..120e9);
+        let free = plan_pass(&inp, None).unwrap();
+        let shared = plan_pass(&inp, Some(read)).unwrap();
+        let streamed: f64 = inp.layers[shared.resident..]
+            .iter()
+            .map(|l| l.bytes as f64)
+            .sum();
+        assert!(shared.pass_s >= streamed / read * (1.0 - 1e-12));
+        assert!(shared.pass_s >= free.pass_s * (1.0 - 1e-12));
+    }
+    let (inp, _) = random_inputs(&mut rng);
+    for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let e = plan_pass(&inp, Some(bad)).unwrap_err().to_string();
+        assert!(e.contains("read rate"), "{e}");
+    }
+}
