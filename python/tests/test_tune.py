@@ -8,7 +8,7 @@ import pytest
 
 import layer_streamer as ls
 from conftest import Model, seed
-from tune_workloads import raises_on_run, toy_pass
+from tune_workloads import raises_on_run, share_pass, toy_pass
 
 
 def test_the_grid_search_finds_the_best_config(model: Model):
@@ -45,6 +45,31 @@ def test_the_grid_search_finds_the_best_config(model: Model):
     # The best options build a streamer.
     with ls.LayerStreamer(model.path, **report["best_options"]) as s:
         assert s.config["n_gpu"] == best
+
+
+def test_the_cpu_share_is_a_grid_axis(model: Model):
+    shares = [None, 0.25, 0.5, 1.0]
+    best = shares[int(np.random.default_rng(seed()).integers(len(shares)))]
+    report = ls.tune(
+        model.path,
+        share_pass,
+        {"cpu_share": shares},
+        args=(best, 0.01),
+        runs=2,
+        sleep=0,
+        timeout=60,
+        progress=False,
+        device="host",
+        dtype="file",
+    )
+    seen = sorted(str(c["config"]["cpu_share"]) for c in report["configs"])
+    assert seen == sorted(str(s if s is not None else "off") for s in shares), report
+    # As in the report's JSON: "off" for no share, as "none" for no cache.
+    assert report["best_options"]["cpu_share"] == ("off" if best is None else best)
+    with ls.LayerStreamer(model.path, **report["best_options"]) as s:
+        assert s.config["cpu_share"] == best
+    with pytest.raises(ls.InputError, match="cpu_share"):
+        ls.tune(model.path, share_pass, {"cpu_share": [0.5, 2.0]}, args=(None, 0.01), device="host")
 
 
 def test_descent_and_failing_workloads(model: Model):

@@ -24,3 +24,15 @@ def raises_on_run(streamer) -> Callable[[], None]:
         raise ValueError("this workload always fails")
 
     return run
+
+
+def share_pass(streamer, best_share: Optional[float], unit_s: float) -> Callable[[], float]:
+    """Runs a real pass, and reports a time that is least at the CPU share
+    `best_share` (None: off)."""
+    share = streamer.config["cpu_share"]
+
+    def run() -> float:
+        streamer.run_pass(0, lambda x, weights, layer: x + 1)
+        return unit_s * (1 if share == best_share else 2)
+
+    return run
