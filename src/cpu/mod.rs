@@ -125,7 +125,9 @@ impl Isa {
     /// activation to, `None` where it multiplies them in f32. `Some(16)`:
     /// every 256 elements of a token share one step, their largest magnitude
     /// over 32767, and each moves by at most half a step (AVX-512 VNNI on
-    /// Q4_K, Q5_K and Q6_K rows).
+    /// Q4_K, Q5_K and Q6_K rows). A product whose activations hold a block
+    /// with its largest magnitude above 0 and below 2^-80 is multiplied in
+    /// f32 instead.
     pub fn activation_bits(self, ty: QuantType) -> Option<u32> {
         #[cfg(target_arch = "x86_64")]
         if self == Isa::Avx512Vnni && x86_vnni::has_kernel(ty) {

@@ -165,9 +165,11 @@ impl CpuPool {
         }
         #[cfg(target_arch = "x86_64")]
         if self.isa.activation_bits(w.ty()).is_some() {
-            let q = super::x86_vnni::Q16::new(x, tokens, k);
-            self.split_rows(w, &q, tokens, y);
-            return Ok(());
+            // None: activations too small to round (`x86_vnni::TINY`).
+            if let Some(q) = super::x86_vnni::Q16::new(x, tokens, k) {
+                self.split_rows(w, &q, tokens, y);
+                return Ok(());
+            }
         }
         self.split_rows(w, &kernels::F32Rows { x, k }, tokens, y);
         Ok(())

@@ -32,6 +32,11 @@ const SUB: usize = 32;
 /// The largest code of a rounded activation.
 const CODE_MAX: f32 = 32767.0;
 
+/// The least largest magnitude of a block of activations that is rounded
+/// (2^-80): its step times the smallest f16 scale of a weight block stays a
+/// normal f32.
+pub(super) const TINY: f32 = 8.271806e-25;
+
 /// Whether this module's kernels take rows of `ty`.
 pub(super) fn has_kernel(ty: QuantType) -> bool {
     matches!(ty, QuantType::Q4_K | QuantType::Q5_K | QuantType::Q6_K)
@@ -60,8 +65,11 @@ pub(super) struct Q16Row<'a> {
 impl Q16 {
     /// Rounds `x` (`tokens × k` floats, `k` a multiple of [`X_BLOCK`]). A
     /// block holding a NaN or an infinity gets a NaN step, so that the
-    /// products it enters are NaN as the f32 kernels' would be.
-    pub(super) fn new(x: &[f32], tokens: usize, k: usize) -> Q16 {
+    /// products it enters are NaN as the f32 kernels' would be. `None` when a
+    /// block's largest magnitude is above 0 and below [`TINY`]: its step
+    /// times a weight block's scale could fall among f32's subnormals, where
+    /// precision goes; such products go to the f32 kernels.
+    pub(super) fn new(x: &[f32], tokens: usize, k: usize) -> Option<Q16> {
         debug_assert!(k.is_multiple_of(X_BLOCK) && x.len() == tokens * k);
         let blocks = x.len() / X_BLOCK;
         let mut out = Q16 {
@@ -79,8 +87,11 @@ impl Q16 {
             // SAFETY: Q16 is built only where the pool's instruction set is
             // AVX-512 VNNI (which has AVX-512F); the slices are one block.
             *step = unsafe { round_block(xb, qb, sums) };
+            if *step > 0.0 && *step * CODE_MAX < TINY {
+                return None;
+            }
         }
-        out
+        Some(out)
     }
 
     /// Token `t`'s elements `k0..k0 + n` (`k0` and `n` multiples of
