@@ -30,6 +30,13 @@ pub const SHARE_STEPS: usize = 400;
 /// make the CPU's time infinite).
 const CPU_READ_FLOOR: f64 = 0.1;
 
+/// Bytes per second the CPU can read while copies at `pcie_bps` run: what
+/// they leave of the host's read rate `host_read_bps`, at least
+/// [`CPU_READ_FLOOR`] of it.
+pub fn cpu_read_while_copying(host_read_bps: f64, pcie_bps: f64) -> f64 {
+    (host_read_bps - pcie_bps).max(CPU_READ_FLOOR * host_read_bps)
+}
+
 /// Seconds of a pass with layers `0..resident` resident and share `s` of
 /// every streamed layer on the CPU, and each layer's time on the serial
 /// side.
@@ -39,7 +46,7 @@ pub(super) fn pass_time(
     resident: usize,
     s: f64,
 ) -> (f64, Vec<f64>) {
-    let cpu_bps = host_read_bps.map(|r| (r - inp.pcie_bps).max(CPU_READ_FLOOR * r));
+    let cpu_bps = host_read_bps.map(|r| cpu_read_while_copying(r, inp.pcie_bps));
     let (mut copy, mut streamed_bytes) = (0.0, 0.0);
     let serial: Vec<f64> = (inp.layers.iter().enumerate())
         .map(|(i, l)| {

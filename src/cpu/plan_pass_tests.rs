@@ -1,16 +1,8 @@
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 
 use super::*;
 use crate::cpu::plan::{layer_share, LayerCost};
-
-fn rng(test: &str) -> StdRng {
-    let seed: u64 = std::env::var("LS_SEED")
-        .map(|s| s.parse().expect("LS_SEED must be a u64"))
-        .unwrap_or_else(|_| rand::random());
-    eprintln!("{test}: random seed {seed} (replay with LS_SEED={seed})");
-    StdRng::seed_from_u64(seed)
-}
 
 fn random_inputs(rng: &mut StdRng) -> (SplitInputs, Option<f64>) {
     let n = rng.gen_range(1..30);
@@ -80,7 +72,7 @@ fn fits(inp: &SplitInputs, r: usize, s: f64) -> bool {
 
 #[test]
 fn the_plan_beats_every_share_and_resident_count_that_fits() {
-    let mut rng = rng("the_plan_beats_every_share_and_resident_count_that_fits");
+    let mut rng = crate::test_rng::rng();
     for _ in 0..300 {
         let (inp, read) = random_inputs(&mut rng);
         let plan = plan_pass(&inp, read).unwrap();
@@ -116,7 +108,7 @@ fn the_plan_beats_every_share_and_resident_count_that_fits() {
 fn resident_compute_lowers_the_share_below_the_per_layer_balance() {
     // Copies run on while resident layers compute: the more device time the
     // resident layers take, the less the CPU need take of the streamed ones.
-    let mut rng = rng("resident_compute_lowers_the_share_below_the_per_layer_balance");
+    let mut rng = crate::test_rng::rng();
     for _ in 0..200 {
         let bytes = rng.gen_range(50u64 << 20..500 << 20);
         let n = rng.gen_range(16..40);
@@ -165,7 +157,7 @@ fn resident_compute_lowers_the_share_below_the_per_layer_balance() {
 
 #[test]
 fn the_hosts_memory_bounds_the_pass_and_slows_the_cpu() {
-    let mut rng = rng("the_hosts_memory_bounds_the_pass_and_slows_the_cpu");
+    let mut rng = crate::test_rng::rng();
     for _ in 0..200 {
         let (inp, _) = random_inputs(&mut rng);
         let read = rng.gen_range(20e9..120e9);

@@ -164,19 +164,36 @@ impl CpuPool {
             return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
-        if self.isa.activation_bits(w.ty()).is_some() {
-            // None: activations too small to round (`x86_vnni::TINY`).
-            if let Some(q) = super::x86_vnni::Q16::new(x, tokens, k) {
-                self.split_rows(w, &q, tokens, y);
-                return Ok(());
-            }
+        if self.isa.activation_bits(w.ty()).is_some() && self.rounded_rows(w, x, tokens, y) {
+            return Ok(());
         }
         self.split_rows(w, &kernels::F32Rows { x, k }, tokens, y);
         Ok(())
     }
-}
 
-impl CpuPool {
+    /// [`CpuPool::matmul`] on activations rounded to 16 bits, in this
+    /// thread's buffer (a fresh one when a product on this thread already
+    /// holds it); `false`, nothing done, when they are too small to round
+    /// (`x86_vnni::TINY`).
+    #[cfg(target_arch = "x86_64")]
+    fn rounded_rows(&self, w: &HostMatrix<'_>, x: &[f32], tokens: usize, y: &mut [f32]) -> bool {
+        use super::x86_vnni::Q16;
+        thread_local! {
+            static ROUNDED: std::cell::RefCell<Q16> = std::cell::RefCell::default();
+        }
+        let run = |q: &mut Q16, y: &mut [f32]| {
+            let ok = q.fill(x, tokens, w.cols());
+            if ok {
+                self.split_rows(w, &*q, tokens, y);
+            }
+            ok
+        };
+        ROUNDED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut q) => run(&mut q, y),
+            Err(_) => run(&mut Q16::default(), y),
+        })
+    }
+
     /// [`CpuPool::matmul`] on checked shapes, its activations as the kernels
     /// take them.
     fn split_rows<A: kernels::Activations>(

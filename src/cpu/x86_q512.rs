@@ -35,7 +35,7 @@ type Acc<const N: usize> = [[__m512; 2]; N];
 /// The CPU has AVX-512F and F16C; `p` points to 2 readable bytes.
 #[inline]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16_splat(p: *const u8) -> __m512 {
+pub(super) unsafe fn f16_splat(p: *const u8) -> __m512 {
     // SAFETY: the caller guarantees 2 readable bytes at `p`.
     let bits = unsafe { p.cast::<i16>().read_unaligned() };
     _mm512_cvtph_ps(_mm256_set1_epi16(bits))

@@ -20,7 +20,8 @@
 
 use std::arch::x86_64::*;
 
-use super::x86_q512::{q4_k_scales, PREFETCH};
+use super::x86_q256::hsum8;
+use super::x86_q512::{f16_splat, q4_k_scales, PREFETCH};
 use crate::quant::QuantType;
 
 /// Activations that share one step: a K-quant block.
@@ -45,6 +46,7 @@ pub(super) fn has_kernel(ty: QuantType) -> bool {
 /// `tokens` rows of `k` activations (`k` a multiple of [`X_BLOCK`]) rounded
 /// to 16-bit codes, one f32 step per [`X_BLOCK`] elements: element `i` of
 /// token `t` is about `q[t·k + i] · step[(t·k + i) / X_BLOCK]`.
+#[derive(Default)]
 pub(super) struct Q16 {
     k: usize,
     q: Vec<i16>,
@@ -63,35 +65,33 @@ pub(super) struct Q16Row<'a> {
 }
 
 impl Q16 {
-    /// Rounds `x` (`tokens × k` floats, `k` a multiple of [`X_BLOCK`]). A
-    /// block holding a NaN or an infinity gets a NaN step, so that the
-    /// products it enters are NaN as the f32 kernels' would be. `None` when a
-    /// block's largest magnitude is above 0 and below [`TINY`]: its step
+    /// Rounds `x` (`tokens × k` floats, `k` a multiple of [`X_BLOCK`]) into
+    /// this buffer, whose allocations are kept from one product to the next.
+    /// A block holding a NaN or an infinity gets a NaN step, so that the
+    /// products it enters are NaN as the f32 kernels' would be. `false` when
+    /// a block's largest magnitude is above 0 and below [`TINY`]: its step
     /// times a weight block's scale could fall among f32's subnormals, where
     /// precision goes; such products go to the f32 kernels.
-    pub(super) fn new(x: &[f32], tokens: usize, k: usize) -> Option<Q16> {
+    pub(super) fn fill(&mut self, x: &[f32], tokens: usize, k: usize) -> bool {
         debug_assert!(k.is_multiple_of(X_BLOCK) && x.len() == tokens * k);
-        let blocks = x.len() / X_BLOCK;
-        let mut out = Q16 {
-            k,
-            q: vec![0; x.len()],
-            step: vec![0.0; blocks],
-            sums: vec![0.0; x.len() / SUB],
-        };
+        self.k = k;
+        self.q.resize(x.len(), 0);
+        self.step.resize(x.len() / X_BLOCK, 0.0);
+        self.sums.resize(x.len() / SUB, 0.0);
         let parts = x
             .chunks_exact(X_BLOCK)
-            .zip(out.q.chunks_exact_mut(X_BLOCK))
-            .zip(out.step.iter_mut())
-            .zip(out.sums.chunks_exact_mut(X_BLOCK / SUB));
+            .zip(self.q.chunks_exact_mut(X_BLOCK))
+            .zip(self.step.iter_mut())
+            .zip(self.sums.chunks_exact_mut(X_BLOCK / SUB));
         for (((xb, qb), step), sums) in parts {
-            // SAFETY: Q16 is built only where the pool's instruction set is
+            // SAFETY: Q16 is filled only where the pool's instruction set is
             // AVX-512 VNNI (which has AVX-512F); the slices are one block.
             *step = unsafe { round_block(xb, qb, sums) };
             if *step > 0.0 && *step * CODE_MAX < TINY {
-                return None;
+                return false;
             }
         }
-        Some(out)
+        true
     }
 
     /// Token `t`'s elements `k0..k0 + n` (`k0` and `n` multiples of
@@ -162,8 +162,9 @@ unsafe fn round_block(x: &[f32], q: &mut [i16], sums: &mut [f32]) -> f32 {
     step
 }
 
-/// Every token's block accumulator (exact, i32), running sum (f32) and, for
-/// Q4_K, the sum of the mins' products (f32, eight sub-blocks a lane).
+/// Every token's running sum (f32) and, for Q4_K and Q5_K, the sum of the
+/// mins' products (f32, eight sub-blocks a lane); a block's exact i32 sums
+/// live in [`block_products`].
 struct Acc<const N: usize> {
     sum: [__m512; N],
     mins: [__m256; N],
@@ -204,28 +205,7 @@ pub(super) unsafe fn dot<const N: usize>(
             }
         }
     }
-    std::array::from_fn(|t| _mm512_reduce_add_ps(acc.sum[t]) - reduce_add_256(acc.mins[t]))
-}
-
-/// The sum of the eight lanes of `v`.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn reduce_add_256(v: __m256) -> f32 {
-    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
-}
-
-/// The f16 at `p` (unaligned), widened, in every lane.
-///
-/// # Safety
-/// The CPU has AVX-512F and F16C; `p` points to 2 readable bytes.
-#[inline]
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn f16_splat(p: *const u8) -> __m512 {
-    // SAFETY: the caller guarantees 2 readable bytes at `p`.
-    let bits = unsafe { p.cast::<i16>().read_unaligned() };
-    _mm512_cvtph_ps(_mm256_set1_epi16(bits))
+    std::array::from_fn(|t| _mm512_reduce_add_ps(acc.sum[t]) - hsum8(acc.mins[t]))
 }
 
 /// The 32 bytes at `p`, zero-extended to 16-bit lanes.

@@ -14,6 +14,7 @@ use super::StreamerConfig;
 use crate::checkpoint::ModelIndex;
 use crate::cpu::calibrate::calibrate;
 use crate::cpu::plan::{layer_share, LayerCost};
+use crate::cpu::plan_pass::cpu_read_while_copying;
 use crate::cpu::{CpuPool, CpuPoolOptions};
 use crate::cuda::{memcpy_htod_async, DeviceBuffer, Stream};
 use crate::quant::QuantType;
@@ -51,8 +52,8 @@ pub(crate) fn auto_share(
     let rates = calibrate(&pool, &types, 1, 32 << 20, 2)?;
     let pcie = copy_rate(ctx, backend)?;
     // While the copies run the CPU reads no faster than what their DMA
-    // leaves of the host's memory (`cpu::plan_pass`).
-    let left = (rates.read_bps - pcie).max(0.1 * rates.read_bps);
+    // leaves of the host's memory.
+    let left = cpu_read_while_copying(rates.read_bps, pcie);
     let cpu_s = rates
         .layer_seconds(model, layer)?
         .max(layer.data_bytes as f64 / left);

@@ -289,12 +289,13 @@ impl Workload for Generation {
         let vocab = m.config().vocab.max(1);
         let token = move |i: usize| ((i * 7919 + 13) % vocab) as u32;
         let kind = self.0;
+        // One token for each of a decode's sequences.
+        let steps: Vec<[u32; 1]> = (0..n).map(|i| [token(i)]).collect();
         if kind == GenKind::Decode {
             // A split's first decode passes run slower than the rest (its
             // CPU side's buffers and threads warming up): a few here, so
             // that the tuner's single warm-up run and early kill compare
             // settled passes.
-            let steps: Vec<[u32; 1]> = (0..n).map(|i| [token(i)]).collect();
             let inputs: Vec<&[u32]> = steps.iter().map(|t| &t[..]).collect();
             for _ in 0..DECODE_WARM_PASSES {
                 m.forward(&mut s, &inputs)?;
@@ -313,7 +314,6 @@ impl Workload for Generation {
                     if m.lengths().iter().any(|&l| l + 1 >= DECODE_LEN) {
                         m.reset();
                     }
-                    let steps: Vec<[u32; 1]> = (0..n).map(|i| [token(i)]).collect();
                     let inputs: Vec<&[u32]> = steps.iter().map(|t| &t[..]).collect();
                     let t = Instant::now();
                     m.forward(&mut s, &inputs)?;
