@@ -78,7 +78,7 @@ pub use checkpoint::ModelIndex;
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use pipeline::{
-    Budget, CpuShare, Dequant, Device, HostRows, LayerWeights, PassStats, StreamerConfig,
-    TensorView,
+    AutoShare, Budget, CpuShare, Dequant, Device, HostRows, LayerWeights, PassStats,
+    StreamerConfig, TensorView,
 };
 pub use streamer::{ComputeStream, DeviceTensor, LayerStreamer, LayerStreamerBuilder};

@@ -11,7 +11,7 @@ use crate::pipeline::placement::{self, AfterBuild, Room};
 use crate::pipeline::plan::{Home, LayerPlan, LayerWeights};
 use crate::pipeline::split::RowSplit;
 use crate::pipeline::split_auto;
-use crate::pipeline::{Backend, Budget, CpuShare, Device, PassStats, StreamerConfig};
+use crate::pipeline::{AutoShare, Backend, Budget, CpuShare, Device, PassStats, StreamerConfig};
 use crate::quant::device::DequantKernels;
 use crate::{cuda, DType, Error, Result};
 
@@ -253,11 +253,15 @@ impl LayerStreamer {
     pub fn split_rows_note(&self) -> Option<String> {
         let split = self.pipeline.res().split.as_ref()?;
         let gb = split.pass_bytes() as f64 / 1e9;
-        Some(match &split.pin_error {
+        let rows = match &split.pin_error {
             None => format!("CPU rows: {gb:.2} GB in page-locked memory"),
             Some(e) => {
                 format!("CPU rows: {gb:.2} GB read from the file pages (page-locking failed: {e})")
             }
+        };
+        Some(match &split.auto {
+            Some(a) => format!("{rows}; {a}"),
+            None => rows,
         })
     }
 
@@ -265,6 +269,13 @@ impl LayerStreamer {
     /// layers stream.
     pub fn cpu_share(&self) -> f64 {
         self.pipeline.res().split.as_ref().map_or(0.0, |s| s.share)
+    }
+
+    /// What `cpu_share auto` measured when the streamer was built and the
+    /// share it picked; `None` for a fixed share, or where auto split
+    /// nothing (the host backend, every layer resident).
+    pub fn auto_share(&self) -> Option<AutoShare> {
+        self.pipeline.res().split.as_ref().and_then(|s| s.auto)
     }
 
     /// The configuration the streamer was built with.
@@ -387,9 +398,12 @@ fn split_rows(
         .iter()
         .map(|p| matches!(p.home, Home::Gpu(_)))
         .collect();
-    let share = match cfg.cpu_share {
-        CpuShare::Fixed(share) => share,
-        _ => split_auto::auto_share(model, cfg, backend, &resident)?,
+    let (share, auto) = match cfg.cpu_share {
+        CpuShare::Fixed(share) => (share, None),
+        _ => match split_auto::auto_share(model, cfg, backend, &resident)? {
+            Some(a) => (a.share, Some(a)),
+            None => (0.0, None),
+        },
     };
     if share == 0.0 {
         return Ok((None, None));
@@ -398,7 +412,9 @@ fn split_rows(
         .iter()
         .map(|&r| if r { 0.0 } else { share })
         .collect();
-    let split = RowSplit::new(model, &shares, split_only)?;
+    let (mut split, index) = RowSplit::new(model, &shares, split_only)?;
+    split.auto = auto;
+    let split = (split, index);
     Ok((Some(split), Some(resident)))
 }
 

@@ -26,7 +26,7 @@ fn layer_costs_count_each_matrix_at_its_types_rate() {
     let rates = CpuRates {
         tokens: 1,
         by_type: vec![(QuantType::BF16, rate)],
-        read_bps: rate,
+        read_bps: Some(rate),
     };
     let costs = layer_costs(&model, &rates, |i| i as f64 * 1e-3).unwrap();
     for (l, c) in model.layers().iter().zip(&costs) {
@@ -105,7 +105,7 @@ fn smollm2_blocks_multiply_like_their_dequantized_values() {
     let rates = CpuRates {
         tokens: 1,
         by_type: types.iter().map(|&t| (t, 50e9)).collect(),
-        read_bps: 50e9,
+        read_bps: Some(50e9),
     };
     let inp = SplitInputs {
         layers: layer_costs(&model, &rates, |_| 1e-5).unwrap(),
@@ -134,7 +134,7 @@ fn calibration_measures_each_type_it_is_asked_for() {
     let types = [QuantType::BF16, QuantType::Q4_K];
     let rates = calibrate(&pool, &types, 3, 1 << 20, 1).unwrap();
     assert_eq!(rates.tokens, 3);
-    assert!(rates.read_bps.is_finite() && rates.read_bps > 0.0);
+    assert!(rates.read_bps.is_some_and(|r| r.is_finite() && r > 0.0));
     for ty in types {
         let r = rates.rate(ty).unwrap();
         assert!(r.is_finite() && r > 0.0, "{ty}: {r}");

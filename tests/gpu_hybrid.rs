@@ -20,7 +20,7 @@ use layer_streamer::llm::{
 };
 use layer_streamer::quant::QuantType;
 use layer_streamer::synth::{write_model, Arch, Shape, SynthSpec};
-use layer_streamer::{CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
+use layer_streamer::{Budget, CpuShare, DType, Device, LayerStreamer, ModelIndex, StreamerConfig};
 use rand::Rng;
 
 /// The bar the issue sets for a split against the whole-layer pass.
@@ -53,25 +53,7 @@ fn run(
         b = b.split_only(&LlamaModel::SPLIT_WEIGHTS);
     }
     let mut s = b.build().unwrap();
-    let opts = ModelOptions {
-        max_batch: prompts.len(),
-        max_len: 64,
-        max_tokens: 64,
-        precision,
-        ..ModelOptions::default()
-    };
-    let mut model = LlamaModel::load(&s, opts).unwrap();
-    model.set_split_upload(mode);
-    let params = GenerateParams {
-        max_new_tokens: 6,
-        sampling: Default::default(),
-        seed: 0,
-        stop_ids: Vec::new(),
-    };
-    let greedy = generate(&mut model, &mut s, prompts, &params, |_, _| Ok(()))
-        .unwrap()
-        .tokens;
-    let st = s.last_pass_stats();
+    let (run, st) = decode(&mut s, (mode, precision), prompts, forced);
     assert_eq!(st.cpu_share, share);
     if share > 0.0 {
         assert!(st.cpu.bytes > 0, "{st}");
@@ -83,13 +65,43 @@ fn run(
     } else {
         assert_eq!(st.cpu.bytes, 0);
     }
+    run
+}
+
+/// [`run`]'s greedy decoding and teacher-forced logits on a built streamer,
+/// and the stats of the greedy run's last pass.
+fn decode(
+    s: &mut LayerStreamer,
+    (mode, precision): (SplitUpload, Precision),
+    prompts: &[Vec<u32>],
+    forced: Option<&[Vec<u32>]>,
+) -> (Run, layer_streamer::PassStats) {
+    let opts = ModelOptions {
+        max_batch: prompts.len(),
+        max_len: 64,
+        max_tokens: 64,
+        precision,
+        ..ModelOptions::default()
+    };
+    let mut model = LlamaModel::load(s, opts).unwrap();
+    model.set_split_upload(mode);
+    let params = GenerateParams {
+        max_new_tokens: 6,
+        sampling: Default::default(),
+        seed: 0,
+        stop_ids: Vec::new(),
+    };
+    let greedy = generate(&mut model, s, prompts, &params, |_, _| Ok(()))
+        .unwrap()
+        .tokens;
+    let st = s.last_pass_stats().clone();
     let forced: Vec<Vec<u32>> = forced
         .unwrap_or(&greedy)
         .iter()
         .map(|f| f[..f.len().saturating_sub(1)].to_vec())
         .collect();
-    let logits = teacher_forced(&mut model, &mut s, prompts, &forced).unwrap();
-    Run { logits, greedy }
+    let logits = teacher_forced(&mut model, s, prompts, &forced).unwrap();
+    (Run { logits, greedy }, st)
 }
 
 fn argmax(row: &[f32]) -> usize {
@@ -132,32 +144,37 @@ fn same_as_whole_layers(
             prompts,
             Some(&whole.greedy),
         );
-        let (mut rows, mut same) = (0, 0);
-        for (seq, (a_rows, b_rows)) in split.logits.iter().zip(&whole.logits).enumerate() {
-            for (j, (a, b)) in a_rows.iter().zip(b_rows).enumerate() {
-                let d = rel_l2(a, b);
-                assert!(
-                    d <= REL_L2,
-                    "share {s} {mode:?} (MLP only: {only}) {precision:?}, sequence {seq} row {j}: rel L2 {d:.3e}"
-                );
-                let want = whole.greedy[seq][j] as usize;
-                let got = argmax(a);
-                let rms =
-                    (b.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt();
-                let margin = (a[got] - a[want]) as f64;
-                assert!(
-                    got == want || margin <= 4.0 * d * rms,
-                    "share {s} {mode:?} (MLP only: {only}) {precision:?}, sequence {seq} row {j}: argmax {got}, whole \
-                     layers' token {want}, {margin:.3e} apart (rel L2 {d:.3e}, rms {rms:.3e})"
-                );
-                rows += 1;
-                same += usize::from(got == want);
-            }
-        }
-        eprintln!(
-            "share {s} {mode:?} (MLP only: {only}) {precision:?}: {same} of {rows} rows pick the whole layers' token"
-        );
+        let what = format!("share {s} {mode:?} (MLP only: {only}) {precision:?}");
+        assert_close(&what, &split, &whole);
     }
+}
+
+/// Every row of `split`'s logits within [`REL_L2`] of `whole`'s, and its
+/// argmax `whole`'s greedy token unless the two are a tie within the row's
+/// measured error; `what` names the run in failures.
+fn assert_close(what: &str, split: &Run, whole: &Run) {
+    let (mut rows, mut same) = (0, 0);
+    for (seq, (a_rows, b_rows)) in split.logits.iter().zip(&whole.logits).enumerate() {
+        for (j, (a, b)) in a_rows.iter().zip(b_rows).enumerate() {
+            let d = rel_l2(a, b);
+            assert!(
+                d <= REL_L2,
+                "{what}, sequence {seq} row {j}: rel L2 {d:.3e}"
+            );
+            let want = whole.greedy[seq][j] as usize;
+            let got = argmax(a);
+            let rms = (b.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / b.len() as f64).sqrt();
+            let margin = (a[got] - a[want]) as f64;
+            assert!(
+                got == want || margin <= 4.0 * d * rms,
+                "{what}, sequence {seq} row {j}: argmax {got}, whole layers' token {want}, \
+                 {margin:.3e} apart (rel L2 {d:.3e}, rms {rms:.3e})"
+            );
+            rows += 1;
+            same += usize::from(got == want);
+        }
+    }
+    eprintln!("{what}: {same} of {rows} rows pick the whole layers' token");
 }
 
 fn tiny_model(dir: &Path, arch: Arch, seed: u64) -> ModelIndex {
@@ -226,4 +243,65 @@ fn gpu_split_smollm2_gguf_matches_whole_layers() {
     let index = ModelIndex::open(common::assets::test_env("smollm2")).unwrap();
     let p = prompts(&mut rng, 49152);
     same_as_whole_layers(&index, Precision::Fast, &p, rng.gen_range(0.05..0.95));
+}
+
+#[test]
+fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
+    let test = "gpu_split_auto_share_is_planned_and_matches_whole_layers";
+    if common::gpu(test).is_none() {
+        return;
+    }
+    let mut rng = common::rng(test);
+    let dir = common::tempdir();
+    let index = common::models::small_gguf(dir.path(), QuantType::Q4_K, (6, 1024, 384), &mut rng);
+    let p = prompts(&mut rng, 384);
+    let whole = run(
+        &index,
+        (0.0, SplitUpload::Auto, false),
+        Precision::Fast,
+        &p,
+        None,
+    );
+    // Two layers resident: the device computes them while the CPU waits.
+    let kept: u64 = index.layers()[..2].iter().map(|l| l.data_bytes).sum();
+    let cfg = StreamerConfig {
+        device: Device::Cuda(0),
+        cpu_share: CpuShare::Auto,
+        n_gpu: 1,
+        gpu_cache: Budget::Bytes(kept + (kept >> 4)),
+        ..StreamerConfig::default()
+    };
+    let cfg = LlamaModel::streamer_config(&index, cfg);
+    let mut s = LayerStreamer::builder(&index).config(cfg).build().unwrap();
+    let a = s
+        .auto_share()
+        .expect("auto splits layers whose device time is launches");
+    eprintln!("{}", s.split_rows_note().unwrap());
+    assert!(a.share > 0.0 && a.share <= 1.0, "{a:?}");
+    assert_eq!(s.cpu_share(), a.share);
+    let steps = a.share * layer_streamer::cpu::plan_pass::SHARE_STEPS as f64;
+    assert!((steps - steps.round()).abs() < 1e-9, "{a:?}");
+    for v in [
+        a.device_layer_s,
+        a.cpu_bps,
+        a.pcie_bps,
+        a.pcie_alone_bps,
+        a.pass_s,
+    ] {
+        assert!(v.is_finite() && v > 0.0, "{a:?}");
+    }
+    let note = s.split_rows_note().unwrap();
+    assert!(
+        note.contains(&format!("cpu share auto {:.3}", a.share)),
+        "{note}"
+    );
+    let (split, st) = decode(
+        &mut s,
+        (SplitUpload::Auto, Precision::Fast),
+        &p,
+        Some(&whole.greedy),
+    );
+    assert_eq!(st.cpu_share, a.share);
+    assert!(st.cpu.bytes > 0, "{st}");
+    assert_close(&format!("share auto ({:.3})", a.share), &split, &whole);
 }

@@ -37,20 +37,20 @@ pub fn cpu_read_while_copying(host_read_bps: f64, pcie_bps: f64) -> f64 {
     (host_read_bps - pcie_bps).max(CPU_READ_FLOOR * host_read_bps)
 }
 
-/// Seconds of a pass with layers `0..resident` resident and share `s` of
-/// every streamed layer on the CPU, and each layer's time on the serial
-/// side.
+/// Seconds of a pass with the layers `resident` names resident and share
+/// `s` of every streamed layer on the CPU, and each layer's time on the
+/// serial side.
 pub(super) fn pass_time(
     inp: &SplitInputs,
     host_read_bps: Option<f64>,
-    resident: usize,
+    resident: impl Fn(usize) -> bool,
     s: f64,
 ) -> (f64, Vec<f64>) {
     let cpu_bps = host_read_bps.map(|r| cpu_read_while_copying(r, inp.pcie_bps));
     let (mut copy, mut streamed_bytes) = (0.0, 0.0);
     let serial: Vec<f64> = (inp.layers.iter().enumerate())
         .map(|(i, l)| {
-            if i < resident {
+            if resident(i) {
                 return l.gpu_s;
             }
             let bytes = l.bytes as f64;
@@ -87,12 +87,12 @@ fn best_at(inp: &SplitInputs, read: Option<f64>, s: f64) -> (f64, usize, Vec<f64
     (0..=inp.layers.len())
         .filter(|&r| fits(inp, r, s))
         .map(|r| {
-            let (t, serial) = pass_time(inp, read, r, s);
+            let (t, serial) = pass_time(inp, read, |i| i < r, s);
             (t, r, serial)
         })
         .min_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)))
         .unwrap_or_else(|| {
-            let (t, serial) = pass_time(inp, read, 0, s);
+            let (t, serial) = pass_time(inp, read, |_| false, s);
             (t, 0, serial)
         })
 }
@@ -103,11 +103,7 @@ fn best_at(inp: &SplitInputs, read: Option<f64>, s: f64) -> (f64, usize, Vec<f64
 /// positive number (a GPU time may be 0).
 pub fn plan_pass(inp: &SplitInputs, host_read_bps: Option<f64>) -> Result<SplitPlan> {
     validate(inp)?;
-    if let Some(r) = host_read_bps.filter(|r| !(r.is_finite() && *r > 0.0)) {
-        return Err(Error::Input(format!(
-            "cpu share planner: the host's read rate is {r}, not a finite positive number"
-        )));
-    }
+    validate_read(host_read_bps)?;
     let at = |s: f64| {
         let (t, r, serial) = best_at(inp, host_read_bps, s);
         (t, r, s, serial)
@@ -126,6 +122,47 @@ pub fn plan_pass(inp: &SplitInputs, host_read_bps: Option<f64>) -> Result<SplitP
         pass_s,
         gpu_only_pass_s: gpu_only,
     })
+}
+
+/// The one share of the streamed layers that makes the pass shortest when
+/// the layers `resident[i]` names stay on the device (the GPU cache has
+/// placed them, and slots sized for whole layers hold any share), and the
+/// pass's seconds at it. The smallest such share where several tie. Errors
+/// as for [`plan_pass`], and when `resident` does not name every layer.
+pub fn share_for(
+    inp: &SplitInputs,
+    host_read_bps: Option<f64>,
+    resident: &[bool],
+) -> Result<(f64, f64)> {
+    validate(inp)?;
+    validate_read(host_read_bps)?;
+    if resident.len() != inp.layers.len() {
+        return Err(Error::Input(format!(
+            "cpu share planner: {} resident flags for {} layers",
+            resident.len(),
+            inp.layers.len()
+        )));
+    }
+    let at = |k: usize| {
+        let s = k as f64 / SHARE_STEPS as f64;
+        (pass_time(inp, host_read_bps, |i| resident[i], s).0, s)
+    };
+    let best = (0..=SHARE_STEPS)
+        .map(at)
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .unwrap_or((0.0, 0.0));
+    Ok((best.1, best.0))
+}
+
+/// An error when the host's read rate is given and is not a finite
+/// positive number.
+fn validate_read(host_read_bps: Option<f64>) -> Result<()> {
+    match host_read_bps.filter(|r| !(r.is_finite() && *r > 0.0)) {
+        Some(r) => Err(Error::Input(format!(
+            "cpu share planner: the host's read rate is {r}, not a finite positive number"
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -35,13 +35,26 @@ fn random_inputs(rng: &mut StdRng) -> (SplitInputs, Option<f64>) {
 /// The pass at share `s` with layers `0..r` resident, straight from the
 /// module docs.
 fn model_time(inp: &SplitInputs, read: Option<f64>, r: usize, s: f64) -> f64 {
-    let streamed = &inp.layers[r..];
+    let flags: Vec<bool> = (0..inp.layers.len()).map(|i| i < r).collect();
+    model_time_of(inp, read, &flags, s)
+}
+
+/// [`model_time`] with the resident layers named one by one.
+fn model_time_of(inp: &SplitInputs, read: Option<f64>, resident: &[bool], s: f64) -> f64 {
+    let streamed: Vec<&LayerCost> = (inp.layers.iter().zip(resident))
+        .filter(|(_, r)| !**r)
+        .map(|(l, _)| l)
+        .collect();
     let copy: f64 = streamed
         .iter()
         .map(|l| (1.0 - s) * l.bytes as f64 / inp.pcie_bps)
         .sum();
     let cpu_bps = read.map(|h| (h - inp.pcie_bps).max(0.1 * h));
-    let serial: f64 = inp.layers[..r].iter().map(|l| l.gpu_s).sum::<f64>()
+    let kept: f64 = (inp.layers.iter().zip(resident))
+        .filter(|(_, r)| **r)
+        .map(|(l, _)| l.gpu_s)
+        .sum();
+    let serial: f64 = kept
         + streamed
             .iter()
             .map(|l| {
@@ -175,4 +188,39 @@ fn the_hosts_memory_bounds_the_pass_and_slows_the_cpu() {
         let e = plan_pass(&inp, Some(bad)).unwrap_err().to_string();
         assert!(e.contains("read rate"), "{e}");
     }
+}
+
+#[test]
+fn the_share_for_a_placed_cache_beats_every_other_share() {
+    let mut rng = crate::test_rng::rng();
+    for _ in 0..300 {
+        let (inp, read) = random_inputs(&mut rng);
+        let flags: Vec<bool> = (0..inp.layers.len()).map(|_| rng.gen_bool(0.4)).collect();
+        let (share, pass_s) = share_for(&inp, read, &flags).unwrap();
+        let own = model_time_of(&inp, read, &flags, share);
+        assert!((own - pass_s).abs() <= 1e-12 * own, "{own} vs {pass_s}");
+        for k in 0..=SHARE_STEPS {
+            let other = k as f64 / SHARE_STEPS as f64;
+            let t = model_time_of(&inp, read, &flags, other);
+            assert!(
+                pass_s <= t * (1.0 + 1e-12),
+                "share {share} ({pass_s}) loses to {other} ({t})"
+            );
+            if other < share {
+                assert!(t > pass_s, "{other} ties {share} and is smaller");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_share_for_a_placed_cache_wants_a_flag_per_layer() {
+    let mut rng = crate::test_rng::rng();
+    let (inp, read) = random_inputs(&mut rng);
+    let n = inp.layers.len();
+    let e = share_for(&inp, read, &vec![false; n + 1]).unwrap_err();
+    assert!(matches!(e, Error::Input(_)), "{e}");
+    assert!(e.to_string().contains(&format!("for {n} layers")), "{e}");
+    let e = share_for(&inp, Some(f64::NAN), &vec![false; n]).unwrap_err();
+    assert!(e.to_string().contains("read rate"), "{e}");
 }

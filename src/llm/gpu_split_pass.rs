@@ -28,7 +28,7 @@
 //! load. [`SplitUpload`] (or `LS_SPLIT_UPLOAD` = `auto`, `never`,
 //! `always`) can fix the choice.
 
-use crate::cpu::calibrate::calibrate;
+use crate::cpu::calibrate::calibrate_products;
 use crate::cpu::CpuPool;
 use crate::cuda::{Context, DeviceBuffer};
 use crate::pipeline::split_auto::h2d_rate;
@@ -184,7 +184,7 @@ impl Upload {
         types.sort_by_key(|t| t.ggml_type_id());
         types.dedup();
         let secs = |tokens| -> Result<f64> {
-            let rates = calibrate(pool, &types, tokens, 32 << 20, 3)?;
+            let rates = calibrate_products(pool, &types, tokens, 32 << 20, 3)?;
             rates.seconds(
                 &rows[l]
                     .iter()

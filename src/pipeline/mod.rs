@@ -15,6 +15,7 @@ pub(crate) mod readers;
 pub(crate) mod resources;
 pub(crate) mod split;
 pub(crate) mod split_auto;
+pub(crate) mod split_device;
 pub(crate) mod stages;
 pub mod stats;
 
@@ -22,4 +23,5 @@ pub(crate) use backend::{Backend, DevMem, EventH, StreamH};
 pub use config::{parse_size, Budget, CpuShare, Dequant, Device, StreamerConfig};
 pub use plan::{LayerWeights, TensorView};
 pub use split::{HostRows, ROW_MULTIPLE};
+pub use split_auto::AutoShare;
 pub use stats::{gbps as gbps_of, PassStats, Stage, StageStats};

@@ -316,7 +316,7 @@ fn split_row(
         vram_budget: mem.gpu_slot_size * mem.gpu_slots as u64 + mem.gpu_cache_bytes,
         slots: mem.gpu_slots,
     };
-    let plan = plan_pass(&inputs, Some(rates.read_bps))?;
+    let plan = plan_pass(&inputs, rates.read_bps)?;
     let share = plan.shares.iter().copied().fold(0.0, f64::max);
     eprintln!("batch {b}, last decode pass:\n{st}");
     let s = |d: std::time::Duration| d.as_secs_f64();
