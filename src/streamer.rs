@@ -400,7 +400,7 @@ fn split_rows(
         .collect();
     let (share, auto) = match cfg.cpu_share {
         CpuShare::Fixed(share) => (share, None),
-        _ => match split_auto::auto_share(model, cfg, backend, &resident)? {
+        _ => match split_auto::auto_share(model, (cfg, split_only), backend, &resident)? {
             Some(a) => (a.share, Some(a)),
             None => (0.0, None),
         },

@@ -28,7 +28,7 @@ fn layer_costs_count_each_matrix_at_its_types_rate() {
         by_type: vec![(QuantType::BF16, rate)],
         read_bps: Some(rate),
     };
-    let costs = layer_costs(&model, &rates, |i| i as f64 * 1e-3).unwrap();
+    let costs = layer_costs(&model, &rates, None, |i| i as f64 * 1e-3).unwrap();
     for (l, c) in model.layers().iter().zip(&costs) {
         let matrices: usize = l
             .tensors
@@ -43,14 +43,33 @@ fn layer_costs_count_each_matrix_at_its_types_rate() {
             "{} vs {want}",
             c.cpu_s
         );
-        assert_eq!(c.bytes, l.data_bytes);
+        assert_eq!(c.bytes, matrices as u64);
+        assert_eq!(c.total_bytes(), l.data_bytes);
         assert_eq!(c.gpu_s, l.index as f64 * 1e-3);
     }
+    // A split of one weight: the others stream whole, and only its bytes
+    // cost the CPU.
+    let layer = &model.layers()[rng.gen_range(0..model.num_layers())];
+    let matrices: Vec<_> = (layer.tensors.iter())
+        .filter(|t| t.info.shape.len() == 2)
+        .collect();
+    let one = matrices[rng.gen_range(0..matrices.len())];
+    let only = [one.key.clone()];
+    let costs = layer_costs(&model, &rates, Some(&only), |_| 0.0).unwrap();
+    let c = &costs[layer.index];
+    assert_eq!(c.bytes, one.info.len);
+    assert_eq!(c.whole_bytes, layer.data_bytes - one.info.len);
+    let want = one.info.len as f64 / rate;
+    assert!(
+        (c.cpu_s - want).abs() <= 1e-12 * want,
+        "{} vs {want}",
+        c.cpu_s
+    );
     let f16_only = CpuRates {
         by_type: vec![(QuantType::F16, rate)],
         ..rates
     };
-    let e = layer_costs(&model, &f16_only, |_| 0.0).unwrap_err();
+    let e = layer_costs(&model, &f16_only, None, |_| 0.0).unwrap_err();
     assert!(e.to_string().contains("no CPU rate for BF16"), "{e}");
     assert!(e.to_string().contains("model.layers.0."), "{e}");
 }
@@ -108,7 +127,7 @@ fn smollm2_blocks_multiply_like_their_dequantized_values() {
         read_bps: Some(50e9),
     };
     let inp = SplitInputs {
-        layers: layer_costs(&model, &rates, |_| 1e-5).unwrap(),
+        layers: layer_costs(&model, &rates, None, |_| 1e-5).unwrap(),
         pcie_bps: 25e9,
         join_s: 0.0,
         vram_budget: 0,

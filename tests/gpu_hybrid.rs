@@ -272,7 +272,11 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
         ..StreamerConfig::default()
     };
     let cfg = LlamaModel::streamer_config(&index, cfg);
-    let mut s = LayerStreamer::builder(&index).config(cfg).build().unwrap();
+    // As the model commands build it: only the MLP's weights are divided.
+    let mut s = (LayerStreamer::builder(&index).config(cfg))
+        .split_only(&LlamaModel::SPLIT_WEIGHTS)
+        .build()
+        .unwrap();
     let a = s
         .auto_share()
         .expect("auto splits layers whose device time is launches");
@@ -284,8 +288,10 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
     for v in [
         a.device_layer_s,
         a.cpu_bps,
+        a.cpu_alone_bps,
         a.pcie_bps,
         a.pcie_alone_bps,
+        a.join_s,
         a.pass_s,
     ] {
         assert!(v.is_finite() && v > 0.0, "{a:?}");

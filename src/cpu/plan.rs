@@ -2,39 +2,97 @@
 //! CPU side and the GPU side of a layer finish together.
 //!
 //! Both sides work on the same layer at once and meet at its end, so a
-//! layer's time is the slower side's. At CPU share `s`:
+//! layer's time is the slower side's. A split divides some of a layer's
+//! weights (`bytes`: the MLP's, say); the rest (`whole_bytes`) streams whole.
+//! At CPU share `s`, with `d = bytes / (bytes + whole_bytes)`:
 //!
-//! - the CPU reads `s` of the layer's bytes from host RAM: `s · cpu_s`, plus
+//! - the CPU reads `s` of the divided bytes from host RAM: `s · cpu_s`, plus
 //!   `join_s` for meeting the GPU side (only when `s > 0`);
-//! - the GPU side computes `1 - s` of the layer: `(1 - s) · gpu_s`; for a
-//!   streamed layer its rows also cross PCIe, and since the next layer's copy
-//!   overlaps this layer's compute the side takes
-//!   `(1 - s) · max(bytes / pcie, gpu_s)`; a resident layer crosses nothing.
+//! - the GPU side computes the rest: `(1 - s·d) · gpu_s`; for a streamed
+//!   layer those rows also cross PCIe, and since the next layer's copy
+//!   overlaps this layer's compute the side takes `(1 - s·d) · G` with
+//!   `G = max((bytes + whole_bytes) / pcie, gpu_s)`; a resident layer
+//!   crosses nothing (`G = gpu_s`).
 //!
 //! Both lines are linear in `s`, so the balance is
-//! `s* = (G - join_s) / (cpu_s + G)` with `G` the GPU side's time at `s = 0`,
-//! clamped to `[0, 1]`; where `s*` would not beat the GPU alone (the join
-//! costs more than it saves: prefill, large batches) the share is 0.
+//! `s* = (G - join_s) / (cpu_s + d·G)`, clamped to `[0, 1]`; where `s*`
+//! would not beat the GPU alone (the join costs more than it saves:
+//! prefill, large batches) the share is 0.
 //!
 //! Which layers are resident depends on the shares too: a streamed layer's
 //! device slot holds only its GPU rows, so a smaller slot leaves more of the
 //! VRAM budget for resident layers. [`plan_split`] finds the resident count
 //! and the shares together.
 
+use std::collections::HashSet;
+
 use super::calibrate::CpuRates;
-use crate::checkpoint::ModelIndex;
+use crate::checkpoint::{Layer, ModelIndex};
 use crate::error::{Error, Result};
+use crate::quant::QuantType;
 
 /// The cost of one layer at the batch size at hand.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LayerCost {
-    /// Stored bytes of the layer's weights (what a whole layer streams).
+    /// Stored bytes of the weights the split divides (their rows go to the
+    /// CPU at a share).
     pub bytes: u64,
-    /// Seconds the CPU takes for the whole layer (its bytes over the CPU's
-    /// GB/s for their stored types at this batch size).
+    /// Stored bytes of the rest of the layer, which streams whole at any
+    /// share: norms, biases, weights the CPU kernels do not read, and those
+    /// a split leaves out (attention's, where only the MLP's are split).
+    pub whole_bytes: u64,
+    /// Seconds the CPU takes for all of `bytes` (over the CPU's GB/s for
+    /// their stored types at this batch size).
     pub cpu_s: f64,
     /// Seconds the GPU computes the whole layer at this batch size.
     pub gpu_s: f64,
+}
+
+impl LayerCost {
+    /// Bytes a whole layer streams.
+    pub fn total_bytes(&self) -> u64 {
+        self.bytes + self.whole_bytes
+    }
+
+    /// The part of the layer a share `s` takes off the device side: its
+    /// copy and its products shrink by `s` of the divided bytes.
+    fn divided(&self) -> f64 {
+        self.bytes as f64 / self.total_bytes().max(1) as f64
+    }
+
+    /// Bytes the layer streams at share `s`.
+    pub fn streamed_at(&self, s: f64) -> f64 {
+        (1.0 - s) * self.bytes as f64 + self.whole_bytes as f64
+    }
+
+    /// Seconds the device computes its part of the layer at share `s`
+    /// (products in proportion to bytes).
+    pub fn gpu_at(&self, s: f64) -> f64 {
+        (1.0 - s * self.divided()) * self.gpu_s
+    }
+}
+
+/// Which of `layer`'s tensors a row split divides, and their stored types:
+/// 2-D tensors the CPU kernels read (not FP8 weights or their scales) whose
+/// keys end with one of `only` (every such tensor when `None`).
+pub fn divided_tensors(layer: &Layer, only: Option<&[String]>) -> Vec<Option<QuantType>> {
+    let scales: HashSet<&str> = (layer.tensors.iter())
+        .filter_map(|t| t.info.scale.as_ref().map(|s| s.tensor.as_str()))
+        .collect();
+    (layer.tensors.iter())
+        .map(|t| {
+            let info = &t.info;
+            let chosen = only.is_none_or(|o| o.iter().any(|s| t.key.ends_with(s.as_str())));
+            if !chosen
+                || info.shape.len() != 2
+                || info.scale.is_some()
+                || scales.contains(info.name.as_str())
+            {
+                return None;
+            }
+            info.quant.or_else(|| QuantType::from_dtype(info.dtype))
+        })
+        .collect()
 }
 
 /// What the planner knows about the machine and the model.
@@ -73,11 +131,13 @@ pub fn layer_share(l: &LayerCost, resident: bool, pcie_bps: f64, join_s: f64) ->
     let xfer = if resident {
         0.0
     } else {
-        l.bytes as f64 / pcie_bps
+        l.total_bytes() as f64 / pcie_bps
     };
+    // The device side at share `s` is `gpu · (1 - s · divided)`.
     let gpu = xfer.max(l.gpu_s);
-    let s = ((gpu - join_s) / (l.cpu_s + gpu)).clamp(0.0, 1.0);
-    let split = (s * l.cpu_s + join_s).max((1.0 - s) * gpu);
+    let shrink = gpu * l.divided();
+    let s = ((gpu - join_s) / (l.cpu_s + shrink)).clamp(0.0, 1.0);
+    let split = (s * l.cpu_s + join_s).max(gpu - s * shrink);
     if s > 0.0 && split < gpu {
         (s, split)
     } else {
@@ -100,7 +160,7 @@ fn with_resident(inp: &SplitInputs, resident: usize, cpu: bool) -> (Vec<f64>, Ve
                     l.gpu_s.max(if r {
                         0.0
                     } else {
-                        l.bytes as f64 / inp.pcie_bps
+                        l.total_bytes() as f64 / inp.pcie_bps
                     }),
                 )
             }
@@ -111,11 +171,11 @@ fn with_resident(inp: &SplitInputs, resident: usize, cpu: bool) -> (Vec<f64>, Ve
 /// Device bytes that `resident` layers and the slots of the streamed ones
 /// take, each slot sized for the largest GPU share among them.
 pub(super) fn vram_used(inp: &SplitInputs, resident: usize, shares: &[f64]) -> u64 {
-    let kept: u64 = inp.layers[..resident].iter().map(|l| l.bytes).sum();
+    let kept: u64 = inp.layers[..resident].iter().map(|l| l.total_bytes()).sum();
     let slot = inp.layers[resident..]
         .iter()
         .zip(&shares[resident..])
-        .map(|(l, s)| ((1.0 - s) * l.bytes as f64).ceil() as u64)
+        .map(|(l, &s)| l.streamed_at(s).ceil() as u64)
         .max()
         .unwrap_or(0);
     kept + slot * inp.slots as u64
@@ -178,23 +238,46 @@ pub fn plan_split(inp: &SplitInputs) -> Result<SplitPlan> {
 }
 
 /// The cost of every layer of `model` at the batch `rates` was measured at,
-/// with `gpu_s(layer)` the GPU's time for the whole layer at that batch.
+/// with the tensors `only` names divided ([`divided_tensors`]) and
+/// `gpu_s(layer)` the GPU's time for the whole layer at that batch.
 pub fn layer_costs(
     model: &ModelIndex,
     rates: &CpuRates,
+    only: Option<&[String]>,
     gpu_s: impl Fn(usize) -> f64,
 ) -> Result<Vec<LayerCost>> {
-    model
-        .layers()
-        .iter()
-        .map(|l| {
-            Ok(LayerCost {
-                bytes: l.data_bytes,
-                cpu_s: rates.layer_seconds(model, l)?,
-                gpu_s: gpu_s(l.index),
-            })
-        })
+    (model.layers().iter())
+        .map(|l| layer_cost(model, rates, l, only, gpu_s(l.index)))
         .collect()
+}
+
+/// The cost of `layer` of `model` ([`layer_costs`]). An error names a
+/// divided tensor whose stored type `rates` has no rate for.
+pub fn layer_cost(
+    model: &ModelIndex,
+    rates: &CpuRates,
+    layer: &Layer,
+    only: Option<&[String]>,
+    gpu_s: f64,
+) -> Result<LayerCost> {
+    let (mut bytes, mut cpu_s) = (0u64, 0.0);
+    for (t, ty) in layer.tensors.iter().zip(divided_tensors(layer, only)) {
+        let Some(ty) = ty else { continue };
+        let rate = (rates.rate(ty)).map_err(|e| {
+            let file = model.files().get(t.info.file).map(|f| f.path.display());
+            let file = file.map(|f| format!(" of {f}")).unwrap_or_default();
+            Error::Config(format!("tensor {}{file}: {e}", t.info.name))
+        })?;
+        bytes += t.info.len;
+        cpu_s += t.info.len as f64 / rate;
+    }
+    Ok(LayerCost {
+        bytes,
+        whole_bytes: layer.data_bytes.saturating_sub(bytes),
+        // A layer with nothing divided: the CPU has no rows to compute.
+        cpu_s: cpu_s.max(f64::MIN_POSITIVE),
+        gpu_s,
+    })
 }
 
 /// Rows of a tensor of `rows` rows that the CPU computes at share `s`,

@@ -7,9 +7,11 @@
 //! resident layer computes. So a pass has two budgets, and a third where the
 //! host's memory is measured:
 //!
-//! - the copies: `Σ (1 − s)·bytes / pcie` over the streamed layers;
+//! - the copies: `Σ ((1 − s)·bytes + whole) / pcie` over the streamed
+//!   layers (`bytes` the weights the split divides, `whole` the rest);
 //! - the serial side: `Σ gpu_s` over the resident layers, plus
-//!   `Σ max(s·cpu_s + join, (1 − s)·gpu_s)` over the streamed ones;
+//!   `Σ max(s·cpu_s + join, (1 − s·d)·gpu_s)` over the streamed ones, `d`
+//!   the divided part of a layer's bytes;
 //! - the host's memory: `Σ bytes / host_read` over the streamed layers (the
 //!   CPU's reads and the copies' DMA come out of one memory).
 //!
@@ -37,27 +39,43 @@ pub fn cpu_read_while_copying(host_read_bps: f64, pcie_bps: f64) -> f64 {
     (host_read_bps - pcie_bps).max(CPU_READ_FLOOR * host_read_bps)
 }
 
+/// What a pass's time knows of the host's memory.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Host {
+    /// Nothing: the CPU's rates and the copies' are all there is.
+    Unknown,
+    /// The host's read rate ([`plan_pass`]): every streamed byte is read at
+    /// it, and the CPU gets what the copies leave of it.
+    Read(f64),
+    /// The rate at which the CPU and the copies together read the host's
+    /// memory ([`share_for`]): every streamed byte is read at it, and each
+    /// side runs at its own rate otherwise.
+    Shared(f64),
+}
+
 /// Seconds of a pass with the layers `resident` names resident and share
 /// `s` of every streamed layer on the CPU, and each layer's time on the
 /// serial side.
 pub(super) fn pass_time(
     inp: &SplitInputs,
-    host_read_bps: Option<f64>,
+    host: Host,
     resident: impl Fn(usize) -> bool,
     s: f64,
 ) -> (f64, Vec<f64>) {
-    let cpu_bps = host_read_bps.map(|r| cpu_read_while_copying(r, inp.pcie_bps));
+    let cpu_bps = match host {
+        Host::Read(r) => Some(cpu_read_while_copying(r, inp.pcie_bps)),
+        _ => None,
+    };
     let (mut copy, mut streamed_bytes) = (0.0, 0.0);
     let serial: Vec<f64> = (inp.layers.iter().enumerate())
         .map(|(i, l)| {
             if resident(i) {
                 return l.gpu_s;
             }
-            let bytes = l.bytes as f64;
-            copy += (1.0 - s) * bytes / inp.pcie_bps;
-            streamed_bytes += bytes;
-            let cpu_s = cpu_bps.map_or(l.cpu_s, |r| l.cpu_s.max(bytes / r));
-            let gpu = (1.0 - s) * l.gpu_s;
+            copy += l.streamed_at(s) / inp.pcie_bps;
+            streamed_bytes += l.total_bytes() as f64;
+            let cpu_s = cpu_bps.map_or(l.cpu_s, |r| l.cpu_s.max(l.bytes as f64 / r));
+            let gpu = l.gpu_at(s);
             if s > 0.0 {
                 (s * cpu_s + inp.join_s).max(gpu)
             } else {
@@ -65,7 +83,10 @@ pub(super) fn pass_time(
             }
         })
         .collect();
-    let memory = host_read_bps.map_or(0.0, |r| streamed_bytes / r);
+    let memory = match host {
+        Host::Read(r) | Host::Shared(r) => streamed_bytes / r,
+        Host::Unknown => 0.0,
+    };
     (serial.iter().sum::<f64>().max(copy).max(memory), serial)
 }
 
@@ -83,7 +104,7 @@ fn fits(inp: &SplitInputs, r: usize, s: f64) -> bool {
 /// streamed layer whose rows the two sides share can finish sooner than a
 /// resident one when the copies have time to spare. Nothing fitting, the
 /// pass streams every layer (the streamer then says what does not fit).
-fn best_at(inp: &SplitInputs, read: Option<f64>, s: f64) -> (f64, usize, Vec<f64>) {
+fn best_at(inp: &SplitInputs, read: Host, s: f64) -> (f64, usize, Vec<f64>) {
     (0..=inp.layers.len())
         .filter(|&r| fits(inp, r, s))
         .map(|r| {
@@ -104,8 +125,9 @@ fn best_at(inp: &SplitInputs, read: Option<f64>, s: f64) -> (f64, usize, Vec<f64
 pub fn plan_pass(inp: &SplitInputs, host_read_bps: Option<f64>) -> Result<SplitPlan> {
     validate(inp)?;
     validate_read(host_read_bps)?;
+    let host = host_read_bps.map_or(Host::Unknown, Host::Read);
     let at = |s: f64| {
-        let (t, r, serial) = best_at(inp, host_read_bps, s);
+        let (t, r, serial) = best_at(inp, host, s);
         (t, r, s, serial)
     };
     let (gpu_only, ..) = at(0.0);
@@ -124,18 +146,30 @@ pub fn plan_pass(inp: &SplitInputs, host_read_bps: Option<f64>) -> Result<SplitP
     })
 }
 
-/// The one share of the streamed layers that makes the pass shortest when
-/// the layers `resident[i]` names stay on the device (the GPU cache has
-/// placed them, and slots sized for whole layers hold any share), and the
-/// pass's seconds at it. The smallest such share where several tie. Errors
-/// as for [`plan_pass`], and when `resident` does not name every layer.
+/// Passes within this fraction of the shortest count as the shortest in
+/// [`share_for`].
+pub const NEAR_BEST: f64 = 0.02;
+
+/// The share of the streamed layers for a pass when the layers `resident[i]`
+/// names stay on the device (the GPU cache has placed them, and slots sized
+/// for whole layers hold any share), and the pass's seconds at it.
+/// `shared_bps`, where measured, is the rate at which the CPU and the
+/// copies together read the host's memory; the layers' CPU times and
+/// `pcie_bps` are then each side's rate alone.
+///
+/// Of the shares whose pass comes within [`NEAR_BEST`] of the shortest,
+/// the middle of the range around the shortest: when the host's memory
+/// bounds the pass, a range of shares leaves both sides room, and how the
+/// two divide the memory in a pass is not what a rate measured at build
+/// says; the middle leaves each side the most room. Errors as for
+/// [`plan_pass`], and when `resident` does not name every layer.
 pub fn share_for(
     inp: &SplitInputs,
-    host_read_bps: Option<f64>,
+    shared_bps: Option<f64>,
     resident: &[bool],
 ) -> Result<(f64, f64)> {
     validate(inp)?;
-    validate_read(host_read_bps)?;
+    validate_read(shared_bps)?;
     if resident.len() != inp.layers.len() {
         return Err(Error::Input(format!(
             "cpu share planner: {} resident flags for {} layers",
@@ -143,15 +177,28 @@ pub fn share_for(
             inp.layers.len()
         )));
     }
-    let at = |k: usize| {
-        let s = k as f64 / SHARE_STEPS as f64;
-        (pass_time(inp, host_read_bps, |i| resident[i], s).0, s)
+    let host = shared_bps.map_or(Host::Unknown, Host::Shared);
+    let times: Vec<f64> = (0..=SHARE_STEPS)
+        .map(|k| pass_time(inp, host, |i| resident[i], k as f64 / SHARE_STEPS as f64).0)
+        .collect();
+    let (lo, hi) = near_best(&times);
+    let k = (lo + hi) / 2;
+    Ok((k as f64 / SHARE_STEPS as f64, times[k]))
+}
+
+/// The first and last index of the run of `times` within [`NEAR_BEST`] of
+/// the least that holds the first least.
+pub(super) fn near_best(times: &[f64]) -> (usize, usize) {
+    let best = (0..times.len())
+        .min_by(|&a, &b| times[a].total_cmp(&times[b]).then(a.cmp(&b)))
+        .unwrap_or(0);
+    let Some(&least) = times.get(best) else {
+        return (0, 0);
     };
-    let best = (0..=SHARE_STEPS)
-        .map(at)
-        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)))
-        .unwrap_or((0.0, 0.0));
-    Ok((best.1, best.0))
+    let near = |i: &usize| times[*i] <= least * (1.0 + NEAR_BEST);
+    let lo = (0..=best).rev().take_while(near).last().unwrap_or(best);
+    let hi = (best..times.len()).take_while(near).last().unwrap_or(best);
+    (lo, hi)
 }
 
 /// An error when the host's read rate is given and is not a finite

@@ -26,6 +26,7 @@ fn random_layer(rng: &mut StdRng) -> LayerCost {
     let bytes = rng.gen_range(1u64 << 20..1 << 30);
     LayerCost {
         bytes,
+        whole_bytes: 0,
         cpu_s: bytes as f64 / rng.gen_range(5e9..150e9),
         gpu_s: rng.gen_range(0.0..0.02),
     }
@@ -72,6 +73,7 @@ fn a_streamed_decode_layer_runs_at_the_sum_of_the_bandwidths() {
         let bytes = rng.gen_range(1u64 << 24..1 << 30);
         let l = LayerCost {
             bytes,
+            whole_bytes: 0,
             cpu_s: bytes as f64 / c,
             gpu_s: 0.0,
         };
@@ -83,6 +85,31 @@ fn a_streamed_decode_layer_runs_at_the_sum_of_the_bandwidths() {
             "share {s}, CPU's part of the bandwidth {}",
             c / (c + p)
         );
+    }
+}
+
+#[test]
+fn weights_that_stream_whole_raise_the_share() {
+    // Of a layer, `bytes` are divided and `whole` always streams: the CPU's
+    // s·B/c meets the copies' ((1 - s)·B + W)/p at s = c·(B + W) / (B·(c + p)).
+    let mut rng = rng("weights_that_stream_whole_raise_the_share");
+    for _ in 0..100 {
+        let (c, p) = (rng.gen_range(10e9..120e9), rng.gen_range(10e9..64e9));
+        let bytes = rng.gen_range(1u64 << 24..1 << 30);
+        let whole = (bytes as f64 * p / c * rng.gen_range(0.0..1.0)) as u64;
+        let l = LayerCost {
+            bytes,
+            whole_bytes: whole,
+            cpu_s: bytes as f64 / c,
+            gpu_s: 0.0,
+        };
+        let (s, t) = layer_share(&l, false, p, 0.0);
+        let (b, w) = (bytes as f64, whole as f64);
+        let want_s = c * (b + w) / (b * (c + p));
+        assert!((s - want_s).abs() <= 1e-9, "share {s} vs {want_s}");
+        let want_t = (b + w) / (c + p);
+        assert!((t - want_t).abs() <= 1e-9 * want_t, "{t} vs {want_t}");
+        assert_eq!(l.streamed_at(s).round(), ((1.0 - s) * b + w).round());
     }
 }
 
@@ -149,6 +176,7 @@ fn the_plan_fits_the_budget_and_keeps_the_most_layers() {
 fn bad_rates_are_errors_that_name_them() {
     let l = LayerCost {
         bytes: 1 << 20,
+        whole_bytes: 0,
         cpu_s: 1e-3,
         gpu_s: 1e-4,
     };

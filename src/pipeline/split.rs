@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use super::backend::{Backend, PinnedBuf};
 use super::resources::SlotPtr;
-use crate::checkpoint::{plan_reads, Layer, LayerTensor, ModelIndex, ShardFile, TensorInfo};
-use crate::cpu::plan::cpu_rows;
+use crate::checkpoint::{plan_reads, Layer, LayerTensor, ModelIndex, ShardFile};
+use crate::cpu::plan::{cpu_rows, divided_tensors};
 use crate::cpu::HostMatrix;
 use crate::quant::QuantType;
 use crate::{Error, Result};
@@ -352,14 +352,6 @@ fn map_file(path: &std::path::Path) -> Result<memmap2::Mmap> {
     unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io("memory-mapping", path, None, e))
 }
 
-/// The stored type of a tensor whose rows the CPU can compute, or `None`.
-fn splittable(t: &TensorInfo, scales: &HashSet<&str>) -> Option<QuantType> {
-    if t.shape.len() != 2 || t.scale.is_some() || scales.contains(t.name.as_str()) {
-        return None;
-    }
-    t.quant.or_else(|| QuantType::from_dtype(t.dtype))
-}
-
 /// One layer's device part (the pipeline's layer) and its CPU rows.
 fn split_layer(
     files: &[ShardFile],
@@ -367,17 +359,11 @@ fn split_layer(
     share: f64,
     only: Option<&[String]>,
 ) -> Result<(Layer, Vec<HostRowsPlan>)> {
-    let scales: HashSet<&str> = layer
-        .tensors
-        .iter()
-        .filter_map(|t| t.info.scale.as_ref().map(|s| s.tensor.as_str()))
-        .collect();
     let mut device = Vec::with_capacity(layer.tensors.len());
     let mut host = Vec::new();
-    for t in &layer.tensors {
+    for (t, divided) in layer.tensors.iter().zip(divided_tensors(layer, only)) {
         let mut info = t.info.clone();
-        let chosen = only.is_none_or(|o| o.iter().any(|s| t.key.ends_with(s.as_str())));
-        if let Some(ty) = splittable(&info, &scales).filter(|_| chosen) {
+        if let Some(ty) = divided {
             let (rows, cols) = (info.shape[0], info.shape[1]);
             let row_bytes = ty.row_bytes(cols as u64).map_err(|e| {
                 let file = files.get(info.file).map(|f| f.path.as_path());

@@ -1,16 +1,21 @@
-//! `cpu_share auto`: the one share of the streamed layers' rows that makes
-//! a one-token pass shortest ([`crate::cpu::plan_pass::share_for`]), from
-//! what is measured when the streamer is built:
+//! `cpu_share auto`: the share of the streamed layers' rows for a
+//! one-token pass ([`crate::cpu::plan_pass::share_for`]), from what is
+//! measured when the streamer is built:
 //!
-//! - the CPU's products on the layers' stored types (on the pool the model
-//!   will compute with) **while page-locked copies to the device run**, and
-//!   the copies' rate meanwhile: in a pass the two read the host's memory
-//!   at once. (A 7B bf16 pass on an H200 host read its CPU rows at 58.5
-//!   GB/s beside copies at 52.7, the CPU's 68.5 alone; the host's read rate
-//!   less the copies', 37 GB/s, was too little: that plan gave 6.73
-//!   tokens/s against 7.65 at share 0.5.)
+//! - the CPU's products on the stored types of the weights the split
+//!   divides (on the pool the model will compute with), alone and **while
+//!   page-locked copies to the device run**, and the copies' rate alone and
+//!   meanwhile. In a pass the two read the host's memory at once: what they
+//!   read together side by side bounds the pass, and each side's rate alone
+//!   bounds its own part. (A 7B bf16 pass on an H200 host read its CPU rows
+//!   at 54.7–58.6 GB/s beside copies at 52, against 47.5 beside copies at
+//!   54.9 when calibrated: how the two divide the memory depends on what
+//!   each asks, so the planner takes the middle of the shares that the
+//!   memory's bound allows.)
 //! - the device's time for a layer's products ([`device_layer_seconds`]),
-//!   which the resident layers take while the CPU waits.
+//!   which the resident layers take while the CPU waits;
+//! - a meeting of the two sides ([`meeting_seconds`]), twice per group of
+//!   divided weights in every layer.
 //!
 //! Larger passes hand CPU rows back to the device pass by pass (the CUDA
 //! forward pass's upload), so one share at build serves every batch.
@@ -19,11 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::backend::Backend;
-use super::split_device::device_layer_seconds;
+use super::split_device::{device_layer_seconds, meeting_seconds};
 use super::StreamerConfig;
 use crate::checkpoint::{Layer, ModelIndex};
 use crate::cpu::calibrate::{calibrate_products, CpuRates};
-use crate::cpu::plan::{LayerCost, SplitInputs};
+use crate::cpu::plan::{divided_tensors, layer_cost, SplitInputs};
 use crate::cpu::plan_pass::share_for;
 use crate::cpu::{CpuPool, CpuPoolOptions};
 use crate::cuda::{memcpy_htod_async, Context, DeviceBuffer, Stream};
@@ -41,12 +46,19 @@ pub struct AutoShare {
     pub share: f64,
     /// The device's seconds for one token through the largest streamed layer.
     pub device_layer_s: f64,
-    /// The CPU's bytes per second on that layer while copies run.
+    /// The CPU's bytes per second on that layer's divided weights while
+    /// copies run.
     pub cpu_bps: f64,
+    /// The same alone.
+    pub cpu_alone_bps: f64,
     /// Page-locked host-to-device bytes per second while the CPU computes.
     pub pcie_bps: f64,
     /// Page-locked host-to-device bytes per second alone.
     pub pcie_alone_bps: f64,
+    /// Seconds a layer's meetings of the two sides take beyond their
+    /// products (copies of the inputs and outputs, waits, the pool's
+    /// wake-up).
+    pub join_s: f64,
     /// The planner's seconds for a one-token pass at `share`.
     pub pass_s: f64,
 }
@@ -55,10 +67,13 @@ impl std::fmt::Display for AutoShare {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "cpu share auto {:.3}: device {:.3} ms a layer; CPU {:.1} GB/s and PCIe {:.1} GB/s \
-             side by side (PCIe {:.1} alone); one-token pass bound {:.2} ms",
+            "cpu share auto {:.3}: device {:.3} ms a layer, meetings {:.3} ms a layer; \
+             CPU {:.1} GB/s alone, {:.1} beside copies at {:.1} GB/s ({:.1} alone); \
+             one-token pass bound {:.2} ms",
             self.share,
             self.device_layer_s * 1e3,
+            self.join_s * 1e3,
+            self.cpu_alone_bps / 1e9,
             self.cpu_bps / 1e9,
             self.pcie_bps / 1e9,
             self.pcie_alone_bps / 1e9,
@@ -68,11 +83,13 @@ impl std::fmt::Display for AutoShare {
 }
 
 /// The CPU share for the layers of `model` that stream (`resident[i]`
-/// false), or `None` where a split does not pay: on the host backend (the
-/// device is the CPU already) or with every layer resident.
+/// false) when the split divides the weights `only` names (every weight the
+/// CPU reads when `None`), or `None` where a split does not pay: on the
+/// host backend (the device is the CPU already) or with every layer
+/// resident.
 pub(crate) fn auto_share(
     model: &ModelIndex,
-    cfg: &StreamerConfig,
+    (cfg, only): (&StreamerConfig, Option<&[String]>),
     backend: &Backend,
     resident: &[bool],
 ) -> Result<Option<AutoShare>> {
@@ -83,59 +100,85 @@ pub(crate) fn auto_share(
     let Some((largest, _)) = streamed.max_by_key(|(l, _)| l.data_bytes) else {
         return Ok(None);
     };
-    let (rates, pcie_bps, pcie_alone_bps) = side_by_side(model, cfg, backend, ctx)?;
+    let side = side_by_side(model, cfg, backend, ctx, largest, only)?;
     let device_layer_s = device_layer_seconds(ctx, dequant.as_deref(), largest, cfg)?;
+    let per_byte = device_layer_s / largest.data_bytes.max(1) as f64;
+    let layers = (model.layers().iter())
+        .map(|l| layer_cost(model, &side.alone, l, only, per_byte * l.data_bytes as f64))
+        .collect::<Result<Vec<_>>>()?;
+    let join_s = side.meeting_s * meetings(largest, only) as f64;
     let inputs = SplitInputs {
-        layers: costs(model, &rates, (largest, device_layer_s))?,
-        pcie_bps,
-        join_s: 0.0,
+        layers,
+        pcie_bps: side.pcie_alone_bps,
+        join_s,
         // The cache is placed: the planner only picks the share.
         vram_budget: u64::MAX,
         slots: 1,
     };
-    // The rates were measured side by side: the host's memory is in them.
-    let (share, pass_s) = share_for(&inputs, None, resident)?;
+    let rate = |rates: &CpuRates| -> Result<f64> {
+        let cost = layer_cost(model, rates, largest, only, device_layer_s)?;
+        Ok(cost.bytes as f64 / cost.cpu_s)
+    };
+    let (cpu_alone_bps, cpu_bps) = (rate(&side.alone)?, rate(&side.beside)?);
+    // What the two sides read together is the host's memory rate.
+    let shared = cpu_bps + side.pcie_bps;
+    let (share, pass_s) = share_for(&inputs, Some(shared), resident)?;
     Ok(Some(AutoShare {
         share,
         device_layer_s,
-        cpu_bps: largest.data_bytes as f64 / rates.layer_seconds(model, largest)?.max(1e-12),
-        pcie_bps,
-        pcie_alone_bps,
+        cpu_bps,
+        cpu_alone_bps,
+        pcie_bps: side.pcie_bps,
+        pcie_alone_bps: side.pcie_alone_bps,
+        join_s,
         pass_s,
     }))
 }
 
-/// Each layer's bytes, CPU seconds at `rates` and device seconds, those
-/// of `largest` scaled by bytes.
-fn costs(
-    model: &ModelIndex,
-    rates: &CpuRates,
-    (largest, device_s): (&Layer, f64),
-) -> Result<Vec<LayerCost>> {
-    let per_byte = device_s / largest.data_bytes.max(1) as f64;
-    (model.layers().iter())
-        .map(|l| {
-            Ok(LayerCost {
-                bytes: l.data_bytes,
-                cpu_s: rates.layer_seconds(model, l)?.max(f64::MIN_POSITIVE),
-                gpu_s: per_byte * l.data_bytes as f64,
-            })
+/// The meetings of the two sides in one layer: two for each group of
+/// divided weights (the key's part before the weight's own name, as
+/// `mlp` of `mlp.up_proj.weight`), one for the input and one for the
+/// output of a group's products.
+fn meetings(layer: &Layer, only: Option<&[String]>) -> usize {
+    let mut groups: Vec<&str> = (layer.tensors.iter())
+        .zip(divided_tensors(layer, only))
+        .filter(|(_, d)| d.is_some())
+        .map(|(t, _)| {
+            let mut parts = t.key.rsplitn(3, '.');
+            let (_, _) = (parts.next(), parts.next());
+            parts.next().unwrap_or("")
         })
-        .collect()
+        .collect();
+    groups.sort_unstable();
+    groups.dedup();
+    2 * groups.len()
 }
 
-/// The CPU's rates on `model`'s stored types while page-locked copies run,
-/// the copies' rate meanwhile, and their rate alone.
+/// What [`side_by_side`] measured.
+struct SideBySide {
+    /// The CPU's rates alone.
+    alone: CpuRates,
+    /// The CPU's rates while copies run.
+    beside: CpuRates,
+    pcie_bps: f64,
+    pcie_alone_bps: f64,
+    meeting_s: f64,
+}
+
+/// The CPU's rates on the stored types of `model`'s divided weights alone
+/// and while page-locked copies run, the copies' rate meanwhile and alone,
+/// and a meeting's seconds for `largest`'s inputs.
 fn side_by_side(
     model: &ModelIndex,
     cfg: &StreamerConfig,
     backend: &Backend,
     ctx: &Context,
-) -> Result<(CpuRates, f64, f64)> {
+    largest: &Layer,
+    only: Option<&[String]>,
+) -> Result<SideBySide> {
     let mut types: Vec<QuantType> = (model.layers().iter())
-        .flat_map(|l| &l.tensors)
-        .filter(|t| t.info.shape.len() == 2)
-        .filter_map(|t| t.info.quant.or_else(|| QuantType::from_dtype(t.info.dtype)))
+        .flat_map(|l| divided_tensors(l, only))
+        .flatten()
         .collect();
     types.sort_by_key(|t| t.ggml_type_id());
     types.dedup();
@@ -143,16 +186,29 @@ fn side_by_side(
         exclude: cfg.cpu_affinity.clone().unwrap_or_default(),
         ..CpuPoolOptions::default()
     })?;
-    let host = backend.pinned(COPY_BYTES)?;
+    let mut host = backend.pinned(COPY_BYTES)?;
     let dev = DeviceBuffer::alloc(ctx, COPY_BYTES)?;
+    let k = (largest.tensors.iter().zip(divided_tensors(largest, only)))
+        .filter(|(_, d)| d.is_some())
+        .map(|(t, _)| t.info.shape[1])
+        .max()
+        .unwrap_or(0);
+    let meeting_s = meeting_seconds(ctx, &pool, host.buf.as_mut_slice(), k)?;
     // SAFETY: `pinned` made COPY_BYTES of page-locked memory, written by
-    // nobody while `host` lives.
+    // nobody while `src` lives.
     let src = unsafe { std::slice::from_raw_parts(host.ptr(), COPY_BYTES) };
-    let alone = h2d_rate(ctx, src, &dev)?;
-    let (rates, beside) = while_copying(ctx, src, &dev, || {
+    let pcie_alone_bps = h2d_rate(ctx, src, &dev)?;
+    let alone = calibrate_products(&pool, &types, 1, 32 << 20, 2)?;
+    let (beside, pcie_bps) = while_copying(ctx, src, &dev, || {
         calibrate_products(&pool, &types, 1, 32 << 20, 2)
     })?;
-    Ok((rates, beside, alone))
+    Ok(SideBySide {
+        alone,
+        beside,
+        pcie_bps,
+        pcie_alone_bps,
+        meeting_s,
+    })
 }
 
 /// Sets its flag when dropped.
@@ -224,3 +280,7 @@ pub(crate) fn h2d_rate(ctx: &crate::cuda::Context, src: &[u8], dst: &DeviceBuffe
     }
     Ok(len as f64 / best.max(1e-9))
 }
+
+#[cfg(test)]
+#[path = "split_auto_tests.rs"]
+mod tests;

@@ -18,7 +18,7 @@ use super::config::Dequant;
 use super::StreamerConfig;
 use crate::checkpoint::Layer;
 use crate::cuda::cublas::{self, Cublas, GemmType};
-use crate::cuda::{Context, DeviceBuffer, Event, Stream};
+use crate::cuda::{memcpy_dtoh_async, memcpy_htod_async, Context, DeviceBuffer, Event, Stream};
 use crate::quant::device::{DequantKernels, Gemv};
 use crate::{DType, Result};
 
@@ -184,6 +184,43 @@ fn queue_products(
         }
     }
     Ok(total as f64 / timed.max(1) as f64)
+}
+
+/// Round trips timed for [`meeting_seconds`] (the median counts).
+const MEETING_REPS: usize = 21;
+
+/// Seconds of one meeting of the two sides of a split beyond their
+/// products: a `k`-wide 16-bit input copied to page-locked `staging`, an
+/// event waited for, the CPU pool woken on every thread, and a `k`-wide f32
+/// result copied back and waited for. The median of [`MEETING_REPS`].
+pub(crate) fn meeting_seconds(
+    ctx: &Context,
+    pool: &crate::cpu::CpuPool,
+    staging: &mut [u8],
+    k: usize,
+) -> Result<f64> {
+    let bytes = (4 * k).clamp(4, staging.len());
+    let dev = DeviceBuffer::alloc(ctx, bytes)?;
+    dev.memset_zero()?;
+    let s = Stream::new(ctx)?;
+    let ready = Event::new(ctx, false)?;
+    let mut times = Vec::with_capacity(MEETING_REPS);
+    for _ in 0..MEETING_REPS {
+        let t0 = std::time::Instant::now();
+        // SAFETY: `staging` holds `bytes` and is page-locked by the caller;
+        // nothing else touches it, and both copies are waited for before
+        // the next round or the end of the borrow.
+        unsafe { memcpy_dtoh_async(staging.as_mut_ptr(), dev.ptr(), bytes / 2, &s)? };
+        ready.record(&s)?;
+        ready.synchronize()?;
+        pool.install(|| rayon::broadcast(|_| std::hint::black_box(())));
+        // SAFETY: as above.
+        unsafe { memcpy_htod_async(dev.ptr(), staging.as_ptr(), bytes, &s)? };
+        s.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 #[cfg(test)]

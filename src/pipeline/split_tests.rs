@@ -1,7 +1,7 @@
 //! The row split's plan: extents, rounding and which tensors are split.
 
 use super::*;
-use crate::checkpoint::{LayerTensor, ReadOp};
+use crate::checkpoint::{LayerTensor, ReadOp, TensorInfo};
 use crate::DType;
 
 fn tensor(key: &str, dtype: DType, shape: &[usize], offset: u64) -> LayerTensor {
@@ -37,9 +37,10 @@ fn cpu_rows_are_the_tail_and_one_dimensional_tensors_stay_whole() {
         reads: Vec::<ReadOp>::new(),
     };
     for share in [0.3, 1.0] {
-        let scales = HashSet::new();
-        assert_eq!(splittable(&w.info, &scales), Some(QuantType::BF16));
-        assert_eq!(splittable(&b.info, &scales), None);
+        assert_eq!(
+            divided_tensors(&layer, None),
+            vec![Some(QuantType::BF16), None]
+        );
         let (dev, host) = split_layer(&[], &layer, share, None).unwrap();
         assert_eq!(host.len(), 1);
         let h = &host[0];

@@ -40,7 +40,7 @@
 use std::path::PathBuf;
 
 use layer_streamer::cpu::calibrate::calibrate;
-use layer_streamer::cpu::plan::{layer_costs, SplitInputs};
+use layer_streamer::cpu::plan::{divided_tensors, layer_costs, SplitInputs};
 use layer_streamer::cpu::plan_pass::plan_pass;
 use layer_streamer::cpu::{CpuPool, CpuPoolOptions};
 use layer_streamer::llm::{
@@ -288,12 +288,11 @@ fn split_row(
 ) -> Result<String> {
     let st = streamer.last_pass_stats();
     let model = streamer.model();
-    let mut types: Vec<QuantType> = model
-        .layers()
-        .iter()
-        .flat_map(|l| &l.tensors)
-        .filter(|t| t.info.shape.len() == 2)
-        .filter_map(|t| t.info.quant.or_else(|| QuantType::from_dtype(t.info.dtype)))
+    // The weights the model commands split.
+    let only: Vec<String> = LlamaModel::SPLIT_WEIGHTS.map(String::from).to_vec();
+    let mut types: Vec<QuantType> = (model.layers().iter())
+        .flat_map(|l| divided_tensors(l, Some(&only)))
+        .flatten()
         .collect();
     types.sort_by_key(|t| t.ggml_type_id());
     types.dedup();
@@ -310,7 +309,7 @@ fn split_row(
     };
     let mem = streamer.memory();
     let inputs = SplitInputs {
-        layers: layer_costs(model, &rates, |_| gpu_s)?,
+        layers: layer_costs(model, &rates, Some(&only), |_| gpu_s)?,
         pcie_bps: h2d_bps,
         join_s: 0.0,
         vram_budget: mem.gpu_slot_size * mem.gpu_slots as u64 + mem.gpu_cache_bytes,
