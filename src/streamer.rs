@@ -273,7 +273,8 @@ impl LayerStreamer {
 
     /// What `cpu_share auto` measured when the streamer was built and the
     /// share it picked; `None` for a fixed share, or where auto split
-    /// nothing (the host backend, every layer resident).
+    /// nothing (the host backend, every layer resident, or meetings of the
+    /// sides that cost more than the CPU rows would save).
     pub fn auto_share(&self) -> Option<AutoShare> {
         self.pipeline.res().split.as_ref().and_then(|s| s.auto)
     }

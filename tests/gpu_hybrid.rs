@@ -253,7 +253,16 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
     }
     let mut rng = common::rng(test);
     let dir = common::tempdir();
-    let index = common::models::small_gguf(dir.path(), QuantType::Q4_K, (6, 1024, 384), &mut rng);
+    // Layers of a few hundred KiB: a meeting of the sides costs more than
+    // the CPU's rows would save, and auto splits nothing.
+    let small = common::models::small_gguf(dir.path(), QuantType::Q4_K, (6, 1024, 384), &mut rng);
+    let s = auto_streamer(&small);
+    assert_eq!(s.cpu_share(), 0.0, "{:?}", s.auto_share());
+    assert!(s.auto_share().is_none());
+    // MLPs of 28 MB a layer: their copies take about as long as the CPU
+    // takes for them.
+    let dir = common::tempdir();
+    let index = common::models::small_gguf(dir.path(), QuantType::Q4_K, (6, 65536, 384), &mut rng);
     let p = prompts(&mut rng, 384);
     let whole = run(
         &index,
@@ -262,21 +271,7 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
         &p,
         None,
     );
-    // Two layers resident: the device computes them while the CPU waits.
-    let kept: u64 = index.layers()[..2].iter().map(|l| l.data_bytes).sum();
-    let cfg = StreamerConfig {
-        device: Device::Cuda(0),
-        cpu_share: CpuShare::Auto,
-        n_gpu: 1,
-        gpu_cache: Budget::Bytes(kept + (kept >> 4)),
-        ..StreamerConfig::default()
-    };
-    let cfg = LlamaModel::streamer_config(&index, cfg);
-    // As the model commands build it: only the MLP's weights are divided.
-    let mut s = (LayerStreamer::builder(&index).config(cfg))
-        .split_only(&LlamaModel::SPLIT_WEIGHTS)
-        .build()
-        .unwrap();
+    let mut s = auto_streamer(&index);
     let a = s
         .auto_share()
         .expect("auto splits layers whose device time is launches");
@@ -310,4 +305,23 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
     assert_eq!(st.cpu_share, a.share);
     assert!(st.cpu.bytes > 0, "{st}");
     assert_close(&format!("share auto ({:.3})", a.share), &split, &whole);
+}
+
+/// A streamer of `index` with `cpu_share` auto, two layers resident (the
+/// device computes them while the CPU waits), built as the model commands
+/// build it: only the MLP's weights are divided.
+fn auto_streamer(index: &ModelIndex) -> LayerStreamer {
+    let kept: u64 = index.layers()[..2].iter().map(|l| l.data_bytes).sum();
+    let cfg = StreamerConfig {
+        device: Device::Cuda(0),
+        cpu_share: CpuShare::Auto,
+        n_gpu: 1,
+        gpu_cache: Budget::Bytes(kept + (kept >> 4)),
+        ..StreamerConfig::default()
+    };
+    let cfg = LlamaModel::streamer_config(index, cfg);
+    (LayerStreamer::builder(index).config(cfg))
+        .split_only(&LlamaModel::SPLIT_WEIGHTS)
+        .build()
+        .unwrap()
 }

@@ -254,7 +254,7 @@ fn a_pass_bound_by_the_host_memory_takes_the_middle_share() {
     let mut rng = crate::test_rng::rng();
     for _ in 0..100 {
         let (c, p): (f64, f64) = (rng.gen_range(30e9..80e9), rng.gen_range(20e9..60e9));
-        let m = rng.gen_range(c.max(p) * 1.2..(c + p) * 0.95);
+        let m = rng.gen_range(c.max(p) * 1.05..(c + p) * 0.97);
         let bytes = rng.gen_range(100u64 << 20..500 << 20);
         let l = LayerCost {
             bytes,

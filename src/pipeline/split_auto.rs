@@ -3,15 +3,16 @@
 //! measured when the streamer is built:
 //!
 //! - the CPU's products on the stored types of the weights the split
-//!   divides (on the pool the model will compute with), alone and **while
-//!   page-locked copies to the device run**, and the copies' rate alone and
-//!   meanwhile. In a pass the two read the host's memory at once: what they
-//!   read together side by side bounds the pass, and each side's rate alone
-//!   bounds its own part. (A 7B bf16 pass on an H200 host read its CPU rows
-//!   at 54.7–58.6 GB/s beside copies at 52, against 47.5 beside copies at
-//!   54.9 when calibrated: how the two divide the memory depends on what
-//!   each asks, so the planner takes the middle of the shares that the
-//!   memory's bound allows.)
+//!   divides (on the pool the model will compute with), and page-locked
+//!   copies to the device, each alone and both side by side. The plan takes
+//!   each side halfway between its two rates: in a pass the copies wait on
+//!   free slots part of the time (a quarter of a 7B bf16 pass on an H200
+//!   host), and the CPU reads alone meanwhile. The CPU's rows of that pass
+//!   ran at 60 GB/s against 78.7 alone and 52.5 beside copies (a plan on
+//!   the rates alone took share 0.665 and left the CPU the slower side: 8.15
+//!   tokens/s); another pass ran its CPU rows at 54.7–58.6 GB/s against 47.5
+//!   beside copies (a plan on the rates side by side took 0.463: 7.35
+//!   tokens/s, against 8.34 at 0.55 and 9.35 at 0.6 on another day).
 //! - the device's time for a layer's products ([`device_layer_seconds`]),
 //!   which the resident layers take while the CPU waits;
 //! - a meeting of the two sides ([`meeting_seconds`]), twice per group of
@@ -103,13 +104,14 @@ pub(crate) fn auto_share(
     let side = side_by_side(model, cfg, backend, ctx, largest, only)?;
     let device_layer_s = device_layer_seconds(ctx, dequant.as_deref(), largest, cfg)?;
     let per_byte = device_layer_s / largest.data_bytes.max(1) as f64;
+    let planned = between(&side.alone, &side.beside);
     let layers = (model.layers().iter())
-        .map(|l| layer_cost(model, &side.alone, l, only, per_byte * l.data_bytes as f64))
+        .map(|l| layer_cost(model, &planned, l, only, per_byte * l.data_bytes as f64))
         .collect::<Result<Vec<_>>>()?;
     let join_s = side.meeting_s * meetings(largest, only) as f64;
     let inputs = SplitInputs {
         layers,
-        pcie_bps: side.pcie_alone_bps,
+        pcie_bps: (side.pcie_alone_bps + side.pcie_bps) / 2.0,
         join_s,
         // The cache is placed: the planner only picks the share.
         vram_budget: u64::MAX,
@@ -120,9 +122,10 @@ pub(crate) fn auto_share(
         Ok(cost.bytes as f64 / cost.cpu_s)
     };
     let (cpu_alone_bps, cpu_bps) = (rate(&side.alone)?, rate(&side.beside)?);
-    // What the two sides read together is the host's memory rate.
-    let shared = cpu_bps + side.pcie_bps;
-    let (share, pass_s) = share_for(&inputs, Some(shared), resident)?;
+    // Each side between its rate alone and side by side: in a pass the
+    // copies wait on free slots part of the time, and the CPU reads alone
+    // meanwhile (module docs).
+    let (share, pass_s) = share_for(&inputs, None, resident)?;
     Ok(Some(AutoShare {
         share,
         device_layer_s,
@@ -152,6 +155,18 @@ fn meetings(layer: &Layer, only: Option<&[String]>) -> usize {
     groups.sort_unstable();
     groups.dedup();
     2 * groups.len()
+}
+
+/// Rates halfway between `a`'s and `b`'s, type by type (`a`'s types).
+fn between(a: &CpuRates, b: &CpuRates) -> CpuRates {
+    let by_type = (a.by_type.iter())
+        .map(|&(ty, r)| (ty, b.rate(ty).map_or(r, |q| (r + q) / 2.0)))
+        .collect();
+    CpuRates {
+        tokens: a.tokens,
+        by_type,
+        read_bps: None,
+    }
 }
 
 /// What [`side_by_side`] measured.
