@@ -415,8 +415,7 @@ fn split_rows(
         .collect();
     let (mut split, index) = RowSplit::new(model, &shares, split_only)?;
     split.auto = auto;
-    let split = (split, index);
-    Ok((Some(split), Some(resident)))
+    Ok((Some((split, index)), Some(resident)))
 }
 
 fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Result<Backend> {

@@ -16,7 +16,6 @@ use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
 
 use super::{CpuPool, HostMatrix};
-use crate::checkpoint::{Layer, ModelIndex};
 use crate::error::{Error, Result};
 use crate::quant::{self, QuantType};
 
@@ -103,32 +102,6 @@ impl CpuRates {
             .iter()
             .map(|&(ty, bytes)| Ok(bytes as f64 / self.rate(ty)?))
             .sum()
-    }
-
-    /// Seconds the CPU takes for the whole of a layer's matrices (its 2-D
-    /// tensors; norms and biases stay with the GPU side). An error names a
-    /// tensor whose stored type has no rate or no CPU kernel.
-    pub fn layer_seconds(&self, model: &ModelIndex, layer: &Layer) -> Result<f64> {
-        let mut total = 0.0;
-        for t in layer.tensors.iter().filter(|t| t.info.shape.len() == 2) {
-            let info = &t.info;
-            let ty = info
-                .quant
-                .or_else(|| QuantType::from_dtype(info.dtype))
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "tensor {} of {} is {}, which the CPU kernels do not read",
-                        info.name,
-                        model.files()[info.file].path.display(),
-                        info.dtype
-                    ))
-                })?;
-            total += info.len as f64
-                / self
-                    .rate(ty)
-                    .map_err(|e| Error::Config(format!("tensor {}: {e}", info.name)))?;
-        }
-        Ok(total)
     }
 }
 

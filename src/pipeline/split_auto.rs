@@ -104,6 +104,9 @@ pub(crate) fn auto_share(
     let side = side_by_side(model, cfg, backend, ctx, largest, only)?;
     let device_layer_s = device_layer_seconds(ctx, dequant.as_deref(), largest, cfg)?;
     let per_byte = device_layer_s / largest.data_bytes.max(1) as f64;
+    // Each side between its rate alone and side by side: in a pass the
+    // copies wait on free slots part of the time, and the CPU reads alone
+    // meanwhile (module docs).
     let planned = between(&side.alone, &side.beside);
     let layers = (model.layers().iter())
         .map(|l| layer_cost(model, &planned, l, only, per_byte * l.data_bytes as f64))
@@ -122,9 +125,6 @@ pub(crate) fn auto_share(
         Ok(cost.bytes as f64 / cost.cpu_s)
     };
     let (cpu_alone_bps, cpu_bps) = (rate(&side.alone)?, rate(&side.beside)?);
-    // Each side between its rate alone and side by side: in a pass the
-    // copies wait on free slots part of the time, and the CPU reads alone
-    // meanwhile (module docs).
     let (share, pass_s) = share_for(&inputs, None, resident)?;
     Ok(Some(AutoShare {
         share,
@@ -146,11 +146,7 @@ fn meetings(layer: &Layer, only: Option<&[String]>) -> usize {
     let mut groups: Vec<&str> = (layer.tensors.iter())
         .zip(divided_tensors(layer, only))
         .filter(|(_, d)| d.is_some())
-        .map(|(t, _)| {
-            let mut parts = t.key.rsplitn(3, '.');
-            let (_, _) = (parts.next(), parts.next());
-            parts.next().unwrap_or("")
-        })
+        .map(|(t, _)| t.key.rsplitn(3, '.').nth(2).unwrap_or(""))
         .collect();
     groups.sort_unstable();
     groups.dedup();
