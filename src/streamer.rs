@@ -148,6 +148,8 @@ pub struct LayerStreamer {
     cfg: StreamerConfig,
     stats: PassStats,
     memory: MemoryUse,
+    /// What `cpu_share auto` measured and picked.
+    auto: Option<AutoShare>,
 }
 
 impl LayerStreamer {
@@ -187,7 +189,7 @@ impl LayerStreamer {
             reserve,
         };
         let mut room = Room::measure(&backend)?;
-        let (split, resident) = split_rows(
+        let (split, resident, auto) = split_rows(
             model,
             (&cfg, split_only),
             &backend,
@@ -220,6 +222,7 @@ impl LayerStreamer {
             cfg,
             stats: PassStats::default(),
             memory,
+            auto,
         })
     }
 
@@ -249,9 +252,13 @@ impl LayerStreamer {
     }
 
     /// Where a row split's CPU rows are, in a line: page-locked memory (and
-    /// how much), or the file pages and why; `None` without a split.
+    /// how much), or the file pages and why, with what `cpu_share auto`
+    /// measured and picked; `None` without a split, unless auto measured
+    /// and split nothing.
     pub fn split_rows_note(&self) -> Option<String> {
-        let split = self.pipeline.res().split.as_ref()?;
+        let Some(split) = self.pipeline.res().split.as_ref() else {
+            return self.auto.map(|a| format!("no CPU rows; {a}"));
+        };
         let gb = split.pass_bytes() as f64 / 1e9;
         let rows = match &split.pin_error {
             None => format!("CPU rows: {gb:.2} GB in page-locked memory"),
@@ -259,7 +266,7 @@ impl LayerStreamer {
                 format!("CPU rows: {gb:.2} GB read from the file pages (page-locking failed: {e})")
             }
         };
-        Some(match &split.auto {
+        Some(match &self.auto {
             Some(a) => format!("{rows}; {a}"),
             None => rows,
         })
@@ -272,11 +279,12 @@ impl LayerStreamer {
     }
 
     /// What `cpu_share auto` measured when the streamer was built and the
-    /// share it picked; `None` for a fixed share, or where auto split
-    /// nothing (the host backend, every layer resident, or meetings of the
-    /// sides that cost more than the CPU rows would save).
+    /// share it picked, 0 included (the meetings of the sides cost more than
+    /// the CPU rows would save); `None` for a fixed share, and where auto
+    /// measures nothing (the host backend, where the device is the CPU
+    /// already, or every layer resident).
     pub fn auto_share(&self) -> Option<AutoShare> {
-        self.pipeline.res().split.as_ref().and_then(|s| s.auto)
+        self.auto
     }
 
     /// The configuration the streamer was built with.
@@ -381,7 +389,8 @@ impl Drop for LayerStreamer {
 /// The row split of a streamer built with a CPU share, and the layers the
 /// GPU cache keeps: those it would keep of the whole layers, which stay
 /// whole (the device computes a resident layer faster than the CPU could
-/// compute any of its rows); every other layer is split at the share.
+/// compute any of its rows); every other layer is split at the share. And
+/// what `cpu_share auto` measured, where it did.
 #[allow(clippy::type_complexity)]
 fn split_rows(
     model: &ModelIndex,
@@ -390,9 +399,13 @@ fn split_rows(
     room: &Room,
     after: AfterBuild,
     mut whole: Vec<LayerPlan>,
-) -> Result<(Option<(RowSplit, ModelIndex)>, Option<Vec<bool>>)> {
+) -> Result<(
+    Option<(RowSplit, ModelIndex)>,
+    Option<Vec<bool>>,
+    Option<AutoShare>,
+)> {
     if cfg.cpu_share == CpuShare::Off {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     placement::place_layers(room, cfg, after, &mut whole, None);
     let resident: Vec<bool> = whole
@@ -407,15 +420,14 @@ fn split_rows(
         },
     };
     if share == 0.0 {
-        return Ok((None, None));
+        return Ok((None, None, auto));
     }
     let shares: Vec<f64> = resident
         .iter()
         .map(|&r| if r { 0.0 } else { share })
         .collect();
-    let (mut split, index) = RowSplit::new(model, &shares, split_only)?;
-    split.auto = auto;
-    Ok((Some((split, index)), Some(resident)))
+    let (split, index) = RowSplit::new(model, &shares, split_only)?;
+    Ok((Some((split, index)), Some(resident), auto))
 }
 
 fn backend(model: &ModelIndex, cfg: &StreamerConfig, plans: &[LayerPlan]) -> Result<Backend> {

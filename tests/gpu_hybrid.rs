@@ -257,8 +257,14 @@ fn gpu_split_auto_share_is_planned_and_matches_whole_layers() {
     // the CPU's rows would save, and auto splits nothing.
     let small = common::models::small_gguf(dir.path(), QuantType::Q4_K, (6, 1024, 384), &mut rng);
     let s = auto_streamer(&small);
-    assert_eq!(s.cpu_share(), 0.0, "{:?}", s.auto_share());
-    assert!(s.auto_share().is_none());
+    let a = s.auto_share().expect("auto measured the small model");
+    assert_eq!((s.cpu_share(), a.share), (0.0, 0.0), "{a:?}");
+    let note = s.split_rows_note().expect("auto's note without a split");
+    assert!(
+        note.starts_with("no CPU rows; cpu share auto 0.000"),
+        "{note}"
+    );
+    assert_eq!(s.last_pass_stats().cpu.bytes, 0);
     // MLPs of 28 MB a layer: their copies take about as long as the CPU
     // takes for them.
     let dir = common::tempdir();

@@ -141,7 +141,13 @@ fn evict(data: &[u8]) {
 /// [`calibration_bytes`]) on the pool's threads.
 pub fn measure_read(pool: &CpuPool, bytes: usize, reps: usize) -> f64 {
     let bytes = calibration_bytes(bytes);
-    let buf: Vec<u64> = (0..(bytes / 8).max(1) as u64).collect();
+    let mut buf = vec![0u64; (bytes / 8).max(1)];
+    // Written by the pool's threads, which fault the pages in together.
+    pool.install(|| {
+        (buf.par_chunks_mut(1 << 16).enumerate()).for_each(|(i, c)| {
+            (c.iter_mut().enumerate()).for_each(|(j, v)| *v = ((i << 16) + j) as u64)
+        })
+    });
     let secs = best(reps, bytemuck::cast_slice(&buf), || {
         let s: u64 = pool.install(|| {
             buf.par_chunks(1 << 16)
@@ -157,8 +163,15 @@ pub fn measure_read(pool: &CpuPool, bytes: usize, reps: usize) -> f64 {
 
 /// A matrix of about `bytes` bytes of `ty` with rows of
 /// [`CALIBRATION_COLS`]: one random stretch of rows, quantized once and
-/// repeated. Returns the bytes and the row count.
-pub fn random_matrix(ty: QuantType, bytes: usize, rng: &mut impl Rng) -> Result<(Vec<u8>, usize)> {
+/// repeated, written by the pool's threads (a matrix the size of a few
+/// last-level caches takes as long to fault in on one thread as its
+/// products take). Returns the bytes and the row count.
+pub fn random_matrix(
+    pool: &CpuPool,
+    ty: QuantType,
+    bytes: usize,
+    rng: &mut impl Rng,
+) -> Result<(Vec<u8>, usize)> {
     let row_bytes =
         ty.row_bytes(CALIBRATION_COLS as u64)
             .map_err(|e| Error::Input(format!("calibration matrix: {e}")))? as usize;
@@ -168,12 +181,71 @@ pub fn random_matrix(ty: QuantType, bytes: usize, rng: &mut impl Rng) -> Result<
         .collect();
     let seed = quant::quantize(ty, &src)?;
     let rows = (bytes / row_bytes).max(1);
-    let mut out = Vec::with_capacity(rows * row_bytes);
-    while out.len() < rows * row_bytes {
-        let n = (rows * row_bytes - out.len()).min(seed.len());
-        out.extend_from_slice(&seed[..n]);
-    }
+    let mut out = vec![0u8; rows * row_bytes];
+    pool.install(|| {
+        out.par_chunks_mut(seed.len())
+            .for_each(|c| c.copy_from_slice(&seed[..c.len()]))
+    });
     Ok((out, rows))
+}
+
+/// Matrices of stored types to time the pool's products on, made once and
+/// measured at any number of tokens.
+pub struct Calibration {
+    /// Per type: the matrix's bytes and rows.
+    matrices: Vec<(QuantType, Vec<u8>, usize)>,
+}
+
+impl Calibration {
+    /// A matrix of each of `types` of about `bytes` bytes (at least
+    /// [`calibration_bytes`]).
+    pub fn new(pool: &CpuPool, types: &[QuantType], bytes: usize) -> Result<Calibration> {
+        let bytes = calibration_bytes(bytes);
+        let mut rng = rand::rngs::SmallRng::from_entropy();
+        let matrices = (types.iter())
+            .map(|&ty| {
+                let (w, rows) = random_matrix(pool, ty, bytes, &mut rng)?;
+                Ok((ty, w, rows))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Calibration { matrices })
+    }
+
+    /// Bytes of stored weights per second of each type in products with
+    /// `tokens` tokens, best of `reps`.
+    pub fn products(&self, pool: &CpuPool, tokens: usize, reps: usize) -> Result<CpuRates> {
+        if tokens == 0 {
+            return Err(Error::Input("calibrate: tokens is 0".into()));
+        }
+        let by_type = (self.matrices.iter())
+            .map(|(ty, w, rows)| Ok((*ty, rate(pool, *ty, (w, *rows), tokens, reps)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(CpuRates {
+            tokens,
+            by_type,
+            read_bps: None,
+        })
+    }
+}
+
+/// Bytes per second of the stored `ty` matrix `w` of `rows` rows in
+/// products with `tokens` tokens, best of `reps`.
+fn rate(
+    pool: &CpuPool,
+    ty: QuantType,
+    (w, rows): (&[u8], usize),
+    tokens: usize,
+    reps: usize,
+) -> Result<f64> {
+    let m = HostMatrix::new(ty, w, rows, CALIBRATION_COLS)?;
+    let mut rng = rand::rngs::SmallRng::from_entropy();
+    let x: Vec<f32> = (0..tokens * CALIBRATION_COLS)
+        .map(|_| rng.gen_range(-1.0..1.0))
+        .collect();
+    let mut y = vec![0f32; tokens * rows];
+    let secs = best(reps, w, || pool.matmul(&m, &x, tokens, &mut y))?;
+    black_box(&y);
+    Ok(w.len() as f64 / secs)
 }
 
 /// Bytes per second of stored `ty` weights in products with `tokens` tokens,
@@ -185,17 +257,9 @@ pub fn measure_type(
     tokens: usize,
     reps: usize,
 ) -> Result<f64> {
-    let bytes = calibration_bytes(bytes);
-    let mut rng = rand::rngs::SmallRng::from_entropy();
-    let (w, rows) = random_matrix(ty, bytes, &mut rng)?;
-    let m = HostMatrix::new(ty, &w, rows, CALIBRATION_COLS)?;
-    let x: Vec<f32> = (0..tokens * CALIBRATION_COLS)
-        .map(|_| rng.gen_range(-1.0..1.0))
-        .collect();
-    let mut y = vec![0f32; tokens * rows];
-    let secs = best(reps, &w, || pool.matmul(&m, &x, tokens, &mut y))?;
-    black_box(&y);
-    Ok(w.len() as f64 / secs)
+    Calibration::new(pool, &[ty], bytes)?
+        .products(pool, tokens, reps)?
+        .rate(ty)
 }
 
 /// Measures each of `types` at `tokens` tokens over matrices of about
@@ -224,15 +288,7 @@ pub fn calibrate_products(
     if tokens == 0 {
         return Err(Error::Input("calibrate: tokens is 0".into()));
     }
-    let by_type = types
-        .iter()
-        .map(|&ty| Ok((ty, measure_type(pool, ty, bytes, tokens, reps)?)))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(CpuRates {
-        tokens,
-        by_type,
-        read_bps: None,
-    })
+    Calibration::new(pool, types, bytes)?.products(pool, tokens, reps)
 }
 
 #[cfg(test)]

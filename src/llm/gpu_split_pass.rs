@@ -28,7 +28,7 @@
 //! load. [`SplitUpload`] (or `LS_SPLIT_UPLOAD` = `auto`, `never`,
 //! `always`) can fix the choice.
 
-use crate::cpu::calibrate::calibrate_products;
+use crate::cpu::calibrate::Calibration;
 use crate::cpu::CpuPool;
 use crate::cuda::{Context, DeviceBuffer};
 use crate::pipeline::split_auto::h2d_rate;
@@ -183,8 +183,10 @@ impl Upload {
         let mut types: Vec<QuantType> = all().map(|h| h.ty()).collect();
         types.sort_by_key(|t| t.ggml_type_id());
         types.dedup();
+        // One matrix per type for every token count.
+        let cal = Calibration::new(pool, &types, 32 << 20)?;
         let secs = |tokens| -> Result<f64> {
-            let rates = calibrate_products(pool, &types, tokens, 32 << 20, 3)?;
+            let rates = cal.products(pool, tokens, 3)?;
             rates.seconds(
                 &rows[l]
                     .iter()

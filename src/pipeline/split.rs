@@ -133,8 +133,6 @@ pub(crate) struct RowSplit {
     pinned: Option<(PinnedBuf, Vec<Vec<usize>>)>,
     /// Why [`pin`](Self::pin) left the rows in the maps, if it did.
     pub(crate) pin_error: Option<String>,
-    /// What `cpu_share auto` measured and picked, when it picked the share.
-    pub(crate) auto: Option<super::split_auto::AutoShare>,
     /// Nanoseconds the CPU side worked and waited in the pass under way, as
     /// the layer function reports them.
     busy_ns: AtomicU64,
@@ -181,7 +179,6 @@ impl RowSplit {
             layers: host,
             pinned: None,
             pin_error: None,
-            auto: None,
             busy_ns: AtomicU64::new(0),
             stalled_ns: AtomicU64::new(0),
         };

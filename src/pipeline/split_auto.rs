@@ -28,7 +28,7 @@ use super::backend::Backend;
 use super::split_device::{device_layer_seconds, meeting_seconds};
 use super::StreamerConfig;
 use crate::checkpoint::{Layer, ModelIndex};
-use crate::cpu::calibrate::{calibrate_products, CpuRates};
+use crate::cpu::calibrate::{Calibration, CpuRates};
 use crate::cpu::plan::{divided_tensors, layer_cost, SplitInputs};
 use crate::cpu::plan_pass::share_for;
 use crate::cpu::{CpuPool, CpuPoolOptions};
@@ -209,10 +209,9 @@ fn side_by_side(
     // nobody while `src` lives.
     let src = unsafe { std::slice::from_raw_parts(host.ptr(), COPY_BYTES) };
     let pcie_alone_bps = h2d_rate(ctx, src, &dev)?;
-    let alone = calibrate_products(&pool, &types, 1, 32 << 20, 2)?;
-    let (beside, pcie_bps) = while_copying(ctx, src, &dev, || {
-        calibrate_products(&pool, &types, 1, 32 << 20, 2)
-    })?;
+    let cal = Calibration::new(&pool, &types, 32 << 20)?;
+    let alone = cal.products(&pool, 1, 2)?;
+    let (beside, pcie_bps) = while_copying(ctx, src, &dev, || cal.products(&pool, 1, 2))?;
     Ok(SideBySide {
         alone,
         beside,
